@@ -1,0 +1,3 @@
+from overlap_bench.cli import main
+
+main()

@@ -1,0 +1,204 @@
+"""What each rank does in a sweep: build inputs, check numerics against the baseline, time, record.
+
+Cases sharing a shape, M and dtype share their inputs and their reference times (``t_gemm``, ``t_comm``,
+``t_base``), measured in the same job as the strategies they are compared with. Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import shlex
+from dataclasses import dataclass
+from itertools import groupby
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from overlap_bench import metrics, strategies
+from overlap_bench.launch import RankContext
+from overlap_bench.numerics import TOLERANCE, rel_err, within_tolerance
+from overlap_bench.records import Record, RecordWriter
+from overlap_bench.spec import Case
+from overlap_bench.strategies.pipeline import matmul_into
+from overlap_bench.timing import Timing, allreduce_max, time_region
+
+# Failures that stay inside one case: recorded, and the sweep goes on. They are raised before the first
+# collective of the call (settings, allocation), so every rank reaches the agreement below.
+CASE_ERRORS = (ValueError, strategies.StrategyUnavailable, torch.OutOfMemoryError)
+
+
+@dataclass
+class BenchOptions:
+    """Per-job settings a rank needs besides its cases."""
+
+    out_dir: str
+    warmup: int = 5
+    reps: int = 20
+    seed: int = 0
+    done_before: int = 0
+    """Cases finished before this job (progress bar offset across env-variant jobs)."""
+    total: int = 0
+    """Cases in the whole sweep."""
+    progress: bool = True
+    """Rank 0 draws a progress bar."""
+
+
+class CaseFailed(RuntimeError):
+    """A rank's error inside a case, re-raised with the case named (the launcher shows it)."""
+
+
+def inputs(case: Case, ctx: RankContext, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Random inputs of the case's dtype (never zeros), different on each rank as real partials are."""
+    dt = metrics.DTYPES[case.dtype]
+    gen = torch.Generator(device=ctx.device).manual_seed(seed * 1_000_003 + ctx.rank * 7919 + case.M)
+    x = torch.randn(case.M, case.K, generator=gen, device=ctx.device, dtype=torch.float32).to(dt)
+    # Scaled so that the reduced output has unit-order values in every dtype.
+    w = (torch.randn(case.N, case.K, generator=gen, device=ctx.device, dtype=torch.float32)
+         / math.sqrt(case.K * ctx.world)).to(dt)
+    b = torch.randn(case.N, generator=gen, device=ctx.device, dtype=torch.float32).to(dt) if case.bias else None
+    return x, w, b
+
+
+def agree_failure(local: str | None, ctx: RankContext) -> str | None:
+    """Whether any rank failed (all ranks learn it); the reason is this rank's, or a note about another's."""
+    anyf = allreduce_max([1.0 if local else 0.0], None, ctx.device)[0] > 0
+    if not anyf:
+        return None
+    return local or "failed on another rank"
+
+
+def _try(fn: Callable[[], Any]) -> tuple[Any, str | None]:
+    try:
+        return fn(), None
+    except CASE_ERRORS as exc:
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
+
+
+def repro(case: Case, world: int, backend: str, warmup: int, reps: int) -> str:
+    """The command that measures ``case`` again."""
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in case.env)
+    cmd = (f"overlap-bench run --shape {case.K},{case.N} --tokens {case.M} --dtype {case.dtype} "
+           f"--strategy {shlex.quote(case.label)} --nproc {world} --backend {backend} "
+           f"--warmup {warmup} --reps {reps}" + (" --bias" if case.bias else ""))
+    return f"{env} {cmd}".strip()
+
+
+def _record(case: Case, ctx: RankContext, opts: BenchOptions, device_name: str, **values: Any) -> Record:
+    name, settings = strategies.parse(case.label)
+    return Record(shape=case.shape, K=case.K, N=case.N, M=case.M, dtype=case.dtype, world=ctx.world,
+                  backend=ctx.backend, device=device_name, strategy=name,
+                  settings=strategies.settings_dict(settings), label=case.label, env=case.env_dict,
+                  bias=case.bias, warmup=opts.warmup, reps=opts.reps, tol=TOLERANCE[case.dtype],
+                  repro=repro(case, ctx.world, ctx.backend, opts.warmup, opts.reps),
+                  time=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **values)
+
+
+def _group_key(c: Case) -> tuple:
+    return (c.shape, c.K, c.N, c.M, c.dtype, c.bias)
+
+
+def run_cases(ctx: RankContext, cases: list[Case], opts: BenchOptions) -> None:
+    """Entry point of every rank of a sweep job (``launch`` calls it)."""
+    if ctx.world > 1:
+        # Every rank must run the same cases in the same order; rank 0's list (it owns the records and
+        # knows what --resume skips) is the one, also on nodes that cannot see the run directory.
+        box = [cases]
+        dist.broadcast_object_list(box, src=0)
+        cases = box[0]
+    device_name = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
+    progress = _Progress(opts) if ctx.rank == 0 and opts.progress else None
+    try:
+        for _, group in groupby(sorted(cases, key=_group_key), key=_group_key):
+            group = list(group)
+            try:
+                measure_group(ctx, group, opts, device_name, progress)
+            except Exception as exc:  # name the case: "rank 2 failed: ... qwen/o_proj M=4096 ..."
+                raise CaseFailed(f"{group[0].shape} M={group[0].M} {group[0].dtype}: "
+                                 f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        if progress:
+            progress.close()
+
+
+def measure_group(ctx: RankContext, group: list[Case], opts: BenchOptions, device_name: str,
+                  progress: "_Progress | None") -> list[Record]:
+    """Measure every case of one (shape, M, dtype): references first, then each strategy."""
+    head = group[0]
+    writer = RecordWriter(opts.out_dir) if ctx.rank == 0 else None
+    out: list[Record] = []
+
+    def emit(rec: Record) -> None:
+        out.append(rec)
+        if writer:
+            writer.append(rec)
+        if progress:
+            progress.advance(f"{rec.shape} M={rec.M} {rec.label}")
+
+    made, err = _try(lambda: inputs(head, ctx, opts.seed))
+    err = agree_failure(err, ctx)
+    if err:
+        for case in group:
+            emit(_record(case, ctx, opts, device_name, status="failed", reason=f"inputs: {err}"))
+        return out
+    x, w, b = made
+    y_base = strategies.run("baseline", x, w, b, None, strategies.make_settings("baseline"))
+    scratch = torch.empty_like(y_base)
+    comm_buf = torch.randn_like(y_base.float()).to(y_base.dtype)
+    t_gemm = _time(lambda: matmul_into(scratch, x, w, None), ctx, opts)
+    t_comm = _time(lambda: dist.all_reduce(comm_buf), ctx, opts)
+    base_settings = strategies.make_settings("baseline")
+    t_base = _time(lambda: strategies.run("baseline", x, w, b, None, base_settings), ctx, opts)
+    del scratch, comm_buf
+    refs = {"t_base_ms": t_base.median_ms, "t_base_iqr_ms": t_base.iqr_ms, "t_gemm_ms": t_gemm.median_ms,
+            "t_comm_ms": t_comm.median_ms}
+    for case in group:
+        name, settings = strategies.parse(case.label)
+        note = strategies.backend_note(name, settings, ctx.backend)
+        reason = strategies.unavailable_reason(name, settings, ctx.backend)
+        if reason:
+            emit(_record(case, ctx, opts, device_name, status="unavailable", reason=reason, note=note, **refs))
+            continue
+        y, err = _try(lambda: strategies.run(name, x, w, b, None, settings))
+        err = agree_failure(err, ctx)
+        if err:
+            emit(_record(case, ctx, opts, device_name, status="failed", reason=err, note=note, **refs))
+            continue
+        e = allreduce_max([rel_err(y, y_base)], None, ctx.device)[0]
+        del y
+        if not within_tolerance(e, case.dtype):
+            emit(_record(case, ctx, opts, device_name, status="failed", rel_err=e, note=note,
+                         reason=f"rel_err {e:.3g} above the {case.dtype} tolerance {TOLERANCE[case.dtype]:g}",
+                         **refs))
+            continue
+        t = _time(lambda: strategies.run(name, x, w, b, None, settings), ctx, opts)
+        derived = metrics.derive(m=case.M, k=case.K, n=case.N, dtype=case.dtype, world=ctx.world,
+                                 t_ms=t.median_ms, t_base_ms=t_base.median_ms, t_gemm_ms=t_gemm.median_ms,
+                                 t_comm_ms=t_comm.median_ms)
+        emit(_record(case, ctx, opts, device_name, rel_err=e, note=note, t_ms=t.median_ms,
+                     t_iqr_ms=t.iqr_ms, **refs, **derived))
+    return out
+
+
+def _time(fn: Callable[[], object], ctx: RankContext, opts: BenchOptions) -> Timing:
+    return time_region(fn, warmup=opts.warmup, reps=opts.reps, group=None, device=ctx.device)
+
+
+class _Progress:
+    """Rank 0's rich progress bar over the whole sweep (done/total, ETA, current case)."""
+
+    def __init__(self, opts: BenchOptions):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._p = Progress(TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                           TextColumn("{task.description}"), transient=False)
+        self._p.start()
+        self._task = self._p.add_task("", total=opts.total or None, completed=opts.done_before)
+
+    def advance(self, description: str) -> None:
+        self._p.update(self._task, advance=1, description=description)
+
+    def close(self) -> None:
+        self._p.stop()
+

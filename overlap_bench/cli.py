@@ -1,0 +1,243 @@
+"""The ``overlap-bench`` command line (typer): run, sweep, compare, export, report, strategies."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import overlap_bench
+from overlap_bench import strategies
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Measure, tune and ship GEMM / all-reduce overlap for tensor-parallel row-parallel layers.")
+# Wide when piped, so tables are not squeezed into 80 columns in logs.
+out_console = Console(width=None if sys.stdout.isatty() else 200)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"overlap-bench {overlap_bench.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """overlap-bench: is overlapping the row-parallel GEMM with its all-reduce worth it here, and how?"""
+
+
+def _guard(fn: Callable[[], Any], out_dir: Path | None = None) -> Any:
+    """Run a command body: bad input -> one line + exit 2; a failed rank -> one line + exit 1; Ctrl-C -> 130."""
+    from overlap_bench.errors import UserError
+    from overlap_bench.launch import RankFailed
+
+    kept = f" Records so far are kept in {out_dir}; add --resume to continue." if out_dir else ""
+    try:
+        return fn()
+    except RankFailed as exc:
+        err_console.print(f"[red]error:[/] {exc}.{kept}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        err_console.print(f"[yellow]interrupted.[/]{kept}", highlight=False, soft_wrap=True)
+        raise typer.Exit(130)
+    except UserError as exc:  # SpecError, LaunchError, PolicyError, bad flags
+        err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+
+
+def _rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _shapes_raw(shapes: list[str]) -> list[dict]:
+    from overlap_bench.spec import SpecError
+
+    out = []
+    for text in shapes:
+        if "," in text:
+            parts = text.split(",")
+            if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+                raise SpecError(f"--shape: '{text}' must be K,N (K per rank) or a preset name such as qwen2.5-72b")
+            out.append({"name": f"K{parts[0].strip()}xN{parts[1].strip()}", "K": int(parts[0]), "N": int(parts[1])})
+        else:
+            out.append({"preset": text})
+    return out
+
+
+def _strategies_raw(labels: list[str]) -> list[dict]:
+    from overlap_bench.spec import SpecError
+
+    out: list[dict] = [{"name": "baseline"}]
+    for text in labels:
+        try:
+            name, settings = strategies.parse(text)
+        except ValueError as exc:
+            raise SpecError(f"--strategy: {exc}") from None
+        if name == "baseline":
+            continue
+        entry = {"name": name}
+        entry.update(strategies.settings_dict(settings))
+        out.append(entry)
+    return out
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    from overlap_bench.spec import SpecError
+
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise SpecError(f"{flag}: '{text}' must be comma-separated integers, e.g. 4096,16384") from None
+
+
+def _env_raw(items: list[str]) -> dict[str, str]:
+    from overlap_bench.spec import SpecError
+
+    env = {}
+    for item in items:
+        k, eq, v = item.partition("=")
+        if not eq or not k:
+            raise SpecError(f"--env: '{item}' must be KEY=VALUE, e.g. CUDA_DEVICE_MAX_CONNECTIONS=1")
+        env[k] = v
+    return env
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def records_table(records: list, title: str) -> Table:
+    """A rich table, one row per record, with the metrics and the numerics check."""
+    t = Table(title=title, show_lines=False)
+    cols = ["shape", "M", "strategy", "t ms", "t_base", "t_gemm", "t_comm", "speedup", "eta", "TFLOP/s",
+            "busbw GB/s", "rel_err", "status"]
+    for c in cols:
+        t.add_column(c, justify="left" if c in ("shape", "strategy", "status") else "right")
+    for r in records:
+        status = r.status if r.ok else f"[red]{r.status}[/]: {r.reason}"
+        t.add_row(r.shape, str(r.M), r.label, _fmt(r.t_ms), _fmt(r.t_base_ms), _fmt(r.t_gemm_ms), _fmt(r.t_comm_ms),
+                  _fmt(r.speedup), _fmt(r.eta, 2), _fmt(r.tflops, 1), _fmt(r.busbw_gbps, 1),
+                  f"{r.rel_err:.1e}" if not math.isnan(r.rel_err) else "-", status)
+    return t
+
+
+@app.command()
+def run(
+    shape: List[str] = typer.Option(["qwen2.5-72b"], "--shape", "-s",
+                                    help="K,N (K per rank) or a model preset (its o_proj and down_proj at tp=nproc)."),
+    tokens: str = typer.Option("4096,16384", "--tokens", "-m", help="Token counts M, comma-separated."),
+    strategy: List[str] = typer.Option(["pr", "chunked:chunks=4"], "--strategy", "-S",
+                                       help="Strategy with settings, e.g. chunked:chunks=4,comm=async (repeatable); "
+                                            "baseline always runs."),
+    dtype: str = typer.Option("bfloat16", help="bfloat16, float16 or float32."),
+    nproc: Optional[int] = typer.Option(None, help="Ranks (default: every GPU, or 2 on CPU)."),
+    backend: str = typer.Option("auto", help="auto, nccl or gloo."),
+    warmup: int = typer.Option(5, help="Untimed calls before each timed region."),
+    reps: int = typer.Option(20, help="Timed calls per region."),
+    bias: bool = typer.Option(False, help="Give the layer a bias."),
+    env: List[str] = typer.Option([], help="KEY=VALUE set in every rank before CUDA starts (repeatable)."),
+    out: Optional[Path] = typer.Option(None, help="Keep the run directory here (default: a temp dir)."),
+    as_json: bool = typer.Option(False, "--json", help="Print records as JSON lines instead of a table."),
+) -> None:
+    """Measure one or a few cases: one table row per strategy with the metrics and rel_err."""
+    from overlap_bench.records import load_records
+    from overlap_bench.spec import parse_spec
+    from overlap_bench.sweep import run_sweep
+
+    def body() -> None:
+        raw = {"name": "run", "dtypes": [dtype], "shapes": _shapes_raw(shape), "tokens": _ints(tokens, "--tokens"),
+               "strategies": _strategies_raw(strategy), "env": [_env_raw(env)], "warmup": warmup, "reps": reps,
+               "bias": bias}
+        spec = parse_spec(raw, world_size=nproc, backend=backend)
+        raw.update(backend=spec.backend, world_size=spec.world_size)
+        run_dir = out or Path(tempfile.mkdtemp(prefix="overlap-bench-run-"))
+        run_sweep(spec, raw, run_dir, progress=False, rank0=_rank0())
+        if not _rank0():
+            return
+        recs = load_records(run_dir).records
+        if as_json:
+            for r in recs:
+                print(r.to_json())
+        else:
+            dev = recs[0].device if recs else "?"
+            out_console.print(records_table(recs, f"{dev} x{spec.world_size} ({spec.backend}), {dtype}"))
+
+    _guard(body, out)
+
+
+@app.command()
+def sweep(
+    spec_path: Optional[Path] = typer.Argument(None, metavar="SPEC",
+                                               help="Sweep YAML (see sweeps/); default: one that suits this machine."),
+    out: Path = typer.Option(Path("runs/latest"), "--out", "-o", help="Run directory (records.jsonl, env, tables)."),
+    resume: bool = typer.Option(False, help="Skip the cases already recorded in --out."),
+    world_size: Optional[int] = typer.Option(None, "--world-size", "--nproc", help="Override the spec's world size."),
+    backend: Optional[str] = typer.Option(None, help="Override the spec's backend (auto, nccl, gloo)."),
+    seed: int = typer.Option(0, help="Seed of the random inputs."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and list the cases; start nothing."),
+) -> None:
+    """Sweep shapes x tokens x settings; each record is appended to OUT/records.jsonl as it is measured."""
+    from overlap_bench.spec import load_spec
+    from overlap_bench.sweep import run_sweep
+
+    def body() -> None:
+        spec, raw = load_spec(spec_path, world_size=world_size, backend=backend)
+        cases = spec.cases()
+        if dry_run:
+            out_console.print(f"{spec.name}: {len(cases)} cases on {spec.world_size} ranks ({spec.backend}); "
+                              f"{len(spec.env)} job(s) by environment")
+            for c in cases:
+                env = " ".join(f"{k}={v}" for k, v in c.env)
+                print(f"{c.shape}\tK={c.K}\tN={c.N}\tM={c.M}\t{c.dtype}\t{c.label}\t{env}")
+            return
+        res = run_sweep(spec, raw, out, resume=resume, seed=seed, rank0=_rank0())
+        if not _rank0():
+            return
+        msg = f"{spec.name}: {res.planned - res.skipped_done} cases measured"
+        if res.skipped_done:
+            msg += f", {res.skipped_done} already recorded (skipped)"
+        if res.torn_lines:
+            msg += f"; torn line(s) {res.torn_lines} in records.jsonl were skipped"
+        out_console.print(f"{msg}. Results in {out}/ (records.jsonl, tables.md, summary.md)")
+        for line in res.not_run:
+            err_console.print(f"[yellow]not run:[/] {line}")
+
+    _guard(body, out)
+
+
+@app.command("strategies")
+def list_strategies() -> None:
+    """List the registered strategies and their settings."""
+    import dataclasses
+
+    strategies.get("baseline")
+    t = Table(title="strategies")
+    for c in ("name", "settings (default)", "what"):
+        t.add_column(c)
+    for name, s in sorted(strategies.REGISTRY.items()):
+        fields = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(s.settings_cls)) or "-"
+        t.add_row(name, fields, s.doc)
+    out_console.print(t)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

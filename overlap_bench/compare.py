@@ -1,0 +1,200 @@
+"""``overlap-bench compare``: the statistics and the reports, for two runs or two sample sets (no GPU here)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, fields
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from overlap_bench.records import Record, load_records
+from overlap_bench.stats import VERDICTS, Comparison, compare_samples, geomean
+
+CASE_COLUMNS = ["shape", "K", "N", "M", "dtype", "a_label", "b_label", "samples_a", "samples_b"]
+COLUMNS = CASE_COLUMNS + [f.name for f in fields(Comparison)]
+
+ComparisonTable = pd.DataFrame
+"""One row per case: :data:`CASE_COLUMNS`, then every :class:`~overlap_bench.stats.Comparison` field."""
+
+
+def build_table(rows: list[dict[str, Any]], *, min_effect: float = 0.01, alpha: float = 0.05,
+                n_boot: int = 10000, seed: int = 0) -> ComparisonTable:
+    """Compare ``samples_b`` against ``samples_a`` (tokens/s) for each row; extra keys are kept as columns."""
+    out = []
+    for row in rows:
+        missing = [c for c in CASE_COLUMNS if c not in row]
+        if missing:
+            raise ValueError(f"comparison row lacks {missing}")
+        a, b = [float(x) for x in row["samples_a"]], [float(x) for x in row["samples_b"]]
+        cmp = compare_samples(a, b, min_effect=min_effect, alpha=alpha, n_boot=n_boot, seed=seed)
+        out.append({**row, "samples_a": a, "samples_b": b, **asdict(cmp)})
+    extra = [k for r in rows for k in r if k not in COLUMNS]
+    df = pd.DataFrame(out, columns=COLUMNS + list(dict.fromkeys(extra)))
+    df.attrs.update(alpha=alpha, min_effect=min_effect)
+    return df
+
+
+def summary(df: ComparisonTable) -> dict[str, Any]:
+    """Geometric-mean speedup over the rows and the count of each verdict."""
+    speedups = [s for s in df["speedup"] if math.isfinite(s) and s > 0] if len(df) else []
+    counts = df["verdict"].value_counts().to_dict() if len(df) else {}
+    return {
+        "rows": int(len(df)),
+        "geomean_speedup": geomean(speedups),
+        "verdicts": {v: int(counts.get(v, 0)) for v in VERDICTS},
+    }
+
+
+def _case(r: Record) -> tuple:
+    # bias is part of the case too: with and without bias is different work, never one sample.
+    return (r.shape, r.K, r.N, r.M, r.dtype, bool(r.bias), r.label, tuple(sorted(r.env.items())))
+
+
+def _describe(case: tuple) -> str:
+    shape, _K, _N, M, dtype, bias, label, env = case
+    text = f"{shape} M={M} {label} ({dtype})"
+    if bias:
+        text += " +bias"
+    if env:
+        text += " env " + ",".join(f"{k}={v}" for k, v in env)
+    return text
+
+
+def _usable(r: Record) -> bool:
+    return r.ok and isinstance(r.tokens_per_s, (int, float)) and math.isfinite(r.tokens_per_s) \
+        and r.tokens_per_s > 0
+
+
+def compare_run_dirs(dir_a: str | os.PathLike, dir_b: str | os.PathLike, *, min_effect: float = 0.01,
+                     alpha: float = 0.05, n_boot: int = 10000, seed: int = 0,
+                     ) -> tuple[ComparisonTable, list[str]]:
+    """Compare the ``ok`` records of run B against run A, case by case (same shape, sizes, dtype, label, env).
+
+    Every record of a case is one sample. Returns the table and one line per case found in only one run.
+    Torn lines skipped while loading are listed in ``df.attrs["torn_lines"]``.
+    """
+    loaded = {"A": load_records(dir_a), "B": load_records(dir_b)}
+    samples: dict[str, dict[tuple, list[float]]] = {"A": {}, "B": {}}
+    failed: dict[str, dict[tuple, str]] = {"A": {}, "B": {}}
+    for side, ld in loaded.items():
+        for r in ld.records:
+            if _usable(r):
+                samples[side].setdefault(_case(r), []).append(float(r.tokens_per_s))
+            else:
+                failed[side].setdefault(_case(r), f"{r.status}" + (f": {r.reason}" if r.reason else ""))
+
+    rows, unmatched = [], []
+    for case, sa in samples["A"].items():
+        if case in samples["B"]:
+            shape, K, N, M, dtype, bias, label, env = case
+            rows.append(dict(shape=shape, K=K, N=N, M=M, dtype=dtype, a_label=label, b_label=label,
+                             samples_a=sa, samples_b=samples["B"][case], bias=bias, env=dict(env)))
+    for side, other in (("A", "B"), ("B", "A")):
+        for case in samples[side]:
+            if case not in samples[other]:
+                line = f"only in {side}: {_describe(case)}"
+                if case in failed[other]:
+                    line += f" [{other}: {failed[other][case]}]"
+                unmatched.append(line)
+
+    df = build_table(rows, min_effect=min_effect, alpha=alpha, n_boot=n_boot, seed=seed)
+    df.attrs["torn_lines"] = {side: list(ld.torn_lines) for side, ld in loaded.items()}
+    return df, unmatched
+
+
+# ---- reports ---------------------------------------------------------------------------------------------
+
+def _setting(row: pd.Series) -> str:
+    label = row["a_label"] if row["a_label"] == row["b_label"] else f"{row['a_label']} → {row['b_label']}"
+    text = f"{label} ({row['dtype']})"
+    bias = row.get("bias")
+    if isinstance(bias, (bool, np.bool_)) and bias:
+        text += " +bias"
+    env = row.get("env")
+    if isinstance(env, dict) and env:
+        text += " env " + ",".join(f"{k}={v}" for k, v in sorted(env.items()))
+    return text
+
+
+def _fmt_tps(x: float) -> str:
+    return f"{x:,.0f}" if math.isfinite(x) else "n/a"
+
+
+def _fmt_speedup(row: pd.Series) -> str:
+    return f"{row['speedup']:.3f}× [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+
+
+def _fmt_p(p: float) -> str:
+    if not math.isfinite(p):
+        return "n/a"
+    return "<0.0001" if p < 1e-4 else f"{p:.4f}"
+
+
+def _ci_header(df: ComparisonTable) -> str:
+    return f"speedup [{100 * (1 - df.attrs.get('alpha', 0.05)):g}% CI]"
+
+
+def _report_rows(df: ComparisonTable) -> list[list[str]]:
+    return [[str(r["shape"]), str(r["M"]), _setting(r), _fmt_tps(r["median_a"]), _fmt_tps(r["median_b"]),
+             _fmt_speedup(r), _fmt_p(r["p_value"]), str(r["verdict"])] for _, r in df.iterrows()]
+
+
+def _headers(df: ComparisonTable) -> list[str]:
+    return ["shape", "M", "setting", "A tok/s (median)", "B tok/s (median)", _ci_header(df), "p", "verdict"]
+
+
+def _summary_line(summ: dict[str, Any]) -> str:
+    g = summ["geomean_speedup"]
+    counts = ", ".join(f"{n} {v}" for v, n in summ["verdicts"].items())
+    gm = f"{g:.3f}×" if math.isfinite(g) else "n/a"
+    return f"Geometric-mean speedup (B/A) over {summ['rows']} case(s): {gm} ({counts})"
+
+
+def to_markdown(df: ComparisonTable, summ: dict[str, Any], title: str) -> str:
+    """A GitHub-flavoured markdown table (B against A) with the geomean line, ready for a pull request."""
+    def cell(s: str) -> str:
+        return s.replace("|", "\\|")
+
+    headers = _headers(df)
+    lines = [f"### {title}", "", "| " + " | ".join(headers) + " |",
+             "|" + "|".join(["---", "---:", "---", "---:", "---:", "---:", "---:", "---"]) + "|"]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in _report_rows(df)]
+    lines += ["", f"**{_summary_line(summ)}**", ""]
+    return "\n".join(lines)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, np.ndarray)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def to_json(df: ComparisonTable, summ: dict[str, Any]) -> str:
+    """``{"summary": ..., "rows": [...]}`` with the sample lists kept and NaN/inf written as null."""
+    doc = {"summary": summ, "rows": df.to_dict(orient="records")}
+    return json.dumps(_jsonable(doc), indent=2, allow_nan=False)
+
+
+def rich_table(df: ComparisonTable, summ: dict[str, Any], title: str):
+    """The report as a :class:`rich.table.Table` for the terminal."""
+    from rich.table import Table
+    from rich.text import Text
+
+    style = {"faster": "green", "slower": "red"}
+    table = Table(title=title, caption=_summary_line(summ))
+    for h, just in zip(_headers(df), ["left", "right", "left", "right", "right", "right", "right", "left"]):
+        table.add_column(h, justify=just)
+    for row in _report_rows(df):
+        # Text, not markup: labels and CIs contain brackets.
+        table.add_row(*(Text(c) for c in row[:-1]), Text(row[-1], style=style.get(row[-1], "dim")))
+    return table

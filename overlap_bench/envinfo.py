@@ -1,0 +1,74 @@
+"""The environment a run was measured in: GPUs, driver, versions, relevant variables, host, commit, command."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import overlap_bench
+
+ENV_PREFIXES = ("NCCL_", "CUDA_", "TORCH_", "NVSHMEM_", "OMP_", "OVERLAP_BENCH_")
+
+
+def _run(cmd: list[str], cwd: str | None = None) -> str | None:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=cwd)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_commit() -> str | None:
+    """HEAD of the checkout the package runs from, with ``-dirty`` when it has uncommitted changes."""
+    here = str(Path(overlap_bench.__file__).resolve().parent)
+    head = _run(["git", "rev-parse", "HEAD"], cwd=here)
+    if head and _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here):
+        head += "-dirty"
+    return head
+
+
+def gpus() -> tuple[list[str], str | None]:
+    """GPU names and driver version from nvidia-smi (not torch: that would start CUDA in the launcher)."""
+    out = _run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"])
+    if not out:
+        return [], None
+    rows = [[c.strip() for c in line.split(",")] for line in out.splitlines() if line.strip()]
+    return [r[0] for r in rows], (rows[0][1] if rows and len(rows[0]) > 1 else None)
+
+
+def collect(command: str | None = None) -> dict[str, Any]:
+    """Everything a committed number needs beside it."""
+    names, driver = gpus()
+    nccl = None
+    if torch.cuda.is_available():
+        try:
+            nccl = ".".join(str(v) for v in torch.cuda.nccl.version())
+        except (AttributeError, RuntimeError):
+            nccl = None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return {
+        "gpu_name": names[0] if names else "cpu",
+        "gpu_names": names,
+        "gpu_count": len(names) if visible is None else len([v for v in visible.split(",") if v.strip()]),
+        "driver": driver,
+        "cuda": torch.version.cuda,
+        "torch": torch.__version__,
+        "nccl": nccl,
+        "python": sys.version.split()[0],
+        "overlap_bench": overlap_bench.__version__,
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "git_commit": git_commit(),
+        "command": command or " ".join(sys.argv),
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)},
+        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }

@@ -1,0 +1,68 @@
+"""Every derived number of a record, defined once (see DESIGN.md: ideal, speedup, eta, tflops, busbw)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+"""Dtype names accepted in specs and on the command line."""
+
+
+def dtype_bytes(dtype: str) -> int:
+    """Bytes per element of a dtype named in :data:`DTYPES`."""
+    return torch.empty((), dtype=DTYPES[dtype]).element_size()
+
+
+def ideal_ms(t_gemm: float, t_comm: float) -> float:
+    """The floor for any overlap of the two operations: ``max(t_gemm, t_comm)``."""
+    return max(t_gemm, t_comm)
+
+
+def speedup(t_base: float, t: float) -> float:
+    """``t_base / t``: above 1 is faster than the baseline."""
+    return t_base / t if t > 0 else math.nan
+
+
+def eta(t_base: float, t: float, t_gemm: float, t_comm: float) -> float:
+    """Hidden fraction of the hideable time: ``(t_base - t) / (t_base - ideal)``.
+
+    0 = nothing hidden, 1 = at the floor, < 0 = slower than baseline. NaN when the baseline is already at
+    the floor (nothing to hide), which happens when one of the two operations takes no measurable time.
+    """
+    room = t_base - ideal_ms(t_gemm, t_comm)
+    if room <= 0:
+        return math.nan
+    return (t_base - t) / room
+
+
+def tflops(m: int, k: int, n: int, t_ms: float) -> float:
+    """Per-rank TFLOP/s of the ``[M,K]x[K,N]`` product (K per rank) done in ``t_ms``."""
+    return 2.0 * m * k * n / (t_ms * 1e-3) / 1e12 if t_ms > 0 else math.nan
+
+
+def busbw_gbps(m: int, n: int, dtype: str, world: int, t_comm_ms: float) -> float:
+    """All-reduce bus bandwidth in GB/s as nccl-tests defines it: ``algbw * 2(n-1)/n``."""
+    if t_comm_ms <= 0:
+        return math.nan
+    algbw = m * n * dtype_bytes(dtype) / (t_comm_ms * 1e-3) / 1e9
+    return algbw * 2 * (world - 1) / world
+
+
+def tokens_per_s(m: int, t_ms: float) -> float:
+    """Token rows per second through the layer."""
+    return m / (t_ms * 1e-3) if t_ms > 0 else math.nan
+
+
+def derive(*, m: int, k: int, n: int, dtype: str, world: int, t_ms: float, t_base_ms: float,
+           t_gemm_ms: float, t_comm_ms: float) -> dict[str, float]:
+    """All derived metrics of one measured case, as record fields."""
+    return {
+        "ideal_ms": ideal_ms(t_gemm_ms, t_comm_ms),
+        "speedup": speedup(t_base_ms, t_ms),
+        "eta": eta(t_base_ms, t_ms, t_gemm_ms, t_comm_ms),
+        "tokens_per_s": tokens_per_s(m, t_ms),
+        "tflops": tflops(m, k, n, t_ms),
+        "busbw_gbps": busbw_gbps(m, n, dtype, world, t_comm_ms),
+    }

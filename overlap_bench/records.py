@@ -1,0 +1,185 @@
+"""The results schema and the run directory: one JSON line per measured case, appended as it completes.
+
+``records.jsonl`` is append-only and fsync'd per record, so a crash, a killed rank or Ctrl-C loses at most
+the case in flight; a torn last line is skipped on load and reported. Everything else in a run directory
+(env, tables, spec copy) is written atomically through :func:`write_atomic`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable
+
+RECORDS = "records.jsonl"
+
+
+@dataclass
+class Record:
+    """One measured (or failed) case. Times are ms; a case's time is the max over ranks of each rank's median."""
+
+    shape: str
+    """Shape name, e.g. ``qwen2.5-72b/o_proj`` or an explicit spec name."""
+    K: int
+    """Inner dimension per rank (``K_total / tp``)."""
+    N: int
+    """Output features (the all-reduced width)."""
+    M: int
+    """Token rows."""
+    dtype: str
+    world: int
+    """Ranks in the job (the tensor-parallel size)."""
+    backend: str
+    device: str
+    """GPU name, or ``cpu``."""
+    strategy: str
+    settings: dict[str, Any]
+    label: str
+    """Canonical ``strategy:key=value,...`` text, usable on the command line."""
+    env: dict[str, str]
+    """The process environment variant the job was started with."""
+    bias: bool = False
+    status: str = "ok"
+    """``ok``; ``failed`` (numerics out of tolerance or an error in the case); ``unavailable`` (cannot run here)."""
+    reason: str | None = None
+    note: str | None = None
+    t_ms: float = math.nan
+    t_iqr_ms: float = math.nan
+    t_base_ms: float = math.nan
+    t_base_iqr_ms: float = math.nan
+    t_gemm_ms: float = math.nan
+    t_comm_ms: float = math.nan
+    ideal_ms: float = math.nan
+    speedup: float = math.nan
+    eta: float = math.nan
+    tokens_per_s: float = math.nan
+    tflops: float = math.nan
+    busbw_gbps: float = math.nan
+    rel_err: float = math.nan
+    tol: float = math.nan
+    warmup: int = 0
+    reps: int = 0
+    repro: str = ""
+    """A command that measures this case again."""
+    time: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """Whether the case measured and passed its numerics check."""
+        return self.status == "ok"
+
+    def key(self) -> tuple:
+        """Identity of the case for ``--resume``."""
+        return case_key(self.shape, self.K, self.N, self.M, self.dtype, self.bias, self.label, self.env,
+                        self.world, self.backend)
+
+    def to_json(self) -> str:
+        """One strict-JSON line (NaN becomes null, so jq and JavaScript read it)."""
+        d = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
+        d["ok"] = self.ok
+        return json.dumps(d, sort_keys=False, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Record":
+        """Inverse of :meth:`to_json` (null times come back as NaN); unknown keys are ignored."""
+        if not isinstance(d, dict):
+            raise TypeError("a record must be a JSON object")
+        floats = {f.name for f in fields(cls) if f.type in ("float", float)}
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: (math.nan if k in floats and v is None else v) for k, v in d.items() if k in names})
+
+
+def case_key(shape: str, K: int, N: int, M: int, dtype: str, bias: bool, label: str, env: dict[str, str],
+             world: int, backend: str) -> tuple:
+    """The tuple that identifies one case across runs."""
+    return (shape, K, N, M, dtype, bool(bias), label, tuple(sorted(env.items())), world, backend)
+
+
+@dataclass
+class Loaded:
+    """What :func:`load_records` found."""
+
+    records: list[Record]
+    torn_lines: list[int]
+    """1-based numbers of lines that were not valid JSON (a write cut short), skipped."""
+
+
+def load_records(run_dir: str | os.PathLike) -> Loaded:
+    """Read ``run_dir/records.jsonl``; torn lines are skipped and listed, never fatal."""
+    path = Path(run_dir) / RECORDS
+    out = Loaded([], [])
+    if not path.exists():
+        return out
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for i, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                out.records.append(Record.from_dict(json.loads(line)))
+            except (json.JSONDecodeError, TypeError):
+                out.torn_lines.append(i)
+    return out
+
+
+class RecordWriter:
+    """Appends records to ``run_dir/records.jsonl``, one fsync'd line each."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / RECORDS
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._repair_tail()
+
+    def _repair_tail(self) -> None:
+        # A line torn by a crash must not glue onto the next record: end the file with a newline.
+        if self.path.exists() and self.path.stat().st_size > 0:
+            with open(self.path, "rb") as fh:
+                fh.seek(-1, os.SEEK_END)
+                last = fh.read(1)
+            if last != b"\n":
+                with open(self.path, "ab") as fh:
+                    fh.write(b"\n")
+
+    def append(self, record: Record) -> None:
+        """Write one record durably."""
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(record.to_json() + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file and a rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        # mkstemp makes the file 0600; a results file should be as readable as any other the user writes.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def records_frame(records: Iterable[Record]):
+    """Records as a pandas DataFrame (settings and env kept as dicts; ``ok`` as a column)."""
+    import pandas as pd
+
+    rows = []
+    for r in records:
+        d = asdict(r)
+        d["ok"] = r.ok
+        rows.append(d)
+    return pd.DataFrame(rows)

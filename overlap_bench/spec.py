@@ -1,0 +1,311 @@
+"""Sweep specs: YAML in, a validated :class:`SweepSpec` out, expanded into :class:`Case` lists.
+
+Every error is a :class:`SpecError` whose one-line message names the field and the fix; nothing here
+starts a process, so a bad spec costs nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from overlap_bench.errors import UserError
+from overlap_bench import strategies
+from overlap_bench.launch import LaunchError, in_torchrun, resolve
+from overlap_bench.metrics import DTYPES
+from overlap_bench.presets import row_parallel_shapes
+
+
+class SpecError(UserError):
+    """An invalid sweep spec; the message is one line: ``field: problem; fix``."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One row-parallel GEMM shape."""
+
+    name: str
+    K: int
+    """Inner dimension per rank."""
+    N: int
+    """Output features."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measurement: a shape at M tokens, a dtype, a strategy setting, a process environment."""
+
+    shape: str
+    K: int
+    N: int
+    M: int
+    dtype: str
+    bias: bool
+    label: str
+    """Canonical strategy text (``strategies.label``)."""
+    env: tuple[tuple[str, str], ...]
+    """Process environment variant, as sorted items (hashable)."""
+
+    @property
+    def env_dict(self) -> dict[str, str]:
+        return dict(self.env)
+
+
+@dataclass
+class SweepSpec:
+    """A validated sweep."""
+
+    name: str = "sweep"
+    """Used in file names and titles."""
+    backend: str = "auto"
+    """``auto`` (nccl with GPUs, else gloo), ``nccl`` or ``gloo``."""
+    world_size: int | None = None
+    """Ranks; default every visible GPU, or 2 on CPU."""
+    dtypes: list[str] = field(default_factory=lambda: ["bfloat16"])
+    """Element types: bfloat16, float16, float32."""
+    shapes: list[Shape] = field(default_factory=list)
+    """Expanded shapes (presets become their o_proj and down_proj)."""
+    tokens: list[int] = field(default_factory=list)
+    """Token counts M."""
+    bias: bool = False
+    """Give the layer a bias (counted once in the reduced output)."""
+    strategies: list[str] = field(default_factory=list)
+    """Expanded strategy labels, one per grid point."""
+    env: list[dict[str, str]] = field(default_factory=lambda: [{}])
+    """Process environment variants; each runs as its own job (some knobs act only before CUDA starts)."""
+    warmup: int = 5
+    """Untimed calls before each timed region."""
+    reps: int = 20
+    """Timed calls per region (median and IQR over them)."""
+    timeout_s: float = 300.0
+    """Collective timeout in seconds: a hung rank ends the job after this long."""
+
+    def cases(self) -> list[Case]:
+        """Every case, grouped by environment variant first (one job per variant)."""
+        out = []
+        for env, dtype, shape, m, lab in itertools.product(self.env, self.dtypes, self.shapes, self.tokens,
+                                                           self.strategies):
+            out.append(Case(shape.name, shape.K, shape.N, m, dtype, self.bias, lab, tuple(sorted(env.items()))))
+        return out
+
+
+TOP_KEYS = {"name", "backend", "world_size", "dtypes", "shapes", "tokens", "bias", "strategies", "env", "warmup",
+            "reps", "timeout_s"}
+
+
+def _int(value: Any, where: str, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(f"{where}: must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise SpecError(f"{where}: must be >= {minimum}, got {value}")
+    return value
+
+
+def _list(value: Any, where: str) -> list:
+    if not isinstance(value, list):
+        value = [value]
+    if not value:
+        raise SpecError(f"{where}: is empty; give at least one value")
+    return value
+
+
+def _mapping(value: Any, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise SpecError(f"{where}: must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _tokens(raw: Any) -> list[int]:
+    if isinstance(raw, dict):
+        unknown = set(raw) - {"start", "stop", "mul", "step"}
+        if unknown:
+            raise SpecError(f"tokens.{sorted(unknown)[0]}: unknown key; use start, stop and mul or step")
+        start = _int(raw.get("start"), "tokens.start", 1)
+        stop = _int(raw.get("stop"), "tokens.stop", start)
+        if ("mul" in raw) == ("step" in raw):
+            raise SpecError("tokens: give exactly one of mul (geometric) or step (linear)")
+        vals, m = [], start
+        if "mul" in raw:
+            mul = _int(raw["mul"], "tokens.mul", 2)
+            while m <= stop:
+                vals.append(m)
+                m *= mul
+        else:
+            step = _int(raw["step"], "tokens.step", 1)
+            vals = list(range(start, stop + 1, step))
+        return vals
+    return sorted({_int(v, f"tokens[{i}]", 1) for i, v in enumerate(_list(raw, "tokens"))})
+
+
+def _shapes(raw: Any, world: int) -> list[Shape]:
+    out: list[Shape] = []
+    for i, item in enumerate(_list(raw, "shapes")):
+        where = f"shapes[{i}]"
+        item = _mapping(item, where)
+        if "preset" in item:
+            unknown = set(item) - {"preset", "tp"}
+            if unknown:
+                raise SpecError(f"{where}.{sorted(unknown)[0]}: unknown key; a preset shape takes preset and tp")
+            tp = _int(item.get("tp", world), f"{where}.tp", 1)
+            try:
+                pairs = row_parallel_shapes(str(item["preset"]), tp)
+            except ValueError as exc:
+                raise SpecError(f"{where}: {exc}") from None
+            out += [Shape(n, k, nn) for n, (k, nn) in pairs.items()]
+        else:
+            unknown = set(item) - {"name", "K", "N"}
+            if unknown:
+                raise SpecError(f"{where}.{sorted(unknown)[0]}: unknown key; use preset+tp or name, K (per rank), N")
+            for key in ("K", "N"):
+                if key not in item:
+                    raise SpecError(f"{where}.{key}: missing; give {key} as an integer")
+            k = _int(item["K"], f"{where}.K", 1)
+            n = _int(item["N"], f"{where}.N", 1)
+            out.append(Shape(str(item.get("name", f"K{k}xN{n}")), k, n))
+    names = [s.name for s in out]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise SpecError(f"shapes: '{dup}' appears twice; give each shape a distinct name")
+    return out
+
+
+def _strategies(raw: Any) -> list[str]:
+    labels: list[str] = []
+    for i, item in enumerate(_list(raw, "strategies")):
+        where = f"strategies[{i}]"
+        if isinstance(item, str):
+            item = {"name": item}
+        item = dict(_mapping(item, where))
+        name = item.pop("name", None)
+        if name is None:
+            raise SpecError(f"{where}.name: missing; give a strategy name ({', '.join(sorted(strategies.REGISTRY))})")
+        try:
+            strategies.get(str(name))
+        except ValueError as exc:
+            raise SpecError(f"{where}.name: {exc}") from None
+        keys = list(item)
+        grids = [_list(item[k], f"{where}.{k}") for k in keys]
+        for point in itertools.product(*grids):
+            try:
+                settings = strategies.make_settings(str(name), dict(zip(keys, point)))
+            except ValueError as exc:
+                bad = next((k for k in keys if f"'{k}'" in str(exc)), None)
+                raise SpecError(f"{where}.{bad or 'settings'}: {exc}") from None
+            lab = strategies.label(str(name), settings)
+            if lab not in labels:
+                labels.append(lab)
+    return labels
+
+
+def _env(raw: Any) -> list[dict[str, str]]:
+    out = []
+    for i, item in enumerate(_list(raw, "env")):
+        item = _mapping(item or {}, f"env[{i}]")
+        for k, v in item.items():
+            if not isinstance(v, (str, int)) or isinstance(v, bool):
+                raise SpecError(f"env[{i}].{k}: must be a string or integer, got {v!r}")
+        out.append({str(k): str(v) for k, v in item.items()})
+    return out
+
+
+def parse_spec(raw: Any, *, world_size: int | None = None, backend: str | None = None) -> SweepSpec:
+    """Validate a spec mapping. ``world_size``/``backend`` override the spec's (command-line flags)."""
+    raw = _mapping(raw if raw is not None else {}, "spec")
+    unknown = set(raw) - TOP_KEYS
+    if unknown:
+        raise SpecError(f"{sorted(unknown)[0]}: unknown key; allowed: {', '.join(sorted(TOP_KEYS))}")
+    spec = SweepSpec()
+    spec.name = str(raw.get("name", "sweep"))
+    spec.backend = str(backend or raw.get("backend", "auto"))
+    ws = world_size if world_size is not None else raw.get("world_size")
+    if ws is not None:
+        ws = _int(ws, "world_size", 1)
+    try:
+        spec.backend, spec.world_size = resolve(spec.backend, ws)
+    except LaunchError as exc:
+        field_name = "backend" if "backend" in str(exc) else "world_size"
+        raise SpecError(f"{field_name}: {str(exc).replace('--nproc', 'world_size')}") from None
+    if in_torchrun() and ws is not None and ws != spec.world_size:
+        raise SpecError(f"world_size: {ws} differs from torchrun's WORLD_SIZE={spec.world_size}; remove it or match it")
+    spec.dtypes = []
+    for i, d in enumerate(_list(raw.get("dtypes", ["bfloat16"]), "dtypes")):
+        if d not in DTYPES:
+            raise SpecError(f"dtypes[{i}]: unknown dtype {d!r}; use one of {', '.join(DTYPES)}")
+        spec.dtypes.append(d)
+    if "shapes" not in raw:
+        raise SpecError("shapes: missing; give presets (preset: qwen2.5-72b) or explicit K and N")
+    spec.shapes = _shapes(raw["shapes"], spec.world_size)
+    if "tokens" not in raw:
+        raise SpecError("tokens: missing; give a list of token counts or {start, stop, mul}")
+    spec.tokens = _tokens(raw["tokens"])
+    if not isinstance(raw.get("bias", False), bool):
+        raise SpecError(f"bias: must be true or false, got {raw['bias']!r}")
+    spec.bias = raw.get("bias", False)
+    if "strategies" not in raw:
+        raise SpecError("strategies: missing; list at least baseline and one other strategy")
+    spec.strategies = _strategies(raw["strategies"])
+    spec.env = _env(raw.get("env", [{}]))
+    spec.warmup = _int(raw.get("warmup", 5), "warmup", 0)
+    spec.reps = _int(raw.get("reps", 20), "reps", 1)
+    t = raw.get("timeout_s", 300)
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0:
+        raise SpecError(f"timeout_s: must be a positive number of seconds, got {t!r}")
+    spec.timeout_s = float(t)
+    return spec
+
+
+def load_spec(path: str | os.PathLike | None, **overrides: Any) -> tuple[SweepSpec, dict]:
+    """Read and validate a spec file (or the embedded default when ``path`` is None); returns it with the raw mapping."""
+    if path is None:
+        raw = default_spec_raw()
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise SpecError(f"SPEC: no file at {p}; give the path of a sweep YAML (see sweeps/)")
+        try:
+            raw = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise SpecError(f"SPEC: {p} is not valid YAML{where}; fix the syntax") from None
+    return parse_spec(raw, **overrides), raw
+
+
+SMOKE: dict[str, Any] = {
+    "name": "smoke",
+    "backend": "gloo",
+    "world_size": 2,
+    "dtypes": ["float32"],
+    "shapes": [{"name": "tiny/o_proj", "K": 128, "N": 256}, {"name": "tiny/down_proj", "K": 256, "N": 256}],
+    "tokens": [64, 256],
+    "strategies": [{"name": "baseline"}, {"name": "pr"},
+                   {"name": "chunked", "chunks": [2, 4], "comm": ["stream", "async"]}],
+    "warmup": 2,
+    "reps": 5,
+    "timeout_s": 60,
+}
+"""The embedded CPU default: seconds on gloo; mirrors sweeps/smoke.yaml."""
+
+
+def default_spec_raw() -> dict[str, Any]:
+    """The spec that suits this machine: the CPU smoke spec, or Qwen2.5-72B shapes at tp = GPU count."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus == 0:
+        return dict(SMOKE)
+    return {
+        "name": f"qwen2.5-72b-tp{gpus}",
+        "dtypes": ["bfloat16"],
+        "shapes": [{"preset": "qwen2.5-72b", "tp": gpus}],
+        "tokens": [4096, 8192, 16384, 32768],
+        "strategies": [{"name": "baseline"}, {"name": "pr"},
+                       {"name": "chunked", "chunks": [2, 3, 4, 8], "comm": ["stream", "async"]}],
+        "warmup": 5,
+        "reps": 20,
+    }

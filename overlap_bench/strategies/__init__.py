@@ -1,0 +1,161 @@
+"""The strategy registry: one stable name per implementation of a row-parallel linear + all-reduce.
+
+A strategy is ``fn(x, weight, bias, group, settings) -> y``: ``x`` is ``[M, K/tp]``, ``weight`` is
+``[N, K/tp]`` (nn.Linear layout), ``bias`` is ``[N]`` or None, and ``y`` is the all-reduced ``[M, N]``.
+``settings`` is the strategy's own frozen dataclass; its ``__post_init__`` rejects bad values with a
+``ValueError`` that names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+
+class StrategyUnavailable(RuntimeError):
+    """Raised when a strategy cannot run on this backend or machine; the record says why."""
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One registered implementation."""
+
+    name: str
+    """Stable name the CLI and sweep specs use."""
+    fn: Callable[..., torch.Tensor]
+    """``fn(x, weight, bias, group, settings) -> y``."""
+    settings_cls: type
+    """Frozen dataclass of the strategy's settings (may have no fields)."""
+    doc: str
+    """One line for ``overlap-bench strategies``."""
+    check: Callable[[str, Any], str | None] | None = None
+    """``check(backend, settings) -> reason`` when it cannot run there, else None."""
+    note: Callable[[str, Any], str | None] | None = None
+    """``note(backend, settings) -> text`` when the backend changes how it runs (kept in the record)."""
+
+
+REGISTRY: dict[str, Strategy] = {}
+
+
+def register(name: str, settings_cls: type, doc: str, check: Callable[[str, Any], str | None] | None = None,
+             note: Callable[[str, Any], str | None] | None = None):
+    """Decorator: register ``fn`` under ``name``."""
+
+    def wrap(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        if name in REGISTRY:
+            raise ValueError(f"strategy {name!r} registered twice")
+        REGISTRY[name] = Strategy(name, fn, settings_cls, doc, check, note)
+        return fn
+
+    return wrap
+
+
+def _coerce(field: dataclasses.Field, raw: Any) -> Any:
+    """Turn a CLI/YAML value into the field's type (settings come as strings from the CLI)."""
+    kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+    if isinstance(raw, str):
+        if kind == "int":
+            try:
+                return int(raw)
+            except ValueError:
+                raise ValueError(f"setting '{field.name}' must be an integer, got {raw!r}") from None
+        if kind == "float":
+            try:
+                return float(raw)
+            except ValueError:
+                raise ValueError(f"setting '{field.name}' must be a number, got {raw!r}") from None
+        if kind == "bool":
+            low = raw.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"setting '{field.name}' must be true or false, got {raw!r}")
+    if kind == "int" and (isinstance(raw, bool) or not isinstance(raw, int)):
+        raise ValueError(f"setting '{field.name}' must be an integer, got {raw!r}")
+    if kind == "bool" and not isinstance(raw, bool):
+        raise ValueError(f"setting '{field.name}' must be true or false, got {raw!r}")
+    return raw
+
+
+def make_settings(name: str, values: dict[str, Any] | None = None) -> Any:
+    """Build ``name``'s settings from a dict; unknown or invalid fields raise ``ValueError`` naming them."""
+    strat = get(name)
+    fields = {f.name: f for f in dataclasses.fields(strat.settings_cls)}
+    values = dict(values or {})
+    for key in values:
+        if key not in fields:
+            allowed = ", ".join(fields) or "none"
+            raise ValueError(f"unknown setting '{key}' for strategy '{name}' (allowed: {allowed})")
+    return strat.settings_cls(**{k: _coerce(fields[k], v) for k, v in values.items()})
+
+
+def get(name: str) -> Strategy:
+    """The registered strategy ``name``; a ``ValueError`` lists the known names otherwise."""
+    _load_builtin()
+    if name not in REGISTRY:
+        raise ValueError(f"unknown strategy '{name}' (known: {', '.join(sorted(REGISTRY))})")
+    return REGISTRY[name]
+
+
+def parse(text: str) -> tuple[str, Any]:
+    """Parse ``"chunked:chunks=4,comm=stream"`` into ``("chunked", ChunkedSettings(...))``."""
+    name, _, rest = text.strip().partition(":")
+    values: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, val = item.partition("=")
+        if not eq:
+            raise ValueError(f"setting '{item}' in '{text}' must be written key=value")
+        values[key.strip()] = val.strip()
+    return name, make_settings(name, values)
+
+
+def settings_dict(settings: Any) -> dict[str, Any]:
+    """Settings as a plain dict (for records and policy files)."""
+    return dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else {}
+
+
+def label(name: str, settings: Any) -> str:
+    """Canonical text form, the inverse of :func:`parse`: ``chunked:chunks=4,comm=stream,...``."""
+    items = settings_dict(settings)
+    if items:
+        # Defaults are left out to keep labels short, except fields marked ``metadata={"show": True}``.
+        shown = {f.name for f in dataclasses.fields(settings) if f.metadata.get("show")}
+        defaults = {f.name: f.default for f in dataclasses.fields(settings)}
+        items = {k: v for k, v in items.items() if k in shown or v != defaults[k]}
+    if not items:
+        return name
+    return name + ":" + ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in items.items())
+
+
+def unavailable_reason(name: str, settings: Any, backend: str) -> str | None:
+    """Why ``name`` cannot run on ``backend`` (None when it can)."""
+    strat = get(name)
+    return strat.check(backend, settings) if strat.check else None
+
+
+def backend_note(name: str, settings: Any, backend: str) -> str | None:
+    """How ``backend`` changes the way ``name`` runs, if it does (e.g. no CUDA streams on gloo)."""
+    strat = get(name)
+    return strat.note(backend, settings) if strat.note else None
+
+
+def run(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+        group: dist.ProcessGroup | None, settings: Any) -> torch.Tensor:
+    """Call strategy ``name``."""
+    return get(name).fn(x, weight, bias, group, settings)
+
+
+_loaded = False
+
+
+def _load_builtin() -> None:
+    global _loaded
+    if not _loaded:
+        from overlap_bench.strategies import baseline, chunked, pr  # noqa: F401  (registration)
+
+        _loaded = True

@@ -1,0 +1,32 @@
+"""``baseline``: the product, then one all-reduce of the whole output. The reference for numerics and time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from overlap_bench.strategies import register
+from overlap_bench.strategies.pipeline import matmul_into, rank_bias
+
+
+@dataclass(frozen=True)
+class BaselineSettings:
+    """No settings."""
+
+
+def baseline_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Product into ``out``, then all-reduce it in place."""
+    matmul_into(out, x, weight, rank_bias(bias, group))
+    dist.all_reduce(out, group=group)
+    return out
+
+
+@register("baseline", BaselineSettings, "product, then one all-reduce of the whole [M, N] output")
+def baseline(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+             group: dist.ProcessGroup | None, settings: BaselineSettings) -> torch.Tensor:
+    """Row-parallel linear the plain way: ``all_reduce(x @ W^T + b)``."""
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    return baseline_into(out, x, weight, bias, group)

@@ -1,0 +1,58 @@
+"""``chunked``: the general chunked overlap, every number a setting the sweep can tune."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from overlap_bench.strategies import register
+from overlap_bench.strategies.baseline import baseline_into
+from overlap_bench.strategies.pipeline import COMM_PATHS, all_reduce_bounds, even_bounds, gloo_note, high_priority_group
+
+
+@dataclass(frozen=True)
+class ChunkedSettings:
+    """Settings of the chunked overlap."""
+
+    chunks: int = field(default=4, metadata={"show": True})
+    """Number of row chunks (>= 1); chunk ``i``'s all-reduce runs while chunk ``i+1`` multiplies."""
+    threshold: int = 0
+    """Token count below which the baseline path runs instead (>= 0)."""
+    comm: str = field(default="stream", metadata={"show": True})
+    """``stream``: all-reduce on a side stream after a CUDA event; ``async``: async work handles."""
+    priority: bool = False
+    """Run the all-reduce on a high-priority NCCL stream (a process group created for it)."""
+    align: int = 1
+    """Chunk edges are rounded to multiples of this many rows (GEMM tile alignment, >= 1)."""
+
+    def __post_init__(self) -> None:
+        if self.chunks < 1:
+            raise ValueError(f"setting 'chunks' must be >= 1, got {self.chunks}")
+        if self.threshold < 0:
+            raise ValueError(f"setting 'threshold' must be >= 0 tokens, got {self.threshold}")
+        if self.comm not in COMM_PATHS:
+            raise ValueError(f"setting 'comm' must be one of {', '.join(COMM_PATHS)}, got {self.comm!r}")
+        if self.align < 1:
+            raise ValueError(f"setting 'align' must be >= 1, got {self.align}")
+
+
+def _check(backend: str, s: ChunkedSettings) -> str | None:
+    if s.priority and backend != "nccl":
+        return "priority=true needs NCCL (a high-priority CUDA stream); gloo has no stream priorities"
+    return None
+
+
+@register("chunked", ChunkedSettings, "row chunks, each all-reduced while the next multiplies",
+          check=_check, note=lambda backend, s: gloo_note(s.comm, backend))
+def chunked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            group: dist.ProcessGroup | None, settings: ChunkedSettings) -> torch.Tensor:
+    """Chunked GEMM + all-reduce overlap."""
+    m = x.shape[0]
+    out = torch.empty(m, weight.shape[0], dtype=x.dtype, device=x.device)
+    if m < settings.threshold:
+        return baseline_into(out, x, weight, bias, group)
+    comm_group = high_priority_group(group) if settings.priority else group
+    bounds = even_bounds(m, settings.chunks, settings.align)
+    return all_reduce_bounds(out, x, weight, bias, group, bounds, settings.comm, comm_group)

@@ -1,0 +1,110 @@
+"""The chunk pipeline shared by ``pr`` and ``chunked``: row bounds, the product into one preallocated
+output, and the per-chunk all-reduce on a side stream (CUDA events) or through async work handles."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+COMM_PATHS = ("stream", "async")
+
+
+def rank_bias(bias: torch.Tensor | None, group: dist.ProcessGroup | None) -> torch.Tensor | None:
+    """Bias only on the group's rank 0, before the reduction, so it is counted exactly once (as sglang)."""
+    if bias is None or dist.get_rank(group) != 0:
+        return None
+    return bias
+
+
+def matmul_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """``out = x @ weight.T (+ bias)`` written in place (no temporary, no concatenation later)."""
+    if bias is None:
+        torch.mm(x, weight.t(), out=out)
+    else:
+        torch.addmm(bias, x, weight.t(), out=out)
+
+
+def even_bounds(m: int, chunks: int, align: int = 1) -> list[tuple[int, int]]:
+    """Split ``m`` rows into ``chunks`` near-equal ``(start, end)`` ranges whose inner edges are multiples
+    of ``align`` (GEMM tile alignment); empty ranges are dropped, so fewer chunks may come back."""
+    if chunks < 1:
+        raise ValueError(f"chunks must be >= 1, got {chunks}")
+    if chunks > m:
+        raise ValueError(f"chunks={chunks} is more than the {m} token rows; use chunks <= tokens")
+    edges = [0]
+    for i in range(1, chunks):
+        edge = (m * i) // chunks
+        if align > 1:
+            edge = min(m, round(edge / align) * align)
+        edges.append(max(edge, edges[-1]))
+    edges.append(m)
+    return [(s, e) for s, e in zip(edges, edges[1:]) if e > s]
+
+
+def all_reduce_bounds(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      group: dist.ProcessGroup | None, bounds: list[tuple[int, int]], comm: str,
+                      comm_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Multiply each row range into ``out`` and all-reduce it while the next range multiplies.
+
+    ``comm="stream"``: each chunk's all-reduce is issued on a dedicated communication stream after a CUDA
+    event recorded behind its product; the main stream waits for that stream at the end (the seed PR's
+    scheme). ``comm="async"``: the all-reduce is issued from the main stream with ``async_op=True`` and
+    the work handles are waited on at the end. Without CUDA (gloo) both use work handles: there are no
+    streams, and gloo's async work runs on its own thread, which gives the overlap.
+    """
+    b = rank_bias(bias, group)
+    comm_group = comm_group if comm_group is not None else group
+    if comm == "stream" and out.is_cuda:
+        main = torch.cuda.current_stream(out.device)
+        side = comm_stream(out.device)
+        for s, e in bounds:
+            matmul_into(out[s:e], x[s:e], weight, b)
+            ready = torch.cuda.Event()
+            ready.record(main)
+            side.wait_event(ready)
+            with torch.cuda.stream(side):
+                dist.all_reduce(out[s:e], group=comm_group)
+        main.wait_stream(side)
+        return out
+    works = []
+    for s, e in bounds:
+        matmul_into(out[s:e], x[s:e], weight, b)
+        works.append(dist.all_reduce(out[s:e], group=comm_group, async_op=True))
+    for w in works:
+        w.wait()
+    return out
+
+
+_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def comm_stream(device: torch.device) -> torch.cuda.Stream:
+    """One communication stream per device, reused across calls (creating streams per call costs time)."""
+    if device not in _STREAMS:
+        _STREAMS[device] = torch.cuda.Stream(device=device)
+    return _STREAMS[device]
+
+
+_HIGH_PRIORITY: dict[int, dist.ProcessGroup] = {}
+
+
+def high_priority_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+    """A process group over the same ranks whose NCCL stream has high priority.
+
+    NCCL kernels run on the process group's internal stream, not on the caller's stream, so the priority
+    has to be set there. Created once per group; every rank must reach the first call (it is collective).
+    """
+    key = id(group)
+    if key not in _HIGH_PRIORITY:
+        opts = dist.ProcessGroupNCCL.Options()
+        opts.is_high_priority_stream = True
+        ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+        _HIGH_PRIORITY[key] = dist.new_group(ranks, backend="nccl", pg_options=opts)
+    return _HIGH_PRIORITY[key]
+
+
+def gloo_note(comm: str, backend: str) -> str | None:
+    """Record text for the gloo stand-in of the stream path."""
+    if backend == "gloo" and comm == "stream":
+        return "gloo has no CUDA streams: the stream path ran as async work handles"
+    return None

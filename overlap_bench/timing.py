@@ -1,0 +1,77 @@
+"""The timing harness: CUDA events on GPU, ``perf_counter`` on CPU; warm-up, repetitions, per-rank median
+and IQR, and the case's time as the max over ranks (a TP layer is as slow as its slowest rank)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One measured region, in ms."""
+
+    median_ms: float
+    """Max over ranks of each rank's median."""
+    iqr_ms: float
+    """Max over ranks of each rank's interquartile range."""
+    reps: int
+
+
+def allreduce_max(values: list[float], group: dist.ProcessGroup | None, device: torch.device) -> list[float]:
+    """Element-wise max over ranks (used for agreement on counts and for the slowest rank's time)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.tolist()
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _iqr(samples: list[float]) -> float:
+    if len(samples) < 2:
+        return 0.0
+    q = statistics.quantiles(samples, n=4, method="inclusive")
+    return q[2] - q[0]
+
+
+def time_region(fn: Callable[[], object], *, warmup: int, reps: int, group: dist.ProcessGroup | None,
+                device: torch.device) -> Timing:
+    """Time ``fn`` ``reps`` times after ``warmup`` calls.
+
+    Every rank must call this at the same point: the counts are agreed first (a mismatch would deadlock the
+    collectives inside ``fn``), and a barrier precedes the timed loop, never sits inside it. On GPU each
+    repetition is bracketed by CUDA events and the loop is queued back to back, so a repetition's time
+    includes waiting for the slowest rank inside its collectives, as in a real layer.
+    """
+    warmup, reps = (int(v) for v in allreduce_max([warmup, reps], group, device))
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    dist.barrier(group=group)
+    samples: list[float]
+    if device.type == "cuda":
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        for i in range(reps):
+            starts[i].record()
+            fn()
+            ends[i].record()
+        torch.cuda.synchronize(device)
+        samples = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    else:
+        samples = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+    med, iqr = allreduce_max([statistics.median(samples), _iqr(samples)], group, device)
+    return Timing(med, iqr, reps)

@@ -1,0 +1,6 @@
+import os
+
+# Tests never use NVLink multicast either, and run with gloo on CPU.
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
