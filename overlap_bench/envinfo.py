@@ -30,6 +30,9 @@ def git_commit() -> str | None:
     """HEAD of the checkout the package runs from, with ``-dirty`` when it has uncommitted changes."""
     here = str(Path(overlap_bench.__file__).resolve().parent)
     head = _run(["git", "rev-parse", "HEAD"], cwd=here)
+    if head is None:
+        # A copy of the tree without .git (e.g. shipped to a GPU host): the shipper says which commit it is.
+        return os.environ.get("OVERLAP_BENCH_GIT_COMMIT")
     if head and _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here):
         head += "-dirty"
     return head
@@ -42,6 +45,14 @@ def gpus() -> tuple[list[str], str | None]:
         return [], None
     rows = [[c.strip() for c in line.split(",")] for line in out.splitlines() if line.strip()]
     return [r[0] for r in rows], (rows[0][1] if rows and len(rows[0]) > 1 else None)
+
+
+def command_line() -> str:
+    """This process's command line as the user would type it (``overlap-bench ...``)."""
+    argv = list(sys.argv)
+    if argv and (argv[0].endswith("__main__.py") or argv[0].endswith("overlap-bench")):
+        argv[0] = "overlap-bench"
+    return " ".join(argv)
 
 
 def collect(command: str | None = None) -> dict[str, Any]:
@@ -68,7 +79,7 @@ def collect(command: str | None = None) -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "git_commit": git_commit(),
-        "command": command or " ".join(sys.argv),
+        "command": command or command_line(),
         "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)},
         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

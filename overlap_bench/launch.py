@@ -116,6 +116,8 @@ def _init(rank: int, world: int, local_rank: int, cfg: JobConfig, store: dist.St
         # Ranks share this machine's cores: without this each one starts a thread per core and they thrash.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, cfg.nproc)))
     kwargs: dict[str, Any] = {"timeout": timedelta(seconds=cfg.timeout_s)}
+    if device.type == "cuda":
+        kwargs["device_id"] = device  # binds the rank to its GPU (barriers and object collectives use it)
     if store is not None:
         kwargs.update(store=store, rank=rank, world_size=world)
     dist.init_process_group(cfg.backend, **kwargs)
