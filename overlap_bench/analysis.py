@@ -11,12 +11,12 @@ import pandas as pd
 
 from overlap_bench.records import Record, load_records, records_frame, write_atomic
 
-GROUP = ["shape", "K", "N", "dtype", "world", "backend", "env_key"]
-"""Columns that identify one comparison (a shape measured in one job configuration)."""
-_CASE = ["shape", "K", "N", "M", "dtype", "bias", "label", "env_key", "world", "backend"]
+GROUP = ["shape", "K", "N", "dtype", "bias", "world", "device", "backend", "env_key"]
+"""Columns that identify one comparison (a shape measured in one job configuration on one kind of GPU)."""
+_CASE = ["shape", "K", "N", "M", "dtype", "bias", "label", "env_key", "world", "device", "backend"]
 _TABLE_COLS = ["shape", "K", "N", "M", "dtype", "world", "env", "label", "t_base_ms", "t_ms", "speedup", "eta",
                "rel_err", "status", "best"]
-BEST_COLS = ["shape", "K", "N", "dtype", "world", "backend", "env", "M", "strategy", "settings", "label",
+BEST_COLS = ["shape", "K", "N", "dtype", "bias", "world", "device", "backend", "env", "M", "strategy", "settings", "label",
              "speedup", "eta", "t_ms", "t_base_ms", "env_key"]
 
 
@@ -63,7 +63,7 @@ def _num(v: Any, default: float = math.nan) -> float:
 
 
 def best_settings(df: pd.DataFrame | Iterable[Record], env: dict[str, str] | str | None = None) -> pd.DataFrame:
-    """The winning setting per (shape, K, N, dtype, world, backend, env) and M.
+    """The winning setting per (shape, K, N, dtype, bias, world, device, backend, env) and M.
 
     Among ``ok`` records the lowest ``t_ms`` wins, but a non-baseline winner is kept only when it beats the
     baseline by more than the measured spread (``t + iqr/2 < t_base - iqr_base/2``); otherwise, and when
@@ -118,12 +118,12 @@ def threshold(best: pd.DataFrame) -> int | None:
 
 
 def _table_name(key: tuple) -> str:
-    shape, _k, _n, dtype, world, backend, env = key
-    return f"{shape} | {dtype} | world={world} | {backend} | {env}"
+    shape, _k, _n, dtype, bias, world, device, backend, env = key
+    return f"{shape} | {dtype}{' +bias' if bias else ''} | world={world} | {device} | {backend} | {env}"
 
 
 def tables(df: pd.DataFrame | Iterable[Record]) -> dict[str, pd.DataFrame]:
-    """One table per (shape, dtype, world, backend, env variant): a row per M and setting, ``best`` marking
+    """One table per (shape, dtype, bias, world, device, backend, env variant): a row per M and setting, ``best`` marking
     each M's winner (from :func:`best_settings`)."""
     df = _dedup(_as_frame(df))
     if df.empty:

@@ -21,7 +21,7 @@ from overlap_bench.launch import RankContext
 from overlap_bench.numerics import TOLERANCE, rel_err, within_tolerance
 from overlap_bench.records import Record, RecordWriter
 from overlap_bench.spec import Case
-from overlap_bench.strategies.pipeline import matmul_into
+from overlap_bench.strategies.pipeline import comm_stream, matmul_into
 from overlap_bench.timing import Timing, allreduce_max, time_region
 
 # Failures that stay inside one case: recorded, and the sweep goes on. They are raised before the first
@@ -150,9 +150,14 @@ def measure_group(ctx: RankContext, group: list[Case], opts: BenchOptions, devic
     t_comm = _time(lambda: dist.all_reduce(comm_buf), ctx, opts)
     base_settings = strategies.make_settings("baseline")
     t_base = _time(lambda: strategies.run("baseline", x, w, b, None, base_settings), ctx, opts)
+    extra: dict[str, float] = {}
+    if ctx.device.type == "cuda":
+        # The floor any schedule of these two kernels can reach here: the whole all-reduce and the whole
+        # product launched together, independent of each other (t_joint / ideal = mutual slowdown).
+        extra["t_joint_ms"] = _time(lambda: _joint(scratch, comm_buf, x, w), ctx, opts).median_ms
     del scratch, comm_buf
     refs = {"t_base_ms": t_base.median_ms, "t_base_iqr_ms": t_base.iqr_ms, "t_gemm_ms": t_gemm.median_ms,
-            "t_comm_ms": t_comm.median_ms}
+            "t_comm_ms": t_comm.median_ms, "extra": extra}
     for case in group:
         name, settings = strategies.parse(case.label)
         note = strategies.backend_note(name, settings, ctx.backend)
@@ -181,6 +186,17 @@ def measure_group(ctx: RankContext, group: list[Case], opts: BenchOptions, devic
     return out
 
 
+def _joint(out: torch.Tensor, buf: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """An independent all-reduce (enqueued first, on the communication stream) beside the full product."""
+    main = torch.cuda.current_stream(out.device)
+    side = comm_stream(out.device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        dist.all_reduce(buf)
+    matmul_into(out, x, w, None)
+    main.wait_stream(side)
+
+
 def _time(fn: Callable[[], object], ctx: RankContext, opts: BenchOptions) -> Timing:
     return time_region(fn, warmup=opts.warmup, reps=opts.reps, group=None, device=ctx.device)
 
@@ -202,3 +218,51 @@ class _Progress:
     def close(self) -> None:
         self._p.stop()
 
+
+
+def run_ab(ctx: RankContext, cases: list[Case], labels: tuple[str, str], repeats: int, opts: BenchOptions,
+           out_path: str) -> None:
+    """``compare``'s rank function: A and B timed interleaved (A B A B ...) ``repeats`` times per case.
+
+    Each repeat is a full timed region (warm-up, ``reps`` calls, median, max over ranks), so the samples
+    are independent measurements of the same two settings on the same inputs, side by side in time.
+    Both outputs are checked against the baseline first; a failing side is reported, not timed.
+    """
+    import json
+
+    if ctx.world > 1:
+        box = [cases]
+        dist.broadcast_object_list(box, src=0)
+        cases = box[0]
+    parsed = [strategies.parse(lab) for lab in labels]
+    rows = []
+    for case in cases:
+        x, w, b = inputs(case, ctx, opts.seed)
+        y_base = strategies.run("baseline", x, w, b, None, strategies.make_settings("baseline"))
+        row: dict[str, Any] = {"shape": case.shape, "K": case.K, "N": case.N, "M": case.M, "dtype": case.dtype,
+                               "a_label": labels[0], "b_label": labels[1], "samples_a": [], "samples_b": [],
+                               "t_ms_a": [], "t_ms_b": []}
+        errs = []
+        for side, (name, settings) in zip("ab", parsed):
+            reason = strategies.unavailable_reason(name, settings, ctx.backend)
+            y, err = (None, reason) if reason else _try(lambda: strategies.run(name, x, w, b, None, settings))
+            err = agree_failure(err, ctx)
+            e = math.nan if err else allreduce_max([rel_err(y, y_base)], None, ctx.device)[0]
+            if not err and not within_tolerance(e, case.dtype):
+                err = f"rel_err {e:.3g} above the {case.dtype} tolerance {TOLERANCE[case.dtype]:g}"
+            row[f"rel_err_{side}"] = e
+            if err:
+                errs.append(f"{labels['ab'.index(side)]}: {err}")
+        if errs:
+            row["error"] = "; ".join(errs)
+        else:
+            for _ in range(repeats):
+                for side, (name, settings) in zip("ab", parsed):
+                    t = _time(lambda: strategies.run(name, x, w, b, None, settings), ctx, opts)
+                    row[f"t_ms_{side}"].append(t.median_ms)
+                    row[f"samples_{side}"].append(metrics.tokens_per_s(case.M, t.median_ms))
+        rows.append(row)
+        del x, w, b, y_base
+    if ctx.rank == 0:
+        with open(out_path, "w", encoding="utf-8") as fh:
+            json.dump(rows, fh)

@@ -219,6 +219,149 @@ def sweep(
     _guard(body, out)
 
 
+def _compare_cases(spec_path: Optional[Path], preset: Optional[str], tokens: Optional[str], dtype: Optional[str],
+                   nproc: Optional[int], backend: str):
+    """The cases and the job shape of a strategy comparison (spec, preset, or the machine's default)."""
+    from overlap_bench.spec import load_spec, parse_spec
+
+    if spec_path is not None:
+        spec, _ = load_spec(spec_path, world_size=nproc, backend=None if backend == "auto" else backend)
+    else:
+        from overlap_bench.launch import resolve
+
+        be, world = resolve(backend, nproc)
+        gpu = be == "nccl"
+        raw = {
+            "name": "compare",
+            "dtypes": [dtype or ("bfloat16" if gpu else "float32")],
+            "shapes": [{"preset": preset}] if (preset or gpu) and not (preset is None and not gpu)
+            else [{"name": "tiny/o_proj", "K": 128, "N": 256}, {"name": "tiny/down_proj", "K": 256, "N": 256}],
+            "tokens": _ints(tokens, "--tokens") if tokens else ([16384, 32768] if gpu else [64, 256]),
+            "strategies": ["baseline"],
+        }
+        if gpu and preset is None:
+            raw["shapes"] = [{"preset": "qwen2.5-72b"}]
+        spec = parse_spec(raw, world_size=world, backend=be)
+    if tokens and spec_path is not None:
+        spec.tokens = _ints(tokens, "--tokens")
+    if dtype and spec_path is not None:
+        spec.dtypes = [dtype]
+    from overlap_bench.spec import Case
+
+    cases = [Case(s.name, s.K, s.N, m, d, spec.bias, "baseline", ()) for d in spec.dtypes for s in spec.shapes
+             for m in spec.tokens]
+    return spec, cases
+
+
+@app.command()
+def compare(
+    a: str = typer.Argument(..., help="Strategy (baseline, pr, chunked:chunks=4,comm=stream) or a run directory."),
+    b: str = typer.Argument(..., help="Strategy or run directory, compared against A (speedup = B over A)."),
+    spec_path: Optional[Path] = typer.Option(None, "--spec", help="Take shapes, tokens and dtypes from a sweep YAML."),
+    preset: Optional[str] = typer.Option(None, help="Model preset (default on GPU: qwen2.5-72b at tp = ranks)."),
+    tokens: Optional[str] = typer.Option(None, "--tokens", "-m", help="Token counts, comma-separated."),
+    dtype: Optional[str] = typer.Option(None, help="Element type (default bfloat16 on GPU, float32 on CPU)."),
+    repeats: int = typer.Option(5, min=1, help="Interleaved repeats per side (A B A B ...)."),
+    min_effect: float = typer.Option(0.01, help="Smallest relative change called faster/slower (noise floor)."),
+    nproc: Optional[int] = typer.Option(None, help="Ranks (default: every GPU, or 2 on CPU)."),
+    backend: str = typer.Option("auto", help="auto, nccl or gloo."),
+    warmup: int = typer.Option(5, help="Untimed calls before each timed region."),
+    reps: int = typer.Option(20, help="Timed calls per region (one repeat = one region's median)."),
+    out: Optional[Path] = typer.Option(None, help="Write compare.json, compare.md and env.json here."),
+    markdown: Optional[Path] = typer.Option(None, help="Write the markdown table (for a pull request) here."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Compare two strategies side by side (interleaved repeats, bootstrap CI, Mann-Whitney U) or two runs."""
+    import json as _json
+
+    from overlap_bench import compare as cmp
+    from overlap_bench import envinfo
+    from overlap_bench.records import write_atomic
+
+    def body() -> None:
+        unmatched: list[str] = []
+        if Path(a).is_dir() and Path(b).is_dir():
+            df, unmatched = cmp.compare_run_dirs(a, b, min_effect=min_effect)
+            title = f"{b} vs {a}"
+        else:
+            from overlap_bench.bench import BenchOptions, run_ab
+            from overlap_bench.launch import JobConfig, launch
+
+            labels = []
+            for side in (a, b):
+                try:
+                    labels.append(strategies.label(*strategies.parse(side)))
+                except ValueError as exc:
+                    from overlap_bench.spec import SpecError
+
+                    raise SpecError(f"A/B: '{side}' is neither a run directory nor a strategy: {exc}") from None
+            spec, cases = _compare_cases(spec_path, preset, tokens, dtype, nproc, backend)
+            tmp = Path(tempfile.mkdtemp(prefix="overlap-bench-compare-")) / "rows.json"
+            opts = BenchOptions(str(tmp.parent), warmup, reps, 0, 0, 0, False)
+            launch(run_ab, (cases, tuple(labels), repeats, opts, str(tmp)),
+                   JobConfig(spec.world_size, spec.backend, spec.timeout_s))
+            if not _rank0():
+                return
+            rows = _json.loads(tmp.read_text())
+            unmatched = [f"{r['shape']} M={r['M']}: {r['error']}" for r in rows if r.get("error")]
+            df = cmp.build_table([r for r in rows if not r.get("error")], min_effect=min_effect)
+            title = f"{labels[1]} vs {labels[0]}, {spec.world_size} ranks ({spec.backend}), {repeats} repeats"
+        summ = cmp.summary(df)
+        md = cmp.to_markdown(df, summ, title)
+        if out is not None:
+            write_atomic(out / "compare.json", cmp.to_json(df, summ) + "\n")
+            write_atomic(out / "compare.md", md)
+            write_atomic(out / "env.json", _json.dumps(envinfo.collect(), indent=2) + "\n")
+        if markdown is not None:
+            write_atomic(markdown, md)
+        if as_json:
+            print(cmp.to_json(df, summ))
+        else:
+            out_console.print(cmp.rich_table(df, summ, title))
+        for line in unmatched:
+            err_console.print(f"[yellow]not compared:[/] {line}", highlight=False)
+
+    _guard(body)
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A sweep's run directory."),
+    out: Path = typer.Option(..., "-o", "--out", help="Policy file (.yaml) or a folder (one file per device/world/dtype)."),
+    env: List[str] = typer.Option([], help="KEY=VALUE: export this environment variant (default: the fastest)."),
+    dtype: Optional[str] = typer.Option(None, help="Export only this dtype."),
+) -> None:
+    """Pick the best chunk settings per shape and token bucket and write them as a policy YAML."""
+    from overlap_bench.policy import export_policy
+
+    def body() -> None:
+        if not (run_dir / "records.jsonl").exists():
+            from overlap_bench.spec import SpecError
+
+            raise SpecError(f"RUN_DIR: {run_dir} has no records.jsonl; give a sweep's --out directory")
+        paths = export_policy(run_dir, out, env=_env_raw(env) if env else None, dtype=dtype)
+        for p in paths:
+            out_console.print(f"wrote {p}")
+
+    _guard(body)
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A sweep's run directory.")) -> None:
+    """Write plots (PNG) and summary.md for a run directory (also done at the end of every sweep)."""
+    from overlap_bench.sweep import finish_run
+
+    def body() -> None:
+        if not (run_dir / "records.jsonl").exists():
+            from overlap_bench.spec import SpecError
+
+            raise SpecError(f"RUN_DIR: {run_dir} has no records.jsonl; give a sweep's --out directory")
+        finish_run(run_dir)
+        out_console.print(f"wrote {run_dir}/summary.md, tables and plots")
+
+    _guard(body)
+
+
 @app.command("strategies")
 def list_strategies() -> None:
     """List the registered strategies and their settings."""

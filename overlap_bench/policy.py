@@ -27,6 +27,7 @@ import yaml
 
 import overlap_bench
 from overlap_bench import analysis, strategies
+from overlap_bench.errors import UserError
 from overlap_bench.records import load_records, write_atomic
 
 log = logging.getLogger("overlap_bench.policy")
@@ -36,7 +37,7 @@ ENV_DIR = "OVERLAP_BENCH_POLICY_DIR"
 PACKAGE_DIR = Path(__file__).parent / "configs"
 
 
-class PolicyError(ValueError):
+class PolicyError(UserError):
     """A policy file that cannot be used; the message names the file and the field."""
 
 

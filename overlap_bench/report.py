@@ -11,13 +11,16 @@ environment, :func:`write_report` writes, next to ``records.jsonl``:
 - ``summary.md``: environment, one table per group (best setting per M), the threshold, links to the
   PNGs, and the failed / unavailable cases with their reasons.
 
-Per M, the best setting is the ok record with the lowest ``t_ms``; its row shows that record's own
-``t_gemm``, ``t_comm`` and ``t_base`` (measured side by side with it), so ``speedup = t_base / t`` holds
-within the row. matplotlib is imported only inside :func:`write_report`.
+Per M, the best setting and the threshold are those of :func:`overlap_bench.analysis.best_settings` and
+:func:`overlap_bench.analysis.threshold` (a setting wins only when it beats the baseline beyond the measured
+spread; the exported policy uses the same rule). The row shows the winning record's own ``t_gemm``,
+``t_comm`` and ``t_base`` (measured side by side with it), so ``speedup = t_base / t`` holds within the row.
+matplotlib is imported only inside :func:`write_report`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -28,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from overlap_bench import analysis
 from overlap_bench.records import Record, load_records, write_atomic
 
 SUMMARY = "summary.md"
@@ -53,16 +57,45 @@ class Group:
     env: dict[str, str]
     records: list[Record] = field(default_factory=list)
     slug: str = ""
+    _winners: Any = field(default=None, repr=False)
 
     @property
     def ms(self) -> list[int]:
         """Measured token counts, ascending."""
         return sorted({r.M for r in self.records})
 
+    def winners(self) -> Any:
+        """This group's rows of :func:`analysis.best_settings` (one per M), computed once."""
+        if self._winners is None:
+            self._winners = analysis.best_settings(self.records)
+        return self._winners
+
+    def threshold(self) -> int | None:
+        """:func:`analysis.threshold` of this group's winners."""
+        return analysis.threshold(self.winners())
+
     def best(self, m: int) -> Record | None:
-        """The ok record with the lowest ``t_ms`` at ``m`` (ties: first written)."""
-        timed = [r for r in self.records if r.M == m and _finite(r.t_ms)]
-        return min(timed, key=lambda r: r.t_ms) if timed else None
+        """The winner at ``m`` by :func:`analysis.best_settings`, as a record: the winning record itself
+        (the baseline record when the baseline wins). When the baseline wins but has no record at ``m``,
+        a baseline stand-in timed at the winner row's ``t_base`` (with ``t_gemm``/``t_comm`` of the record
+        that baseline time was measured beside). None when nothing at ``m`` has a time."""
+        best = self.winners()
+        rows = best[best["M"] == m] if len(best) else best
+        if rows.empty:
+            return None
+        w = rows.iloc[0]
+        at_m = [r for r in self.records if r.M == m]
+        same = [r for r in at_m if r.label == w["label"] and _finite(r.t_ms)]
+        if same:  # the last record written for a case is the one analysis kept
+            return min(same, key=lambda r: r.t_ms) if w["strategy"] == "baseline" else same[-1]
+        t, t_base = float(w["t_ms"]), float(w["t_base_ms"])
+        if w["strategy"] != "baseline" or not _finite(t) or not at_m:
+            return None
+        beside = [r for r in at_m if r.t_base_ms == t_base]
+        ref = beside[-1] if beside else dataclasses.replace(at_m[-1], t_gemm_ms=math.nan, t_comm_ms=math.nan)
+        return dataclasses.replace(ref, strategy="baseline", settings={}, label="baseline", t_ms=t,
+                                   t_iqr_ms=ref.t_base_iqr_ms, t_base_ms=t_base, speedup=float(w["speedup"]),
+                                   eta=float(w["eta"]), rel_err=math.nan, note="no baseline record at this M")
 
     def title(self) -> str:
         env = ", ".join(f"{k}={v}" for k, v in sorted(self.env.items()))
@@ -99,12 +132,6 @@ def _ideal(r: Record) -> float:
     if _finite(r.t_gemm_ms) and _finite(r.t_comm_ms):
         return max(r.t_gemm_ms, r.t_comm_ms)
     return math.nan
-
-
-def _beats_baseline(r: Record) -> bool:
-    """Not the baseline itself, and faster than the baseline measured beside it."""
-    s = _speedup(r)
-    return r.strategy != "baseline" and _finite(s) and s > 1.0
 
 
 def _fmt(x: Any, spec: str) -> str:
@@ -351,18 +378,6 @@ def _plot_breakdown(plt: Any, g: Group, path: Path) -> None:
 # --------------------------------------------------------------------------------------------- summary
 
 
-def threshold(g: Group) -> int | None:
-    """Smallest measured M from which every measured M (itself and larger) has a best setting that is not
-    the baseline and beats the baseline measured beside it; None when the largest M's does not."""
-    found = None
-    for m in reversed(g.ms):
-        b = g.best(m)
-        if b is None or not _beats_baseline(b):
-            break
-        found = m
-    return found
-
-
 def _env_section(run_dir: Path) -> list[str]:
     path = run_dir / ENV
     out = ["## Environment", ""]
@@ -404,18 +419,12 @@ def _group_section(g: Group, pngs: dict[str, str | None]) -> list[str]:
                  f"{len(g.records)} ok record{'s' if len(g.records) != 1 else ''}")
     lines += ["; ".join(extra) + ".", ""]
 
-    thr = threshold(g)
+    thr = g.threshold()
     if thr is not None:
         lines.append(f"**Threshold: M = {thr}** — from here on, every measured M's best setting is not the "
-                     "baseline and beats it.")
+                     "baseline and beats it beyond the measured spread.")
     else:
-        lines.append("**Threshold: none** — at the largest measured M the best setting is the baseline or "
-                     "does not beat it.")
-    available, noisy = _noise_aware_threshold(g)
-    if available and noisy != thr:
-        lines += ["", "Counting a win only beyond the measured spread (as `analysis.best_settings` and the "
-                  "exported policy do), the threshold is "
-                  + (f"**M = {noisy}**." if noisy is not None else "**none**.")]
+        lines.append("**Threshold: none** — at the largest measured M the best setting is the baseline.")
     lines.append("")
 
     header = ["M", "t_gemm (ms)", "t_comm (ms)", "t_base (ms)", "best setting", "t (ms)", "speedup", "eta",
@@ -432,8 +441,10 @@ def _group_section(g: Group, pngs: dict[str, str | None]) -> list[str]:
                      f"`{_cell(b.label)}`", _fmt(b.t_ms, ".3f"), _fmt(_speedup(b), ".3f"), _fmt(b.eta, ".2f"),
                      _fmt(b.rel_err, ".2e"), pr_s])
     lines += [_table(header, rows, align), ""]
-    lines.append("Best setting: the ok record with the lowest t at that M; its own side-by-side t_gemm, t_comm "
-                 "and t_base are shown. speedup = t_base / t; eta = (t_base − t) / (t_base − max(t_gemm, t_comm)).")
+    lines.append("Best setting: the ok record with the lowest t at that M if it beats the baseline beyond the "
+                 "measured spread (t + iqr/2 < t_base − iqr_base/2), else the baseline (as in "
+                 "`analysis.best_settings` and the exported policy); its own side-by-side t_gemm, t_comm and "
+                 "t_base are shown. speedup = t_base / t; eta = (t_base − t) / (t_base − max(t_gemm, t_comm)).")
     lines.append("")
     for kind, caption in (("speedup", "Speedup vs tokens"), ("eta", "Hidden fraction (chunked)"),
                           ("breakdown", "Time breakdown")):
@@ -446,27 +457,16 @@ def _group_section(g: Group, pngs: dict[str, str | None]) -> list[str]:
 
 
 def _latest(records: list[Record]) -> list[Record]:
-    """One record per case: a case measured again (a rerun appended to the same file) keeps its last line."""
+    """One record per case and device: a case measured again (a rerun appended to the same file) keeps its
+    last line; the same case measured on another GPU is another case (as in ``analysis``)."""
     last: dict[tuple, int] = {}
     for i, r in enumerate(records):
         try:
-            last[r.key()] = i
+            last[(r.device, r.key())] = i
         except (AttributeError, TypeError):  # env not a dict of hashables: keep the record as it is
             last[("unkeyed", i)] = i
     keep = set(last.values())
     return [r for i, r in enumerate(records) if i in keep]
-
-
-def _noise_aware_threshold(g: Group) -> tuple[bool, int | None]:
-    """``(available, M)`` from ``overlap_bench.analysis`` (a win must beat the baseline beyond the measured
-    spread, as the exported policy decides); ``(False, None)`` when that module is absent or fails."""
-    try:
-        from overlap_bench import analysis
-
-        best = analysis.best_settings(g.records)
-        return True, analysis.threshold(best)
-    except Exception:  # optional: the report stands on its own numbers
-        return False, None
 
 
 def _problems_section(records: list[Record], torn: list[int]) -> list[str]:

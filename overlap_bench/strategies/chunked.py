@@ -9,7 +9,8 @@ import torch.distributed as dist
 
 from overlap_bench.strategies import register
 from overlap_bench.strategies.baseline import baseline_into
-from overlap_bench.strategies.pipeline import COMM_PATHS, all_reduce_bounds, even_bounds, gloo_note, high_priority_group
+from overlap_bench.strategies.pipeline import (COMM_PATHS, SPLITS, all_reduce_bounds, even_bounds, gloo_note,
+                                               high_priority_group)
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ class ChunkedSettings:
     """Run the all-reduce on a high-priority NCCL stream (a process group created for it)."""
     align: int = 1
     """Chunk edges are rounded to multiples of this many rows (GEMM tile alignment, >= 1)."""
+    split: str = "even"
+    """``even`` chunks, or ``edges``: first and last chunk half size (shorter pipeline fill and drain)."""
 
     def __post_init__(self) -> None:
         if self.chunks < 1:
@@ -36,6 +39,8 @@ class ChunkedSettings:
             raise ValueError(f"setting 'comm' must be one of {', '.join(COMM_PATHS)}, got {self.comm!r}")
         if self.align < 1:
             raise ValueError(f"setting 'align' must be >= 1, got {self.align}")
+        if self.split not in SPLITS:
+            raise ValueError(f"setting 'split' must be one of {', '.join(SPLITS)}, got {self.split!r}")
 
 
 def _check(backend: str, s: ChunkedSettings) -> str | None:
@@ -54,5 +59,5 @@ def chunked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if m < settings.threshold:
         return baseline_into(out, x, weight, bias, group)
     comm_group = high_priority_group(group) if settings.priority else group
-    bounds = even_bounds(m, settings.chunks, settings.align)
+    bounds = even_bounds(m, settings.chunks, settings.align, settings.split)
     return all_reduce_bounds(out, x, weight, bias, group, bounds, settings.comm, comm_group)

@@ -24,16 +24,30 @@ def matmul_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: 
         torch.addmm(bias, x, weight.t(), out=out)
 
 
-def even_bounds(m: int, chunks: int, align: int = 1) -> list[tuple[int, int]]:
-    """Split ``m`` rows into ``chunks`` near-equal ``(start, end)`` ranges whose inner edges are multiples
-    of ``align`` (GEMM tile alignment); empty ranges are dropped, so fewer chunks may come back."""
+SPLITS = ("even", "edges")
+
+
+def even_bounds(m: int, chunks: int, align: int = 1, split: str = "even") -> list[tuple[int, int]]:
+    """Split ``m`` rows into ``chunks`` ``(start, end)`` ranges whose inner edges are multiples of ``align``
+    (GEMM tile alignment); empty ranges are dropped, so fewer chunks may come back.
+
+    ``split="even"``: near-equal chunks. ``split="edges"``: the first and last chunk half the size of the
+    others, to shorten the pipeline's fill (the first product runs with nothing to hide it) and its drain
+    (the last all-reduce runs with nothing to hide behind).
+    """
     if chunks < 1:
         raise ValueError(f"chunks must be >= 1, got {chunks}")
     if chunks > m:
         raise ValueError(f"chunks={chunks} is more than the {m} token rows; use chunks <= tokens")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    weights = [1.0] * chunks
+    if split == "edges" and chunks >= 3:
+        weights[0] = weights[-1] = 0.5
+    cum = [sum(weights[:i]) / sum(weights) for i in range(chunks + 1)]
     edges = [0]
     for i in range(1, chunks):
-        edge = (m * i) // chunks
+        edge = int(m * cum[i] + 1e-9)
         if align > 1:
             edge = min(m, round(edge / align) * align)
         edges.append(max(edge, edges[-1]))
