@@ -28,7 +28,10 @@ class ChunkedSettings:
     align: int = 1
     """Chunk edges are rounded to multiples of this many rows (GEMM tile alignment, >= 1)."""
     split: str = "even"
-    """``even`` chunks, or ``edges``: first and last chunk half size (shorter pipeline fill and drain)."""
+    """``even`` chunks; ``edges``: first and last chunk half size (shorter pipeline fill and drain);
+    ``geo``: each chunk ``ratio`` times the previous one."""
+    ratio: float = 1.0
+    """Size ratio of consecutive chunks for ``split=geo`` (> 0; about t_comm / t_gemm is the aim)."""
 
     def __post_init__(self) -> None:
         if self.chunks < 1:
@@ -39,6 +42,8 @@ class ChunkedSettings:
             raise ValueError(f"setting 'comm' must be one of {', '.join(COMM_PATHS)}, got {self.comm!r}")
         if self.align < 1:
             raise ValueError(f"setting 'align' must be >= 1, got {self.align}")
+        if not self.ratio > 0:
+            raise ValueError(f"setting 'ratio' must be > 0, got {self.ratio}")
         if self.split not in SPLITS:
             raise ValueError(f"setting 'split' must be one of {', '.join(SPLITS)}, got {self.split!r}")
 
@@ -59,5 +64,5 @@ def chunked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if m < settings.threshold:
         return baseline_into(out, x, weight, bias, group)
     comm_group = high_priority_group(group) if settings.priority else group
-    bounds = even_bounds(m, settings.chunks, settings.align, settings.split)
+    bounds = even_bounds(m, settings.chunks, settings.align, settings.split, settings.ratio)
     return all_reduce_bounds(out, x, weight, bias, group, bounds, settings.comm, comm_group)

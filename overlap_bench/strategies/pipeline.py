@@ -24,16 +24,19 @@ def matmul_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: 
         torch.addmm(bias, x, weight.t(), out=out)
 
 
-SPLITS = ("even", "edges")
+SPLITS = ("even", "edges", "geo")
 
 
-def even_bounds(m: int, chunks: int, align: int = 1, split: str = "even") -> list[tuple[int, int]]:
+def even_bounds(m: int, chunks: int, align: int = 1, split: str = "even", ratio: float = 1.0) -> list[tuple[int, int]]:
     """Split ``m`` rows into ``chunks`` ``(start, end)`` ranges whose inner edges are multiples of ``align``
     (GEMM tile alignment); empty ranges are dropped, so fewer chunks may come back.
 
     ``split="even"``: near-equal chunks. ``split="edges"``: the first and last chunk half the size of the
     others, to shorten the pipeline's fill (the first product runs with nothing to hide it) and its drain
-    (the last all-reduce runs with nothing to hide behind).
+    (the last all-reduce runs with nothing to hide behind). ``split="geo"``: each chunk ``ratio`` times the
+    one before. With ``ratio ~ t_comm / t_gemm`` each product lasts as long as the previous chunk's
+    all-reduce: growing chunks (ratio > 1) suit a communication-bound layer (small fill), shrinking ones
+    (ratio < 1) a GEMM-bound layer (small drain).
     """
     if chunks < 1:
         raise ValueError(f"chunks must be >= 1, got {chunks}")
@@ -44,6 +47,10 @@ def even_bounds(m: int, chunks: int, align: int = 1, split: str = "even") -> lis
     weights = [1.0] * chunks
     if split == "edges" and chunks >= 3:
         weights[0] = weights[-1] = 0.5
+    elif split == "geo":
+        if ratio <= 0:
+            raise ValueError(f"ratio must be > 0, got {ratio}")
+        weights = [ratio ** i for i in range(chunks)]
     cum = [sum(weights[:i]) / sum(weights) for i in range(chunks + 1)]
     edges = [0]
     for i in range(1, chunks):
