@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import os
 import shlex
+import signal
+import time
 from dataclasses import dataclass
 from itertools import groupby
 from typing import Any, Callable
@@ -26,7 +29,7 @@ from overlap_bench.timing import Timing, allreduce_max, time_region
 
 # Failures that stay inside one case: recorded, and the sweep goes on. They are raised before the first
 # collective of the call (settings, allocation), so every rank reaches the agreement below.
-CASE_ERRORS = (ValueError, strategies.StrategyUnavailable, torch.OutOfMemoryError)
+CASE_ERRORS = (ValueError, strategies.StrategyUnavailable, torch.cuda.OutOfMemoryError)
 
 
 @dataclass
@@ -47,6 +50,42 @@ class BenchOptions:
 
 class CaseFailed(RuntimeError):
     """A rank's error inside a case, re-raised with the case named (the launcher shows it)."""
+
+
+FAULT_ENV = "OVERLAP_BENCH_FAULT"
+"""TEST-ONLY fault injection (tests/test_reliability.py), never set in real runs. ``kill:rank=R:after=N``: rank R
+SIGKILLs itself right after its N-th recorded case of the job. ``hang:rank=R:after=N``: rank R sleeps forever
+there, while the others go on into the next collective and wait in it until the collective timeout."""
+
+
+class _Cursor:
+    """Where a rank is (the case in flight, named when it fails) and the test-only :data:`FAULT_ENV` hook."""
+
+    def __init__(self, rank: int):
+        self.where = "start"
+        self.recorded = 0
+        self._fault: tuple[str, int] | None = None
+        text = os.environ.get(FAULT_ENV, "")
+        if text:
+            kind, *items = text.split(":")
+            try:
+                kv = {k: int(v) for k, v in (item.split("=", 1) for item in items)}
+            except ValueError:
+                kv = {}
+            if kind not in ("kill", "hang") or set(kv) != {"rank", "after"}:
+                raise ValueError(f"{FAULT_ENV}={text!r}: use kill:rank=R:after=N or hang:rank=R:after=N")
+            self._fault = (kind, kv["after"]) if kv["rank"] == rank else None
+
+    def at(self, where: str) -> None:
+        self.where = where
+
+    def record_done(self) -> None:
+        self.recorded += 1
+        if self._fault and self.recorded == self._fault[1]:
+            if self._fault[0] == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            while True:  # hang
+                time.sleep(3600)
 
 
 def inputs(case: Case, ctx: RankContext, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -109,13 +148,14 @@ def run_cases(ctx: RankContext, cases: list[Case], opts: BenchOptions) -> None:
         cases = box[0]
     device_name = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
     progress = _Progress(opts) if ctx.rank == 0 and opts.progress else None
+    cursor = _Cursor(ctx.rank)
     try:
         for _, group in groupby(sorted(cases, key=_group_key), key=_group_key):
             group = list(group)
             try:
-                measure_group(ctx, group, opts, device_name, progress)
-            except Exception as exc:  # name the case: "rank 2 failed: ... qwen/o_proj M=4096 ..."
-                raise CaseFailed(f"{group[0].shape} M={group[0].M} {group[0].dtype}: "
+                measure_group(ctx, group, opts, device_name, progress, cursor)
+            except Exception as exc:  # name the case: "rank 2 failed: ... qwen/o_proj M=4096 ... chunked:..."
+                raise CaseFailed(f"{group[0].shape} M={group[0].M} {group[0].dtype} {cursor.where}: "
                                  f"{type(exc).__name__}: {exc}") from exc
     finally:
         if progress:
@@ -123,11 +163,13 @@ def run_cases(ctx: RankContext, cases: list[Case], opts: BenchOptions) -> None:
 
 
 def measure_group(ctx: RankContext, group: list[Case], opts: BenchOptions, device_name: str,
-                  progress: "_Progress | None") -> list[Record]:
+                  progress: "_Progress | None", cursor: _Cursor | None = None) -> list[Record]:
     """Measure every case of one (shape, M, dtype): references first, then each strategy."""
     head = group[0]
     writer = RecordWriter(opts.out_dir) if ctx.rank == 0 else None
     out: list[Record] = []
+    cursor = cursor or _Cursor(ctx.rank)
+    cursor.at("(inputs and reference times)")
 
     def emit(rec: Record) -> None:
         out.append(rec)
@@ -135,6 +177,7 @@ def measure_group(ctx: RankContext, group: list[Case], opts: BenchOptions, devic
             writer.append(rec)
         if progress:
             progress.advance(f"{rec.shape} M={rec.M} {rec.label}")
+        cursor.record_done()
 
     made, err = _try(lambda: inputs(head, ctx, opts.seed))
     err = agree_failure(err, ctx)
@@ -159,6 +202,7 @@ def measure_group(ctx: RankContext, group: list[Case], opts: BenchOptions, devic
     refs = {"t_base_ms": t_base.median_ms, "t_base_iqr_ms": t_base.iqr_ms, "t_gemm_ms": t_gemm.median_ms,
             "t_comm_ms": t_comm.median_ms, "extra": extra}
     for case in group:
+        cursor.at(case.label)
         name, settings = strategies.parse(case.label)
         note = strategies.backend_note(name, settings, ctx.backend)
         reason = strategies.unavailable_reason(name, settings, ctx.backend)

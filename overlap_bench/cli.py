@@ -362,6 +362,37 @@ def report(run_dir: Path = typer.Argument(..., help="A sweep's run directory."))
     _guard(body)
 
 
+@app.command()
+def model(
+    preset: str = typer.Option("qwen2.5-72b", help="Model preset (qwen2.5-72b, llama-3.1-70b, llama-3.1-405b, tiny)."),
+    tp: Optional[int] = typer.Option(None, help="Tensor-parallel size (default: every rank)."),
+    policy: Optional[Path] = typer.Option(None, help="Policy YAML from `overlap-bench export` (adds the policy mode)."),
+    tokens: str = typer.Option("8192,16384,32768", "--tokens", "-m", help="Prefill token counts, comma-separated."),
+    layers: int = typer.Option(4, help="Decoder layers in the synthetic stack."),
+    dtype: str = typer.Option("bfloat16", help="bfloat16, float16 or float32."),
+    warmup: int = typer.Option(2, help="Untimed forwards per mode before timing."),
+    reps: int = typer.Option(9, help="Timed forwards per mode (split into interleaved rounds)."),
+    nproc: Optional[int] = typer.Option(None, help="Ranks (default: every GPU, or 2 on CPU)."),
+    backend: Optional[str] = typer.Option(None, help="auto, nccl or gloo."),
+    out: Path = typer.Option(Path("runs/model"), help="Writes model.jsonl and env.json here."),
+    as_json: bool = typer.Option(False, "--json", help="Print rows as JSON instead of a table."),
+) -> None:
+    """Prefill a synthetic TP decoder stack: tokens/s for baseline, pr and the policy, and the comm share."""
+    from overlap_bench.model import model_main, model_table
+
+    def body() -> None:
+        rows = model_main(preset, tp, _ints(tokens, "--tokens"), layers, policy, dtype, warmup, reps, out,
+                          backend=backend, nproc=nproc)
+        if not _rank0():
+            return
+        if as_json:
+            print(json.dumps(rows))
+        else:
+            out_console.print(model_table(rows))
+
+    _guard(body, out)
+
+
 @app.command("strategies")
 def list_strategies() -> None:
     """List the registered strategies and their settings."""

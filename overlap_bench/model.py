@@ -1,0 +1,640 @@
+"""Model-level prefill benchmark: does a row-parallel overlap strategy still pay off inside a whole decoder?
+
+A synthetic tensor-parallel decoder stack (gpt-fast style: small, flat, no framework) with a preset's real
+per-rank shapes at ``tp = world``. Each layer::
+
+    h   = x + o_proj(sdpa(qkv(rms_norm(x))))          # o_proj: row-parallel, all-reduce inside
+    out = h + down_proj(silu(gate) * up)               # gate/up = gate_up(rms_norm(h)); down_proj: row-parallel
+
+with a column-parallel fused QKV (``(heads/tp + 2*kv_heads/tp) * head_dim`` outputs), causal grouped-query
+attention over one sequence of M tokens (prefill, batch 1) and a column-parallel fused gate/up. There is no
+embedding, RoPE or LM head: they carry no tensor-parallel communication and do not change what is compared.
+
+Modes, all measured in the same job on the same weights and inputs:
+
+``baseline``  both row-parallel layers run the ``baseline`` strategy;
+``pr``        both run ``pr`` (sglang #6923's fixed chunking);
+``policy``    each layer runs what ``Policy.choose(K, N, M)`` of a policy file answers (skipped without one);
+``nocomm``    the row-parallel layers skip the all-reduce: numerically wrong, timing only. It gives the share
+              of the forward spent in row-parallel communication,
+              ``comm_share = (t_baseline - t_nocomm) / t_baseline``, and its speedup is the ceiling that
+              perfect overlap could reach.
+
+Every mode's final hidden states are checked against baseline's first (``numerics.TOLERANCE``); a failed
+mode is recorded with its reason and not timed. Rank 0 writes one JSON line per (M, mode) to
+``model.jsonl``, rewritten atomically after each M, so an M that crashes the job keeps the earlier ones.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from overlap_bench import strategies
+from overlap_bench.errors import UserError
+from overlap_bench.launch import JobConfig, RankContext, in_torchrun, launch, resolve
+from overlap_bench.metrics import DTYPES
+from overlap_bench.numerics import TOLERANCE, rel_err, within_tolerance
+from overlap_bench.presets import PRESETS, ModelPreset
+from overlap_bench.records import write_atomic
+from overlap_bench.timing import allreduce_max, time_region
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+log = logging.getLogger("overlap_bench.model")
+
+MODES = ("baseline", "pr", "policy", "nocomm")
+"""Modes in the order they are checked and timed (interleaved in that order, round after round)."""
+ROW_LAYERS = ("o_proj", "down_proj")
+"""The row-parallel layers of a decoder layer, as named in rows and policies."""
+MODEL_FILE = "model.jsonl"
+ENV_FILE = "env.json"
+RMS_EPS = 1e-6
+MAX_ROUNDS = 3
+"""The timed repetitions of each mode are split into up to this many rounds, modes interleaved per round."""
+
+# Errors that stay inside one (M, mode): recorded, and the job goes on. Ranks run the same shapes and the
+# same choices, so they raise these at the same point (settings checks, allocations of equal size).
+CASE_ERRORS = (ValueError, strategies.StrategyUnavailable,
+               getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))  # torch.OutOfMemoryError: 2.5+
+
+RowFn = Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``row(layer_name, x [M, K/tp], weight [N, K/tp]) -> y [M, N]``, reduced over the ranks (or not: nocomm)."""
+
+
+# ---------------------------------------------------------------------------------------------- the stack
+
+@dataclass(frozen=True)
+class Dims:
+    """Per-rank widths of one decoder layer at ``tp``."""
+
+    hidden: int
+    heads: int
+    """Query heads on this rank (``heads / tp``)."""
+    kv_heads: int
+    """Key/value heads on this rank (``kv_heads / tp``)."""
+    head_dim: int
+    intermediate: int
+    """MLP width on this rank (``intermediate / tp``)."""
+    tp: int
+
+    @classmethod
+    def of(cls, preset: ModelPreset, tp: int) -> "Dims":
+        return cls(preset.hidden, preset.heads // tp, preset.kv_heads // tp, preset.head_dim,
+                   preset.intermediate // tp, tp)
+
+    @property
+    def qkv_out(self) -> int:
+        return (self.heads + 2 * self.kv_heads) * self.head_dim
+
+    def row_shape(self, layer: str) -> tuple[int, int]:
+        """``(K per rank, N)`` of a row-parallel layer, as policies key it."""
+        k = self.heads * self.head_dim if layer == "o_proj" else self.intermediate
+        return k, self.hidden
+
+
+@dataclass
+class LayerWeights:
+    """One rank's shards of one decoder layer (nn.Linear layout ``[out, in]``)."""
+
+    attn_norm: torch.Tensor
+    """``[hidden]``, identical on every rank."""
+    qkv: torch.Tensor
+    """``[(heads/tp + 2*kv_heads/tp) * head_dim, hidden]``: this rank's q heads, then its k, then its v."""
+    o_proj: torch.Tensor
+    """``[hidden, heads/tp * head_dim]``: row-parallel shard."""
+    mlp_norm: torch.Tensor
+    """``[hidden]``, identical on every rank."""
+    gate_up: torch.Tensor
+    """``[2 * intermediate/tp, hidden]``: this rank's gate rows, then its up rows."""
+    down: torch.Tensor
+    """``[hidden, intermediate/tp]``: row-parallel shard."""
+
+
+def _gen(device: torch.device, *keys: int) -> torch.Generator:
+    seed = 0
+    for k in keys:
+        seed = (seed * 1_000_003 + int(k)) % (2**63 - 1)
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _rand(shape: tuple[int, ...], fan_in: int, gen: torch.Generator, device: torch.device,
+          dtype: torch.dtype) -> torch.Tensor:
+    """``randn / sqrt(fan_in)`` drawn in fp32 (same numbers for every dtype), then cast."""
+    return (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) / math.sqrt(fan_in)).to(dtype)
+
+
+def build_layer(preset: ModelPreset, tp: int, rank: int, layer: int, *, dtype: torch.dtype,
+                device: torch.device, seed: int = 0) -> LayerWeights:
+    """Rank ``rank``'s shards of layer ``layer``: random, scaled by ``1/sqrt(fan_in)`` of the full layer.
+
+    Each shard is seeded by (seed, layer, weight, rank), so shards differ per rank like a real checkpoint's
+    and the rank-major concatenation of all ranks' shards is one consistent dense model (the tests use it).
+    Norm weights are ones on every rank.
+    """
+    d = Dims.of(preset, tp)
+    ones = torch.ones(d.hidden, device=device, dtype=dtype)
+    return LayerWeights(
+        attn_norm=ones,
+        qkv=_rand((d.qkv_out, d.hidden), d.hidden, _gen(device, seed, layer, 1, rank), device, dtype),
+        o_proj=_rand((d.hidden, d.heads * d.head_dim), preset.heads * preset.head_dim,
+                     _gen(device, seed, layer, 2, rank), device, dtype),
+        mlp_norm=ones.clone(),
+        gate_up=_rand((2 * d.intermediate, d.hidden), d.hidden, _gen(device, seed, layer, 3, rank), device, dtype),
+        down=_rand((d.hidden, d.intermediate), preset.intermediate, _gen(device, seed, layer, 4, rank), device,
+                   dtype),
+    )
+
+
+def build_stack(preset: ModelPreset, tp: int, rank: int, layers: int, *, dtype: torch.dtype,
+                device: torch.device, seed: int = 0) -> list[LayerWeights]:
+    """``layers`` layers of this rank's shards."""
+    return [build_layer(preset, tp, rank, i, dtype=dtype, device=device, seed=seed) for i in range(layers)]
+
+
+def hidden_states(m: int, hidden: int, *, dtype: torch.dtype, device: torch.device, seed: int = 0) -> torch.Tensor:
+    """The stack's input ``[M, hidden]``, unit-order values, identical for equal (M, seed) on every rank."""
+    return torch.randn(m, hidden, generator=_gen(device, seed, 7, m), device=device, dtype=torch.float32).to(dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
+    """RMSNorm computed in fp32, returned in ``x``'s dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return xf.to(x.dtype) * weight
+
+
+def _gqa_native() -> bool:
+    try:
+        from torch.torch_version import TorchVersion
+
+        return TorchVersion(torch.__version__) >= (2, 5)
+    except (ImportError, ValueError, TypeError):
+        return False
+
+
+GQA_NATIVE = _gqa_native()
+"""Whether ``scaled_dot_product_attention`` takes ``enable_gqa`` (torch >= 2.5)."""
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal SDPA of ``q [1, Hq, M, D]`` over ``k, v [1, Hkv, M, D]`` (grouped-query when ``Hkv < Hq``).
+
+    ``enable_gqa`` is used where flash attention can take it (CUDA, half precision, torch >= 2.5); elsewhere
+    the kv heads are repeated, which keeps the memory-efficient kernel usable (fp32 on CUDA) instead of
+    the math kernel's ``M x M`` scores, and keeps torch 2.4 working. The repeat costs ``2*M*Hq*D`` copied
+    elements, small beside the attention itself.
+    """
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        if GQA_NATIVE and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def attention_input(w: LayerWeights, x: torch.Tensor, d: Dims) -> torch.Tensor:
+    """RMSNorm, fused QKV, causal GQA attention: this rank's o_proj input ``[M, heads/tp * head_dim]``."""
+    m = x.shape[0]
+    qkv = torch.mm(rms_norm(x, w.attn_norm), w.qkv.t())
+    q_w, kv_w = d.heads * d.head_dim, d.kv_heads * d.head_dim
+    q, k, v = qkv.split([q_w, kv_w, kv_w], dim=-1)
+    # [M, H*D] -> [1, H, M, D] (strided views; the kernels take a unit last-dim stride)
+    q = q.view(m, d.heads, d.head_dim).transpose(0, 1).unsqueeze(0)
+    k = k.view(m, d.kv_heads, d.head_dim).transpose(0, 1).unsqueeze(0)
+    v = v.view(m, d.kv_heads, d.head_dim).transpose(0, 1).unsqueeze(0)
+    o = attention(q, k, v)
+    del qkv, q, k, v
+    return o.squeeze(0).transpose(0, 1).reshape(m, d.heads * d.head_dim)
+
+
+def mlp_input(w: LayerWeights, h: torch.Tensor, d: Dims) -> torch.Tensor:
+    """RMSNorm, fused gate/up, SiLU gate: this rank's down_proj input ``[M, intermediate/tp]``."""
+    gu = torch.mm(rms_norm(h, w.mlp_norm), w.gate_up.t())
+    gate, up = gu.split([d.intermediate, d.intermediate], dim=-1)
+    out = F.silu(gate).mul_(up)
+    del gu, gate, up
+    return out
+
+
+def layer_forward(w: LayerWeights, x: torch.Tensor, d: Dims, row: RowFn) -> torch.Tensor:
+    """One decoder layer; ``row`` runs the two row-parallel products (and their all-reduce)."""
+    h = row("o_proj", attention_input(w, x, d), w.o_proj)
+    h.add_(x)
+    out = row("down_proj", mlp_input(w, h, d), w.down)
+    return out.add_(h)
+
+
+def stack_forward(weights: list[LayerWeights], x: torch.Tensor, d: Dims, row: RowFn) -> torch.Tensor:
+    """The whole stack's prefill forward; ``x`` is not modified."""
+    with torch.no_grad():
+        for w in weights:
+            x = layer_forward(w, x, d, row)
+    return x
+
+
+def strategy_row(choices: dict[str, tuple[str, Any]], group: dist.ProcessGroup | None = None) -> RowFn:
+    """A row-parallel call running ``choices[layer] = (strategy, settings)`` (all-reduce inside)."""
+
+    def row(layer: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        name, settings = choices[layer]
+        return strategies.run(name, x, weight, None, group, settings)
+
+    return row
+
+
+def nocomm_row(layer: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The row-parallel product without its all-reduce (wrong sums; timing only)."""
+    return torch.mm(x, weight.t())
+
+
+# ---------------------------------------------------------------------------------------------- per rank
+
+def _try(fn: Callable[[], Any]) -> tuple[Any, str | None]:
+    try:
+        return fn(), None
+    except CASE_ERRORS as exc:
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        return None, f"{type(exc).__name__}: {text}".strip().rstrip(":")
+
+
+def _agree(local: str | None, ctx: RankContext) -> str | None:
+    """Whether any rank failed (every rank learns it); the reason is this rank's, or a note about another's."""
+    if ctx.world == 1:
+        return local
+    anyf = allreduce_max([1.0 if local else 0.0], None, ctx.device)[0] > 0
+    return (local or "failed on another rank") if anyf else None
+
+
+def _free(ctx: RankContext) -> None:
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _choices_text(choices: dict[str, tuple[str, Any]]) -> dict[str, str]:
+    return {layer: strategies.label(name, settings) for layer, (name, settings) in choices.items()}
+
+
+def _policy_meta_notes(policy, dtype: str, device_name: str) -> list[str]:
+    notes = []
+    meta = policy.meta or {}
+    if meta.get("dtype") and meta["dtype"] != dtype:
+        notes.append(f"policy tuned for {meta['dtype']}, run in {dtype}")
+    if meta.get("device") and str(meta["device"]).replace(" ", "_").lower() != device_name.replace(" ", "_").lower():
+        notes.append(f"policy tuned on {meta['device']}, run on {device_name}")
+    return notes
+
+
+def run_model(ctx: RankContext, preset: str, tokens: list[int], layers: int, policy_path: str | None,
+              warmup: int, reps: int, out_path: str, dtype: str = "bfloat16", seed: int = 0) -> None:
+    """Every rank's part of the model benchmark (``launch`` calls it); rank 0 writes ``out_path`` (JSONL).
+
+    Per M: inputs, the numerics check of every mode against baseline, then the timing of the modes that
+    passed, interleaved round by round. ``out_path`` is rewritten atomically with all rows so far after
+    each M.
+    """
+    from overlap_bench.policy import load_policy
+
+    p = PRESETS[preset]
+    tp = ctx.world
+    d = Dims.of(p, tp)
+    dt = DTYPES[dtype]
+    tol = TOLERANCE[dtype]
+    device_name = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
+    policy = load_policy(policy_path, expect_world=tp) if policy_path else None
+    policy_notes = _policy_meta_notes(policy, dtype, device_name) if policy is not None else []
+    base_choice = {layer: ("baseline", strategies.make_settings("baseline")) for layer in ROW_LAYERS}
+    pr_choice = {layer: ("pr", strategies.make_settings("pr")) for layer in ROW_LAYERS}
+    shapes = {layer: list(d.row_shape(layer)) for layer in ROW_LAYERS}
+    rows: list[dict[str, Any]] = []
+
+    weights, err = _try(lambda: build_stack(p, tp, ctx.rank, layers, dtype=dt, device=ctx.device, seed=seed))
+    err = _agree(err, ctx)
+    if err:
+        # Nothing can be measured at any M: record why and stop.
+        for m in tokens:
+            for mode in MODES:
+                rows.append(_row(preset, tp, layers, m, dtype, mode, ctx, warmup, reps, tol, shapes,
+                                 status="failed", reason=f"weights: {err}"))
+        if ctx.rank == 0:
+            _write_rows(out_path, rows)
+        return
+
+    for m in tokens:
+        common = dict(preset=preset, tp=tp, layers=layers, m=m, dtype=dtype, ctx=ctx, warmup=warmup, reps=reps,
+                      tol=tol, shapes=shapes)
+        plan: dict[str, dict[str, Any]] = {}
+        # What each mode runs at this M.
+        plan["baseline"] = {"row": strategy_row(base_choice), "choices": _choices_text(base_choice), "note": None}
+        plan["pr"] = {"row": strategy_row(pr_choice), "choices": _choices_text(pr_choice),
+                      "note": strategies.backend_note("pr", pr_choice["o_proj"][1], ctx.backend)}
+        if policy is None:
+            plan["policy"] = {"skip": "no policy file given (--policy): policy mode skipped", "choices": None,
+                              "note": None}
+        else:
+            picked = {layer: policy.choose(K=d.row_shape(layer)[0], N=d.hidden, M=m) for layer in ROW_LAYERS}
+            pchoice = {layer: (c.strategy, c.settings) for layer, c in picked.items()}
+            notes = list(policy_notes)
+            unavailable = []
+            for layer, (name, settings) in pchoice.items():
+                bn = strategies.backend_note(name, settings, ctx.backend)
+                if bn and bn not in notes:
+                    notes.append(bn)
+                why = strategies.unavailable_reason(name, settings, ctx.backend)
+                if why:
+                    unavailable.append(f"{layer} {strategies.label(name, settings)}: {why}")
+            plan["policy"] = {"row": strategy_row(pchoice), "choices": _choices_text(pchoice),
+                              "choice_reasons": {layer: c.reason for layer, c in picked.items()},
+                              "note": "; ".join(notes) or None}
+            if unavailable:
+                plan["policy"]["unavailable"] = "; ".join(unavailable)
+        plan["nocomm"] = {"row": nocomm_row, "choices": {layer: "nocomm" for layer in ROW_LAYERS},
+                          "note": "row-parallel all-reduce skipped: timing only, numerics not checked"}
+
+        if ctx.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(ctx.device)
+        x, err = _try(lambda: hidden_states(m, d.hidden, dtype=dt, device=ctx.device, seed=seed))
+        err = _agree(err, ctx)
+        if err:
+            rows += [_row(**common, mode=mode, status="failed", reason=f"inputs: {err}",
+                          choices=plan[mode].get("choices")) for mode in MODES]
+            _free(ctx)
+            if ctx.rank == 0:
+                _write_rows(out_path, rows)
+            continue
+        if ctx.world > 1:
+            dist.broadcast(x, src=0)  # identical on every rank whatever the RNG does on each device
+
+        # Numerics first: every mode's final hidden states against baseline's.
+        status: dict[str, dict[str, Any]] = {}
+        y_base, err = _try(lambda: stack_forward(weights, x, d, plan["baseline"]["row"]))
+        err = _agree(err, ctx)
+        if err:
+            rows += [_row(**common, mode=mode, status="failed", reason=f"baseline forward: {err}",
+                          choices=plan[mode].get("choices")) for mode in MODES]
+            del x
+            _free(ctx)
+            if ctx.rank == 0:
+                _write_rows(out_path, rows)
+            continue
+        status["baseline"] = {"status": "ok", "rel_err": 0.0}
+        for mode in MODES[1:]:
+            info = plan[mode]
+            if "skip" in info:
+                status[mode] = {"status": "skipped", "reason": info["skip"]}
+                continue
+            if "unavailable" in info:
+                status[mode] = {"status": "unavailable", "reason": info["unavailable"]}
+                continue
+            y, err = _try(lambda: stack_forward(weights, x, d, info["row"]))
+            err = _agree(err, ctx)
+            if err:
+                status[mode] = {"status": "failed", "reason": err}
+                _free(ctx)
+                continue
+            if mode == "nocomm":
+                status[mode] = {"status": "ok", "rel_err": None}
+                del y
+                continue
+            e = allreduce_max([rel_err(y, y_base)], None, ctx.device)[0]
+            del y
+            if within_tolerance(e, dtype):
+                status[mode] = {"status": "ok", "rel_err": e}
+            else:
+                status[mode] = {"status": "failed", "rel_err": e,
+                                "reason": f"rel_err {e:.3g} above the {dtype} tolerance {tol:g}"}
+        del y_base
+
+        # Timing: the modes that passed, interleaved baseline, pr, policy, nocomm in each round.
+        timed = [mode for mode in MODES if status[mode]["status"] == "ok"]
+        rounds = max(1, min(MAX_ROUNDS, reps))
+        per_round = math.ceil(reps / rounds)
+        medians: dict[str, list[float]] = {mode: [] for mode in timed}
+        iqrs: dict[str, list[float]] = {mode: [] for mode in timed}
+        for r in range(rounds):
+            for mode in timed:
+                if mode not in medians:
+                    continue
+                row_fn = plan[mode]["row"]
+                t, err = _try(lambda: time_region(lambda: stack_forward(weights, x, d, row_fn),
+                                                  warmup=warmup if r == 0 else min(warmup, 1), reps=per_round,
+                                                  group=None, device=ctx.device))
+                err = _agree(err, ctx)
+                if err:
+                    status[mode] = {**status[mode], "status": "failed", "reason": f"timing: {err}"}
+                    medians.pop(mode)
+                    _free(ctx)
+                    continue
+                medians[mode].append(t.median_ms)
+                iqrs[mode].append(t.iqr_ms)
+        del x
+        _free(ctx)
+
+        peak_gib = None
+        if ctx.device.type == "cuda":
+            peak_gib = allreduce_max([torch.cuda.max_memory_allocated(ctx.device) / 2**30], None, ctx.device)[0]
+        t_ms = {mode: statistics.median(v) for mode, v in medians.items()}
+        t_base = t_ms.get("baseline")
+        comm_share = None
+        if t_base and "nocomm" in t_ms:
+            comm_share = (t_base - t_ms["nocomm"]) / t_base
+        for mode in MODES:
+            st, info = status[mode], plan[mode]
+            ok = st["status"] == "ok" and mode in t_ms
+            t = t_ms.get(mode) if ok else None
+            rows.append(_row(
+                **common, mode=mode, status=st["status"], reason=st.get("reason"), note=info.get("note"),
+                rel_err=st.get("rel_err"), t_ms=t,
+                t_iqr_ms=max(iqrs[mode]) if ok else None,
+                t_rounds_ms=medians[mode] if ok else None,
+                tokens_per_s=(m / (t / 1e3)) if t else None,
+                speedup_vs_baseline=(t_base / t) if (t and t_base) else None,
+                comm_share=comm_share if mode == "baseline" else None,
+                choices=info.get("choices"), choice_reasons=info.get("choice_reasons"),
+                policy_path=str(policy_path) if (mode == "policy" and policy_path) else None,
+                peak_mem_gib=peak_gib,
+            ))
+        if ctx.rank == 0:
+            _write_rows(out_path, rows)
+            log.info("%s tp=%d M=%d: %s", preset, tp, m,
+                     ", ".join(f"{k}={v:.2f} ms" for k, v in t_ms.items()))
+
+
+def _row(preset: str, tp: int, layers: int, m: int, dtype: str, mode: str, ctx: RankContext, warmup: int,
+         reps: int, tol: float, shapes: dict, *, status: str, reason: str | None = None, **values: Any) -> dict:
+    row = {"preset": preset, "tp": tp, "layers": layers, "M": m, "dtype": dtype, "mode": mode,
+           "t_ms": None, "t_iqr_ms": None, "tokens_per_s": None, "speedup_vs_baseline": None, "comm_share": None,
+           "rel_err": None, "tol": tol, "ok": status == "ok", "status": status, "reason": reason, "note": None,
+           "choices": None, "choice_reasons": None, "shapes": shapes, "backend": ctx.backend,
+           "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
+           "warmup": warmup, "reps": reps,
+           "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    optional = ("t_rounds_ms", "policy_path", "peak_mem_gib")  # only where they apply
+    row.update({k: v for k, v in values.items() if k not in optional or v is not None})
+    if status != "ok":
+        row.update(t_ms=None, tokens_per_s=None, speedup_vs_baseline=None, comm_share=None)
+    return row
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return None
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    return v
+
+
+def _write_rows(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    write_atomic(path, "".join(json.dumps(_json_safe(r), allow_nan=False) + "\n" for r in rows))
+
+
+def load_rows(path: str | os.PathLike) -> list[dict]:
+    """The rows of a ``model.jsonl`` (blank lines skipped)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------- launcher
+
+def validate(preset: str, tp: int, tokens: list[int], layers: int, dtype: str, warmup: int, reps: int) -> ModelPreset:
+    """Check the inputs; a :class:`UserError` names the field and the fix in one line."""
+    if preset not in PRESETS:
+        raise UserError(f"--preset: unknown preset '{preset}' (known: {', '.join(PRESETS)})")
+    p = PRESETS[preset]
+    if tp < 1:
+        raise UserError(f"--tp must be >= 1, got {tp}")
+    for name in ("heads", "kv_heads", "intermediate"):
+        value = getattr(p, name)
+        if value % tp:
+            fits = ", ".join(str(t) for t in range(1, 9) if p.heads % t == 0 and p.kv_heads % t == 0
+                             and p.intermediate % t == 0)
+            raise UserError(f"--tp {tp}: {preset} {name}={value} is not divisible by tp={tp}; "
+                            f"use a --tp that divides heads, kv_heads and intermediate (e.g. {fits})")
+    if not tokens:
+        raise UserError("--tokens: give at least one token count, e.g. 8192,16384,32768")
+    bad = [t for t in tokens if not isinstance(t, int) or isinstance(t, bool) or t < 1]
+    if bad:
+        raise UserError(f"--tokens: token counts must be integers >= 1, got {bad[0]!r}")
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+        raise UserError(f"--layers must be an integer >= 1, got {layers!r}")
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype: unknown dtype '{dtype}'; use one of {', '.join(DTYPES)}")
+    if warmup < 0:
+        raise UserError(f"--warmup must be >= 0, got {warmup}")
+    if reps < 1:
+        raise UserError(f"--reps must be >= 1, got {reps}")
+    return p
+
+
+def _check_policy(path: str | os.PathLike, tp: int) -> dict[str, str]:
+    """Load the policy once in the launcher (bad files fail before any rank starts); its required env."""
+    from overlap_bench.policy import PolicyError, load_policy
+
+    try:
+        pol = load_policy(path, expect_world=tp)
+    except PolicyError as e:
+        raise UserError(f"--policy: {e}") from None
+    env = pol.meta.get("required_env") or {}
+    if not isinstance(env, dict):
+        raise UserError(f"--policy: {path}: meta.required_env must be a mapping of variables, got {env!r}")
+    return {str(k): str(v) for k, v in env.items()}
+
+
+def model_main(preset: str, tp_world: int | None, tokens: list[int], layers: int, policy: str | os.PathLike | None,
+               dtype: str, warmup: int, reps: int, out_dir: str | os.PathLike, backend: str | None = None,
+               nproc: int | None = None, *, seed: int = 0, timeout_s: float = 600.0) -> list[dict]:
+    """Run the model benchmark as a job of ``tp`` ranks; returns the rows (empty on ranks other than 0).
+
+    ``tp_world`` is the tensor-parallel size (= ranks); None means every rank (``resolve``'s default).
+    Writes ``out_dir/env.json`` before the job and ``out_dir/model.jsonl`` (rank 0, after each M); an
+    existing ``model.jsonl`` there is replaced. A policy's ``meta.required_env`` is set in every rank (all
+    modes then run under it); under torchrun it must already be set.
+    """
+    from overlap_bench import envinfo
+
+    if preset not in PRESETS:
+        raise UserError(f"--preset: unknown preset '{preset}' (known: {', '.join(PRESETS)})")
+    if tp_world is not None:
+        validate(preset, tp_world, list(tokens), layers, dtype, warmup, reps)  # before resolve: name the field
+    if tp_world is not None and nproc is not None and tp_world != nproc:
+        raise UserError(f"--tp {tp_world} and --nproc {nproc} differ: the model runs one rank per tensor-parallel "
+                        "shard; give one of them")
+    backend, world = resolve(backend, nproc if nproc is not None else tp_world)
+    if tp_world is not None and world != tp_world:
+        raise UserError(f"--tp {tp_world} but the torchrun job has WORLD_SIZE={world}; start torchrun with "
+                        f"--nproc-per-node {tp_world} or pass --tp {world}")
+    tp = world
+    validate(preset, tp, list(tokens), layers, dtype, warmup, reps)
+    env: dict[str, str] = {}
+    policy_path = None
+    if policy is not None:
+        policy_path = str(Path(policy))
+        env = _check_policy(policy_path, tp)
+        if in_torchrun():
+            missing = {k: v for k, v in env.items() if os.environ.get(k) != v}
+            if missing:
+                want = " ".join(f"{k}={v}" for k, v in missing.items())
+                raise UserError(f"--policy: {policy_path} needs {want} set before CUDA starts; "
+                                "set it on the torchrun command")
+    rank0 = not in_torchrun() or os.environ.get("RANK", "0") == "0"
+    out = Path(out_dir)
+    out_path = out / MODEL_FILE
+    if rank0:
+        out.mkdir(parents=True, exist_ok=True)
+        if out_path.exists():
+            out_path.unlink()
+        write_atomic(out / ENV_FILE, json.dumps(envinfo.collect(), indent=2) + "\n")
+    args = (preset, list(tokens), layers, policy_path, warmup, reps, str(out_path), dtype, seed)
+    launch(run_model, args, JobConfig(tp, backend, timeout_s, env))
+    return load_rows(out_path) if rank0 else []
+
+
+# ---------------------------------------------------------------------------------------------- table
+
+def _fmt(v: Any, spec: str) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return format(v, spec)
+
+
+def model_table(rows: list[dict], title: str | None = None) -> "Table":
+    """A rich table, one row per (M, mode): time, tokens/s, speedup vs baseline, comm share, rel_err."""
+    from rich.table import Table
+
+    if title is None and rows:
+        r = rows[0]
+        title = (f"{r['preset']} x{r['layers']} layers, tp={r['tp']} "
+                 f"({r.get('backend', '?')}, {r.get('device', '?')}), {r['dtype']}")
+    t = Table(title=title)
+    for c in ("M", "mode", "ms", "tokens/s", "speedup vs baseline", "comm share", "rel_err", "notes"):
+        t.add_column(c, justify="left" if c in ("mode", "notes") else "right")
+    for r in rows:
+        notes = []
+        if r.get("status") != "ok":
+            notes.append(f"[red]{r.get('status')}[/]: {r.get('reason')}")
+        if r.get("mode") == "policy" and r.get("choices"):
+            notes.append(", ".join(f"{k}={v}" for k, v in r["choices"].items()))
+        if r.get("mode") == "nocomm" and r.get("status") == "ok":
+            notes.append("no all-reduce (timing only)")
+        t.add_row(str(r["M"]), r["mode"], _fmt(r.get("t_ms"), ".2f"), _fmt(r.get("tokens_per_s"), ",.0f"),
+                  _fmt(r.get("speedup_vs_baseline"), ".3f"),
+                  _fmt(r.get("comm_share") * 100, ".1f") + "%" if r.get("comm_share") is not None else "-",
+                  _fmt(r.get("rel_err"), ".1e"), "; ".join(notes))
+    return t

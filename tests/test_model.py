@@ -1,0 +1,147 @@
+"""The model-level prefill benchmark: the sharded stack is a real TP decomposition, every mode gives the
+baseline's hidden states, rows are written with their fields, bad input is a one-line UserError."""
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+from rich.console import Console
+
+from overlap_bench import model
+from overlap_bench.errors import UserError
+from overlap_bench.presets import PRESETS, ModelPreset
+
+ROW_FIELDS = {"preset", "tp", "layers", "M", "dtype", "mode", "t_ms", "tokens_per_s", "speedup_vs_baseline",
+              "comm_share", "rel_err", "ok", "reason", "choices"}
+
+
+def test_attention_matches_explicit_grouped_query_softmax():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 7, 8), torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8)
+    got = model.attention(q, k, v)
+    mask = torch.ones(7, 7).tril().bool()
+    for h in range(4):
+        s = (q[0, h] @ k[0, h // 2].T) / math.sqrt(8)
+        want = torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ v[0, h // 2]
+        torch.testing.assert_close(got[0, h], want, rtol=1e-5, atol=1e-5)
+
+
+def test_sharded_stack_equals_the_dense_model():
+    """Simulate tp=2 (sum the row-parallel partials) and compare with one dense model made of the shards."""
+    p, tp, layers, m = PRESETS["tiny"], 2, 2, 24
+    kw = dict(dtype=torch.float64, device=torch.device("cpu"), seed=3)
+    shards = [model.build_stack(p, tp, r, layers, **kw) for r in range(tp)]
+    d, dense_d = model.Dims.of(p, tp), model.Dims.of(p, 1)
+    x = model.hidden_states(m, p.hidden, **kw)
+
+    y = x
+    for i in range(layers):
+        ws = [s[i] for s in shards]
+        h = y + sum(model.attention_input(w, y, d) @ w.o_proj.T for w in ws)
+        y = h + sum(model.mlp_input(w, h, d) @ w.down.T for w in ws)
+
+    qw, kvw = d.heads * d.head_dim, d.kv_heads * d.head_dim
+    dense = []
+    for i in range(layers):
+        ws = [s[i] for s in shards]
+        qkv = torch.cat([w.qkv[:qw] for w in ws] + [w.qkv[qw:qw + kvw] for w in ws]
+                        + [w.qkv[qw + kvw:] for w in ws])
+        gate_up = torch.cat([w.gate_up[:d.intermediate] for w in ws] + [w.gate_up[d.intermediate:] for w in ws])
+        dense.append(model.LayerWeights(ws[0].attn_norm, qkv, torch.cat([w.o_proj for w in ws], 1),
+                                        ws[0].mlp_norm, gate_up, torch.cat([w.down for w in ws], 1)))
+    want = model.stack_forward(dense, x, dense_d, model.nocomm_row)  # tp=1: no all-reduce needed
+    torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-10)
+    assert y.abs().max() < 100 and y.std() > 0.5  # scaled weights keep unit-order activations
+
+
+def _policy_file(tmp_path, tp=2):
+    """o_proj: chunked:chunks=3 from M=1; down_proj: chunked:chunks=3 from M=100 only (baseline below)."""
+    d = model.Dims.of(PRESETS["tiny"], tp)
+    (ko, n), (kd, _) = d.row_shape("o_proj"), d.row_shape("down_proj")
+    entry = {"strategy": "chunked", "settings": {"chunks": 3}, "speedup": 1.1, "eta": 0.5}
+    doc = {"meta": {"device": "cpu", "world_size": tp, "dtype": "float32", "backend": "gloo", "required_env": {}},
+           "shapes": {f"{ko},{n}": {"name": "tiny/o_proj", "threshold": 1, "buckets": {1: entry}},
+                      f"{kd},{n}": {"name": "tiny/down_proj", "threshold": 100, "buckets": {100: entry}}}}
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_modes_agree_and_rows_are_written(tmp_path):
+    out = tmp_path / "run"
+    rows = model.model_main("tiny", 2, [64, 100], 2, _policy_file(tmp_path), "float32", 1, 2, out,
+                            backend="gloo")
+    assert rows == model.load_rows(out / "model.jsonl")
+    assert json.loads((out / "env.json").read_text())["torch"] == torch.__version__
+    assert [(r["M"], r["mode"]) for r in rows] == [(m, mode) for m in (64, 100) for mode in model.MODES]
+    for r in rows:
+        assert ROW_FIELDS <= set(r), ROW_FIELDS - set(r)
+        assert (r["preset"], r["tp"], r["layers"], r["dtype"]) == ("tiny", 2, 2, "float32")
+        assert r["ok"] and r["status"] == "ok", r
+        assert r["t_ms"] > 0 and r["tokens_per_s"] == pytest.approx(r["M"] / r["t_ms"] * 1e3)
+        assert r["speedup_vs_baseline"] > 0
+        if r["mode"] in ("pr", "policy"):
+            assert r["rel_err"] <= 1e-5
+        assert (r["comm_share"] is not None) == (r["mode"] == "baseline")
+    by = {(r["M"], r["mode"]): r for r in rows}
+    chunked = "chunked:chunks=3,comm=stream"
+    assert by[64, "policy"]["choices"] == {"o_proj": chunked, "down_proj": "baseline"}
+    assert "below the smallest bucket" in by[64, "policy"]["choice_reasons"]["down_proj"]
+    assert by[100, "policy"]["choices"] == {"o_proj": chunked, "down_proj": chunked}
+    assert by[100, "baseline"]["choices"] == {"o_proj": "baseline", "down_proj": "baseline"}
+    assert by[100, "baseline"]["speedup_vs_baseline"] == 1.0
+    assert by[100, "baseline"]["rel_err"] == 0.0 and by[100, "nocomm"]["rel_err"] is None
+    base, nocomm = by[100, "baseline"], by[100, "nocomm"]
+    assert base["comm_share"] == pytest.approx((base["t_ms"] - nocomm["t_ms"]) / base["t_ms"])
+    text = _render(model.model_table(rows))
+    assert "speedup vs baseline" in text and "comm share" in text and "chunked:chunks=3" in text
+
+
+def test_without_policy_the_policy_mode_is_skipped_and_says_so(tmp_path):
+    rows = model.model_main("tiny", 2, [16], 1, None, "float32", 0, 1, tmp_path, backend="gloo")
+    by = {r["mode"]: r for r in rows}
+    assert set(by) == set(model.MODES)
+    assert by["policy"]["status"] == "skipped" and not by["policy"]["ok"]
+    assert "no policy file" in by["policy"]["reason"] and by["policy"]["t_ms"] is None
+    assert by["policy"]["speedup_vs_baseline"] is None
+    assert all(by[m]["ok"] for m in ("baseline", "pr", "nocomm"))
+    assert "skipped" in _render(model.model_table(rows))
+
+
+def _render(table) -> str:
+    console = Console(width=250, record=True)
+    console.print(table)
+    return console.export_text()
+
+
+@pytest.mark.parametrize("preset,tp,field", [("tiny", 3, "heads=4"), ("qwen2.5-72b", 16, "kv_heads=8")])
+def test_tp_not_dividing_the_preset_names_the_field(preset, tp, field):
+    with pytest.raises(UserError, match=field) as info:
+        model.model_main(preset, tp, [64], 1, None, "float32", 0, 1, "unused", backend="gloo")
+    assert "--tp" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_intermediate_not_divisible_names_the_field(monkeypatch):
+    monkeypatch.setitem(PRESETS, "odd", ModelPreset(hidden=64, intermediate=90, heads=4, kv_heads=4,
+                                                    head_dim=16, layers=1))
+    with pytest.raises(UserError, match="intermediate=90"):
+        model.validate("odd", 4, [8], 1, "float32", 0, 1)
+
+
+def test_bad_inputs_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="unknown preset 'nope'"):
+        model.model_main("nope", 2, [64], 1, None, "float32", 0, 1, tmp_path, backend="gloo")
+    with pytest.raises(UserError, match="--layers"):
+        model.validate("tiny", 2, [64], 0, "float32", 0, 1)
+    with pytest.raises(UserError, match="--tokens"):
+        model.validate("tiny", 2, [0], 1, "float32", 0, 1)
+    with pytest.raises(UserError, match="--dtype"):
+        model.validate("tiny", 2, [8], 1, "fp8", 0, 1)
+    with pytest.raises(UserError, match="--nproc"):
+        model.model_main("tiny", 2, [64], 1, None, "float32", 0, 1, tmp_path, backend="gloo", nproc=4)
+    bad = tmp_path / "p.yaml"
+    bad.write_text(yaml.safe_dump({"meta": {"device": "cpu", "world_size": 4, "dtype": "float32"}, "shapes": {}}))
+    with pytest.raises(UserError, match="world_size is 4, expected 2"):
+        model.model_main("tiny", 2, [64], 1, bad, "float32", 0, 1, tmp_path / "o", backend="gloo")
