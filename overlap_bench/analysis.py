@@ -66,8 +66,12 @@ def best_settings(df: pd.DataFrame | Iterable[Record], env: dict[str, str] | str
     """The winning setting per (shape, K, N, dtype, bias, world, device, backend, env) and M.
 
     Among ``ok`` records the lowest ``t_ms`` wins, but a non-baseline winner is kept only when it beats the
-    baseline by more than the measured spread (``t + iqr/2 < t_base - iqr_base/2``); otherwise, and when
+    baseline by more than the measured spread (``t + iqr/2 < ref - iqr_ref/2``); otherwise, and when
     nothing at that M passed, the winner is ``baseline``. ``env`` (dict or key) keeps one variant only.
+
+    ``ref`` is the faster of the two baseline measurements at that M: the reference ``t_base`` taken before
+    the strategies, and the ``baseline`` strategy's own record (timed like every strategy). A transient
+    that slowed one of them then cannot make a tie look like a win. The ``speedup`` column is ``ref / t``.
     """
     df = _as_frame(df)
     if env is not None:
@@ -81,25 +85,30 @@ def best_settings(df: pd.DataFrame | Iterable[Record], env: dict[str, str] | str
         base = ok[ok["strategy"] == "baseline"]
         base_rec = base.loc[base["t_ms"].idxmin()] if not base.empty else None
         win = ok.loc[ok["t_ms"].idxmin()] if not ok.empty else None
-        t_base = _num(win["t_base_ms"]) if win is not None else math.nan
+        ref, ref_iqr = _reference(win, base_rec)
         if win is not None and win["strategy"] != "baseline":
-            spread = _num(win["t_iqr_ms"], 0.0) / 2 + _num(win["t_base_iqr_ms"], 0.0) / 2
-            if not win["t_ms"] + spread < _num(win["t_base_ms"]):
+            if not win["t_ms"] + _num(win["t_iqr_ms"], 0.0) / 2 < ref - ref_iqr / 2:
                 win = None  # within noise of the baseline (or no baseline time): not a win
         first = g.iloc[0]
         row = dict(zip(GROUP, key), M=int(m), env=dict(first["env"]))
         if win is not None and win["strategy"] != "baseline":
             row.update(strategy=win["strategy"], settings=dict(win["settings"]), label=win["label"],
-                       speedup=win["speedup"], eta=win["eta"], t_ms=win["t_ms"], t_base_ms=win["t_base_ms"])
-        elif base_rec is not None:
-            row.update(strategy="baseline", settings={}, label="baseline", speedup=_num(base_rec["speedup"], 1.0),
-                       eta=_num(base_rec["eta"], 0.0), t_ms=base_rec["t_ms"],
-                       t_base_ms=_num(base_rec["t_base_ms"], base_rec["t_ms"]))
+                       speedup=ref / win["t_ms"], eta=win["eta"], t_ms=win["t_ms"], t_base_ms=ref)
         else:
-            row.update(strategy="baseline", settings={}, label="baseline", speedup=1.0, eta=0.0,
-                       t_ms=t_base, t_base_ms=t_base)
+            t = _num(base_rec["t_ms"]) if base_rec is not None else ref
+            row.update(strategy="baseline", settings={}, label="baseline", speedup=ref / t if t > 0 else 1.0,
+                       eta=0.0, t_ms=t, t_base_ms=ref)
         rows.append(row)
     return pd.DataFrame(rows)[BEST_COLS].reset_index(drop=True)
+
+
+def _reference(win: Any, base_rec: Any) -> tuple[float, float]:
+    """The baseline time a winner must beat, and its IQR: the faster of the two baseline measurements."""
+    cands = []
+    for rec, t_col, iqr_col in ((win, "t_base_ms", "t_base_iqr_ms"), (base_rec, "t_ms", "t_iqr_ms")):
+        if rec is not None and not math.isnan(_num(rec[t_col])):
+            cands.append((_num(rec[t_col]), _num(rec[iqr_col], 0.0)))
+    return min(cands) if cands else (math.nan, 0.0)
 
 
 def threshold(best: pd.DataFrame) -> int | None:

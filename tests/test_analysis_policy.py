@@ -71,6 +71,21 @@ def test_best_and_spread_rule():
     assert analysis.threshold(best.reset_index()) == 128
 
 
+def test_slow_reference_outlier_does_not_make_a_tie_a_win():
+    # Seen on a real run: a transient slowed the reference t_base (0.447 ms) but not the baseline strategy's
+    # own record (0.2875 ms); a strategy at 0.2865 ms ties the baseline and must not be exported as 1.56x.
+    recs = [rec(2048, "baseline", 0.2875, 0.447, 0.004, 0.01),
+            rec(2048, "chunked:chunks=2", 0.2865, 0.447, 0.004, 0.01),
+            rec(4096, "baseline", 0.52, 0.52, 0.004, 0.004),
+            rec(4096, "chunked:chunks=2", 0.47, 0.52, 0.004, 0.004)]
+    best = analysis.best_settings(recs).set_index("M")
+    assert best.loc[2048, "strategy"] == "baseline"
+    assert best.loc[2048, "speedup"] == pytest.approx(1.0)
+    assert best.loc[2048, "t_base_ms"] == pytest.approx(0.2875)
+    assert best.loc[4096, "strategy"] == "chunked"
+    assert best.loc[4096, "speedup"] == pytest.approx(0.52 / 0.47)
+
+
 def test_threshold_cases():
     df = pd.DataFrame({"M": [1, 2, 4, 8], "strategy": ["baseline", "chunked", "baseline", "chunked"]})
     assert analysis.threshold(df) == 8
