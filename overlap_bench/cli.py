@@ -12,6 +12,7 @@ from typing import Any, Callable, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import overlap_bench
@@ -41,17 +42,18 @@ def _guard(fn: Callable[[], Any], out_dir: Path | None = None) -> Any:
     from overlap_bench.errors import UserError
     from overlap_bench.launch import RankFailed
 
-    kept = f" Records so far are kept in {out_dir}; add --resume to continue." if out_dir else ""
+    # escape(): messages carry paths like "[/__w/...]" that rich would read as markup tags.
+    kept = escape(f" Records so far are kept in {out_dir}; add --resume to continue.") if out_dir else ""
     try:
         return fn()
     except RankFailed as exc:
-        err_console.print(f"[red]error:[/] {exc}.{kept}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/] {escape(str(exc))}.{kept}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     except KeyboardInterrupt:
         err_console.print(f"[yellow]interrupted.[/]{kept}", highlight=False, soft_wrap=True)
         raise typer.Exit(130)
     except UserError as exc:  # SpecError, LaunchError, PolicyError, bad flags
-        err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
 
 
@@ -189,16 +191,18 @@ def sweep(
     backend: Optional[str] = typer.Option(None, help="Override the spec's backend (auto, nccl, gloo)."),
     seed: int = typer.Option(0, help="Seed of the random inputs."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and list the cases; start nothing."),
+    timeout: Optional[float] = typer.Option(None, "--timeout",
+                                            help="Collective timeout in seconds (overrides the spec's timeout_s)."),
 ) -> None:
     """Sweep shapes x tokens x settings; each record is appended to OUT/records.jsonl as it is measured."""
     from overlap_bench.spec import load_spec
     from overlap_bench.sweep import run_sweep
 
     def body() -> None:
-        spec, raw = load_spec(spec_path, world_size=world_size, backend=backend)
+        spec, raw = load_spec(spec_path, world_size=world_size, backend=backend, timeout_s=timeout)
         cases = spec.cases()
         if dry_run:
-            out_console.print(f"{spec.name}: {len(cases)} cases on {spec.world_size} ranks ({spec.backend}); "
+            out_console.print(f"{escape(spec.name)}: {len(cases)} cases on {spec.world_size} ranks ({spec.backend}); "
                               f"{len(spec.env)} job(s) by environment")
             for c in cases:
                 env = " ".join(f"{k}={v}" for k, v in c.env)
@@ -212,9 +216,9 @@ def sweep(
             msg += f", {res.skipped_done} already recorded (skipped)"
         if res.torn_lines:
             msg += f"; torn line(s) {res.torn_lines} in records.jsonl were skipped"
-        out_console.print(f"{msg}. Results in {out}/ (records.jsonl, tables.md, summary.md)")
+        out_console.print(escape(f"{msg}. Results in {out}/ (records.jsonl, tables.md, summary.md)"))
         for line in res.not_run:
-            err_console.print(f"[yellow]not run:[/] {line}")
+            err_console.print(f"[yellow]not run:[/] {escape(line)}")
 
     _guard(body, out)
 
@@ -319,7 +323,7 @@ def compare(
         else:
             out_console.print(cmp.rich_table(df, summ, title))
         for line in unmatched:
-            err_console.print(f"[yellow]not compared:[/] {line}", highlight=False)
+            err_console.print(f"[yellow]not compared:[/] {escape(line)}", highlight=False)
 
     _guard(body)
 
@@ -341,7 +345,7 @@ def export(
             raise SpecError(f"RUN_DIR: {run_dir} has no records.jsonl; give a sweep's --out directory")
         paths = export_policy(run_dir, out, env=_env_raw(env) if env else None, dtype=dtype)
         for p in paths:
-            out_console.print(f"wrote {p}")
+            out_console.print(escape(f"wrote {p}"))
 
     _guard(body)
 
@@ -357,7 +361,7 @@ def report(run_dir: Path = typer.Argument(..., help="A sweep's run directory."))
 
             raise SpecError(f"RUN_DIR: {run_dir} has no records.jsonl; give a sweep's --out directory")
         finish_run(run_dir)
-        out_console.print(f"wrote {run_dir}/summary.md, tables and plots")
+        out_console.print(escape(f"wrote {run_dir}/summary.md, tables and plots"))
 
     _guard(body)
 

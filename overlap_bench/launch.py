@@ -1,15 +1,17 @@
 """Start a torch.distributed job: one process per rank on this machine, or join a running ``torchrun`` job.
 
 Local jobs rendezvous through a ``FileStore`` in a fresh temp directory (no TCP port to race for). A rank
-that raises ends the whole job: the others are terminated, and :class:`RankFailed` names the first rank
-that failed and its error in one line.
+that raises or dies ends the whole job: the others are terminated, and :class:`RankFailed` names the rank
+that caused it and its error in one line.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
+import multiprocessing.connection
 import os
+import pickle
 import signal
 import shutil
 import sys
@@ -84,6 +86,8 @@ def resolve(backend: str | None, nproc: int | None) -> tuple[str, int]:
         raise LaunchError(f"--backend must be auto, nccl or gloo, got '{backend}'")
     if in_torchrun():
         return backend, int(os.environ["WORLD_SIZE"])
+    if backend == "nccl" and gpus == 0:
+        raise LaunchError("--backend nccl needs CUDA GPUs and none are visible; use --backend gloo (or auto)")
     if nproc is None:
         nproc = gpus if backend == "nccl" else 2
     if nproc < 1:
@@ -152,17 +156,6 @@ def _write_failure(rdv: str, rank: int, exc: BaseException) -> None:
         pass
 
 
-def _first_failure(rdv: str) -> dict | None:
-    """The earliest recorded failure: later ones are usually peers losing their connection to it."""
-    found = []
-    for p in Path(rdv).glob("failure.*.json"):
-        try:
-            found.append(json.loads(p.read_text()))
-        except (OSError, json.JSONDecodeError):
-            continue
-    return min(found, key=lambda f: f["time"]) if found else None
-
-
 def launch(fn: Callable[..., Any], args: tuple, cfg: JobConfig, grace_s: float = 5.0) -> None:
     """Run ``fn(ctx, *args)`` on every rank; returns when all ranks finished, raises :class:`RankFailed`.
 
@@ -182,26 +175,24 @@ def launch(fn: Callable[..., Any], args: tuple, cfg: JobConfig, grace_s: float =
     rdv = tempfile.mkdtemp(prefix="overlap-bench-rdv-")
     saved = {k: os.environ.get(k) for k in cfg.env}
     os.environ.update(cfg.env)  # spawned children inherit the environment at start
+    pctx = None
     try:
         pctx = mp.start_processes(_entry, args=(fn, args, cfg, rdv), nprocs=cfg.nproc, join=False,
                                   start_method="spawn")
+        procs = pctx.processes
         try:
-            while not pctx.join(timeout=0.5, grace_period=grace_s):
-                pass
+            first = _wait_first_failure(procs)
+            if first is None:
+                return
+            # Let the others end on their own first (they usually fail within moments, from the broken
+            # connection, and write why); what had ended before anything was signalled tells the cause.
+            _join_all(procs, grace_s)
         except KeyboardInterrupt:
-            _stop_all(pctx.processes, grace_s)
+            _stop_all(procs, grace_s)
             raise
-        except mp.ProcessRaisedException as exc:
-            _stop_all(pctx.processes, grace_s)
-            first = _first_failure(rdv) or {"rank": exc.error_index, "cause": _last_line(exc.msg), "traceback": exc.msg}
-            raise RankFailed(first["rank"], first["cause"], first["traceback"]) from None
-        except mp.ProcessExitedException as exc:
-            _stop_all(pctx.processes, grace_s)
-            first = _first_failure(rdv)
-            if first is not None:
-                raise RankFailed(first["rank"], first["cause"], first["traceback"]) from None
-            how = f"killed by {exc.signal_name}" if exc.signal_name else f"exited with code {exc.exit_code}"
-            raise RankFailed(exc.error_index, f"process {how}") from None
+        ended = {i: p.exitcode for i, p in enumerate(procs) if p.exitcode is not None}
+        _stop_all(procs, grace_s)
+        raise _cause(rdv, first, ended, len(procs), pctx.error_files) from None
     finally:
         for k, v in saved.items():
             if v is None:
@@ -209,6 +200,73 @@ def launch(fn: Callable[..., Any], args: tuple, cfg: JobConfig, grace_s: float =
             else:
                 os.environ[k] = v
         shutil.rmtree(rdv, ignore_errors=True)
+        for path in pctx.error_files if pctx else []:  # torch's per-rank traceback files, left in /tmp
+            if path and os.path.exists(path):
+                os.unlink(path)
+
+
+def _wait_first_failure(procs: list) -> int | None:
+    """Wait until every rank has exited (None) or one has exited with a non-zero code (its index)."""
+    left = {p.sentinel: i for i, p in enumerate(procs)}
+    while left:
+        for sentinel in multiprocessing.connection.wait(list(left), timeout=0.5):
+            i = left.pop(sentinel)
+            procs[i].join()
+            if procs[i].exitcode != 0:
+                return i
+    return None
+
+
+def _join_all(procs: list, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+
+
+def _how(exitcode: int) -> str:
+    if exitcode < 0:
+        try:
+            return f"process killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"process killed by signal {-exitcode}"
+    return f"process exited with code {exitcode}"
+
+
+def _cause(rdv: str, first: int, ended: dict[int, int], nproc: int, error_files: list) -> RankFailed:
+    """The failure that ended the job, from what had ``ended`` (rank -> exit code) before any rank was signalled.
+
+    A rank that ended abnormally without writing why (killed by a signal, ``os._exit``, a crash in C++) is
+    the cause: its peers' errors (a closed connection, a timed-out collective) follow from it and are added as
+    context. Otherwise the earliest written failure is the cause; ranks that were still running then (one
+    hung outside the collective its peers timed out in) are named too.
+    """
+    failures = {}
+    for p in Path(rdv).glob("failure.*.json"):
+        try:
+            f = json.loads(p.read_text())
+            failures[int(f["rank"])] = f
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    silent = sorted((i for i, code in ended.items() if code != 0 and i not in failures), key=lambda i: i != first)
+    if silent:
+        rank = silent[0]
+        cause = _how(ended[rank])
+        if failures:
+            then = min(failures.values(), key=lambda f: f["time"])
+            cause += f" (then rank {then['rank']}: {then['cause']})"
+        return RankFailed(rank, cause)
+    if failures:
+        f = min(failures.values(), key=lambda f: f["time"])
+        running = [str(i) for i in range(nproc) if i not in ended]
+        still = f" (rank {', '.join(running)} was still running)" if running else ""
+        return RankFailed(f["rank"], f["cause"] + still, f["traceback"])
+    # No failure file (e.g. the spawned process could not start): torch's own error file, if any.
+    try:
+        with open(error_files[first], "rb") as fh:
+            trace = pickle.load(fh)
+        return RankFailed(first, _last_line(trace), trace)
+    except (OSError, EOFError, pickle.UnpicklingError, TypeError):
+        return RankFailed(first, _how(ended.get(first, 1)))
 
 
 def _last_line(text: str) -> str:

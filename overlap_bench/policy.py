@@ -40,6 +40,11 @@ PACKAGE_DIR = Path(__file__).parent / "configs"
 class PolicyError(UserError):
     """A policy file that cannot be used; the message names the file and the field."""
 
+    def __init__(self, message: str):
+        # One line whatever the file holds: line breaks and other control characters in a key or name are
+        # shown escaped, as repr() would.
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message)))
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -298,16 +303,28 @@ def load_policy(path: str | os.PathLike, expect_world: int | None = None, expect
                 fallback: bool = False) -> Policy:
     """Load and validate a policy file; every problem raises :class:`PolicyError` naming file and field.
 
-    A ``meta.world_size`` or ``meta.device`` unlike ``expect_world``/``expect_device`` is an error too, or,
-    with ``fallback=True``, a logged warning and a baseline-only policy.
+    A ``meta.world_size`` or ``meta.device`` unlike ``expect_world``/``expect_device`` is an error too.
+    With ``fallback=True`` every such problem (a malformed file included) is instead a logged warning and
+    a baseline-only policy: the caller asked to run, untuned, rather than stop.
     """
-    path = Path(path)
+    try:
+        return _load_policy(Path(path), expect_world, expect_device)
+    except PolicyError as e:
+        if not fallback:
+            raise
+        log.warning("%s: using baseline for every shape", e)
+        return Policy(path=Path(path))
+
+
+def _load_policy(path: Path, expect_world: int | None, expect_device: str | None) -> Policy:
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
+    except (OSError, UnicodeDecodeError) as e:
         raise PolicyError(f"{path}: cannot read: {e}") from None
     except yaml.YAMLError as e:
-        raise PolicyError(f"{path}: malformed YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)  # one line: str(e) spans several, with a source excerpt
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise PolicyError(f"{path}: malformed YAML{where}: {getattr(e, 'problem', None) or type(e).__name__}") from None
     doc = _mapping(doc, "the top level", path)
     for key in ("meta", "shapes"):
         if key not in doc:
@@ -323,10 +340,7 @@ def load_policy(path: str | os.PathLike, expect_world: int | None = None, expect
     elif expect_device is not None and not _same_device(str(meta["device"]), expect_device):
         mismatch = f"meta.device is {meta['device']!r}, expected {expect_device!r}"
     if mismatch:
-        if not fallback:
-            raise PolicyError(f"{path}: {mismatch}")
-        log.warning("%s: %s: using baseline for every shape", path, mismatch)
-        return Policy(path=path)
+        raise PolicyError(f"{path}: {mismatch}")
     shapes: dict[tuple[int, int], ShapePolicy] = {}
     for key, sv in _mapping(doc["shapes"] or {}, "shapes", path).items():
         where = f"shapes[{key!r}]"

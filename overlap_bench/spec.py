@@ -7,6 +7,7 @@ starts a process, so a bad spec costs nothing.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,11 @@ from overlap_bench.presets import row_parallel_shapes
 
 class SpecError(UserError):
     """An invalid sweep spec; the message is one line: ``field: problem; fix``."""
+
+    def __init__(self, message: str):
+        # One line whatever the file holds: line breaks and other control characters in a key or name are
+        # shown escaped, as repr() would.
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message)))
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,20 @@ class SweepSpec:
 
 TOP_KEYS = {"name", "backend", "world_size", "dtypes", "shapes", "tokens", "bias", "strategies", "env", "warmup",
             "reps", "timeout_s"}
+MAX_CASES = 100_000
+"""More cases than this is a mistake (a range with step 1, a grid too fine): refused before it is built."""
+
+
+def _first_unknown(keys: set) -> str:
+    # YAML keys need not be strings (``1: x``); name the first one without comparing mixed types.
+    return sorted(map(str, keys))[0]
+
+
+def _timeout(value: Any, where: str) -> float:
+    # Bounded: the process group turns it into a timedelta and then milliseconds, which overflow (at launch).
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1e7:
+        raise SpecError(f"{where}: must be a positive number of seconds (at most 1e7), got {value!r}")
+    return float(value)
 
 
 def _int(value: Any, where: str, minimum: int | None = None) -> int:
@@ -124,7 +144,7 @@ def _tokens(raw: Any) -> list[int]:
     if isinstance(raw, dict):
         unknown = set(raw) - {"start", "stop", "mul", "step"}
         if unknown:
-            raise SpecError(f"tokens.{sorted(unknown)[0]}: unknown key; use start, stop and mul or step")
+            raise SpecError(f"tokens.{_first_unknown(unknown)}: unknown key; use start, stop and mul or step")
         start = _int(raw.get("start"), "tokens.start", 1)
         stop = _int(raw.get("stop"), "tokens.stop", start)
         if ("mul" in raw) == ("step" in raw):
@@ -137,6 +157,9 @@ def _tokens(raw: Any) -> list[int]:
                 m *= mul
         else:
             step = _int(raw["step"], "tokens.step", 1)
+            if (stop - start) // step + 1 > MAX_CASES:
+                raise SpecError(f"tokens: {start}..{stop} by {step} is {(stop - start) // step + 1} values; "
+                                f"use a larger step or mul")
             vals = list(range(start, stop + 1, step))
         return vals
     return sorted({_int(v, f"tokens[{i}]", 1) for i, v in enumerate(_list(raw, "tokens"))})
@@ -150,7 +173,8 @@ def _shapes(raw: Any, world: int) -> list[Shape]:
         if "preset" in item:
             unknown = set(item) - {"preset", "tp"}
             if unknown:
-                raise SpecError(f"{where}.{sorted(unknown)[0]}: unknown key; a preset shape takes preset and tp")
+                raise SpecError(f"{where}.{_first_unknown(unknown)}: unknown key; "
+                                "a preset shape takes preset and tp")
             tp = _int(item.get("tp", world), f"{where}.tp", 1)
             try:
                 pairs = row_parallel_shapes(str(item["preset"]), tp)
@@ -160,7 +184,8 @@ def _shapes(raw: Any, world: int) -> list[Shape]:
         else:
             unknown = set(item) - {"name", "K", "N"}
             if unknown:
-                raise SpecError(f"{where}.{sorted(unknown)[0]}: unknown key; use preset+tp or name, K (per rank), N")
+                raise SpecError(f"{where}.{_first_unknown(unknown)}: unknown key; "
+                                "use preset+tp or name, K (per rank), N")
             for key in ("K", "N"):
                 if key not in item:
                     raise SpecError(f"{where}.{key}: missing; give {key} as an integer")
@@ -190,6 +215,8 @@ def _strategies(raw: Any) -> list[str]:
             raise SpecError(f"{where}.name: {exc}") from None
         keys = list(item)
         grids = [_list(item[k], f"{where}.{k}") for k in keys]
+        if math.prod(map(len, grids)) > MAX_CASES:
+            raise SpecError(f"{where}: its grid has {math.prod(map(len, grids))} points; give fewer values")
         for point in itertools.product(*grids):
             try:
                 settings = strategies.make_settings(str(name), dict(zip(keys, point)))
@@ -209,16 +236,20 @@ def _env(raw: Any) -> list[dict[str, str]]:
         for k, v in item.items():
             if not isinstance(v, (str, int)) or isinstance(v, bool):
                 raise SpecError(f"env[{i}].{k}: must be a string or integer, got {v!r}")
+            if not str(k) or "=" in str(k) or "\0" in str(k) + str(v):
+                raise SpecError(f"env[{i}]: {str(k)!r}={str(v)!r} cannot be set in a process environment; "
+                                "give a non-empty name without '=' and no NUL characters")
         out.append({str(k): str(v) for k, v in item.items()})
     return out
 
 
-def parse_spec(raw: Any, *, world_size: int | None = None, backend: str | None = None) -> SweepSpec:
-    """Validate a spec mapping. ``world_size``/``backend`` override the spec's (command-line flags)."""
+def parse_spec(raw: Any, *, world_size: int | None = None, backend: str | None = None,
+               timeout_s: float | None = None) -> SweepSpec:
+    """Validate a spec mapping. ``world_size``/``backend``/``timeout_s`` override the spec's (command-line flags)."""
     raw = _mapping(raw if raw is not None else {}, "spec")
     unknown = set(raw) - TOP_KEYS
     if unknown:
-        raise SpecError(f"{sorted(unknown)[0]}: unknown key; allowed: {', '.join(sorted(TOP_KEYS))}")
+        raise SpecError(f"{_first_unknown(unknown)}: unknown key; allowed: {', '.join(sorted(TOP_KEYS))}")
     spec = SweepSpec()
     spec.name = str(raw.get("name", "sweep"))
     spec.backend = str(backend or raw.get("backend", "auto"))
@@ -234,7 +265,7 @@ def parse_spec(raw: Any, *, world_size: int | None = None, backend: str | None =
         raise SpecError(f"world_size: {ws} differs from torchrun's WORLD_SIZE={spec.world_size}; remove it or match it")
     spec.dtypes = []
     for i, d in enumerate(_list(raw.get("dtypes", ["bfloat16"]), "dtypes")):
-        if d not in DTYPES:
+        if not isinstance(d, str) or d not in DTYPES:
             raise SpecError(f"dtypes[{i}]: unknown dtype {d!r}; use one of {', '.join(DTYPES)}")
         spec.dtypes.append(d)
     if "shapes" not in raw:
@@ -252,10 +283,12 @@ def parse_spec(raw: Any, *, world_size: int | None = None, backend: str | None =
     spec.env = _env(raw.get("env", [{}]))
     spec.warmup = _int(raw.get("warmup", 5), "warmup", 0)
     spec.reps = _int(raw.get("reps", 20), "reps", 1)
-    t = raw.get("timeout_s", 300)
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0:
-        raise SpecError(f"timeout_s: must be a positive number of seconds, got {t!r}")
-    spec.timeout_s = float(t)
+    spec.timeout_s = _timeout(raw.get("timeout_s", 300), "timeout_s")
+    if timeout_s is not None:
+        spec.timeout_s = _timeout(timeout_s, "--timeout")
+    n = math.prod(map(len, (spec.env, spec.dtypes, spec.shapes, spec.tokens, spec.strategies)))
+    if n > MAX_CASES:
+        raise SpecError(f"spec: {n} cases, more than {MAX_CASES}; split the sweep or give fewer values")
     return spec
 
 
@@ -268,7 +301,10 @@ def load_spec(path: str | os.PathLike | None, **overrides: Any) -> tuple[SweepSp
         if not p.is_file():
             raise SpecError(f"SPEC: no file at {p}; give the path of a sweep YAML (see sweeps/)")
         try:
-            raw = yaml.safe_load(p.read_text())
+            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SpecError(f"SPEC: cannot read {p} as UTF-8 text ({type(exc).__name__}); "
+                            "give a sweep YAML") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""

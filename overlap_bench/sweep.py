@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from itertools import groupby
@@ -15,6 +16,8 @@ from overlap_bench.bench import BenchOptions, run_cases
 from overlap_bench.launch import JobConfig, in_torchrun, launch
 from overlap_bench.records import case_key, load_records, write_atomic
 from overlap_bench.spec import Case, SpecError, SweepSpec
+
+log = logging.getLogger("overlap_bench.sweep")
 
 
 @dataclass
@@ -67,9 +70,15 @@ def run_sweep(spec: SweepSpec, raw: dict, out_dir: str | os.PathLike, *, resume:
             opts = BenchOptions(str(out), spec.warmup, spec.reps, seed, finished, len(cases), progress)
             launch(run_cases, (group, opts), JobConfig(spec.world_size, spec.backend, spec.timeout_s, dict(env)))
             finished += len(group)
-    finally:
+    except BaseException:
         if rank0:
-            finish_run(out)
+            try:
+                finish_run(out)
+            except Exception as exc:  # noqa: BLE001  (never hide why the sweep stopped behind a tables error)
+                log.warning("tables and report of %s not written: %s: %s", out, type(exc).__name__, exc)
+        raise
+    if rank0:
+        finish_run(out)
     return result
 
 

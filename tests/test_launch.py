@@ -16,7 +16,7 @@ def test_picks_gloo_and_two_ranks_without_gpus(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     assert resolve(None, None) == ("gloo", 2)
     assert resolve("auto", 3) == ("gloo", 3)
-    with pytest.raises(LaunchError, match="nproc"):
+    with pytest.raises(LaunchError, match="needs CUDA GPUs"):
         resolve("nccl", 2)
 
 

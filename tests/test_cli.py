@@ -1,0 +1,132 @@
+"""The command line end to end on CPU/gloo: run, sweep (+resume), export, compare, report, bad input."""
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from overlap_bench import __version__
+from overlap_bench.cli import app
+from overlap_bench.policy import load_policy
+from overlap_bench.records import load_records
+from overlap_bench.spec import SMOKE, load_spec
+
+runner = CliRunner()
+
+
+def _ok(args):
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    return res
+
+
+def _bad(args, *words):
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    assert res.output.strip().startswith("error:"), res.output
+    for w in words:
+        assert w in res.output, res.output
+    return res
+
+
+def test_version_and_help():
+    assert _ok(["--version"]).output.strip() == f"overlap-bench {__version__}"
+    for cmd in ["run", "sweep", "compare", "export", "report", "model", "strategies"]:
+        assert "Usage" in _ok([cmd, "--help"]).output
+
+
+def test_run_json_has_every_metric_and_checks_numerics():
+    res = _ok(["run", "--shape", "64,96", "--tokens", "40", "--strategy", "pr", "--strategy", "chunked:chunks=3",
+               "--dtype", "float32", "--reps", "3", "--warmup", "1", "--bias", "--json"])
+    rows = [json.loads(line) for line in res.output.splitlines() if line.startswith("{")]
+    assert [r["label"] for r in rows] == ["baseline", "pr", "chunked:chunks=3,comm=stream"]
+    for r in rows:
+        assert r["ok"] and r["rel_err"] <= 1e-5 and r["backend"] == "gloo" and r["world"] == 2
+        for key in ["t_ms", "t_base_ms", "t_gemm_ms", "t_comm_ms", "speedup", "tflops", "busbw_gbps", "tokens_per_s"]:
+            assert r[key] is not None and r[key] > 0, key
+        assert r["repro"].startswith("overlap-bench run --shape 64,96 --tokens 40")
+
+
+def test_smoke_spec_file_equals_embedded_default():
+    assert yaml.safe_load(open("sweeps/smoke.yaml")) == SMOKE
+
+
+@pytest.mark.parametrize("spec", ["sweeps/qwen2.5-72b-tp4.yaml", "sweeps/llama-3.1-70b-tp8.yaml",
+                                  "sweeps/llama-3.1-405b-tp8.yaml", "sweeps/qwen2.5-72b-tp8.yaml",
+                                  "sweeps/qwen2.5-72b-tp4-eta.yaml", "sweeps/qwen2.5-72b-tp4-levers.yaml"])
+def test_ready_specs_validate(spec):
+    s, _ = load_spec(spec, backend="gloo")
+    assert s.cases() and {sh.name.split("/")[1] for sh in s.shapes} == {"o_proj", "down_proj"}
+
+
+def test_sweep_resume_export_report(tmp_path):
+    out = tmp_path / "run"
+    _ok(["sweep", "--out", str(out)])  # the embedded default (CPU smoke)
+    recs = load_records(out).records
+    spec, _ = load_spec(None)
+    assert len(recs) == len(spec.cases()) and all(r.ok for r in recs)
+    for name in ["records.jsonl", "env.json", "spec.yaml", "tables.csv", "tables.md", "summary.md"]:
+        assert (out / name).stat().st_size > 0, name
+    _bad(["sweep", "--out", str(out)], "--resume")           # never mixes runs silently
+    res = _ok(["sweep", "--out", str(out), "--resume"])     # nothing left: nothing re-measured
+    assert "0 cases measured" in res.output and len(load_records(out).records) == len(recs)
+    pol = tmp_path / "p.yaml"
+    _ok(["export", str(out), "-o", str(pol)])
+    choice = load_policy(pol).choose(K=128, N=256, M=300)
+    assert choice.bucket == 256
+    _ok(["report", str(out)])
+    _bad(["export", str(tmp_path / "nothing"), "-o", str(pol)], "records.jsonl")
+
+
+def test_compare_strategies_and_run_dirs(tmp_path):
+    res = _ok(["compare", "baseline", "pr", "--repeats", "2", "--tokens", "32", "--reps", "2", "--warmup", "1",
+               "--json", "--out", str(tmp_path / "cmp")])
+    doc = json.loads(res.output[res.output.index("{"):])
+    assert len(doc["rows"]) == 2 and all(len(r["samples_a"]) == 2 for r in doc["rows"])
+    assert (tmp_path / "cmp" / "compare.md").read_text().count("|") > 10
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        _ok(["run", "--shape", "64,96", "--tokens", "40", "--strategy", "pr", "--dtype", "float32", "--reps", "2",
+             "--warmup", "1", "--out", str(d)])
+    res = _ok(["compare", str(a), str(b), "--json"])
+    assert len(json.loads(res.output)["rows"]) == 2
+
+
+@pytest.mark.parametrize("args,words", [
+    (["run", "--strategy", "chunked:chunks=0"], ["chunks"]),
+    (["run", "--strategy", "nosuch"], ["nosuch"]),
+    (["run", "--shape", "12,x"], ["--shape"]),
+    (["run", "--tokens", "a,b"], ["--tokens"]),
+    (["run", "--backend", "mpi"], ["backend"]),
+    (["run", "--backend", "nccl"], ["GPUs"]),
+    (["run", "--env", "NOEQUALS"], ["--env"]),
+    (["sweep", "no/such/spec.yaml"], ["SPEC"]),
+    (["compare", "baseline", "chunked:comm=carrier-pigeon"], ["comm"]),
+    (["model", "--preset", "nope"], ["preset"]),
+])
+def test_bad_input_one_line_exit_2(args, words):
+    _bad(args, *words)
+
+
+@pytest.mark.parametrize("mutate,field", [
+    (lambda s: s.update(colour="red"), "colour"),
+    (lambda s: s.update(reps="many"), "reps"),
+    (lambda s: s.update(tokens=[]), "tokens"),
+    (lambda s: s["strategies"][2].update(chunks=[0]), "strategies[2].chunks"),
+    (lambda s: s["strategies"][2].update(chunks=[]), "strategies[2].chunks"),
+    (lambda s: s.update(shapes=[{"preset": "qwen2.5-72b", "tp": 3}]), "shapes[0]"),
+    (lambda s: s.update(shapes=[{"name": "x", "K": 8}]), "shapes[0].N"),
+    (lambda s: s.update(world_size=0), "world_size"),
+    (lambda s: s.update(backend="nccl"), "backend"),  # NCCL with no GPUs visible
+    (lambda s: s.update(dtypes=["float8"]), "dtypes[0]"),
+])
+def test_bad_spec_names_the_field(tmp_path, mutate, field):
+    raw = yaml.safe_load(yaml.safe_dump(SMOKE))
+    mutate(raw)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    res = _bad(["sweep", str(path), "--out", str(tmp_path / "o")], field)
+    assert len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()  # nothing started
