@@ -155,8 +155,9 @@ def _geomean(values) -> float:
 
 
 def _pick_env(best) -> str:
-    """The env variant whose winners have the best geometric-mean speedup (over the (shape, M) cases every
-    variant measured, so that a variant is not favoured for covering fewer cases)."""
+    """The env variant whose winners are fastest: geometric mean of the winners' absolute times over the
+    (shape, M) cases every variant measured. Not their speedups: a variable that slows the baseline too
+    (e.g. fewer NCCL channels) would look better against its own slower baseline while being slower."""
     keys = sorted(best["env_key"].unique())
     if len(keys) == 1:
         return keys[0]
@@ -168,9 +169,9 @@ def _pick_env(best) -> str:
         b = best[best["env_key"] == k]
         if common:
             b = b[[tuple(r) in common for r in b[case].values.tolist()]]
-        scores[k] = _geomean(b["speedup"].astype(float))
-    chosen = max(keys, key=lambda k: (scores[k], k == "default"))
-    log.info("env variants scored by geometric-mean speedup: %s; chose %s", scores, chosen)
+        scores[k] = _geomean(b["t_ms"].astype(float))
+    chosen = min(keys, key=lambda k: (scores[k], k != "default"))
+    log.info("env variants scored by geometric-mean winner time (ms): %s; chose %s", scores, chosen)
     return chosen
 
 

@@ -169,6 +169,19 @@ def test_export_directory_naming_and_env_choice(tmp_path):
     assert yaml.safe_load(one.read_text())["meta"]["required_env"] == {}
 
 
+def test_env_choice_uses_absolute_times_not_own_baseline(tmp_path):
+    # A variable that slows everything (baseline 2x, winner 1.8x) shows a bigger speedup against its own
+    # slower baseline, yet every winner is slower in absolute time: the default env must be chosen.
+    slow = {"NCCL_MAX_NCHANNELS": "4"}
+    recs = sweep()
+    for M, tb in [(1024, 1.0), (4096, 4.0), (16384, 16.0)]:
+        recs.append(rec(M, "baseline", 2 * tb, 2 * tb, env=slow))
+        recs.append(rec(M, "chunked:chunks=2", 1.2 * tb, 2 * tb, env=slow))
+    run = write_run(tmp_path / "run", recs)
+    [path] = policy.export_policy(run, tmp_path / "p.yaml")
+    assert yaml.safe_load(path.read_text())["meta"]["required_env"] == {}
+
+
 def test_cpu_device_name(tmp_path):
     run = write_run(tmp_path / "run", sweep(device="cpu"))
     [path] = policy.export_policy(run, tmp_path)
