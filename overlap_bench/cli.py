@@ -193,13 +193,15 @@ def sweep(
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and list the cases; start nothing."),
     timeout: Optional[float] = typer.Option(None, "--timeout",
                                             help="Collective timeout in seconds (overrides the spec's timeout_s)."),
+    tp: Optional[int] = typer.Option(None, "--tp", help="Run the spec's preset shapes at this tensor-parallel "
+                                                       "size, on that many ranks (e.g. a tp=8 spec on 4 GPUs)."),
 ) -> None:
     """Sweep shapes x tokens x settings; each record is appended to OUT/records.jsonl as it is measured."""
     from overlap_bench.spec import load_spec
     from overlap_bench.sweep import run_sweep
 
     def body() -> None:
-        spec, raw = load_spec(spec_path, world_size=world_size, backend=backend, timeout_s=timeout)
+        spec, raw = load_spec(spec_path, world_size=world_size, backend=backend, timeout_s=timeout, tp=tp)
         cases = spec.cases()
         if dry_run:
             out_console.print(f"{escape(spec.name)}: {len(cases)} cases on {spec.world_size} ranks ({spec.backend}); "

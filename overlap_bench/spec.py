@@ -292,8 +292,24 @@ def parse_spec(raw: Any, *, world_size: int | None = None, backend: str | None =
     return spec
 
 
+def with_tp(raw: Any, tp: int) -> dict:
+    """A copy of a raw spec run at tensor parallel ``tp``: every preset shape's ``tp`` and the world size
+    become ``tp`` (e.g. a tp=8 spec measured on the 4 GPUs at hand). Explicit K, N shapes are kept."""
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise SpecError(f"--tp: must be an integer >= 1, got {tp!r}")
+    out = dict(_mapping(raw if raw is not None else {}, "spec"))
+    shapes = out.get("shapes")
+    if isinstance(shapes, list):
+        out["shapes"] = [dict(s, tp=tp) if isinstance(s, dict) and "preset" in s else s for s in shapes]
+    out["world_size"] = tp
+    out["name"] = f"{out.get('name', 'sweep')}-at-tp{tp}"
+    return out
+
+
 def load_spec(path: str | os.PathLike | None, **overrides: Any) -> tuple[SweepSpec, dict]:
-    """Read and validate a spec file (or the embedded default when ``path`` is None); returns it with the raw mapping."""
+    """Read and validate a spec file (or the embedded default when ``path`` is None); returns it with the raw
+    mapping. ``overrides``: ``world_size``, ``backend``, ``timeout_s`` (see :func:`parse_spec`), ``tp``
+    (see :func:`with_tp`)."""
     if path is None:
         raw = default_spec_raw()
     else:
@@ -309,6 +325,9 @@ def load_spec(path: str | os.PathLike | None, **overrides: Any) -> tuple[SweepSp
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
             raise SpecError(f"SPEC: {p} is not valid YAML{where}; fix the syntax") from None
+    tp = overrides.pop("tp", None)
+    if tp is not None:
+        raw = with_tp(raw, tp)
     return parse_spec(raw, **overrides), raw
 
 

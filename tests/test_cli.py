@@ -130,3 +130,12 @@ def test_bad_spec_names_the_field(tmp_path, mutate, field):
     res = _bad(["sweep", str(path), "--out", str(tmp_path / "o")], field)
     assert len(res.output.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()  # nothing started
+
+
+def test_tp_override_expands_a_tp8_spec_at_tp4():
+    res = _ok(["sweep", "sweeps/llama-3.1-70b-tp8.yaml", "--tp", "4", "--backend", "gloo", "--dry-run"])
+    assert "llama-3.1-70b-tp8-at-tp4" in res.output and "on 4 ranks" in res.output
+    assert "K=2048\tN=8192" in res.output and "K=7168\tN=8192" in res.output  # o_proj, down_proj at tp=4
+    res = _ok(["sweep", "sweeps/llama-3.1-70b-tp8.yaml", "--backend", "gloo", "--dry-run"])
+    assert "on 8 ranks" in res.output and "K=3584\tN=8192" in res.output
+    _bad(["sweep", "sweeps/llama-3.1-70b-tp8.yaml", "--tp", "0", "--dry-run"], "--tp")
