@@ -140,12 +140,7 @@ def _group_key(c: Case) -> tuple:
 
 def run_cases(ctx: RankContext, cases: list[Case], opts: BenchOptions) -> None:
     """Entry point of every rank of a sweep job (``launch`` calls it)."""
-    if ctx.world > 1:
-        # Every rank must run the same cases in the same order; rank 0's list (it owns the records and
-        # knows what --resume skips) is the one, also on nodes that cannot see the run directory.
-        box = [cases]
-        dist.broadcast_object_list(box, src=0)
-        cases = box[0]
+    cases = same_cases(cases, ctx)
     device_name = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
     progress = _Progress(opts) if ctx.rank == 0 and opts.progress else None
     cursor = _Cursor(ctx.rank)
@@ -205,22 +200,12 @@ def measure_group(ctx: RankContext, group: list[Case], opts: BenchOptions, devic
         cursor.at(case.label)
         name, settings = strategies.parse(case.label)
         note = strategies.backend_note(name, settings, ctx.backend)
-        reason = strategies.unavailable_reason(name, settings, ctx.backend)
-        if reason:
-            emit(_record(case, ctx, opts, device_name, status="unavailable", reason=reason, note=note, **refs))
+        checked = check_against_baseline(name, settings, x, w, b, y_base, case.dtype, ctx)
+        if checked.status != "ok":
+            emit(_record(case, ctx, opts, device_name, status=checked.status, reason=checked.reason,
+                         rel_err=checked.rel_err, note=note, **refs))
             continue
-        y, err = _try(lambda: strategies.run(name, x, w, b, None, settings))
-        err = agree_failure(err, ctx)
-        if err:
-            emit(_record(case, ctx, opts, device_name, status="failed", reason=err, note=note, **refs))
-            continue
-        e = allreduce_max([rel_err(y, y_base)], None, ctx.device)[0]
-        del y
-        if not within_tolerance(e, case.dtype):
-            emit(_record(case, ctx, opts, device_name, status="failed", rel_err=e, note=note,
-                         reason=f"rel_err {e:.3g} above the {case.dtype} tolerance {TOLERANCE[case.dtype]:g}",
-                         **refs))
-            continue
+        e = checked.rel_err
         t = _time(lambda: strategies.run(name, x, w, b, None, settings), ctx, opts)
         derived = metrics.derive(m=case.M, k=case.K, n=case.N, dtype=case.dtype, world=ctx.world,
                                  t_ms=t.median_ms, t_base_ms=t_base.median_ms, t_gemm_ms=t_gemm.median_ms,
@@ -228,6 +213,46 @@ def measure_group(ctx: RankContext, group: list[Case], opts: BenchOptions, devic
         emit(_record(case, ctx, opts, device_name, rel_err=e, note=note, t_ms=t.median_ms,
                      t_iqr_ms=t.iqr_ms, **refs, **derived))
     return out
+
+
+@dataclass(frozen=True)
+class Checked:
+    """Outcome of the numerics check that precedes every timing."""
+
+    status: str
+    """``ok``, ``failed`` or ``unavailable``."""
+    reason: str | None
+    rel_err: float
+
+
+def check_against_baseline(name: str, settings: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                           y_base: torch.Tensor, dtype: str, ctx: RankContext) -> Checked:
+    """Run strategy ``name`` once on the baseline's inputs and compare (max ``rel_err`` over ranks).
+
+    Every rank reaches the same verdict: availability is decided from the backend alone, and a case error
+    raised before the first collective is agreed on before anything else is issued.
+    """
+    reason = strategies.unavailable_reason(name, settings, ctx.backend)
+    if reason:
+        return Checked("unavailable", reason, math.nan)
+    y, err = _try(lambda: strategies.run(name, x, w, b, None, settings))
+    err = agree_failure(err, ctx)
+    if err:
+        return Checked("failed", err, math.nan)
+    e = allreduce_max([rel_err(y, y_base)], None, ctx.device)[0]
+    if not within_tolerance(e, dtype):
+        return Checked("failed", f"rel_err {e:.3g} above the {dtype} tolerance {TOLERANCE[dtype]:g}", e)
+    return Checked("ok", None, e)
+
+
+def same_cases(cases: list[Case], ctx: RankContext) -> list[Case]:
+    """Rank 0's case list on every rank (it owns the records and knows what --resume skips, also on nodes
+    that cannot see the run directory); every rank must run the same cases in the same order."""
+    if ctx.world == 1:
+        return cases
+    box = [cases]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _joint(out: torch.Tensor, buf: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
@@ -274,10 +299,7 @@ def run_ab(ctx: RankContext, cases: list[Case], labels: tuple[str, str], repeats
     """
     import json
 
-    if ctx.world > 1:
-        box = [cases]
-        dist.broadcast_object_list(box, src=0)
-        cases = box[0]
+    cases = same_cases(cases, ctx)
     parsed = [strategies.parse(lab) for lab in labels]
     rows = []
     for case in cases:
@@ -287,16 +309,11 @@ def run_ab(ctx: RankContext, cases: list[Case], labels: tuple[str, str], repeats
                                "a_label": labels[0], "b_label": labels[1], "samples_a": [], "samples_b": [],
                                "t_ms_a": [], "t_ms_b": []}
         errs = []
-        for side, (name, settings) in zip("ab", parsed):
-            reason = strategies.unavailable_reason(name, settings, ctx.backend)
-            y, err = (None, reason) if reason else _try(lambda: strategies.run(name, x, w, b, None, settings))
-            err = agree_failure(err, ctx)
-            e = math.nan if err else allreduce_max([rel_err(y, y_base)], None, ctx.device)[0]
-            if not err and not within_tolerance(e, case.dtype):
-                err = f"rel_err {e:.3g} above the {case.dtype} tolerance {TOLERANCE[case.dtype]:g}"
-            row[f"rel_err_{side}"] = e
-            if err:
-                errs.append(f"{labels['ab'.index(side)]}: {err}")
+        for side, lab, (name, settings) in zip("ab", labels, parsed):
+            checked = check_against_baseline(name, settings, x, w, b, y_base, case.dtype, ctx)
+            row[f"rel_err_{side}"] = checked.rel_err
+            if checked.status != "ok":
+                errs.append(f"{lab}: {checked.status}: {checked.reason}")
         if errs:
             row["error"] = "; ".join(errs)
         else:
