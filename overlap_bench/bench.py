@@ -102,17 +102,20 @@ def inputs(case: Case, ctx: RankContext, seed: int) -> tuple[torch.Tensor, torch
 
 def agree_failure(local: str | None, ctx: RankContext) -> str | None:
     """Whether any rank failed (all ranks learn it); the reason is this rank's, or a note about another's."""
+    if ctx.world == 1:
+        return local
     anyf = allreduce_max([1.0 if local else 0.0], None, ctx.device)[0] > 0
     if not anyf:
         return None
     return local or "failed on another rank"
 
 
-def _try(fn: Callable[[], Any]) -> tuple[Any, str | None]:
+def try_case(fn: Callable[[], Any]) -> tuple[Any, str | None]:
+    """``(fn(), None)``, or ``(None, "Type: first line")`` when ``fn`` raises one of :data:`CASE_ERRORS`."""
     try:
         return fn(), None
     except CASE_ERRORS as exc:
-        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip().rstrip(":")
 
 
 def repro(case: Case, world: int, backend: str, warmup: int, reps: int) -> str:
@@ -174,7 +177,7 @@ def measure_group(ctx: RankContext, group: list[Case], opts: BenchOptions, devic
             progress.advance(f"{rec.shape} M={rec.M} {rec.label}")
         cursor.record_done()
 
-    made, err = _try(lambda: inputs(head, ctx, opts.seed))
+    made, err = try_case(lambda: inputs(head, ctx, opts.seed))
     err = agree_failure(err, ctx)
     if err:
         for case in group:
@@ -235,7 +238,7 @@ def check_against_baseline(name: str, settings: Any, x: torch.Tensor, w: torch.T
     reason = strategies.unavailable_reason(name, settings, ctx.backend)
     if reason:
         return Checked("unavailable", reason, math.nan)
-    y, err = _try(lambda: strategies.run(name, x, w, b, None, settings))
+    y, err = try_case(lambda: strategies.run(name, x, w, b, None, settings))
     err = agree_failure(err, ctx)
     if err:
         return Checked("failed", err, math.nan)

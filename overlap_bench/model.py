@@ -42,6 +42,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from overlap_bench import strategies
+from overlap_bench.bench import agree_failure, try_case
 from overlap_bench.errors import UserError
 from overlap_bench.launch import JobConfig, RankContext, in_torchrun, launch, resolve
 from overlap_bench.metrics import DTYPES
@@ -64,11 +65,6 @@ ENV_FILE = "env.json"
 RMS_EPS = 1e-6
 MAX_ROUNDS = 3
 """The timed repetitions of each mode are split into up to this many rounds, modes interleaved per round."""
-
-# Errors that stay inside one (M, mode): recorded, and the job goes on. Ranks run the same shapes and the
-# same choices, so they raise these at the same point (settings checks, allocations of equal size).
-CASE_ERRORS = (ValueError, strategies.StrategyUnavailable,
-               getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))  # torch.OutOfMemoryError: 2.5+
 
 RowFn = Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]
 """``row(layer_name, x [M, K/tp], weight [N, K/tp]) -> y [M, N]``, reduced over the ranks (or not: nocomm)."""
@@ -263,22 +259,6 @@ def nocomm_row(layer: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tenso
 
 # ---------------------------------------------------------------------------------------------- per rank
 
-def _try(fn: Callable[[], Any]) -> tuple[Any, str | None]:
-    try:
-        return fn(), None
-    except CASE_ERRORS as exc:
-        text = str(exc).splitlines()[0] if str(exc) else ""
-        return None, f"{type(exc).__name__}: {text}".strip().rstrip(":")
-
-
-def _agree(local: str | None, ctx: RankContext) -> str | None:
-    """Whether any rank failed (every rank learns it); the reason is this rank's, or a note about another's."""
-    if ctx.world == 1:
-        return local
-    anyf = allreduce_max([1.0 if local else 0.0], None, ctx.device)[0] > 0
-    return (local or "failed on another rank") if anyf else None
-
-
 def _free(ctx: RankContext) -> None:
     if ctx.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -321,8 +301,8 @@ def run_model(ctx: RankContext, preset: str, tokens: list[int], layers: int, pol
     shapes = {layer: list(d.row_shape(layer)) for layer in ROW_LAYERS}
     rows: list[dict[str, Any]] = []
 
-    weights, err = _try(lambda: build_stack(p, tp, ctx.rank, layers, dtype=dt, device=ctx.device, seed=seed))
-    err = _agree(err, ctx)
+    weights, err = try_case(lambda: build_stack(p, tp, ctx.rank, layers, dtype=dt, device=ctx.device, seed=seed))
+    err = agree_failure(err, ctx)
     if err:
         # Nothing can be measured at any M: record why and stop.
         for m in tokens:
@@ -366,8 +346,8 @@ def run_model(ctx: RankContext, preset: str, tokens: list[int], layers: int, pol
 
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)
-        x, err = _try(lambda: hidden_states(m, d.hidden, dtype=dt, device=ctx.device, seed=seed))
-        err = _agree(err, ctx)
+        x, err = try_case(lambda: hidden_states(m, d.hidden, dtype=dt, device=ctx.device, seed=seed))
+        err = agree_failure(err, ctx)
         if err:
             rows += [_row(**common, mode=mode, status="failed", reason=f"inputs: {err}",
                           choices=plan[mode].get("choices")) for mode in MODES]
@@ -380,8 +360,8 @@ def run_model(ctx: RankContext, preset: str, tokens: list[int], layers: int, pol
 
         # Numerics first: every mode's final hidden states against baseline's.
         status: dict[str, dict[str, Any]] = {}
-        y_base, err = _try(lambda: stack_forward(weights, x, d, plan["baseline"]["row"]))
-        err = _agree(err, ctx)
+        y_base, err = try_case(lambda: stack_forward(weights, x, d, plan["baseline"]["row"]))
+        err = agree_failure(err, ctx)
         if err:
             rows += [_row(**common, mode=mode, status="failed", reason=f"baseline forward: {err}",
                           choices=plan[mode].get("choices")) for mode in MODES]
@@ -399,8 +379,8 @@ def run_model(ctx: RankContext, preset: str, tokens: list[int], layers: int, pol
             if "unavailable" in info:
                 status[mode] = {"status": "unavailable", "reason": info["unavailable"]}
                 continue
-            y, err = _try(lambda: stack_forward(weights, x, d, info["row"]))
-            err = _agree(err, ctx)
+            y, err = try_case(lambda: stack_forward(weights, x, d, info["row"]))
+            err = agree_failure(err, ctx)
             if err:
                 status[mode] = {"status": "failed", "reason": err}
                 _free(ctx)
@@ -429,10 +409,10 @@ def run_model(ctx: RankContext, preset: str, tokens: list[int], layers: int, pol
                 if mode not in medians:
                     continue
                 row_fn = plan[mode]["row"]
-                t, err = _try(lambda: time_region(lambda: stack_forward(weights, x, d, row_fn),
+                t, err = try_case(lambda: time_region(lambda: stack_forward(weights, x, d, row_fn),
                                                   warmup=warmup if r == 0 else min(warmup, 1), reps=per_round,
                                                   group=None, device=ctx.device))
-                err = _agree(err, ctx)
+                err = agree_failure(err, ctx)
                 if err:
                     status[mode] = {**status[mode], "status": "failed", "reason": f"timing: {err}"}
                     medians.pop(mode)
