@@ -235,18 +235,21 @@ def _compare_cases(spec_path: Optional[Path], preset: Optional[str], tokens: Opt
     else:
         from overlap_bench.launch import resolve
 
+        from overlap_bench.spec import SMOKE
+
         be, world = resolve(backend, nproc)
         gpu = be == "nccl"
+        if preset:
+            shapes = [{"preset": preset}]
+        else:  # Qwen2.5-72B at tp = ranks on GPUs; the smoke spec's tiny shapes on CPU
+            shapes = [{"preset": "qwen2.5-72b"}] if gpu else SMOKE["shapes"]
         raw = {
             "name": "compare",
             "dtypes": [dtype or ("bfloat16" if gpu else "float32")],
-            "shapes": [{"preset": preset}] if (preset or gpu) and not (preset is None and not gpu)
-            else [{"name": "tiny/o_proj", "K": 128, "N": 256}, {"name": "tiny/down_proj", "K": 256, "N": 256}],
-            "tokens": _ints(tokens, "--tokens") if tokens else ([16384, 32768] if gpu else [64, 256]),
+            "shapes": shapes,
+            "tokens": _ints(tokens, "--tokens") if tokens else ([16384, 32768] if gpu else SMOKE["tokens"]),
             "strategies": ["baseline"],
         }
-        if gpu and preset is None:
-            raw["shapes"] = [{"preset": "qwen2.5-72b"}]
         spec = parse_spec(raw, world_size=world, backend=be)
     if tokens and spec_path is not None:
         spec.tokens = _ints(tokens, "--tokens")
