@@ -282,3 +282,11 @@ def test_row_parallel_linear_matches_baseline(tmp_path):
     path.write_text(yaml.safe_dump(GOOD))
     assert policy.load_policy(path).choose(K=8, N=6, M=10).settings.chunks == 3
     mp.spawn(_layer_worker, args=(2, str(tmp_path / "store"), str(path)), nprocs=2, join=True)
+
+
+def test_shipped_h100_policy_loads_and_answers(monkeypatch):
+    monkeypatch.delenv(policy.ENV_DIR, raising=False)
+    pol = policy.load_policy_for("NVIDIA H100 80GB HBM3", 4, "bfloat16")
+    assert pol.meta["required_env"] == {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+    assert pol.choose(K=2048, N=8192, M=32768).strategy == "chunked"
+    assert pol.choose(K=7392, N=8192, M=1024).strategy == "baseline"  # below the smallest bucket
