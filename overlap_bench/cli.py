@@ -276,6 +276,7 @@ def compare(
     backend: str = typer.Option("auto", help="auto, nccl or gloo."),
     warmup: int = typer.Option(5, help="Untimed calls before each timed region."),
     reps: int = typer.Option(20, help="Timed calls per region (one repeat = one region's median)."),
+    env: List[str] = typer.Option([], help="KEY=VALUE set in every rank before CUDA starts (repeatable)."),
     out: Optional[Path] = typer.Option(None, help="Write compare.json, compare.md and env.json here."),
     markdown: Optional[Path] = typer.Option(None, help="Write the markdown table (for a pull request) here."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
@@ -307,14 +308,17 @@ def compare(
             spec, cases = _compare_cases(spec_path, preset, tokens, dtype, nproc, backend)
             tmp = Path(tempfile.mkdtemp(prefix="overlap-bench-compare-")) / "rows.json"
             opts = BenchOptions(str(tmp.parent), warmup, reps, 0, 0, 0, False)
+            job_env = _env_raw(env)
             launch(run_ab, (cases, tuple(labels), repeats, opts, str(tmp)),
-                   JobConfig(spec.world_size, spec.backend, spec.timeout_s))
+                   JobConfig(spec.world_size, spec.backend, spec.timeout_s, job_env))
             if not _rank0():
                 return
             rows = _json.loads(tmp.read_text())
             unmatched = [f"{r['shape']} M={r['M']}: {r['error']}" for r in rows if r.get("error")]
             df = cmp.build_table([r for r in rows if not r.get("error")], min_effect=min_effect)
             title = f"{labels[1]} vs {labels[0]}, {spec.world_size} ranks ({spec.backend}), {repeats} repeats"
+            if job_env:
+                title += ", " + " ".join(f"{k}={v}" for k, v in job_env.items())
         summ = cmp.summary(df)
         md = cmp.to_markdown(df, summ, title)
         if out is not None:
