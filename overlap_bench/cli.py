@@ -49,9 +49,10 @@ def _guard(fn: Callable[[], Any], out_dir: Path | None = None) -> Any:
     except RankFailed as exc:
         err_console.print(f"[red]error:[/] {escape(str(exc))}.{kept}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
-    except KeyboardInterrupt:
-        err_console.print(f"[yellow]interrupted.[/]{kept}", highlight=False, soft_wrap=True)
-        raise typer.Exit(130)
+    except KeyboardInterrupt as exc:
+        word, code = ("terminated.", 143) if isinstance(exc, Terminated) else ("interrupted.", 130)
+        err_console.print(f"[yellow]{word}[/]{kept}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code)
     except UserError as exc:  # SpecError, LaunchError, PolicyError, bad flags
         err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
@@ -421,8 +422,19 @@ def list_strategies() -> None:
     out_console.print(t)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, ``timeout``): unwound like Ctrl-C so ranks stop and records and tables are kept."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def main() -> None:
     """Console-script entry point."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
     app()
 
 

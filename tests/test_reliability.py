@@ -193,8 +193,9 @@ def test_timeout_override_replaces_the_spec_field():
 # ----------------------------------------------------------------------------------- 3. Ctrl-C
 
 
-@pytest.mark.parametrize("target", ["launcher", "process-group"])
+@pytest.mark.parametrize("target", ["launcher", "process-group", "sigterm"])
 def test_ctrl_c_stops_every_rank_and_keeps_records(tmp_path, target):
+    # "sigterm": what a scheduler or `timeout` sends the launcher; handled like Ctrl-C, exit 143.
     # Rank 1 hangs after 2 cases (rank 0 waits in a collective, timeout 60 s): the job is surely mid-sweep.
     spec, out, marker = write_spec(tmp_path / "spec.yaml"), tmp_path / "run", uuid.uuid4().hex
     proc = subprocess.Popen([sys.executable, "-m", "overlap_bench", "sweep", str(spec), "--out", str(out)],
@@ -210,6 +211,8 @@ def test_ctrl_c_stops_every_rank_and_keeps_records(tmp_path, target):
         time.sleep(0.5)  # rank 0 is now waiting in a collective
         if target == "launcher":
             proc.send_signal(signal.SIGINT)
+        elif target == "sigterm":
+            proc.send_signal(signal.SIGTERM)
         else:  # what a terminal's Ctrl-C does: every process of the foreground group gets it
             os.killpg(proc.pid, signal.SIGINT)
         t0 = time.monotonic()
@@ -218,9 +221,9 @@ def test_ctrl_c_stops_every_rank_and_keeps_records(tmp_path, target):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == (143 if target == "sigterm" else 130), stderr
     assert time.monotonic() - t0 < 30
-    assert "interrupted." in stderr and "Traceback" not in stderr
+    assert ("terminated." if target == "sigterm" else "interrupted.") in stderr and "Traceback" not in stderr
     assert_none_left(marker)
     assert len(json_lines(out)) == 2
     assert (out / "tables.md").exists()  # tables of what was measured are still written
