@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from overlap_bench.records import Record, load_records
+from overlap_bench.records import Record, json_safe, load_records
 from overlap_bench.stats import VERDICTS, Comparison, compare_samples, geomean
 
 CASE_COLUMNS = ["shape", "K", "N", "M", "dtype", "a_label", "b_label", "samples_a", "samples_b"]
@@ -167,22 +167,10 @@ def to_markdown(df: ComparisonTable, summ: dict[str, Any], title: str) -> str:
     return "\n".join(lines)
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple, np.ndarray)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
 def to_json(df: ComparisonTable, summ: dict[str, Any]) -> str:
     """``{"summary": ..., "rows": [...]}`` with the sample lists kept and NaN/inf written as null."""
     doc = {"summary": summ, "rows": df.to_dict(orient="records")}
-    return json.dumps(_jsonable(doc), indent=2, allow_nan=False)
+    return json.dumps(json_safe(doc), indent=2, allow_nan=False)
 
 
 def rich_table(df: ComparisonTable, summ: dict[str, Any], title: str):

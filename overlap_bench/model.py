@@ -48,7 +48,7 @@ from overlap_bench.launch import JobConfig, RankContext, in_torchrun, launch, re
 from overlap_bench.metrics import DTYPES
 from overlap_bench.numerics import TOLERANCE, rel_err, within_tolerance
 from overlap_bench.presets import PRESETS, ModelPreset
-from overlap_bench.records import write_atomic
+from overlap_bench.records import json_safe, write_atomic
 from overlap_bench.timing import allreduce_max, time_region
 
 if TYPE_CHECKING:
@@ -469,18 +469,8 @@ def _row(preset: str, tp: int, layers: int, m: int, dtype: str, mode: str, ctx: 
     return row
 
 
-def _json_safe(v: Any) -> Any:
-    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
-        return None
-    if isinstance(v, dict):
-        return {k: _json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    return v
-
-
 def _write_rows(path: str | os.PathLike, rows: Iterable[dict]) -> None:
-    write_atomic(path, "".join(json.dumps(_json_safe(r), allow_nan=False) + "\n" for r in rows))
+    write_atomic(path, "".join(json.dumps(json_safe(r), allow_nan=False) + "\n" for r in rows))
 
 
 def load_rows(path: str | os.PathLike) -> list[dict]:

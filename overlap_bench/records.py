@@ -80,7 +80,7 @@ class Record:
 
     def to_json(self) -> str:
         """One strict-JSON line (NaN becomes null, so jq and JavaScript read it)."""
-        d = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
+        d = json_safe(asdict(self))
         d["ok"] = self.ok
         return json.dumps(d, sort_keys=False, allow_nan=False)
 
@@ -92,6 +92,20 @@ class Record:
         floats = {f.name for f in fields(cls) if f.type in ("float", float)}
         names = {f.name for f in fields(cls)}
         return cls(**{k: (math.nan if k in floats and v is None else v) for k, v in d.items() if k in names})
+
+
+def json_safe(x: Any) -> Any:
+    """``x`` with NaN/inf as None and numpy scalars/arrays as Python values, for strict JSON output
+    (records, compare tables, model rows: jq and JavaScript reject bare NaN)."""
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)) or type(x).__name__ == "ndarray":
+        return [json_safe(v) for v in x]
+    if hasattr(x, "item") and type(x).__module__ == "numpy":
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
 
 
 def case_key(shape: str, K: int, N: int, M: int, dtype: str, bias: bool, label: str, env: dict[str, str],
