@@ -9,6 +9,7 @@ from typing import Any, Iterable
 
 import pandas as pd
 
+from overlap_bench.markdown import cell, table
 from overlap_bench.records import Record, load_records, records_frame, write_atomic
 
 GROUP = ["shape", "K", "N", "dtype", "bias", "world", "device", "backend", "env_key"]
@@ -153,18 +154,18 @@ def _fmt(v: Any) -> str:
         return "✓" if v else ""
     if isinstance(v, float):
         return "" if math.isnan(v) else f"{v:.4g}"
-    return str(v).replace("|", "\\|")
+    return cell(v)
 
 
 def _markdown(t: pd.DataFrame) -> str:
     cols = ["M", "label", "t_base_ms", "t_ms", "speedup", "eta", "rel_err", "status", "best"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    rows = []
     for r in t[cols].itertuples(index=False):
         cells = [_fmt(v) for v in r]
         if r.best:
             cells[1] = f"**{cells[1]}**"
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return table(cols, rows)
 
 
 def write_tables(df: pd.DataFrame | Iterable[Record], run_dir: str | os.PathLike) -> list[Path]:

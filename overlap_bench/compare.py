@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from overlap_bench.markdown import cell, table
 from overlap_bench.records import Record, json_safe, load_records
 from overlap_bench.stats import VERDICTS, Comparison, compare_samples, geomean
 
@@ -156,13 +157,8 @@ def _summary_line(summ: dict[str, Any]) -> str:
 
 def to_markdown(df: ComparisonTable, summ: dict[str, Any], title: str) -> str:
     """A GitHub-flavoured markdown table (B against A) with the geomean line, ready for a pull request."""
-    def cell(s: str) -> str:
-        return s.replace("|", "\\|")
-
-    headers = _headers(df)
-    lines = [f"### {title}", "", "| " + " | ".join(headers) + " |",
-             "|" + "|".join(["---", "---:", "---", "---:", "---:", "---:", "---:", "---"]) + "|"]
-    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in _report_rows(df)]
+    rows = [[cell(c) for c in row] for row in _report_rows(df)]
+    lines = [f"### {title}", "", table(_headers(df), rows, "lrlrrrrl")]
     lines += ["", f"**{_summary_line(summ)}**", ""]
     return "\n".join(lines)
 

@@ -26,13 +26,13 @@ import math
 import os
 import re
 import statistics
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from overlap_bench import analysis
-from overlap_bench.records import Record, load_records, write_atomic
+from overlap_bench.markdown import cell, table
+from overlap_bench.records import Record, atomic_file, load_records, write_atomic
 
 SUMMARY = "summary.md"
 ENV = "env.json"
@@ -138,22 +138,6 @@ def _fmt(x: Any, spec: str) -> str:
     return format(x, spec) if _finite(x) else "–"
 
 
-def _cell(x: Any) -> str:
-    """Text safe inside a markdown table cell."""
-    if isinstance(x, (list, tuple)):
-        x = " ".join(str(v) for v in x)
-    return str(x).replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ")
-
-
-def _table(header: list[str], rows: Iterable[list[str]], align: list[str] | None = None) -> str:
-    """A GitHub markdown table; ``align`` holds ``l`` or ``r`` per column."""
-    align = align or ["l"] * len(header)
-    sep = ["---:" if a == "r" else "---" for a in align]
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _group_records(records: list[Record]) -> list[Group]:
     groups: dict[tuple, Group] = {}
     for r in records:
@@ -203,26 +187,9 @@ def _setting_text(v: Any) -> str:
 
 
 def _save_png(fig: Any, path: Path) -> None:
-    """``fig.savefig`` through a temp file in the same folder and a rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=120, bbox_inches="tight")
-            fh.flush()
-            os.fsync(fh.fileno())
-        _chmod_default(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _chmod_default(path: str | os.PathLike) -> None:
-    """Give a file made by ``mkstemp`` (mode 0600) the mode a plain ``open`` would: 0666 less the umask."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
+    """``fig.savefig`` written atomically."""
+    with atomic_file(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=120, bbox_inches="tight")
 
 
 def _m_axis(ax: Any, ms: list[int]) -> None:
@@ -386,34 +353,34 @@ def _env_section(run_dir: Path) -> list[str]:
     try:
         env = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        return out + [f"`env.json` could not be read: {_cell(e)}", ""]
+        return out + [f"`env.json` could not be read: {cell(e)}", ""]
     if not isinstance(env, dict):
-        return out + [f"`env.json` is not an object: `{_cell(env)}`", ""]
+        return out + [f"`env.json` is not an object: `{cell(env)}`", ""]
     rows: list[list[str]] = []
     keys = [k for k in _ENV_KEYS if k in env] + sorted(k for k in env if k not in _ENV_KEYS)
     for k in keys:
         v = env[k]
         if isinstance(v, dict):
             if not v:
-                rows.append([_cell(k), "(none)"])
+                rows.append([cell(k), "(none)"])
             for sk, sv in sorted(v.items(), key=lambda kv: str(kv[0])):
-                rows.append([_cell(f"{k}.{sk}"), f"`{_cell(sv)}`"])
+                rows.append([cell(f"{k}.{sk}"), f"`{cell(sv)}`"])
         elif k in ("command", "git_commit") and v not in (None, ""):
-            rows.append([_cell(k), f"`{_cell(v)}`"])
+            rows.append([cell(k), f"`{cell(v)}`"])
         else:
-            rows.append([_cell(k), _cell("" if v is None else v)])
+            rows.append([cell(k), cell("" if v is None else v)])
     if not rows:
         return out + ["`env.json` is empty.", ""]
-    return out + [_table(["key", "value"], rows), ""]
+    return out + [table(["key", "value"], rows), ""]
 
 
 def _group_section(g: Group, pngs: dict[str, str | None]) -> list[str]:
-    lines = [f"## {_cell(g.shape)} · K×N = {g.K}×{g.N} · {g.dtype} · world {g.world} · {_cell(g.device)}", ""]
+    lines = [f"## {cell(g.shape)} · K×N = {g.K}×{g.N} · {g.dtype} · world {g.world} · {cell(g.device)}", ""]
     extra = [f"backend `{g.backend}`"]
     if g.bias:
         extra.append("with bias")
     if g.env:
-        extra.append("env " + ", ".join(f"`{_cell(k)}={_cell(v)}`" for k, v in sorted(g.env.items())))
+        extra.append("env " + ", ".join(f"`{cell(k)}={cell(v)}`" for k, v in sorted(g.env.items())))
     labels = sorted({r.label for r in g.records})
     extra.append(f"{len(labels)} setting{'s' if len(labels) != 1 else ''}, "
                  f"{len(g.records)} ok record{'s' if len(g.records) != 1 else ''}")
@@ -429,7 +396,7 @@ def _group_section(g: Group, pngs: dict[str, str | None]) -> list[str]:
 
     header = ["M", "t_gemm (ms)", "t_comm (ms)", "t_base (ms)", "best setting", "t (ms)", "speedup", "eta",
               "rel_err", "pr speedup"]
-    align = ["r", "r", "r", "r", "l", "r", "r", "r", "r", "r"]
+    align = "rrrrlrrrrr"
     rows = []
     for m in g.ms:
         b = g.best(m)
@@ -438,11 +405,12 @@ def _group_section(g: Group, pngs: dict[str, str | None]) -> list[str]:
         prs = [r for r in g.records if r.M == m and r.strategy == "pr" and _finite(_speedup(r))]
         pr_s = _fmt(_speedup(prs[-1]), ".3f") if prs else "–"
         rows.append([str(m), _fmt(b.t_gemm_ms, ".3f"), _fmt(b.t_comm_ms, ".3f"), _fmt(b.t_base_ms, ".3f"),
-                     f"`{_cell(b.label)}`", _fmt(b.t_ms, ".3f"), _fmt(_speedup(b), ".3f"), _fmt(b.eta, ".2f"),
+                     f"`{cell(b.label)}`", _fmt(b.t_ms, ".3f"), _fmt(_speedup(b), ".3f"), _fmt(b.eta, ".2f"),
                      _fmt(b.rel_err, ".2e"), pr_s])
-    lines += [_table(header, rows, align), ""]
+    lines += [table(header, rows, align), ""]
     lines.append("Best setting: the ok record with the lowest t at that M if it beats the baseline beyond the "
-                 "measured spread (t + iqr/2 < t_base − iqr_base/2), else the baseline (as in "
+                 "measured spread (t + iqr/2 < ref − iqr_ref/2, ref = the faster of t_base and the baseline "
+                 "strategy's own record), else the baseline (as in "
                  "`analysis.best_settings` and the exported policy); its own side-by-side t_gemm, t_comm and "
                  "t_base are shown. speedup = t_base / t; eta = (t_base − t) / (t_base − max(t_gemm, t_comm)).")
     lines.append("")
@@ -475,9 +443,9 @@ def _problems_section(records: list[Record], torn: list[int]) -> list[str]:
         return []
     lines = ["## Failed and unavailable cases", ""]
     for r in bad:
-        lines.append(f"- **{_cell(r.status)}** `{_cell(r.label)}` — {_cell(r.shape)} (K={r.K}, N={r.N}), "
-                     f"M={r.M}, {r.dtype}, world {r.world}, {_cell(r.device)}: "
-                     f"{_cell(r.reason) if r.reason else 'no reason recorded'}")
+        lines.append(f"- **{cell(r.status)}** `{cell(r.label)}` — {cell(r.shape)} (K={r.K}, N={r.N}), "
+                     f"M={r.M}, {r.dtype}, world {r.world}, {cell(r.device)}: "
+                     f"{cell(r.reason) if r.reason else 'no reason recorded'}")
     if torn:
         lines.append(f"- records.jsonl lines skipped as torn (not valid JSON): {', '.join(map(str, torn))}")
     return lines + [""]
@@ -524,7 +492,7 @@ def write_report(run_dir: str | os.PathLike) -> list[Path]:
             sections += _group_section(g, pngs)
 
     counts = {s: sum(1 for r in records if r.status == s) for s in sorted({r.status for r in records})}
-    head = [f"# overlap-bench report: {_cell(run_dir.resolve().name)}", ""]
+    head = [f"# overlap-bench report: {cell(run_dir.resolve().name)}", ""]
     tally = ", ".join(f"{n} {s}" for s, n in counts.items()) or "none"
     head.append(f"Records: {len(records)} ({tally}) in `records.jsonl`"
                 + (f"; sweep spec: [{SPEC}]({SPEC})" if (run_dir / SPEC).exists() else "") + ".")
@@ -534,6 +502,5 @@ def write_report(run_dir: str | os.PathLike) -> list[Path]:
     text = "\n".join(head + _env_section(run_dir) + sections + _problems_section(records, loaded.torn_lines))
     summary = run_dir / SUMMARY
     write_atomic(summary, text.rstrip("\n") + "\n")
-    _chmod_default(summary)  # write_atomic leaves mkstemp's 0600
     written.append(summary)
     return written
