@@ -28,6 +28,7 @@ import yaml
 import overlap_bench
 from overlap_bench import analysis, strategies
 from overlap_bench.errors import UserError
+from overlap_bench.stats import geomean
 from overlap_bench.records import load_records, write_atomic
 
 log = logging.getLogger("overlap_bench.policy")
@@ -149,11 +150,6 @@ def _read_env_json(run_dir: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _geomean(values) -> float:
-    vals = [v for v in values if v is not None and not math.isnan(v) and v > 0]
-    return math.exp(sum(map(math.log, vals)) / len(vals)) if vals else 1.0
-
-
 def _pick_env(best) -> str:
     """The env variant whose winners are fastest: geometric mean of the winners' absolute times over the
     (shape, M) cases every variant measured. Not their speedups: a variable that slows the baseline too
@@ -169,7 +165,8 @@ def _pick_env(best) -> str:
         b = best[best["env_key"] == k]
         if common:
             b = b[[tuple(r) in common for r in b[case].values.tolist()]]
-        scores[k] = _geomean(b["t_ms"].astype(float))
+        times = [t for t in b["t_ms"].astype(float) if math.isfinite(t) and t > 0]
+        scores[k] = geomean(times) if times else math.inf  # no usable time: never the fastest
     chosen = min(keys, key=lambda k: (scores[k], k != "default"))
     log.info("env variants scored by geometric-mean winner time (ms): %s; chose %s", scores, chosen)
     return chosen
