@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
-import os
 import shlex
-import signal
-import time
 from dataclasses import dataclass
 from itertools import groupby
 from typing import Any, Callable
@@ -52,40 +49,14 @@ class CaseFailed(RuntimeError):
     """A rank's error inside a case, re-raised with the case named (the launcher shows it)."""
 
 
-FAULT_ENV = "OVERLAP_BENCH_FAULT"
-"""TEST-ONLY fault injection (tests/test_reliability.py), never set in real runs. ``kill:rank=R:after=N``: rank R
-SIGKILLs itself right after its N-th recorded case of the job. ``hang:rank=R:after=N``: rank R sleeps forever
-there, while the others go on into the next collective and wait in it until the collective timeout."""
-
-
 class _Cursor:
-    """Where a rank is (the case in flight, named when it fails) and the test-only :data:`FAULT_ENV` hook."""
+    """Where a rank is: the case in flight, named when it fails."""
 
-    def __init__(self, rank: int):
+    def __init__(self) -> None:
         self.where = "start"
-        self.recorded = 0
-        self._fault: tuple[str, int] | None = None
-        text = os.environ.get(FAULT_ENV, "")
-        if text:
-            kind, *items = text.split(":")
-            try:
-                kv = {k: int(v) for k, v in (item.split("=", 1) for item in items)}
-            except ValueError:
-                kv = {}
-            if kind not in ("kill", "hang") or set(kv) != {"rank", "after"}:
-                raise ValueError(f"{FAULT_ENV}={text!r}: use kill:rank=R:after=N or hang:rank=R:after=N")
-            self._fault = (kind, kv["after"]) if kv["rank"] == rank else None
 
     def at(self, where: str) -> None:
         self.where = where
-
-    def record_done(self) -> None:
-        self.recorded += 1
-        if self._fault and self.recorded == self._fault[1]:
-            if self._fault[0] == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            while True:  # hang
-                time.sleep(3600)
 
 
 def inputs(case: Case, ctx: RankContext, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -146,7 +117,7 @@ def run_cases(ctx: RankContext, cases: list[Case], opts: BenchOptions) -> None:
     cases = same_cases(cases, ctx)
     device_name = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
     progress = _Progress(opts) if ctx.rank == 0 and opts.progress else None
-    cursor = _Cursor(ctx.rank)
+    cursor = _Cursor()
     try:
         for _, group in groupby(sorted(cases, key=_group_key), key=_group_key):
             group = list(group)
@@ -166,7 +137,7 @@ def measure_group(ctx: RankContext, group: list[Case], opts: BenchOptions, devic
     head = group[0]
     writer = RecordWriter(opts.out_dir) if ctx.rank == 0 else None
     out: list[Record] = []
-    cursor = cursor or _Cursor(ctx.rank)
+    cursor = cursor or _Cursor()
     cursor.at("(inputs and reference times)")
 
     def emit(rec: Record) -> None:
@@ -175,7 +146,6 @@ def measure_group(ctx: RankContext, group: list[Case], opts: BenchOptions, devic
             writer.append(rec)
         if progress:
             progress.advance(f"{rec.shape} M={rec.M} {rec.label}")
-        cursor.record_done()
 
     made, err = try_case(lambda: inputs(head, ctx, opts.seed))
     err = agree_failure(err, ctx)

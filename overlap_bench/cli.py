@@ -234,7 +234,7 @@ def _compare_cases(spec_path: Optional[Path], preset: Optional[str], tokens: Opt
     if spec_path is not None:
         spec, _ = load_spec(spec_path, world_size=nproc, backend=None if backend == "auto" else backend)
     else:
-        from overlap_bench.launch import resolve
+        from overlap_bench.world import resolve
 
         from overlap_bench.spec import SMOKE
 
@@ -346,7 +346,7 @@ def export(
     dtype: Optional[str] = typer.Option(None, help="Export only this dtype."),
 ) -> None:
     """Pick the best chunk settings per shape and token bucket and write them as a policy YAML."""
-    from overlap_bench.policy import export_policy
+    from overlap_bench.export import export_policy
 
     def body() -> None:
         if not (run_dir / "records.jsonl").exists():

@@ -3,6 +3,12 @@
 Local jobs rendezvous through a ``FileStore`` in a fresh temp directory (no TCP port to race for). A rank
 that raises or dies ends the whole job: the others are terminated, and :class:`RankFailed` names the rank
 that caused it and its error in one line.
+
+Why our own spawn and not ``torch.distributed.elastic`` (torchrun's agent) for local jobs: elastic runs a
+script or entry point, not a Python function with arguments; it is built to restart failed workers, where
+here the first failing rank must end the job at once with its rank and cause in one line; and its failure
+reports (error files, ``ChildFailedError``) would still need this module's translation. Multi-node jobs
+use torchrun itself: under it the same commands join its job (:func:`in_torchrun`).
 """
 
 from __future__ import annotations
@@ -27,15 +33,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from overlap_bench.errors import UserError
+from overlap_bench.world import LaunchError, in_torchrun, resolve  # noqa: F401  (re-exported)
 
 # NVLink multicast stays off in every process we start: a program using it can take a shared host's GPUs
 # out of service. Kept when already set, set when missing.
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-
-
-class LaunchError(UserError):
-    """Bad launch arguments (world size larger than the GPUs, unknown backend)."""
 
 
 class RankFailed(RuntimeError):
@@ -69,37 +71,6 @@ class RankContext:
     local_rank: int
     backend: str
     device: torch.device
-
-
-def gpu_count() -> int:
-    """CUDA GPUs visible to this process."""
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def resolve(backend: str | None, nproc: int | None) -> tuple[str, int]:
-    """Pick the backend (``nccl`` when GPUs are visible, else ``gloo``) and the rank count (every GPU, or 2)."""
-    gpus = gpu_count()
-    backend = (backend or "auto").lower()
-    if backend == "auto":
-        backend = "nccl" if gpus > 0 else "gloo"
-    if backend not in ("nccl", "gloo"):
-        raise LaunchError(f"--backend must be auto, nccl or gloo, got '{backend}'")
-    if in_torchrun():
-        return backend, int(os.environ["WORLD_SIZE"])
-    if backend == "nccl" and gpus == 0:
-        raise LaunchError("--backend nccl needs CUDA GPUs and none are visible; use --backend gloo (or auto)")
-    if nproc is None:
-        nproc = gpus if backend == "nccl" else 2
-    if nproc < 1:
-        raise LaunchError(f"--nproc must be >= 1, got {nproc}")
-    if backend == "nccl" and nproc > gpus:
-        raise LaunchError(f"--nproc {nproc} is more than the {gpus} visible GPUs; use --nproc <= {gpus} or --backend gloo")
-    return backend, nproc
-
-
-def in_torchrun() -> bool:
-    """Whether this process was started by torchrun (or another launcher that sets RANK/WORLD_SIZE)."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def _die_with_parent() -> None:

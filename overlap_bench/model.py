@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from overlap_bench import strategies
 from overlap_bench.bench import agree_failure, try_case
 from overlap_bench.errors import UserError
-from overlap_bench.launch import JobConfig, RankContext, in_torchrun, launch, resolve
+from overlap_bench.launch import JobConfig, RankContext, launch
+from overlap_bench.world import in_torchrun, resolve
 from overlap_bench.metrics import DTYPES
 from overlap_bench.numerics import TOLERANCE, rel_err, within_tolerance
 from overlap_bench.presets import PRESETS, ModelPreset

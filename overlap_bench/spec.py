@@ -17,7 +17,7 @@ import yaml
 
 from overlap_bench.errors import UserError
 from overlap_bench import strategies
-from overlap_bench.launch import LaunchError, in_torchrun, resolve
+from overlap_bench.world import LaunchError, in_torchrun, resolve
 from overlap_bench.metrics import DTYPES
 from overlap_bench.presets import row_parallel_shapes
 

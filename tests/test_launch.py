@@ -7,7 +7,7 @@ import time
 import pytest
 import torch.distributed as dist
 
-from overlap_bench import launch as launch_mod
+from overlap_bench import world as launch_mod  # resolve() and gpu_count() live in world.py
 from overlap_bench.launch import JobConfig, LaunchError, RankFailed, launch, resolve
 
 

@@ -1,6 +1,6 @@
 """Issue 8, reliability: faults, hangs and bad input cost nothing already measured (CPU / gloo, 2 ranks).
 
-Mid-sweep faults are made deterministic with the test-only hook ``bench.FAULT_ENV`` (``OVERLAP_BENCH_FAULT``):
+Mid-sweep faults are made deterministic with the test-only hook in ``tests/faults`` (``OVERLAP_BENCH_FAULT``):
 ``kill:rank=R:after=N`` (rank R SIGKILLs itself after its N-th recorded case) and ``hang:rank=R:after=N`` (rank R
 sleeps forever there while its peer waits in the next collective). Jobs that take signals run the CLI as a
 subprocess (``python -m overlap_bench``); each carries a unique marker in its environment, so that rank
@@ -28,13 +28,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from overlap_bench import analysis, policy, sweep as sweep_mod
-from overlap_bench.bench import FAULT_ENV
+from overlap_bench import analysis, export, policy, sweep as sweep_mod
 from overlap_bench.cli import app
 from overlap_bench.launch import RankFailed
 from overlap_bench.policy import PolicyError, load_policy
 from overlap_bench.records import RECORDS, load_records, write_atomic
 from overlap_bench.spec import SpecError, load_spec, parse_spec
+from faults.sitecustomize import FAULT_ENV, HERE as FAULTS_DIR
 
 MARKER = "OVERLAP_BENCH_TEST_MARKER"
 
@@ -85,6 +85,8 @@ def json_lines(out: Path) -> list[dict]:
 def cli_env(marker: str | None = None, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != FAULT_ENV}
     env.update(extra)
+    if FAULT_ENV in extra:  # the hook lives with the tests: put it on every process's path
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [FAULTS_DIR, env.get("PYTHONPATH")]))
     if marker:
         env[MARKER] = marker
     return env
@@ -443,7 +445,7 @@ def finished_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(os, "replace", spy)
         sweep_mod.run_sweep(spec, raw, base / "run", progress=False)
-        policy.export_policy(base / "run", base / "run" / "policy")
+        export.export_policy(base / "run", base / "run" / "policy")
     return spec_path, base / "run", replaced
 
 

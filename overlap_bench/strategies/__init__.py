@@ -154,8 +154,13 @@ _loaded = False
 
 
 def _load_builtin() -> None:
+    """Import every module of this package once: each registers its strategies, so a new strategy is one
+    new file here (helpers such as ``pipeline`` register nothing and import harmlessly)."""
     global _loaded
     if not _loaded:
-        from overlap_bench.strategies import baseline, chunked, pr  # noqa: F401  (registration)
+        import importlib
+        import pkgutil
 
+        for mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+            importlib.import_module(f"{__name__}.{mod}")
         _loaded = True

@@ -1,0 +1,45 @@
+"""The job's shape before anything starts: which backend and how many ranks this machine can run, and whether
+torchrun started this process. Kept apart from the launcher so that validating a spec starts nothing."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from overlap_bench.errors import UserError
+
+
+class LaunchError(UserError):
+    """Bad launch arguments (world size larger than the GPUs, unknown backend)."""
+
+
+def gpu_count() -> int:
+    """CUDA GPUs visible to this process."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def resolve(backend: str | None, nproc: int | None) -> tuple[str, int]:
+    """Pick the backend (``nccl`` when GPUs are visible, else ``gloo``) and the rank count (every GPU, or 2)."""
+    gpus = gpu_count()
+    backend = (backend or "auto").lower()
+    if backend == "auto":
+        backend = "nccl" if gpus > 0 else "gloo"
+    if backend not in ("nccl", "gloo"):
+        raise LaunchError(f"--backend must be auto, nccl or gloo, got '{backend}'")
+    if in_torchrun():
+        return backend, int(os.environ["WORLD_SIZE"])
+    if backend == "nccl" and gpus == 0:
+        raise LaunchError("--backend nccl needs CUDA GPUs and none are visible; use --backend gloo (or auto)")
+    if nproc is None:
+        nproc = gpus if backend == "nccl" else 2
+    if nproc < 1:
+        raise LaunchError(f"--nproc must be >= 1, got {nproc}")
+    if backend == "nccl" and nproc > gpus:
+        raise LaunchError(f"--nproc {nproc} is more than the {gpus} visible GPUs; use --nproc <= {gpus} or --backend gloo")
+    return backend, nproc
+
+
+def in_torchrun() -> bool:
+    """Whether this process was started by torchrun (or another launcher that sets RANK/WORLD_SIZE)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ

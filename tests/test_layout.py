@@ -1,0 +1,67 @@
+"""Issue 12: the package's structure as behaviour (what the serving path imports, how strategies are found,
+the top-level cli.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(code: str, **env: str) -> subprocess.CompletedProcess:
+    full = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=120)
+
+
+def test_the_serving_path_imports_no_analysis_stack():
+    # A server that loads a policy and builds the drop-in layer must not pay for pandas/matplotlib/scipy
+    # (nor the launcher): a regression here is one stray import in policy.py or layer.py.
+    res = _run("import sys, overlap_bench.layer, overlap_bench.policy as p\n"
+               "p.load_policy_for('cpu', 2, 'float32').choose(K=1, N=1, M=1)\n"
+               "heavy = sorted(m for m in ('pandas', 'matplotlib', 'scipy', 'overlap_bench.launch') if m in sys.modules)\n"
+               "print(heavy)")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
+
+
+def test_validating_a_spec_does_not_load_the_launcher():
+    res = _run("import sys\nfrom overlap_bench.spec import parse_spec, SMOKE\nparse_spec(SMOKE)\n"
+               "print('overlap_bench.launch' in sys.modules, 'pandas' in sys.modules)")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False False"
+
+
+def test_a_strategy_is_one_new_file(tmp_path):
+    # Discovery, not a list: a module dropped into the strategies package is registered with no other edit.
+    pkg = tmp_path / "overlap_bench"
+    (pkg / "strategies").mkdir(parents=True)
+    src = ROOT / "overlap_bench"
+    for f in src.glob("*.py"):
+        (pkg / f.name).symlink_to(f)
+    for f in (src / "strategies").glob("*.py"):
+        (pkg / "strategies" / f.name).symlink_to(f)
+    (pkg / "strategies" / "twice.py").write_text(
+        "from dataclasses import dataclass\nfrom overlap_bench.strategies import register\n"
+        "from overlap_bench.strategies.baseline import baseline\n\n"
+        "@dataclass(frozen=True)\nclass S:\n    pass\n\n"
+        "@register('twice', S, 'test only')\ndef twice(x, w, b, group, s):\n    return baseline(x, w, b, group, s)\n")
+    res = subprocess.run([sys.executable, "-c", "from overlap_bench import strategies\n"
+                          "print(strategies.label(*strategies.parse('twice')), 'chunked' in strategies.REGISTRY)"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "twice True"
+
+
+def test_top_level_cli_runs_the_same_app_without_install(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, str(ROOT / "cli.py"), "sweep", "--dry-run", "--backend", "gloo"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "cases on 2 ranks (gloo)" in res.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "cli.py"), "sweep", "--dry-run", "--tp", "0"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert bad.returncode == 2 and "--tp" in bad.stderr and "Traceback" not in bad.stderr
