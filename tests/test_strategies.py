@@ -1,16 +1,27 @@
-"""Every strategy gives the baseline's result on gloo at world sizes 2 and 3 (run through the real launcher)."""
+"""Every strategy gives the baseline's result on gloo at world sizes 2 and 3 (run through the real launcher),
+every split's row bounds cover the rows once and in order, and the path that runs at a threshold is observed.
+
+A finding on ANY rank fails a test (``ranks.every_rank``): a strategy wrong only on rank 1 is caught.
+"""
 
 import pytest
 import torch
-import torch.distributed as dist
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from overlap_bench import strategies
-from overlap_bench.launch import JobConfig, launch
+from overlap_bench.strategies import pipeline
 from overlap_bench.strategies.pr import PR_THRESHOLD, pr_bounds
 from overlap_bench.strategies.pipeline import even_bounds
+from ranks import every_rank
 
 LABELS = ["baseline", "pr", "chunked:chunks=1", "chunked:chunks=3", "chunked:chunks=3,comm=async",
-          "chunked:chunks=4,threshold=8", "chunked:chunks=3,align=4", "chunked:chunks=7,comm=async"]
+          "chunked:chunks=4,threshold=8", "chunked:chunks=3,align=4", "chunked:chunks=7,comm=async",
+          # every split, with and without alignment (the shipped H100 policy runs split=geo, align=128)
+          "chunked:chunks=4,split=edges", "chunked:chunks=3,split=edges,align=4,comm=async",
+          "chunked:chunks=3,split=geo,ratio=1.4", "chunked:chunks=4,split=geo,ratio=0.35,align=2,comm=async",
+          "chunked:chunks=5,split=geo,ratio=3.0,align=8"]
+SHIPPED = "chunked:chunks=4,split=geo,ratio=1.4,align=128"
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
 
@@ -33,7 +44,8 @@ def _reference(world, m, k, n, dtype, bias):
     return total
 
 
-def _check_all(ctx, cases, failures_path):
+def _check_all(ctx, cases, paths):
+    """This rank's findings: outputs unlike the baseline's, and ``(label, M, path)`` runs where another path ran."""
     errors = []
     for labels, m, k, n, dtype, bias in cases:
         x, w, b = _inputs(ctx.rank, m, k, n, dtype, bias)
@@ -53,10 +65,14 @@ def _check_all(ctx, cases, failures_path):
                 torch.testing.assert_close(y, y_base, **TOL[dtype])
             except AssertionError as exc:
                 errors.append(f"{lab} m={m} {dtype} bias={bias}: {exc}")
-    dist.barrier()
-    if ctx.rank == 0:
-        with open(failures_path, "w") as fh:
-            fh.write("\n".join(errors))
+    for lab, m, want in paths:
+        x, w, b = _inputs(ctx.rank, m, 4, 8, torch.float32, True)
+        name, s = strategies.parse(lab)
+        pipeline.PATHS.clear()
+        strategies.run(name, x, w, b, None, s)
+        if dict(pipeline.PATHS) != {want: 1}:
+            errors.append(f"{lab} at M={m}: ran {dict(pipeline.PATHS)}, expected {want}")
+    return errors
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -69,10 +85,24 @@ def test_every_strategy_equals_baseline(world, tmp_path):
         (["pr", "chunked:chunks=3,threshold=16384"], PR_THRESHOLD - 1, 4, 8, torch.float32, True),
         (["pr"], PR_THRESHOLD, 4, 8, torch.float32, True),
         (["pr"], PR_THRESHOLD + 1, 4, 8, torch.float32, False),  # remainder chunk
+        ([SHIPPED, "chunked:chunks=4,split=edges,align=64"], 600, 8, 8, torch.float32, True),
     ]
-    out = tmp_path / "failures.txt"
-    launch(_check_all, (cases, str(out)), JobConfig(nproc=world, backend="gloo", timeout_s=60))
-    assert out.read_text() == ""
+    # Which path runs at the edges (outputs agree either way, so only the path shows a wrong comparison).
+    paths = [("pr", PR_THRESHOLD - 1, "baseline"), ("pr", PR_THRESHOLD, "chunks=4"), ("pr", 30000, "chunks=3"),
+             ("chunked:chunks=3,threshold=8", 7, "baseline"), ("chunked:chunks=3,threshold=8", 8, "chunks=3"),
+             ("chunked:chunks=3,threshold=16384", PR_THRESHOLD, "chunks=3"), ("chunked:chunks=1", 9, "chunks=1"),
+             ("chunked:chunks=4,split=edges", 12, "chunks=4"), ("baseline", 9, "baseline")]
+    every_rank(_check_all, (cases, paths), world, tmp_path)
+
+
+def _wrong_on_rank_1(ctx):
+    # The harness itself: a finding on rank 1 only must fail the test.
+    return ["planted"] if ctx.rank == 1 else []
+
+
+def test_a_finding_on_rank_1_alone_fails_the_test(tmp_path):
+    with pytest.raises(pytest.fail.Exception, match="rank 1: planted"):
+        every_rank(_wrong_on_rank_1, (), 2, tmp_path)
 
 
 def test_pr_switches_at_threshold_and_makes_remainder_chunk():
@@ -96,6 +126,37 @@ def test_even_bounds_cover_rows_once():
     assert [s for s, _ in even_bounds(1000, 3, 128)][1:] == [384, 640]
     with pytest.raises(ValueError, match="chunks"):
         even_bounds(4, 5)
+
+
+def test_edges_and_geo_bounds_worked_by_hand():
+    # edges: weights 0.5, 1, 1, 0.5 (sum 3) -> cumulative 1/6, 1/2, 5/6 of 12 rows
+    assert even_bounds(12, 4, split="edges") == [(0, 2), (2, 6), (6, 10), (10, 12)]
+    assert even_bounds(10, 2, split="edges") == [(0, 5), (5, 10)]  # fewer than 3 chunks: no half chunks
+    # 1000 rows: 166, 500, 833 rounded to multiples of 64: 192, 512, 832
+    assert even_bounds(1000, 4, align=64, split="edges") == [(0, 192), (192, 512), (512, 832), (832, 1000)]
+    # geo: weights 1, 2, 4 (sum 7) of 14 rows; shrinking 4, 2, 1
+    assert even_bounds(14, 3, split="geo", ratio=2.0) == [(0, 2), (2, 6), (6, 14)]
+    assert even_bounds(14, 3, split="geo", ratio=0.5) == [(0, 8), (8, 12), (12, 14)]
+    assert even_bounds(10, 3, split="geo", ratio=1.0) == [(0, 3), (3, 6), (6, 10)]
+    # weights 1, 3, 9 (sum 13) of 100 rows: 7, 30 -> multiples of 8: 8, 32
+    assert even_bounds(100, 3, align=8, split="geo", ratio=3.0) == [(0, 8), (8, 32), (32, 100)]
+    # the shipped schedule: weights 1, 1.4, 1.96, 2.744 of 600 rows: 84, 202, 368 -> multiples of 128
+    assert even_bounds(600, 4, align=128, split="geo", ratio=1.4) == [(0, 128), (128, 256), (256, 384), (384, 600)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(m=st.integers(1, 20000), chunks=st.integers(1, 64), align=st.integers(1, 512),
+       split=st.sampled_from(pipeline.SPLITS), ratio=st.floats(0.05, 20.0))
+def test_every_split_covers_every_row_once_in_order(m, chunks, align, split, ratio):
+    chunks = min(chunks, m)
+    b = even_bounds(m, chunks, align, split, ratio)
+    assert b[0][0] == 0 and b[-1][1] == m
+    assert all(e1 == s2 for (_, e1), (s2, _) in zip(b, b[1:]))  # no gap, no overlap, in order
+    assert all(e > s for s, e in b)  # no empty range
+    assert 1 <= len(b) <= chunks
+    assert all(s % align == 0 for s, _ in b)  # inner edges on the tile grid
+    if align == 1 and split == "even":
+        assert len(b) == chunks
 
 
 @pytest.mark.parametrize("text,field", [

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from overlap_bench.strategies import register
-from overlap_bench.strategies.pipeline import matmul_into, rank_bias
+from overlap_bench.strategies.pipeline import PATHS, matmul_into, rank_bias
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,7 @@ class BaselineSettings:
 def baseline_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   group: dist.ProcessGroup | None) -> torch.Tensor:
     """Product into ``out``, then all-reduce it in place."""
+    PATHS["baseline"] += 1
     matmul_into(out, x, weight, rank_bias(bias, group))
     dist.all_reduce(out, group=group)
     return out
