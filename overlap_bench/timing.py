@@ -3,6 +3,7 @@ and IQR, and the case's time as the max over ranks (a TP layer is as slow as its
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -24,10 +25,16 @@ class Timing:
 
 
 def allreduce_max(values: list[float], group: dist.ProcessGroup | None, device: torch.device) -> list[float]:
-    """Element-wise max over ranks (used for agreement on counts and for the slowest rank's time)."""
+    """Element-wise max over ranks (used for agreement on counts, for the slowest rank's time and for the
+    largest ``rel_err``); NaN when any rank's value is NaN."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return t.tolist()
+    # A MAX all-reduce drops NaN (gloo keeps max(0, nan) = 0): a NaN rel_err on one rank passed the gate.
+    # The NaN flags travel beside the values so that NaN reaches every rank.
+    nan = torch.isnan(t)
+    both = torch.cat([t.masked_fill(nan, -math.inf), nan.to(torch.float64)])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    n = len(values)
+    return both[:n].masked_fill(both[n:] > 0, math.nan).tolist()
 
 
 def sync(device: torch.device) -> None:
@@ -44,13 +51,14 @@ def _iqr(samples: list[float]) -> float:
 
 
 def time_region(fn: Callable[[], object], *, warmup: int, reps: int, group: dist.ProcessGroup | None,
-                device: torch.device) -> Timing:
+                device: torch.device, clock: Callable[[], float] = time.perf_counter) -> Timing:
     """Time ``fn`` ``reps`` times after ``warmup`` calls.
 
     Every rank must call this at the same point: the counts are agreed first (a mismatch would deadlock the
     collectives inside ``fn``), and a barrier precedes the timed loop, never sits inside it. On GPU each
     repetition is bracketed by CUDA events and the loop is queued back to back, so a repetition's time
-    includes waiting for the slowest rank inside its collectives, as in a real layer.
+    includes waiting for the slowest rank inside its collectives, as in a real layer. ``clock`` (seconds) reads
+    the time on CPU; tests pass a scripted one to pin the median, the IQR and the max over ranks.
     """
     warmup, reps = (int(v) for v in allreduce_max([warmup, reps], group, device))
     for _ in range(warmup):
@@ -70,8 +78,8 @@ def time_region(fn: Callable[[], object], *, warmup: int, reps: int, group: dist
     else:
         samples = []
         for _ in range(reps):
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
+            samples.append((clock() - t0) * 1e3)
     med, iqr = allreduce_max([statistics.median(samples), _iqr(samples)], group, device)
     return Timing(med, iqr, reps)
