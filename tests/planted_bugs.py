@@ -120,11 +120,11 @@ BUGS = [
     ("analysis: speedup vs winner's own t_base", "overlap_bench/analysis.py", "speedup=ref / win[\"t_ms\"]",
      "speedup=win[\"t_base_ms\"] / win[\"t_ms\"]", SEL),
     # policy
-    ("policy: slower winner kept on shared (K, N)", "overlap_bench/policy.py",
+    ("export: slower winner kept on shared (K, N)", "overlap_bench/export.py",
      'g.sort_values("speedup", ascending=False', 'g.sort_values("speedup", ascending=True', SEL),
     ("policy: lookup takes the bucket below at M == bucket", "overlap_bench/policy.py",
      "i = bisect.bisect_right(shape.ms, M) - 1", "i = bisect.bisect_left(shape.ms, M) - 1", SEL),
-    ("policy: env picked by slowest", "overlap_bench/policy.py", "chosen = min(keys, key=lambda k: (scores[k]",
+    ("export: env picked by slowest", "overlap_bench/export.py", "chosen = min(keys, key=lambda k: (scores[k]",
      "chosen = max(keys, key=lambda k: (scores[k]", SEL),
 ]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from overlap_bench import analysis, policy, strategies
+from overlap_bench import analysis, export as export_mod, policy, strategies
 from overlap_bench.records import Record, RecordWriter
 
 approx = pytest.approx
@@ -29,7 +29,7 @@ def export(tmp_path, records):
     w = RecordWriter(tmp_path / "run")
     for r in records:
         w.append(r)
-    [path] = policy.export_policy(tmp_path / "run", tmp_path / "p.yaml")
+    [path] = export_mod.export_policy(tmp_path / "run", tmp_path / "p.yaml")
     return yaml.safe_load(path.read_text())
 
 
