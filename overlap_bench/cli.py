@@ -407,6 +407,72 @@ def model(
     _guard(body, out)
 
 
+@app.command()
+def interference(
+    spec_path: Optional[Path] = typer.Argument(None, metavar="[SPEC]", help="Take shapes, tokens, dtype from a sweep YAML."),
+    preset: Optional[str] = typer.Option(None, help="Model preset (default qwen2.5-72b): its o_proj and down_proj at --tp."),
+    tp: int = typer.Option(4, help="Tensor-parallel size that sets K per rank of the preset shapes."),
+    shape: List[str] = typer.Option([], "--shape", "-s", help="K,N (K per rank), repeatable."),
+    tokens: Optional[str] = typer.Option(None, "--tokens", "-m", help="Token counts (default 4096,8192,16384,32768)."),
+    dtype: Optional[str] = typer.Option(None, help="bfloat16 (default), float16 or float32."),
+    ctas: str = typer.Option("1,4,8,16,24,32", help="CTA counts of the communication-like kernel (none: skip)."),
+    cta_gbps: str = typer.Option("14", help="GB/s each CTA reads and writes (0 = full speed); comma-separated."),
+    copy: str = typer.Option("d2d,h2d", help="Copy-engine traffic beside the GEMM: d2d, h2d (none: skip)."),
+    sms: str = typer.Option("all,all-8,all-16,all-32", help="Green-context sizes for the GEMM alone (none: skip)."),
+    rounds: int = typer.Option(2, help="Passes over the conditions, each bracketed by references."),
+    warmup: int = typer.Option(3, help="Untimed repetitions per block."),
+    reps: int = typer.Option(15, help="Timed repetitions per block."),
+    comm_from: List[Path] = typer.Option([], "--comm-from", help="Multi-GPU run dir: predict its t_joint from its "
+                                                                  "t_gemm, t_comm and this run's s(k) (repeatable)."),
+    busbw: Optional[float] = typer.Option(None, help="Predict with t_comm from this all-reduce busbw (GB/s)..."),
+    world: Optional[int] = typer.Option(None, help="...over this many ranks (nccl-tests' formula)."),
+    comm_ctas: float = typer.Option(24.0, help="CTAs the all-reduce holds (NCCL channels), for s(k) in predictions."),
+    from_dir: Optional[Path] = typer.Option(None, "--from", help="Predict from this interference run; no GPU needed."),
+    out: Optional[Path] = typer.Option(None, help="Run folder (default runs/interference, or --from's)."),
+    as_json: bool = typer.Option(False, "--json", help="Print records and predictions as JSON."),
+) -> None:
+    """On one GPU: the GEMM's slowdown beside communication-like CTAs, copy-engine traffic and green contexts;
+    and the joint time and eta a multi-GPU run could reach."""
+    from overlap_bench import interference as itf
+    from overlap_bench.records import json_safe
+
+    def body() -> None:
+        cfg = None
+        if from_dir is None:
+            shapes, spec_tokens, spec_dtype = itf.shapes_for(spec_path, preset, tp, shape)
+            d = dtype or spec_dtype or "bfloat16"
+            if d not in ("bfloat16", "float16", "float32"):
+                from overlap_bench.errors import UserError
+
+                raise UserError(f"--dtype: '{d}' is not one of bfloat16, float16, float32")
+            toks = _ints(tokens, "--tokens") if tokens else (spec_tokens or [4096, 8192, 16384, 32768])
+            cfg = itf.InterferenceConfig(shapes, toks, d, itf.parse_ctas(ctas), itf.parse_rates(cta_gbps),
+                                         itf.parse_copies(copy), itf.parse_sms(sms), rounds, warmup, reps)
+        run_dir = out or from_dir or Path("runs/interference")
+        records, preds = itf.run_interference(cfg, out=run_dir, from_dir=from_dir, comm_from=comm_from, busbw=busbw,
+                                              world=world, comm_ctas=comm_ctas, progress=not as_json)
+        if as_json:
+            print(json.dumps(json_safe({"records": [json.loads(r.to_json()) for r in records],
+                                        "predictions": [p.to_dict() for p in preds]})))
+            return
+        header, rows = itf.slowdown_table(records)
+        t = Table(title=f"GEMM slowdown, {records[0].device if records else '?'} ({run_dir})")
+        for c in header:
+            t.add_column(c, justify="left" if c == "shape" else "right")
+        for r in rows:
+            t.add_row(*[escape(c) for c in r])
+        out_console.print(t)
+        if preds:
+            t = Table(title=f"predicted joint time and eta (s at {comm_ctas:g} CTAs)")
+            for c in itf.PRED_HEADER:
+                t.add_column(c, justify="left" if c in ("shape", "env", "t_comm from") else "right")
+            for r in itf.prediction_rows(preds):
+                t.add_row(*[escape(c) for c in r])
+            out_console.print(t)
+
+    _guard(body, None)
+
+
 @app.command("strategies")
 def list_strategies() -> None:
     """List the registered strategies and their settings."""

@@ -50,6 +50,13 @@ def busbw_gbps(m: int, n: int, dtype: str, world: int, t_comm_ms: float) -> floa
     return algbw * 2 * (world - 1) / world
 
 
+def allreduce_ms(m: int, n: int, dtype: str, world: int, busbw_gbps_: float) -> float:
+    """Time of an ``[M,N]`` all-reduce at bus bandwidth ``busbw_gbps_`` (the inverse of :func:`busbw_gbps`)."""
+    if busbw_gbps_ <= 0 or world < 2:
+        return math.nan
+    return m * n * dtype_bytes(dtype) * 2 * (world - 1) / world / (busbw_gbps_ * 1e9) * 1e3
+
+
 def tokens_per_s(m: int, t_ms: float) -> float:
     """Token rows per second through the layer."""
     return m / (t_ms * 1e-3) if t_ms > 0 else math.nan

@@ -1,0 +1,68 @@
+"""Work placed beside a GEMM on one GPU to imitate what an all-reduce costs it (CUDA only; Triton and CUDA
+are imported on first use, so this module imports on CPU).
+
+- :func:`launch_ctas`: a Triton kernel of ``k`` CTAs x 512 threads (an NCCL ring channel is one CTA of up to
+  512 threads). Each CTA copies its own slice of a large buffer in 64 KiB chunks and, after each chunk, spins
+  on ``%globaltimer`` until ``chunk_bytes / rate`` has passed: it reads ``rate`` bytes/s and writes as many,
+  holds its SM slot while it waits (as a channel does while it polls its peers' flags), and stops after
+  ``duration_ns``. ``rate == 0`` copies at full speed. Each CTA writes its start and end time, its SM id and
+  the chunks it moved, so the caller can check that the CTAs really ran at once, on distinct SMs, around the
+  whole GEMM, at the rate asked for.
+- :func:`stamp`: one thread writes ``%globaltimer`` into a slot: a marker between kernels on a stream.
+- :func:`green_stream`: the stream of a green context of ``num_sms`` SMs (torch.cuda.green_contexts).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+THREADS_PER_CTA = 512
+CHUNK_ELEMS = 16384
+"""float32 elements per chunk (64 KiB): the unit between two rate checks."""
+STAMP_FIELDS = 4
+"""Per CTA: start ns, end ns, SM id, chunks copied."""
+
+
+def _kernels() -> tuple[Any, Any]:
+    from overlap_bench import _triton_kernels as k  # imports triton: GPU hosts only
+
+    return k.ctas_kernel, k.stamp_kernel
+
+
+def launch_ctas(k: int, src: Any, dst: Any, stamps: Any, *, slice_elems: int, duration_ns: int,
+                rate_gbps: float) -> None:
+    """Launch the communication-like kernel with ``k`` CTAs on the current stream.
+
+    ``src``/``dst``: float32 buffers of ``n_slices * slice_elems``; ``stamps``: int64 ``[k, 4]``.
+    ``rate_gbps``: bytes per second each CTA reads (and writes), in GB/s; 0 = as fast as it can."""
+    kernel, _ = _kernels()
+    chunk_bytes = CHUNK_ELEMS * src.element_size()
+    period_ns = 0 if rate_gbps <= 0 else max(1, round(chunk_bytes / rate_gbps))  # bytes / (GB/s) = ns
+    n_slices = src.numel() // slice_elems
+    kernel[(k,)](src, dst, stamps, n_slices, slice_elems, int(duration_ns), int(period_ns),
+                 CHUNK=CHUNK_ELEMS, BLOCK=4096, num_warps=THREADS_PER_CTA // 32)
+
+
+def stamp(out: Any, idx: int) -> None:
+    """Write the GPU's ``%globaltimer`` (ns) into ``out[idx]`` (int64) when the current stream gets here."""
+    _, kernel = _kernels()
+    kernel[(1,)](out, idx, num_warps=1)
+
+
+def chunk_bytes() -> int:
+    """Bytes one CTA reads per chunk (and writes as many)."""
+    return CHUNK_ELEMS * 4
+
+
+@functools.lru_cache(maxsize=None)
+def green_stream(num_sms: int, device_index: int) -> Any:
+    """The stream of a green context holding ``num_sms`` SMs (created once per count and device)."""
+    from torch.cuda.green_contexts import GreenContext
+
+    ctx = GreenContext.create(num_sms=num_sms, device_id=device_index)
+    _KEEP.append(ctx)  # the stream is only valid while its context lives
+    return ctx.Stream()
+
+
+_KEEP: list[Any] = []
