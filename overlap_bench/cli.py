@@ -417,7 +417,8 @@ def interference(
     dtype: Optional[str] = typer.Option(None, help="bfloat16 (default), float16 or float32."),
     ctas: str = typer.Option("1,4,8,16,24,32", help="CTA counts of the communication-like kernel (none: skip)."),
     cta_gbps: str = typer.Option("14", help="GB/s each CTA reads and writes (0 = full speed); comma-separated."),
-    copy: str = typer.Option("d2d,h2d", help="Copy-engine traffic beside the GEMM: d2d, h2d (none: skip)."),
+    copy: str = typer.Option("d2d,h2d,d2h", help="Full-speed copies beside the GEMM: d2d (same device), h2d, d2h "
+                                                 "(pinned host); each record says if it waited for SMs (none: skip)."),
     sms: str = typer.Option("all,all-8,all-16,all-32", help="Green-context sizes for the GEMM alone (none: skip)."),
     rounds: int = typer.Option(2, help="Passes over the conditions, each bracketed by references."),
     warmup: int = typer.Option(3, help="Untimed repetitions per block."),

@@ -41,7 +41,7 @@ def launch_ctas(k: int, src: Any, dst: Any, stamps: Any, *, slice_elems: int, du
     period_ns = 0 if rate_gbps <= 0 else max(1, round(chunk_bytes / rate_gbps))  # bytes / (GB/s) = ns
     n_slices = src.numel() // slice_elems
     kernel[(k,)](src, dst, stamps, n_slices, slice_elems, int(duration_ns), int(period_ns),
-                 CHUNK=CHUNK_ELEMS, BLOCK=4096, num_warps=THREADS_PER_CTA // 32)
+                 CHUNK=CHUNK_ELEMS, BLOCK=CHUNK_ELEMS, num_warps=THREADS_PER_CTA // 32)
 
 
 def stamp(out: Any, idx: int) -> None:

@@ -4,8 +4,10 @@ For each shape and M, the row-parallel GEMM (``x [M, K] @ w[N, K]^T``) is timed 
 
 - beside ``k`` CTAs of a communication-like kernel (:mod:`overlap_bench.comm_like`) on a high-priority
   stream, launched first and running longer than the GEMM, each CTA reading and writing ``cta_gbps`` GB/s;
-- beside copy-engine traffic on a side stream (``d2d``: same-device ``copy_``; ``h2d``: from pinned host
-  memory), at full speed, also launched first and longer than the GEMM;
+- beside full-speed copies on a side stream (``d2d``: same-device ``copy_``; ``h2d``/``d2h``: to or from
+  pinned host memory), also launched first and longer than the GEMM. Whether a path runs on a copy engine is
+  checked, not assumed: its time alone is compared with its time while spinning CTAs hold every SM (a copy
+  engine does not wait for them; a copy the driver runs as a kernel does);
 - alone inside a green context of N SMs.
 
 Every condition is bracketed by references (``ref, c1, ref, c2, ..., ref``; the order reverses every round),
@@ -37,7 +39,7 @@ from overlap_bench.spec import Shape
 
 STRATEGY = "interference"
 """``Record.strategy`` of every interference record."""
-COPY_PATHS = ("d2d", "h2d")
+COPY_PATHS = ("d2d", "h2d", "d2h")
 DEFAULT_CTAS = (1, 4, 8, 16, 24, 32)
 DEFAULT_SMS = ("all", "all-8", "all-16", "all-32")
 DEFAULT_CTA_GBPS = 14.0
@@ -254,7 +256,7 @@ class _Bench:
         if cfg.copies:
             self.copy_src = torch.empty(COPY_BYTES, dtype=torch.uint8, device=self.dev).random_(0, 255)
             self.copy_dst = torch.empty_like(self.copy_src)
-        if "h2d" in cfg.copies:
+        if {"h2d", "d2h"} & set(cfg.copies):
             self.host = torch.empty(COPY_BYTES, dtype=torch.uint8, pin_memory=True)
         self.copy_ms: dict[str, float] = {}
         self.copy_checks: dict[str, dict[str, float]] = {}
@@ -264,8 +266,10 @@ class _Bench:
     def _copy_once(self, path: str) -> None:
         if path == "d2d":
             self.copy_dst.copy_(self.copy_src, non_blocking=True)
-        else:
+        elif path == "h2d":
             self.copy_dst.copy_(self.host, non_blocking=True)
+        else:
+            self.host.copy_(self.copy_src, non_blocking=True)
 
     def _time_on(self, stream: Any, fn: Any, n: int = 3) -> float:
         torch = self.torch
@@ -306,7 +310,9 @@ class _Bench:
             held = len(set(stamps[:, 2].tolist()))
             self.copy_checks[path] = {"copy_ms_alone": alone, "copy_ms_sms_held": beside,
                                       "copy_sms_held_ms": hold_ns / 1e6, "copy_sms_held": held,
-                                      "copy_gbps": COPY_BYTES / (alone * 1e-3) / 1e9}
+                                      "copy_gbps": COPY_BYTES / (alone * 1e-3) / 1e9,
+                                      # A copy engine does not wait for the SMs; a copy run as a kernel does.
+                                      "copy_waited_for_sms": beside > alone + hold_ns / 2e6}
         for spec in self.cfg.sms:
             n = resolve_sms(spec, self.total_sms)
             try:
@@ -316,6 +322,19 @@ class _Bench:
                 self.sms_seen[n] = -1
                 self.copy_checks[f"green:{n}"] = {"error": f"{type(exc).__name__}: {exc}"}  # type: ignore[dict-item]
         self.sms_default = self._count_sms(self.gemm_stream)
+
+    def warm_up(self, seconds: float = 3.0) -> None:
+        """Run GEMMs for a few seconds first: an idle GPU starts at low clocks and would bias the first case."""
+        import time
+
+        torch = self.torch
+        x = torch.randn(8192, 8192, device=self.dev, dtype=torch.bfloat16)
+        t_end = time.perf_counter() + seconds
+        while time.perf_counter() < t_end:
+            for _ in range(20):
+                torch.mm(x, x)
+            torch.cuda.synchronize(self.dev)
+        del x
 
     def _count_sms(self, stream: Any) -> int:
         from overlap_bench import comm_like
@@ -424,6 +443,7 @@ def measure(cfg: InterferenceConfig, out_dir: Path, *, progress: bool = True) ->
     records: list[Record] = []
     cases = [(s, m) for s in cfg.shapes for m in cfg.tokens]
     bar = _progress(len(cases) * cfg.rounds) if progress else None
+    bench.warm_up()
     try:
         for shape, m in cases:
             x = torch.randn(m, shape.K, device=bench.dev, dtype=dt, generator=gen)
@@ -504,7 +524,7 @@ def _record(shape: Shape, m: int, cfg: InterferenceConfig, c: Condition, blocks:
         else:
             extra.update(bench.copy_checks[c.value])
     if c.kind == "green":
-        extra["sms_seen"] = bench.sms_seen.get(c.value)
+        extra["sms_seen"] = bench.sms_seen.get(c.value)  # the SMs the green context really runs on
         extra["sms_device"] = bench.total_sms
         extra["sms_seen_default_stream"] = bench.sms_default
     rec.extra = extra
@@ -604,7 +624,8 @@ def _column(r: Record, many_rates: bool) -> str:
         return f"k={s['ctas']}" + (f"@{rate}" if many_rates or s["cta_gbps"] == 0 else "")
     if s["beside"] == "copy":
         return f"copy {s['copy']}"
-    return f"SMs {s['sms']}"
+    granted = r.extra.get("sms_seen")
+    return f"SMs {s['sms']}" + (f" ({granted} ran)" if granted and granted > 0 and granted != s["sms"] else "")
 
 
 def slowdown_table(records: list[Record]) -> tuple[list[str], list[list[str]]]:
@@ -695,6 +716,12 @@ def write_outputs(out_dir: Path, records: list[Record], preds: list[eta_bound.Pr
     return written
 
 
+def _x(r: Record, key: str) -> int:
+    """Plot position: CTAs, or the SMs a green context really ran on (it rounds the count asked for)."""
+    seen = r.extra.get("sms_seen") if key == "sms" else None
+    return seen if isinstance(seen, int) and seen > 0 else r.settings[key]
+
+
 def plot(out_dir: Path, records: list[Record]) -> list[Path]:
     """``slowdown_ctas.png`` (slowdown vs CTAs, one panel per shape, one line per M and rate) and
     ``slowdown_sms.png`` (slowdown vs SMs left to the GEMM in a green context, with the SM-share line)."""
@@ -717,7 +744,8 @@ def plot(out_dir: Path, records: list[Record]) -> list[Path]:
             mine = [r for r in sel if r.shape == shape]
             series = sorted({(r.M, r.settings.get("cta_gbps")) for r in mine})
             for m, rate in series:
-                pts = sorted((r.settings[xkey], r) for r in mine if r.M == m and r.settings.get("cta_gbps") == rate)
+                pts = sorted(((_x(r, xkey), r) for r in mine if r.M == m and r.settings.get("cta_gbps") == rate),
+                             key=lambda p: p[0])
                 xs = [p[0] for p in pts]
                 ys = [100 * p[1].extra["slowdown"] for p in pts]
                 lo = [100 * (p[1].extra["slowdown"] - p[1].extra["slowdown_lo"]) for p in pts]
@@ -726,9 +754,9 @@ def plot(out_dir: Path, records: list[Record]) -> list[Path]:
                 ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=label)
             if kind == "green" and mine:
                 total = mine[0].extra.get("sms_device") or max(r.settings["sms"] for r in mine)
-                xs = sorted({r.settings["sms"] for r in mine})
+                xs = sorted({_x(r, xkey) for r in mine})
                 ax.plot(xs, [100 * (total / x - 1) for x in xs], "k--", label="SM share (total / SMs - 1)")
-                ax.set_xlabel("SMs in the GEMM's green context")
+                ax.set_xlabel("SMs the GEMM's green context ran on (counted, not asked)")
             else:
                 ax.set_xlabel("CTAs (512 threads) of the communication-like kernel beside the GEMM")
             ax.set_ylabel("GEMM slowdown, %")
