@@ -27,12 +27,17 @@ def _run(cmd: list[str], cwd: str | None = None) -> str | None:
 
 
 def git_commit() -> str | None:
-    """HEAD of the checkout the package runs from, with ``-dirty`` when it has uncommitted changes."""
+    """HEAD of the checkout the package runs from, with ``-dirty`` when it has uncommitted changes; or
+    ``OVERLAP_BENCH_GIT_COMMIT`` when set (a copy of a commit shipped to a GPU host, possibly inside another
+    checkout whose HEAD is not what runs)."""
+    shipped = os.environ.get("OVERLAP_BENCH_GIT_COMMIT")
+    if shipped:
+        return shipped
     here = str(Path(overlap_bench.__file__).resolve().parent)
     head = _run(["git", "rev-parse", "HEAD"], cwd=here)
     if head is None:
         # A copy of the tree without .git (e.g. shipped to a GPU host): the shipper says which commit it is.
-        return os.environ.get("OVERLAP_BENCH_GIT_COMMIT")
+        return None
     if head and _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here):
         head += "-dirty"
     return head

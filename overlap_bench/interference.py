@@ -10,7 +10,8 @@ For each shape and M, the row-parallel GEMM (``x [M, K] @ w[N, K]^T``) is timed 
   engine does not wait for them; a copy the driver runs as a kernel does);
 - alone inside a green context of N SMs.
 
-Every condition is bracketed by references (``ref, c1, ref, c2, ..., ref``; the order reverses every round),
+Every repetition of every block (references included) lasts the same wall time, the side work's length,
+so the GPU's power and clock state is the same for all of them. Every condition is bracketed by references (``ref, c1, ref, c2, ..., ref``; the order reverses every round),
 so a slowdown is ``t_condition / mean(ref before, ref after) - 1``; over rounds the median is reported with
 its range, and a reference drift (``|after - before| / mean``) larger than that range (or than the
 references' own IQR) is flagged. Each side-work launch is checked from GPU timestamps: its CTAs started
@@ -27,6 +28,7 @@ import datetime as _dt
 import json
 import math
 import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -227,6 +229,8 @@ class Block:
     """Repetitions where the side work started before the GEMM and ended after it."""
     n: int = 0
     checks: dict[str, float] = field(default_factory=dict)
+    period_ms: float = 0.0
+    """Wall period of each repetition (side work's length; the GEMM alone idles the rest)."""
 
 
 def _iqr(x: list[float]) -> float:
@@ -368,8 +372,15 @@ class _Bench:
         n_copies = 0
         if cond.kind == "copy":
             n_copies = max(1, math.ceil(duration_ns / 1e6 / self.copy_ms[cond.value]))
+        period_s, last = duration_ns / 1e9, None
         for i in range(n):
             torch.cuda.synchronize(self.dev)
+            # Every repetition of every condition takes the same wall period (the side work's length): a GEMM
+            # repeated back to back heats the GPU into its power limit and runs slower than one followed by
+            # side work, which would make the reference, not the interference, set the slowdown.
+            if last is not None and period_s - (time.perf_counter() - last) > 0:
+                time.sleep(period_s - (time.perf_counter() - last))
+            last = time.perf_counter()
             if cond.kind == "ctas":
                 with torch.cuda.stream(self.side):
                     comm_like.launch_ctas(k, self.src, self.dst, c_st[i], slice_elems=SLICE_ELEMS,
@@ -390,7 +401,7 @@ class _Bench:
                     comm_like.stamp(g_st, 2 * i + 1)
         torch.cuda.synchronize(self.dev)
         times = [s.elapsed_time(e) for s, e in evs[cfg.warmup:]]
-        blk = Block(statistics.median(times), _iqr(times), n=cfg.reps)
+        blk = Block(statistics.median(times), _iqr(times), n=cfg.reps, period_ms=duration_ns / 1e6)
         g = g_st[cfg.warmup:].tolist()
         if cond.kind == "ctas":
             c = c_st[cfg.warmup:].tolist()
@@ -451,8 +462,8 @@ def measure(cfg: InterferenceConfig, out_dir: Path, *, progress: bool = True) ->
             out = torch.empty(m, shape.N, device=bench.dev, dtype=dt)
             y_ref = torch.mm(x, w.t())
             est = bench.block(Condition("ref"), x, w, out, 0).median_ms
-            # Long enough that the side work outlasts a GEMM slowed by 2.5x, plus launch slack.
-            duration_ns = int((2.5 * est + 0.5) * 1e6)
+            # Long enough that the side work outlasts a GEMM slowed by 3.6x, plus launch slack.
+            duration_ns = int((3.6 * est + 0.5) * 1e6)
             per: dict[Condition, list[tuple[Block, Block, Block]]] = {c: [] for c in conds}
             errs: dict[Condition, float] = {}
             unavailable: dict[Condition, str] = {}
@@ -512,6 +523,7 @@ def _record(shape: Shape, m: int, cfg: InterferenceConfig, c: Condition, blocks:
     rec.tokens_per_s = metrics.tokens_per_s(m, t)
     extra: dict[str, Any] = {"slowdown": b.slowdown, "slowdown_lo": b.lo, "slowdown_hi": b.hi, "drift": b.drift,
                              "ref_noise": b.noise, "drift_flag": b.drift_flag, "rounds": len(blocks),
+                             "rep_period_ms": blocks[0][1].period_ms,
                              "per_round": [{"ref_before_ms": x[0].median_ms, "t_ms": x[1].median_ms,
                                             "ref_after_ms": x[2].median_ms} for x in blocks]}
     if c.kind in ("ctas", "copy"):

@@ -225,3 +225,11 @@ def test_cli_from_run_predicts_and_writes_outputs(tmp_path):
     assert "predicted joint time" in res.output
     bad = runner.invoke(app, ["interference", "--from", str(tmp_path / "nothing")])
     assert bad.exit_code == 2 and "--from" in bad.output
+
+
+def test_env_names_the_shipped_commit_over_the_surrounding_checkout(monkeypatch):
+    # A tree shipped to a GPU host inside another checkout: git would name that checkout's HEAD.
+    from overlap_bench import envinfo
+
+    monkeypatch.setenv("OVERLAP_BENCH_GIT_COMMIT", "0123abc")
+    assert envinfo.git_commit() == "0123abc"
