@@ -36,8 +36,7 @@ def git_commit() -> str | None:
     here = str(Path(overlap_bench.__file__).resolve().parent)
     head = _run(["git", "rev-parse", "HEAD"], cwd=here)
     if head is None:
-        # A copy of the tree without .git (e.g. shipped to a GPU host): the shipper says which commit it is.
-        return None
+        return None  # not a checkout, and nobody said which commit this is
     if head and _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here):
         head += "-dirty"
     return head

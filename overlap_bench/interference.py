@@ -710,17 +710,19 @@ def write_outputs(out_dir: Path, records: list[Record], preds: list[eta_bound.Pr
         write_atomic(out_dir / "interference.csv", frame.drop(columns=["extra"]).to_csv(index=False))
     written += [out_dir / "interference.md", out_dir / "interference.csv"]
     if preds:
-        summ = eta_bound.error_summary(preds)
         lines = ["# Predicted joint time and eta bound", "",
                  f"s(k) at k = {ctas:g} CTAs. Models: max = max(t_gemm (1 + s), t_comm); rate = the GEMM slowed "
                  "only while the all-reduce runs. err = (predicted - measured) / measured.", "",
                  table(PRED_HEADER, [[cell(c) for c in r] for r in prediction_rows(preds)], "llll" + "r" * 11), ""]
-        if any(math.isfinite(p.t_joint_measured_ms) for p in preds):
-            lines.append("Median |err|: max model {:.1%}, rate model {:.1%}; largest: {:.1%} / {:.1%}.".format(
-                summ["median_abs_err_max"], summ["median_abs_err_rate"], summ["max_abs_err_max"],
-                summ["max_abs_err_rate"]))
+        for env in sorted({p.env for p in preds}):
+            e = eta_bound.error_summary(p for p in preds if p.env == env)
+            if math.isfinite(e["max_abs_err_rate"]):
+                lines.append(f"- {env}: median |err| max model {e['median_abs_err_max']:.1%}, rate model "
+                             f"{e['median_abs_err_rate']:.1%}; largest {e['max_abs_err_max']:.1%} / "
+                             f"{e['max_abs_err_rate']:.1%}.")
         write_atomic(out_dir / "prediction.md", "\n".join(lines) + "\n")
-        doc = json_safe({"ctas": ctas, "summary": summ, "rows": [p.to_dict() for p in preds]})
+        summ = {env: eta_bound.error_summary(p for p in preds if p.env == env) for env in sorted({p.env for p in preds})}
+        doc = json_safe({"ctas": ctas, "summary_by_env": summ, "rows": [p.to_dict() for p in preds]})
         write_atomic(out_dir / "prediction.json", json.dumps(doc, indent=1, allow_nan=False) + "\n")
         written += [out_dir / "prediction.md", out_dir / "prediction.json"]
     if plots and records:
@@ -763,14 +765,16 @@ def plot(out_dir: Path, records: list[Record]) -> list[Path]:
                 lo = [100 * (p[1].extra["slowdown"] - p[1].extra["slowdown_lo"]) for p in pts]
                 hi = [100 * (p[1].extra["slowdown_hi"] - p[1].extra["slowdown"]) for p in pts]
                 label = f"M={m}" + ("" if rate is None else (" full speed" if rate == 0 else f" {rate:g} GB/s/CTA"))
-                ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=label)
+                color = f"C{sorted({r.M for r in mine}).index(m)}"  # one colour per M; full speed dashed
+                ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=label, color=color,
+                            linestyle="--" if rate == 0 else "-")
             if kind == "green" and mine:
                 total = mine[0].extra.get("sms_device") or max(r.settings["sms"] for r in mine)
                 xs = sorted({_x(r, xkey) for r in mine})
                 ax.plot(xs, [100 * (total / x - 1) for x in xs], "k--", label="SM share (total / SMs - 1)")
-                ax.set_xlabel("SMs the GEMM's green context ran on (counted, not asked)")
+                ax.set_xlabel("SMs the GEMM's green context ran on (counted)")
             else:
-                ax.set_xlabel("CTAs (512 threads) of the communication-like kernel beside the GEMM")
+                ax.set_xlabel("CTAs beside the GEMM (512 threads each)")
             ax.set_ylabel("GEMM slowdown, %")
             ax.set_title(f"{shape} (K={mine[0].K}, N={mine[0].N})" if mine else shape)
             ax.axhline(0, color="grey", lw=0.5)
