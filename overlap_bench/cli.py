@@ -423,6 +423,8 @@ def interference(
     rounds: int = typer.Option(2, help="Passes over the conditions, each bracketed by references."),
     warmup: int = typer.Option(3, help="Untimed repetitions per block."),
     reps: int = typer.Option(15, help="Timed repetitions per block."),
+    pace: bool = typer.Option(True, help="Give every repetition the side work's wall period, so references do not "
+                                         "run hotter (power-limited) than interfered GEMMs."),
     comm_from: List[Path] = typer.Option([], "--comm-from", help="Multi-GPU run dir: predict its t_joint from its "
                                                                   "t_gemm, t_comm and this run's s(k) (repeatable)."),
     busbw: Optional[float] = typer.Option(None, help="Predict with t_comm from this all-reduce busbw (GB/s)..."),
@@ -435,6 +437,7 @@ def interference(
     """On one GPU: the GEMM's slowdown beside communication-like CTAs, copy-engine traffic and green contexts;
     and the joint time and eta a multi-GPU run could reach."""
     from overlap_bench import interference as itf
+    from overlap_bench import interference_report as rep
     from overlap_bench.records import json_safe
 
     def body() -> None:
@@ -448,7 +451,8 @@ def interference(
                 raise UserError(f"--dtype: '{d}' is not one of bfloat16, float16, float32")
             toks = _ints(tokens, "--tokens") if tokens else (spec_tokens or [4096, 8192, 16384, 32768])
             cfg = itf.InterferenceConfig(shapes, toks, d, itf.parse_ctas(ctas), itf.parse_rates(cta_gbps),
-                                         itf.parse_copies(copy), itf.parse_sms(sms), rounds, warmup, reps)
+                                         itf.parse_copies(copy), itf.parse_sms(sms), rounds, warmup, reps,
+                                         pace=pace)
         run_dir = out or from_dir or Path("runs/interference")
         records, preds = itf.run_interference(cfg, out=run_dir, from_dir=from_dir, comm_from=comm_from, busbw=busbw,
                                               world=world, comm_ctas=comm_ctas, progress=not as_json)
@@ -456,7 +460,7 @@ def interference(
             print(json.dumps(json_safe({"records": [json.loads(r.to_json()) for r in records],
                                         "predictions": [p.to_dict() for p in preds]})))
             return
-        header, rows = itf.slowdown_table(records)
+        header, rows = rep.slowdown_table(records)
         t = Table(title=f"GEMM slowdown, {records[0].device if records else '?'} ({run_dir})")
         for c in header:
             t.add_column(c, justify="left" if c == "shape" else "right")
@@ -465,9 +469,9 @@ def interference(
         out_console.print(t)
         if preds:
             t = Table(title=f"predicted joint time and eta (s at {comm_ctas:g} CTAs)")
-            for c in itf.PRED_HEADER:
+            for c in rep.PRED_HEADER:
                 t.add_column(c, justify="left" if c in ("shape", "env", "t_comm from") else "right")
-            for r in itf.prediction_rows(preds):
+            for r in rep.prediction_rows(preds):
                 t.add_row(*[escape(c) for c in r])
             out_console.print(t)
 

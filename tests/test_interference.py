@@ -7,7 +7,7 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-from overlap_bench import eta_bound, interference as itf, metrics
+from overlap_bench import eta_bound, interference as itf, interference_report as rep, metrics
 from overlap_bench.cli import app
 from overlap_bench.errors import UserError
 from overlap_bench.records import Record, RecordWriter, load_records
@@ -160,7 +160,7 @@ def test_record_schema_round_trip(tmp_path):
 def test_predictions_from_runs_match_hand_computation(tmp_path):
     run, multi = _fake_run(tmp_path)
     recs = load_records(run).records
-    preds = itf.predict_from_runs(recs, [multi], 24)
+    preds = rep.predict_from_runs(recs, [multi], 24)
     by = {p.shape: p for p in preds}
     d = by["q/down_proj"]
     assert d.slowdown == pytest.approx(0.1) and d.t_gemm_ms == 2.93 and d.t_comm_ms == 1.27
@@ -168,7 +168,7 @@ def test_predictions_from_runs_match_hand_computation(tmp_path):
     assert d.err_max == pytest.approx((2.93 * 1.1 - 3.3) / 3.3)
     assert d.env == "CUDA_DEVICE_MAX_CONNECTIONS=1" and d.comm_from == "H100 x4"
     assert by["q/o_proj"].t_joint_rate_ms == pytest.approx(1.21)  # 0.74 * 1.1 < 1.21
-    b = itf.predict_from_busbw(recs, 330.0, 4, 16)
+    b = rep.predict_from_busbw(recs, 330.0, 4, 16)
     assert {p.shape for p in b} == {"q/o_proj", "q/down_proj"}
     o = next(p for p in b if p.shape == "q/o_proj")
     assert o.slowdown == pytest.approx(0.075) and o.t_gemm_ms == 0.75
@@ -180,7 +180,7 @@ def test_slowdown_table_cells(tmp_path):
     recs = load_records(run).records
     recs[1].extra["drift_flag"] = True
     recs[2].extra["covered"] = 0.5
-    header, rows = itf.slowdown_table(recs)
+    header, rows = rep.slowdown_table(recs)
     assert header == ["shape", "M", "GEMM alone ms", "k=8", "k=24", "k=32", "copy d2d", "SMs 124"]
     down = next(r for r in rows if r[0] == "q/down_proj")
     assert down[2] == "3.000" and down[3] == "+5.0% [+4, +6]"
@@ -233,3 +233,14 @@ def test_env_names_the_shipped_commit_over_the_surrounding_checkout(monkeypatch)
 
     monkeypatch.setenv("OVERLAP_BENCH_GIT_COMMIT", "0123abc")
     assert envinfo.git_commit() == "0123abc"
+
+
+def test_pace_waits_out_the_period_and_never_sleeps_negative(monkeypatch):
+    slept = []
+    clock = iter([10.0, 10.004, 10.004, 20.0, 20.0, 30.0, 30.0])
+    monkeypatch.setattr(itf.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(itf.time, "sleep", slept.append)
+    assert itf.pace(None, 0.01) == 10.0 and slept == []            # first repetition: no wait
+    assert itf.pace(10.0, 0.01) == 10.004 and slept == [pytest.approx(0.006)]  # 4 ms gone of 10: sleep 6
+    assert itf.pace(10.0, 0.01) == 20.0 and len(slept) == 1         # period long past: no sleep at all
+    assert itf.pace(20.0, 0.0) == 30.0 and len(slept) == 1
