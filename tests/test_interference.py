@@ -3,6 +3,7 @@ the outputs from a run folder, and the command line without a GPU."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -107,6 +108,12 @@ def test_parsers():
         itf.resolve_sms("all-200", 132)
     shapes, toks, dt = itf.shapes_for(None, None, 4, [])
     assert [(s.K, s.N) for s in shapes] == [(2048, 8192), (7392, 8192)] and toks is None
+    # A tp=8 spec at tp=4: K per rank follows --tp, tokens and dtype come from the spec.
+    root = Path(__file__).resolve().parents[1]
+    shapes, toks, dt = itf.shapes_for(root / "sweeps" / "llama-3.1-70b-tp8.yaml", None, 4, [])
+    assert [(s.K, s.N) for s in shapes] == [(2048, 8192), (7168, 8192)] and toks and dt == "bfloat16"
+    with pytest.raises(UserError, match="SPEC"):
+        itf.shapes_for(root / "sweeps" / "llama-3.1-70b-tp8.yaml", "qwen2.5-72b", 4, [])
 
 
 def test_conditions_order():
