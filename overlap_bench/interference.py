@@ -96,6 +96,7 @@ class InterferenceConfig:
     tokens: list[int]
     """Token counts M."""
     dtype: str = "bfloat16"
+    """Element type of the GEMM's inputs and output."""
     ctas: list[int] = field(default_factory=lambda: list(DEFAULT_CTAS))
     """CTA counts of the communication-like kernel."""
     cta_gbps: list[float] = field(default_factory=lambda: [DEFAULT_CTA_GBPS])
@@ -225,7 +226,9 @@ class Block:
     """One block of repetitions: the GEMM's times and what the checks saw."""
 
     median_ms: float
+    """Median GEMM time over the block's timed repetitions."""
     iqr_ms: float
+    """Their interquartile range."""
     covered: int = 0
     """Repetitions where the side work started before the GEMM and ended after it."""
     n: int = 0
