@@ -390,13 +390,29 @@ def model(
     backend: Optional[str] = typer.Option(None, help="auto, nccl or gloo."),
     out: Path = typer.Option(Path("runs/model"), help="Writes model.jsonl and env.json here."),
     as_json: bool = typer.Option(False, "--json", help="Print rows as JSON instead of a table."),
+    mode: str = typer.Option("all", "--mode", help="Modes, comma-separated: baseline, pr, policy, nanobatch, "
+                             "nanobatch+policy, nocomm, or all (baseline and nocomm always run)."),
+    nanobatches: int = typer.Option(2, help="Nano-batches (token ranges) of the nanobatch modes."),
+    nano_comm: str = typer.Option("stream", help="The nanobatch modes' all-reduce path: stream or async."),
+    nano_priority: bool = typer.Option(False, help="The nanobatch modes' all-reduce on a high-priority NCCL stream."),
+    shapes_tp: Optional[int] = typer.Option(None, help="Per-rank shapes of this tensor-parallel size on fewer ranks "
+                                            "(e.g. tp=4 shapes on 1 GPU: a schedule's overhead alone)."),
 ) -> None:
-    """Prefill a synthetic TP decoder stack: tokens/s for baseline, pr and the policy, and the comm share."""
-    from overlap_bench.model import model_main, model_table
+    """Prefill a synthetic TP decoder stack: tokens/s per mode (baseline, pr, policy, nano-batches), the
+    communication share and how much of it each mode hid."""
+    from overlap_bench.errors import UserError
+    from overlap_bench.model import MODES, model_main, model_table
+    from overlap_bench.nanobatch import NanoSettings
 
     def body() -> None:
+        modes = MODES if mode.strip() == "all" else tuple(m.strip() for m in mode.split(",") if m.strip())
+        try:
+            nano = NanoSettings(nanobatches, nano_comm, nano_priority)
+        except ValueError as e:
+            flag = "--nano-comm" if str(e).startswith("comm") else "--nanobatches"
+            raise UserError(f"{flag}: {e}") from None
         rows = model_main(preset, tp, _ints(tokens, "--tokens"), layers, policy, dtype, warmup, reps, out,
-                          backend=backend, nproc=nproc)
+                          backend=backend, nproc=nproc, modes=modes, nano=nano, shapes_tp=shapes_tp)
         if not _rank0():
             return
         if as_json:

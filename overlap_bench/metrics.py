@@ -37,6 +37,20 @@ def eta(t_base: float, t: float, t_gemm: float, t_comm: float) -> float:
     return (t_base - t) / room
 
 
+def model_eta(t_base: float, t: float, t_nocomm: float, noise: float = 0.0) -> float:
+    """Model level: the fraction of the forward's row-parallel communication a mode hid,
+    ``(t_base - t) / (t_base - t_nocomm)`` with ``t_nocomm`` the forward without those all-reduces.
+
+    0 = nothing hidden, 1 = as fast as no communication at all, < 0 = slower than baseline. NaN when the
+    communication share ``t_base - t_nocomm`` is not above ``noise`` (e.g. the measured spread; at world 1
+    there is nothing to hide and the ratio would be noise over noise).
+    """
+    room = t_base - t_nocomm
+    if not room > max(noise, 0.0):
+        return math.nan
+    return (t_base - t) / room
+
+
 def tflops(m: int, k: int, n: int, t_ms: float) -> float:
     """Per-rank TFLOP/s of the ``[M,K]x[K,N]`` product (K per rank) done in ``t_ms``."""
     return 2.0 * m * k * n / (t_ms * 1e-3) / 1e12 if t_ms > 0 else math.nan

@@ -15,10 +15,14 @@ Modes, all measured in the same job on the same weights and inputs:
 ``baseline``  both row-parallel layers run the ``baseline`` strategy;
 ``pr``        both run ``pr`` (sglang #6923's fixed chunking);
 ``policy``    each layer runs what ``Policy.choose(K, N, M)`` of a policy file answers (skipped without one);
+``nanobatch`` the tokens split into nano-batches, each row-parallel all-reduce of one hidden behind another's
+              compute (:mod:`overlap_bench.nanobatch`); ``nanobatch+policy`` also runs the policy's choice
+              inside each nano-batch (skipped without a policy);
 ``nocomm``    the row-parallel layers skip the all-reduce: numerically wrong, timing only. It gives the share
               of the forward spent in row-parallel communication,
               ``comm_share = (t_baseline - t_nocomm) / t_baseline``, and its speedup is the ceiling that
-              perfect overlap could reach.
+              perfect overlap could reach. Each mode's model-level eta, ``metrics.model_eta``, is the part of
+              that share it hid.
 
 Every mode's final hidden states are checked against baseline's first (``numerics.TOLERANCE``); a failed
 mode is recorded with its reason and not timed. Rank 0 writes one JSON line per (M, mode) to
@@ -41,12 +45,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from overlap_bench import strategies
+from overlap_bench import nanobatch, strategies
 from overlap_bench.bench import agree_failure, try_case
 from overlap_bench.errors import UserError
 from overlap_bench.launch import JobConfig, RankContext, launch
 from overlap_bench.world import in_torchrun, resolve
-from overlap_bench.metrics import DTYPES
+from overlap_bench.metrics import DTYPES, model_eta
 from overlap_bench.numerics import TOLERANCE, rel_err, within_tolerance
 from overlap_bench.presets import PRESETS, ModelPreset
 from overlap_bench.records import json_safe, write_atomic
@@ -57,8 +61,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("overlap_bench.model")
 
-MODES = ("baseline", "pr", "policy", "nocomm")
+MODES = ("baseline", "pr", "policy", "nanobatch", "nanobatch+policy", "nocomm")
 """Modes in the order they are checked and timed (interleaved in that order, round after round)."""
+REFERENCE_MODES = ("baseline", "nocomm")
+"""Modes every run includes: the numerics reference and the communication share (model eta needs both)."""
 ROW_LAYERS = ("o_proj", "down_proj")
 """The row-parallel layers of a decoder layer, as named in rows and policies."""
 MODEL_FILE = "model.jsonl"
@@ -187,32 +193,51 @@ GQA_NATIVE = _gqa_native()
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal SDPA of ``q [1, Hq, M, D]`` over ``k, v [1, Hkv, M, D]`` (grouped-query when ``Hkv < Hq``).
+    """Causal SDPA of ``q [1, Hq, Lq, D]`` over ``k, v [1, Hkv, Lk, D]`` (grouped-query when ``Hkv < Hq``).
 
+    ``Lq < Lk`` is chunked prefill: the queries are the last ``Lq`` positions of the ``Lk`` keys, so the
+    causal mask is aligned to the bottom right (query ``i`` sees keys ``0 .. Lk - Lq + i``).
     ``enable_gqa`` is used where flash attention can take it (CUDA, half precision, torch >= 2.5); elsewhere
     the kv heads are repeated, which keeps the memory-efficient kernel usable (fp32 on CUDA) instead of
     the math kernel's ``M x M`` scores, and keeps torch 2.4 working. The repeat costs ``2*M*Hq*D`` copied
     elements, small beside the attention itself.
     """
     rep = q.shape[1] // k.shape[1]
+    gqa = {}
     if rep > 1:
         if GQA_NATIVE and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            gqa = {"enable_gqa": True}
+        else:
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+    if q.shape[2] == k.shape[2]:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
+    from torch.nn.attention.bias import causal_lower_right
+
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]), **gqa)
 
 
-def attention_input(w: LayerWeights, x: torch.Tensor, d: Dims) -> torch.Tensor:
-    """RMSNorm, fused QKV, causal GQA attention: this rank's o_proj input ``[M, heads/tp * head_dim]``."""
+def attention_input(w: LayerWeights, x: torch.Tensor, d: Dims, kv: torch.Tensor | None = None,
+                    start: int = 0) -> torch.Tensor:
+    """RMSNorm, fused QKV, causal GQA attention: this rank's o_proj input ``[M, heads/tp * head_dim]``.
+
+    With ``kv`` (``[M_total, 2 * kv_heads/tp * head_dim]``, keys then values per row), ``x`` holds the token
+    rows ``start .. start + M`` of a longer sequence (chunked prefill): their keys and values are written to
+    those rows of ``kv`` and the queries attend to ``kv``'s rows ``0 .. start + M``, which earlier calls
+    filled for the earlier rows. Without it ``x`` is the whole sequence.
+    """
     m = x.shape[0]
     qkv = torch.mm(rms_norm(x, w.attn_norm), w.qkv.t())
     q_w, kv_w = d.heads * d.head_dim, d.kv_heads * d.head_dim
     q, k, v = qkv.split([q_w, kv_w, kv_w], dim=-1)
-    # [M, H*D] -> [1, H, M, D] (strided views; the kernels take a unit last-dim stride)
+    if kv is not None:
+        kv[start:start + m].copy_(qkv[:, q_w:])
+        k, v = kv[:start + m].split([kv_w, kv_w], dim=-1)
+    n = k.shape[0]
+    # [L, H*D] -> [1, H, L, D] (strided views; the kernels take a unit last-dim stride)
     q = q.view(m, d.heads, d.head_dim).transpose(0, 1).unsqueeze(0)
-    k = k.view(m, d.kv_heads, d.head_dim).transpose(0, 1).unsqueeze(0)
-    v = v.view(m, d.kv_heads, d.head_dim).transpose(0, 1).unsqueeze(0)
+    k = k.view(n, d.kv_heads, d.head_dim).transpose(0, 1).unsqueeze(0)
+    v = v.view(n, d.kv_heads, d.head_dim).transpose(0, 1).unsqueeze(0)
     o = attention(q, k, v)
     del qkv, q, k, v
     return o.squeeze(0).transpose(0, 1).reshape(m, d.heads * d.head_dim)
@@ -280,17 +305,24 @@ def _policy_meta_notes(policy, dtype: str, device_name: str) -> list[str]:
 
 
 def run_model(ctx: RankContext, preset: str, tokens: list[int], layers: int, policy_path: str | None,
-              warmup: int, reps: int, out_path: str, dtype: str = "bfloat16", seed: int = 0) -> None:
+              warmup: int, reps: int, out_path: str, dtype: str = "bfloat16", seed: int = 0,
+              modes: tuple[str, ...] = MODES, nano: nanobatch.NanoSettings | None = None,
+              shapes_tp: int | None = None) -> None:
     """Every rank's part of the model benchmark (``launch`` calls it); rank 0 writes ``out_path`` (JSONL).
 
     Per M: inputs, the numerics check of every mode against baseline, then the timing of the modes that
     passed, interleaved round by round. ``out_path`` is rewritten atomically with all rows so far after
-    each M.
+    each M. ``modes``: the modes to run (a subset of :data:`MODES`, in that order); ``nano``: the nano-batch
+    modes' settings. ``shapes_tp``: per-rank shapes of this tensor-parallel size instead of the rank count
+    (one rank's share of a larger job, e.g. tp=4 shapes on 1 GPU: the reduction then sums fewer shards).
     """
     from overlap_bench.policy import load_policy
 
+    modes = tuple(mode for mode in MODES if mode in modes or mode in REFERENCE_MODES)
+    nano = nano or nanobatch.NanoSettings()
+
     p = PRESETS[preset]
-    tp = ctx.world
+    tp = shapes_tp or ctx.world
     d = Dims.of(p, tp)
     dt = DTYPES[dtype]
     tol = TOLERANCE[dtype]
@@ -307,7 +339,7 @@ def run_model(ctx: RankContext, preset: str, tokens: list[int], layers: int, pol
     if err:
         # Nothing can be measured at any M: record why and stop.
         for m in tokens:
-            for mode in MODES:
+            for mode in modes:
                 rows.append(_row(preset, tp, layers, m, dtype, mode, ctx, warmup, reps, tol, shapes,
                                  status="failed", reason=f"weights: {err}"))
         if ctx.rank == 0:
@@ -342,6 +374,11 @@ def run_model(ctx: RankContext, preset: str, tokens: list[int], layers: int, pol
                               "note": "; ".join(notes) or None}
             if unavailable:
                 plan["policy"]["unavailable"] = "; ".join(unavailable)
+        choose = None
+        if policy is not None:
+            def choose(layer: str, rows: int) -> Any:
+                return policy.choose(K=d.row_shape(layer)[0], N=d.hidden, M=rows)
+        plan.update(nanobatch.mode_plans(nano, m, ctx.backend, choose, policy_notes))
         plan["nocomm"] = {"row": nocomm_row, "choices": {layer: "nocomm" for layer in ROW_LAYERS},
                           "note": "row-parallel all-reduce skipped: timing only, numerics not checked"}
 
@@ -351,7 +388,7 @@ def run_model(ctx: RankContext, preset: str, tokens: list[int], layers: int, pol
         err = agree_failure(err, ctx)
         if err:
             rows += [_row(**common, mode=mode, status="failed", reason=f"inputs: {err}",
-                          choices=plan[mode].get("choices")) for mode in MODES]
+                          choices=plan[mode].get("choices")) for mode in modes]
             _free(ctx)
             if ctx.rank == 0:
                 _write_rows(out_path, rows)
@@ -361,18 +398,18 @@ def run_model(ctx: RankContext, preset: str, tokens: list[int], layers: int, pol
 
         # Numerics first: every mode's final hidden states against baseline's.
         status: dict[str, dict[str, Any]] = {}
-        y_base, err = try_case(lambda: stack_forward(weights, x, d, plan["baseline"]["row"]))
+        y_base, err = try_case(lambda: _forward(plan["baseline"], weights, x, d))
         err = agree_failure(err, ctx)
         if err:
             rows += [_row(**common, mode=mode, status="failed", reason=f"baseline forward: {err}",
-                          choices=plan[mode].get("choices")) for mode in MODES]
+                          choices=plan[mode].get("choices")) for mode in modes]
             del x
             _free(ctx)
             if ctx.rank == 0:
                 _write_rows(out_path, rows)
             continue
         status["baseline"] = {"status": "ok", "rel_err": 0.0}
-        for mode in MODES[1:]:
+        for mode in modes[1:]:
             info = plan[mode]
             if "skip" in info:
                 status[mode] = {"status": "skipped", "reason": info["skip"]}
@@ -380,7 +417,7 @@ def run_model(ctx: RankContext, preset: str, tokens: list[int], layers: int, pol
             if "unavailable" in info:
                 status[mode] = {"status": "unavailable", "reason": info["unavailable"]}
                 continue
-            y, err = try_case(lambda: stack_forward(weights, x, d, info["row"]))
+            y, err = try_case(lambda: _forward(info, weights, x, d))
             err = agree_failure(err, ctx)
             if err:
                 status[mode] = {"status": "failed", "reason": err}
@@ -400,7 +437,7 @@ def run_model(ctx: RankContext, preset: str, tokens: list[int], layers: int, pol
         del y_base
 
         # Timing: the modes that passed, interleaved baseline, pr, policy, nocomm in each round.
-        timed = [mode for mode in MODES if status[mode]["status"] == "ok"]
+        timed = [mode for mode in modes if status[mode]["status"] == "ok"]
         rounds = max(1, min(MAX_ROUNDS, reps))
         per_round = math.ceil(reps / rounds)
         medians: dict[str, list[float]] = {mode: [] for mode in timed}
@@ -409,8 +446,8 @@ def run_model(ctx: RankContext, preset: str, tokens: list[int], layers: int, pol
             for mode in timed:
                 if mode not in medians:
                     continue
-                row_fn = plan[mode]["row"]
-                t, err = try_case(lambda: time_region(lambda: stack_forward(weights, x, d, row_fn),
+                info = plan[mode]
+                t, err = try_case(lambda: time_region(lambda: _forward(info, weights, x, d),
                                                   warmup=warmup if r == 0 else min(warmup, 1), reps=per_round,
                                                   group=None, device=ctx.device))
                 err = agree_failure(err, ctx)
@@ -432,7 +469,11 @@ def run_model(ctx: RankContext, preset: str, tokens: list[int], layers: int, pol
         comm_share = None
         if t_base and "nocomm" in t_ms:
             comm_share = (t_base - t_ms["nocomm"]) / t_base
-        for mode in MODES:
+        # The share is hideable only where it is above the spread of the two references' times.
+        # At world 1 nothing is communicated: any difference is noise, so no model eta.
+        noise = max(max(iqrs[k]) for k in REFERENCE_MODES) if all(t_ms.get(k) for k in REFERENCE_MODES) else 0.0
+        noise = math.inf if ctx.world == 1 else noise
+        for mode in modes:
             st, info = status[mode], plan[mode]
             ok = st["status"] == "ok" and mode in t_ms
             t = t_ms.get(mode) if ok else None
@@ -444,6 +485,9 @@ def run_model(ctx: RankContext, preset: str, tokens: list[int], layers: int, pol
                 tokens_per_s=(m / (t / 1e3)) if t else None,
                 speedup_vs_baseline=(t_base / t) if (t and t_base) else None,
                 comm_share=comm_share if mode == "baseline" else None,
+                eta_model=model_eta(t_base, t, t_ms["nocomm"], noise) if (t and t_base and "nocomm" in t_ms)
+                else None,
+                nanobatch=info.get("nanobatch"),
                 choices=info.get("choices"), choice_reasons=info.get("choice_reasons"),
                 policy_path=str(policy_path) if (mode == "policy" and policy_path) else None,
                 peak_mem_gib=peak_gib,
@@ -456,18 +500,26 @@ def run_model(ctx: RankContext, preset: str, tokens: list[int], layers: int, pol
 
 def _row(preset: str, tp: int, layers: int, m: int, dtype: str, mode: str, ctx: RankContext, warmup: int,
          reps: int, tol: float, shapes: dict, *, status: str, reason: str | None = None, **values: Any) -> dict:
-    row = {"preset": preset, "tp": tp, "layers": layers, "M": m, "dtype": dtype, "mode": mode,
+    row = {"preset": preset, "tp": tp, "world": ctx.world, "layers": layers, "M": m, "dtype": dtype, "mode": mode,
            "t_ms": None, "t_iqr_ms": None, "tokens_per_s": None, "speedup_vs_baseline": None, "comm_share": None,
+           "eta_model": None,
            "rel_err": None, "tol": tol, "ok": status == "ok", "status": status, "reason": reason, "note": None,
            "choices": None, "choice_reasons": None, "shapes": shapes, "backend": ctx.backend,
            "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
            "warmup": warmup, "reps": reps,
            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    optional = ("t_rounds_ms", "policy_path", "peak_mem_gib")  # only where they apply
+    optional = ("t_rounds_ms", "policy_path", "peak_mem_gib", "nanobatch")  # only where they apply
     row.update({k: v for k, v in values.items() if k not in optional or v is not None})
     if status != "ok":
-        row.update(t_ms=None, tokens_per_s=None, speedup_vs_baseline=None, comm_share=None)
+        row.update(t_ms=None, tokens_per_s=None, speedup_vs_baseline=None, comm_share=None, eta_model=None)
     return row
+
+
+def _forward(info: dict[str, Any], weights: list[LayerWeights], x: torch.Tensor, d: Dims) -> torch.Tensor:
+    """One prefill forward of a planned mode: its own schedule (``forward``) or the layer loop with its ``row``."""
+    if "forward" in info:
+        return info["forward"](weights, x, d)
+    return stack_forward(weights, x, d, info["row"])
 
 
 def _write_rows(path: str | os.PathLike, rows: Iterable[dict]) -> None:
@@ -484,7 +536,8 @@ def load_rows(path: str | os.PathLike) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------- launcher
 
-def validate(preset: str, tp: int, tokens: list[int], layers: int, dtype: str, warmup: int, reps: int) -> ModelPreset:
+def validate(preset: str, tp: int, tokens: list[int], layers: int, dtype: str, warmup: int, reps: int,
+             modes: tuple[str, ...] = MODES, nano: nanobatch.NanoSettings | None = None) -> ModelPreset:
     """Check the inputs; a :class:`UserError` names the field and the fix in one line."""
     if preset not in PRESETS:
         raise UserError(f"--preset: unknown preset '{preset}' (known: {', '.join(PRESETS)})")
@@ -511,6 +564,13 @@ def validate(preset: str, tp: int, tokens: list[int], layers: int, dtype: str, w
         raise UserError(f"--warmup must be >= 0, got {warmup}")
     if reps < 1:
         raise UserError(f"--reps must be >= 1, got {reps}")
+    unknown = [mode for mode in modes if mode not in MODES]
+    if unknown or not modes:
+        raise UserError(f"--mode: unknown mode '{unknown[0] if unknown else ''}'; use a comma-separated list of "
+                        f"{', '.join(MODES)} (baseline and nocomm always run)")
+    if nano is not None and any(mode.startswith("nanobatch") for mode in modes) and nano.nanobatches > min(tokens):
+        raise UserError(f"--nanobatches {nano.nanobatches} is more than the smallest token count {min(tokens)}; "
+                        "use --nanobatches <= every --tokens value")
     return p
 
 
@@ -530,20 +590,24 @@ def _check_policy(path: str | os.PathLike, tp: int) -> dict[str, str]:
 
 def model_main(preset: str, tp_world: int | None, tokens: list[int], layers: int, policy: str | os.PathLike | None,
                dtype: str, warmup: int, reps: int, out_dir: str | os.PathLike, backend: str | None = None,
-               nproc: int | None = None, *, seed: int = 0, timeout_s: float = 600.0) -> list[dict]:
+               nproc: int | None = None, *, seed: int = 0, timeout_s: float = 600.0,
+               modes: tuple[str, ...] = MODES, nano: nanobatch.NanoSettings | None = None,
+               shapes_tp: int | None = None) -> list[dict]:
     """Run the model benchmark as a job of ``tp`` ranks; returns the rows (empty on ranks other than 0).
 
     ``tp_world`` is the tensor-parallel size (= ranks); None means every rank (``resolve``'s default).
     Writes ``out_dir/env.json`` before the job and ``out_dir/model.jsonl`` (rank 0, after each M); an
     existing ``model.jsonl`` there is replaced. A policy's ``meta.required_env`` is set in every rank (all
-    modes then run under it); under torchrun it must already be set.
+    modes then run under it); under torchrun it must already be set. ``modes`` picks the modes (baseline
+    and nocomm always run); ``nano`` sets the nano-batch modes (default: 2 nano-batches, side stream);
+    ``shapes_tp`` runs the per-rank shapes of a larger tensor-parallel size on these ranks (see ``run_model``).
     """
     from overlap_bench import envinfo
 
     if preset not in PRESETS:
         raise UserError(f"--preset: unknown preset '{preset}' (known: {', '.join(PRESETS)})")
     if tp_world is not None:
-        validate(preset, tp_world, list(tokens), layers, dtype, warmup, reps)  # before resolve: name the field
+        validate(preset, tp_world, list(tokens), layers, dtype, warmup, reps, modes, nano)  # before resolve
     if tp_world is not None and nproc is not None and tp_world != nproc:
         raise UserError(f"--tp {tp_world} and --nproc {nproc} differ: the model runs one rank per tensor-parallel "
                         "shard; give one of them")
@@ -551,8 +615,11 @@ def model_main(preset: str, tp_world: int | None, tokens: list[int], layers: int
     if tp_world is not None and world != tp_world:
         raise UserError(f"--tp {tp_world} but the torchrun job has WORLD_SIZE={world}; start torchrun with "
                         f"--nproc-per-node {tp_world} or pass --tp {world}")
-    tp = world
-    validate(preset, tp, list(tokens), layers, dtype, warmup, reps)
+    if shapes_tp is not None and shapes_tp < world:
+        raise UserError(f"--shapes-tp {shapes_tp} is less than the {world} ranks; give --shapes-tp >= {world} "
+                        "or leave it out")
+    tp = shapes_tp or world
+    validate(preset, tp, list(tokens), layers, dtype, warmup, reps, modes, nano)
     env: dict[str, str] = {}
     policy_path = None
     if policy is not None:
@@ -572,8 +639,9 @@ def model_main(preset: str, tp_world: int | None, tokens: list[int], layers: int
         if out_path.exists():
             out_path.unlink()
         write_atomic(out / ENV_FILE, json.dumps(envinfo.collect(), indent=2) + "\n")
-    args = (preset, list(tokens), layers, policy_path, warmup, reps, str(out_path), dtype, seed)
-    launch(run_model, args, JobConfig(tp, backend, timeout_s, env))
+    args = (preset, list(tokens), layers, policy_path, warmup, reps, str(out_path), dtype, seed, tuple(modes), nano,
+            shapes_tp)
+    launch(run_model, args, JobConfig(world, backend, timeout_s, env))
     return load_rows(out_path) if rank0 else []
 
 
@@ -586,26 +654,33 @@ def _fmt(v: Any, spec: str) -> str:
 
 
 def model_table(rows: list[dict], title: str | None = None) -> "Table":
-    """A rich table, one row per (M, mode): time, tokens/s, speedup vs baseline, comm share, rel_err."""
+    """A rich table, one row per (M, mode): time, tokens/s, speedup vs baseline, comm share, model eta,
+    rel_err."""
     from rich.table import Table
 
     if title is None and rows:
         r = rows[0]
-        title = (f"{r['preset']} x{r['layers']} layers, tp={r['tp']} "
+        ranks = f" shapes on {r['world']} rank(s)" if r.get("world", r["tp"]) != r["tp"] else ""
+        title = (f"{r['preset']} x{r['layers']} layers, tp={r['tp']}{ranks} "
                  f"({r.get('backend', '?')}, {r.get('device', '?')}), {r['dtype']}")
     t = Table(title=title)
-    for c in ("M", "mode", "ms", "tokens/s", "speedup vs baseline", "comm share", "rel_err", "notes"):
+    for c in ("M", "mode", "ms", "tokens/s", "speedup vs baseline", "comm share", "eta (model)", "rel_err", "notes"):
         t.add_column(c, justify="left" if c in ("mode", "notes") else "right")
     for r in rows:
         notes = []
         if r.get("status") != "ok":
             notes.append(f"[red]{r.get('status')}[/]: {r.get('reason')}")
-        if r.get("mode") == "policy" and r.get("choices"):
+        if r.get("mode") in ("policy", "nanobatch+policy") and r.get("choices"):
             notes.append(", ".join(f"{k}={v}" for k, v in r["choices"].items()))
         if r.get("mode") == "nocomm" and r.get("status") == "ok":
             notes.append("no all-reduce (timing only)")
+        nb = r.get("nanobatch")
+        if nb and nb.get("rows"):
+            notes.append(f"{nb['nanobatches']} nano-batches ({'/'.join(map(str, nb['rows']))} rows), "
+                         f"comm={nb['comm']}" + (", priority" if nb.get("priority") else ""))
         t.add_row(str(r["M"]), r["mode"], _fmt(r.get("t_ms"), ".2f"), _fmt(r.get("tokens_per_s"), ",.0f"),
                   _fmt(r.get("speedup_vs_baseline"), ".3f"),
                   _fmt(r.get("comm_share") * 100, ".1f") + "%" if r.get("comm_share") is not None else "-",
+                  _fmt(r.get("eta_model"), ".2f"),
                   _fmt(r.get("rel_err"), ".1e"), "; ".join(notes))
     return t

@@ -36,19 +36,22 @@ class Strategy:
     """``check(backend, settings) -> reason`` when it cannot run there, else None."""
     note: Callable[[str, Any], str | None] | None = None
     """``note(backend, settings) -> text`` when the backend changes how it runs (kept in the record)."""
+    split: Callable[[int, Any], Any] | None = None
+    """``split(M, settings) -> RowSplit``: its row ranges and path, for schedules that issue the all-reduces
+    and wait later (model nano-batches); None when the strategy is not a row split of one product."""
 
 
 REGISTRY: dict[str, Strategy] = {}
 
 
 def register(name: str, settings_cls: type, doc: str, check: Callable[[str, Any], str | None] | None = None,
-             note: Callable[[str, Any], str | None] | None = None):
+             note: Callable[[str, Any], str | None] | None = None, split: Callable[[int, Any], Any] | None = None):
     """Decorator: register ``fn`` under ``name``."""
 
     def wrap(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         if name in REGISTRY:
             raise ValueError(f"strategy {name!r} registered twice")
-        REGISTRY[name] = Strategy(name, fn, settings_cls, doc, check, note)
+        REGISTRY[name] = Strategy(name, fn, settings_cls, doc, check, note, split)
         return fn
 
     return wrap

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from overlap_bench.strategies import register
-from overlap_bench.strategies.pipeline import PATHS, matmul_into, rank_bias
+from overlap_bench.strategies.pipeline import PATHS, RowSplit, matmul_into, rank_bias
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,8 @@ def baseline_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias
     return out
 
 
-@register("baseline", BaselineSettings, "product, then one all-reduce of the whole [M, N] output")
+@register("baseline", BaselineSettings, "product, then one all-reduce of the whole [M, N] output",
+          split=lambda m, s: RowSplit(((0, m),)))
 def baseline(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
              group: dist.ProcessGroup | None, settings: BaselineSettings) -> torch.Tensor:
     """Row-parallel linear the plain way: ``all_reduce(x @ W^T + b)``."""

@@ -9,8 +9,8 @@ import torch.distributed as dist
 
 from overlap_bench.strategies import register
 from overlap_bench.strategies.baseline import baseline_into
-from overlap_bench.strategies.pipeline import (COMM_PATHS, SPLITS, all_reduce_bounds, even_bounds, gloo_note,
-                                               high_priority_group)
+from overlap_bench.strategies.pipeline import (COMM_PATHS, SPLITS, RowSplit, all_reduce_bounds, even_bounds,
+                                               gloo_note, high_priority_group)
 
 
 @dataclass(frozen=True)
@@ -54,15 +54,22 @@ def _check(backend: str, s: ChunkedSettings) -> str | None:
     return None
 
 
+def chunked_split(m: int, s: ChunkedSettings) -> RowSplit:
+    """One range below the threshold (the baseline path), else the chunk ranges on the chosen path."""
+    if m < s.threshold:
+        return RowSplit(((0, m),))
+    return RowSplit(tuple(even_bounds(m, s.chunks, s.align, s.split, s.ratio)), s.comm, s.priority)
+
+
 @register("chunked", ChunkedSettings, "row chunks, each all-reduced while the next multiplies",
-          check=_check, note=lambda backend, s: gloo_note(s.comm, backend))
+          check=_check, note=lambda backend, s: gloo_note(s.comm, backend), split=chunked_split)
 def chunked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             group: dist.ProcessGroup | None, settings: ChunkedSettings) -> torch.Tensor:
     """Chunked GEMM + all-reduce overlap."""
     m = x.shape[0]
     out = torch.empty(m, weight.shape[0], dtype=x.dtype, device=x.device)
-    if m < settings.threshold:
+    sp = chunked_split(m, settings)
+    if sp.comm is None:
         return baseline_into(out, x, weight, bias, group)
-    comm_group = high_priority_group(group) if settings.priority else group
-    bounds = even_bounds(m, settings.chunks, settings.align, settings.split, settings.ratio)
-    return all_reduce_bounds(out, x, weight, bias, group, bounds, settings.comm, comm_group)
+    comm_group = high_priority_group(group) if sp.priority else group
+    return all_reduce_bounds(out, x, weight, bias, group, sp.bounds, sp.comm, comm_group)

@@ -4,6 +4,7 @@ output, and the per-chunk all-reduce on a side stream (CUDA events) or through a
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -69,16 +70,52 @@ def even_bounds(m: int, chunks: int, align: int = 1, split: str = "even", ratio:
     return [(s, e) for s, e in zip(edges, edges[1:]) if e > s]
 
 
-def all_reduce_bounds(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      group: dist.ProcessGroup | None, bounds: list[tuple[int, int]], comm: str,
-                      comm_group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Multiply each row range into ``out`` and all-reduce it while the next range multiplies.
+@dataclass(frozen=True)
+class RowSplit:
+    """How a strategy splits ``M`` rows for one call: the row ranges, each all-reduced on its own, and the
+    communication path. Schedules that issue a layer's all-reduces and wait for them later (the model's
+    nano-batches) use it to run a strategy's split without its final wait."""
 
-    ``comm="stream"``: each chunk's all-reduce is issued on a dedicated communication stream after a CUDA
-    event recorded behind its product; the main stream waits for that stream at the end (the seed PR's
-    scheme). ``comm="async"``: the all-reduce is issued from the main stream with ``async_op=True`` and
-    the work handles are waited on at the end. Without CUDA (gloo) both use work handles: there are no
-    streams, and gloo's async work runs on its own thread, which gives the overlap.
+    bounds: tuple[tuple[int, int], ...]
+    """``(start, end)`` row ranges covering ``[0, M)`` once, in order."""
+    comm: str | None = None
+    """``stream`` or ``async``; None when the strategy has no path of its own (one range, the baseline path):
+    the caller's path is used."""
+    priority: bool = False
+    """All-reduce on the high-priority process group (:func:`high_priority_group`)."""
+
+
+class PendingAllReduce:
+    """All-reduces issued by :func:`start_bounds` and not yet waited for. ``wait()`` orders the caller's
+    stream after exactly these all-reduces (not after later ones issued on the same stream)."""
+
+    def __init__(self, out: torch.Tensor, done: "torch.cuda.Event | None", works: list) -> None:
+        self.out = out  # kept alive until the wait: the side stream still writes it
+        self._done = done
+        self._works = works
+
+    def wait(self) -> torch.Tensor:
+        """Make the current stream (GPU) or the caller (gloo) wait; returns the reduced output."""
+        if self._done is not None:
+            torch.cuda.current_stream(self.out.device).wait_event(self._done)
+        for w in self._works:
+            w.wait()
+        self._done, self._works = None, []
+        return self.out
+
+
+def start_bounds(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 group: dist.ProcessGroup | None, bounds, comm: str,
+                 comm_group: dist.ProcessGroup | None = None) -> PendingAllReduce:
+    """Multiply each row range into ``out`` and issue its all-reduce at once, so that it runs while the next
+    range (or whatever the caller launches next) computes; the caller waits on the returned handle.
+
+    ``comm="stream"``: each range's all-reduce is issued on a dedicated communication stream after a CUDA
+    event recorded behind its product (the seed PR's scheme); an event recorded on that stream after the
+    last one is what ``wait()`` waits for. ``comm="async"``: the all-reduce is issued from the current
+    stream with ``async_op=True`` and ``wait()`` waits on the work handles. Without CUDA (gloo) both use
+    work handles: there are no streams, and gloo's async work runs on its own thread, which gives the
+    overlap.
     """
     PATHS[f"chunks={len(bounds)}"] += 1
     b = rank_bias(bias, group)
@@ -93,15 +130,21 @@ def all_reduce_bounds(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
             side.wait_event(ready)
             with torch.cuda.stream(side):
                 dist.all_reduce(out[s:e], group=comm_group)
-        main.wait_stream(side)
-        return out
+        done = torch.cuda.Event()
+        done.record(side)
+        return PendingAllReduce(out, done, [])
     works = []
     for s, e in bounds:
         matmul_into(out[s:e], x[s:e], weight, b)
         works.append(dist.all_reduce(out[s:e], group=comm_group, async_op=True))
-    for w in works:
-        w.wait()
-    return out
+    return PendingAllReduce(out, None, works)
+
+
+def all_reduce_bounds(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      group: dist.ProcessGroup | None, bounds, comm: str,
+                      comm_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """:func:`start_bounds`, then wait: each range's all-reduce runs while the next range multiplies."""
+    return start_bounds(out, x, weight, bias, group, bounds, comm, comm_group).wait()
 
 
 _STREAMS: dict[torch.device, torch.cuda.Stream] = {}

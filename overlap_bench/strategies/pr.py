@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from overlap_bench.strategies import register
 from overlap_bench.strategies.baseline import baseline_into
-from overlap_bench.strategies.pipeline import all_reduce_bounds, gloo_note
+from overlap_bench.strategies.pipeline import RowSplit, all_reduce_bounds, gloo_note
 
 PR_THRESHOLD = 16384
 """Token count from which the PR chunks (hard-coded there)."""
@@ -34,13 +34,19 @@ def pr_bounds(m: int) -> list[tuple[int, int]]:
     return bounds
 
 
+def pr_split(m: int, settings: PRSettings | None = None) -> RowSplit:
+    """The PR's ranges, on the side-stream path when there is more than one."""
+    bounds = tuple(pr_bounds(m))
+    return RowSplit(bounds, "stream" if len(bounds) > 1 else None)
+
+
 @register("pr", PRSettings, "sglang #6923: M//3 chunks from 16384 tokens, all-reduce on a side stream",
-          note=lambda backend, s: gloo_note("stream", backend))
+          note=lambda backend, s: gloo_note("stream", backend), split=pr_split)
 def pr(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
        group: dist.ProcessGroup | None, settings: PRSettings) -> torch.Tensor:
     """The seed PR's chunked overlap."""
     out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-    bounds = pr_bounds(x.shape[0])
-    if len(bounds) == 1:
+    sp = pr_split(x.shape[0])
+    if sp.comm is None:
         return baseline_into(out, x, weight, bias, group)
-    return all_reduce_bounds(out, x, weight, bias, group, bounds, "stream")
+    return all_reduce_bounds(out, x, weight, bias, group, sp.bounds, sp.comm)

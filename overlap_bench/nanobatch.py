@@ -1,0 +1,219 @@
+"""Nano-batched prefill: hide each row-parallel all-reduce of one nano-batch behind another's compute.
+
+The token rows of one prefill are split into ``n`` contiguous ranges (nano-batches). Per-token work
+(norms, projections, MLP) is unchanged by the split; attention stays exact because range ``i`` attends to
+the keys and values of ranges ``0 .. i`` of the same layer (chunked prefill, causal mask aligned to the
+bottom right), which the ranges before it have already written. Per decoder layer the schedule is::
+
+    attention phase, i = 0 .. n-1:  wait down_proj all-reduce of i (previous layer); add its residual;
+                                    attention of i; o_proj product of i; issue its all-reduce
+    MLP phase,       i = 0 .. n-1:  wait o_proj all-reduce of i; add its residual;
+                                    gate/up, SiLU; down_proj product of i; issue its all-reduce
+
+so the all-reduce of nano-batch ``i`` runs while nano-batches ``i+1 ..`` compute in the same phase and
+``.. i-1`` compute in the next. Only the first attention (nothing issued yet) and the last down_proj
+all-reduce (nothing left to compute) are exposed.
+
+Launch order, for ``CUDA_DEVICE_MAX_CONNECTIONS=1`` (one hardware queue: an entry that waits blocks every
+entry behind it): each all-reduce is enqueued right behind the product it reduces, before the next
+nano-batch's compute, and the wait for an all-reduce is enqueued only just before the compute that needs
+it, after the all-reduces issued since. So the queue never holds a wait in front of compute that could run,
+and the all-reduce starts before the kernels it overlaps (it gets its SMs first).
+
+The row-parallel call of each nano-batch runs a strategy's :class:`RowSplit` (``baseline``: one range;
+with a policy, its choice for the nano-batch's row count, e.g. chunks inside the nano-batch) through
+:func:`start_bounds`, which issues the all-reduces and leaves the wait to this schedule. On gloo there are
+no streams: the all-reduces are async work handles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from overlap_bench import strategies
+from overlap_bench.strategies.pipeline import (COMM_PATHS, PendingAllReduce, RowSplit, even_bounds,
+                                               high_priority_group, start_bounds)
+
+SplitFn = Callable[[str, int], RowSplit]
+"""``split(layer_name, rows) -> RowSplit``: how one nano-batch's row-parallel call splits its rows."""
+
+Trace = list
+"""Events appended by :func:`nanobatch_forward` when given one (tests check the schedule with it):
+``("attn", layer, i)``, ``("issue", name, layer, i)``, ``("wait", name, layer, i)``, ``("mlp", layer, i)``."""
+
+
+@dataclass(frozen=True)
+class NanoSettings:
+    """Settings of the nano-batch schedule."""
+
+    nanobatches: int = 2
+    """Contiguous token ranges the prefill is split into (>= 1; 1 = no overlap, the schedule's overhead)."""
+    comm: str = "stream"
+    """All-reduce path where the strategy has none of its own: ``stream`` (side stream after a CUDA event)
+    or ``async`` (async work handles from the compute stream). Both are work handles on gloo."""
+    priority: bool = False
+    """All-reduce on a high-priority NCCL stream (a process group created for it; NCCL only)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.nanobatches, bool) or not isinstance(self.nanobatches, int) or self.nanobatches < 1:
+            raise ValueError(f"nanobatches must be an integer >= 1, got {self.nanobatches!r}")
+        if self.comm not in COMM_PATHS:
+            raise ValueError(f"comm must be one of {', '.join(COMM_PATHS)}, got {self.comm!r}")
+
+    def label(self) -> str:
+        """Short text for records: ``nanobatch:nanobatches=2,comm=stream``."""
+        text = f"nanobatch:nanobatches={self.nanobatches},comm={self.comm}"
+        return text + (",priority=true" if self.priority else "")
+
+
+def nano_bounds(m: int, n: int) -> list[tuple[int, int]]:
+    """``n`` contiguous near-equal token ranges covering ``m`` rows (the first ones shorter when uneven)."""
+    if n > m:
+        raise ValueError(f"nanobatches={n} is more than the {m} token rows; use nanobatches <= tokens")
+    return even_bounds(m, n)
+
+
+def baseline_split(layer: str, rows: int) -> RowSplit:
+    """Every nano-batch's row-parallel call as one product and one all-reduce."""
+    return RowSplit(((0, rows),))
+
+
+def strategy_split(choose: Callable[[str, int], tuple[str, Any]]) -> SplitFn:
+    """``choose(layer, rows) -> (strategy, settings)`` turned into row splits (e.g. a policy's choice)."""
+
+    def split(layer: str, rows: int) -> RowSplit:
+        name, settings = choose(layer, rows)
+        fn = strategies.get(name).split
+        if fn is None:
+            raise strategies.StrategyUnavailable(
+                f"strategy '{name}' has no row split, so it cannot run inside a nano-batch")
+        return fn(rows, settings)
+
+    return split
+
+
+def unsplittable(names: list[str]) -> str | None:
+    """Why some of these strategies cannot run inside a nano-batch (None when all can)."""
+    bad = sorted({n for n in names if strategies.get(n).split is None})
+    return f"no row split for {', '.join(bad)}: cannot run inside a nano-batch" if bad else None
+
+
+def _issue(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, sp: RowSplit, settings: NanoSettings,
+           group: dist.ProcessGroup | None) -> PendingAllReduce:
+    comm = sp.comm or settings.comm
+    prio = sp.priority or settings.priority
+    comm_group = high_priority_group(group) if prio else group
+    return start_bounds(out, x, weight, None, group, sp.bounds, comm, comm_group)
+
+
+def nanobatch_forward(weights: list, x: torch.Tensor, d: Any, settings: NanoSettings,
+                      split: SplitFn = baseline_split, group: dist.ProcessGroup | None = None,
+                      trace: Trace | None = None) -> torch.Tensor:
+    """The stack's prefill forward on nano-batches (see the module docstring); ``x`` is not modified.
+
+    ``weights`` and ``d`` are :mod:`overlap_bench.model`'s layer weights and dims. Returns ``[M, hidden]``.
+    """
+    from overlap_bench.model import attention_input, mlp_input
+
+    m = x.shape[0]
+    bounds = nano_bounds(m, settings.nanobatches)
+    kv_cols = 2 * d.kv_heads * d.head_dim
+
+    def log(*event: Any) -> None:
+        if trace is not None:
+            trace.append(event)
+
+    with torch.no_grad():
+        cur = [x[s:e] for s, e in bounds]  # each nano-batch's input to the current layer (views)
+        down: list[tuple[PendingAllReduce, torch.Tensor] | None] = [None] * len(bounds)
+        for li, w in enumerate(weights):
+            kv = torch.empty(m, kv_cols, dtype=x.dtype, device=x.device)  # this layer's keys/values, by row
+            h_all = torch.empty(m, d.hidden, dtype=x.dtype, device=x.device)
+            out_all = torch.empty(m, d.hidden, dtype=x.dtype, device=x.device)
+            o_pending: list[PendingAllReduce] = []
+            for i, (s, e) in enumerate(bounds):
+                if down[i] is not None:
+                    pend, h = down[i]
+                    log("wait", "down_proj", li - 1, i)
+                    cur[i] = pend.wait().add_(h)
+                    down[i] = None
+                log("attn", li, i)
+                a = attention_input(w, cur[i], d, kv=kv, start=s)
+                log("issue", "o_proj", li, i)
+                o_pending.append(_issue(h_all[s:e], a, w.o_proj, split("o_proj", e - s), settings, group))
+                del a
+            for i, (s, e) in enumerate(bounds):
+                log("wait", "o_proj", li, i)
+                h = o_pending[i].wait().add_(cur[i])
+                log("mlp", li, i)
+                g = mlp_input(w, h, d)
+                log("issue", "down_proj", li, i)
+                down[i] = (_issue(out_all[s:e], g, w.down, split("down_proj", e - s), settings, group), h)
+                del g
+            del kv, o_pending
+        result = out_all
+        for i, item in enumerate(down):
+            pend, h = item
+            log("wait", "down_proj", len(weights) - 1, i)
+            pend.wait().add_(h)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- model modes
+
+def mode_plans(settings: NanoSettings, m: int, backend: str,
+               policy_choose: Callable[[str, int], Any] | None = None,
+               policy_notes: list[str] | tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+    """What the ``nanobatch`` and ``nanobatch+policy`` model modes run at ``M = m``, as
+    :func:`overlap_bench.model.run_model` plans them: ``forward(weights, x, d)``, per-layer ``choices``
+    text, a ``note``, and ``skip`` / ``unavailable`` reasons where a mode cannot run.
+
+    ``policy_choose(layer, rows)`` answers a policy's choice (``Choice``) for one nano-batch's row count;
+    without it ``nanobatch+policy`` is skipped.
+    """
+    info = {"nanobatches": settings.nanobatches, "comm": settings.comm, "priority": settings.priority}
+    why_not = None
+    if settings.nanobatches > m:
+        why_not = f"nanobatches={settings.nanobatches} is more than the {m} tokens"
+    elif settings.priority and backend != "nccl":
+        why_not = "priority=true needs NCCL (a high-priority CUDA stream); gloo has no stream priorities"
+    sizes = [e - s for s, e in nano_bounds(m, settings.nanobatches)] if why_not is None else []
+    info["rows"] = sizes
+    note = None
+    if backend == "gloo" and settings.comm == "stream":
+        note = "gloo has no CUDA streams: the stream path ran as async work handles"
+    plans: dict[str, dict[str, Any]] = {}
+    plans["nanobatch"] = {
+        "forward": lambda weights, x, d: nanobatch_forward(weights, x, d, settings, baseline_split),
+        "choices": {layer: "baseline" for layer in ("o_proj", "down_proj")}, "note": note, "nanobatch": info}
+    if why_not:
+        plans["nanobatch"]["unavailable"] = why_not
+    if policy_choose is None:
+        plans["nanobatch+policy"] = {"skip": "no policy file given (--policy): nanobatch+policy mode skipped",
+                                     "choices": None, "note": None}
+        return plans
+    picked = {layer: {rows: policy_choose(layer, rows) for rows in sorted(set(sizes))}
+              for layer in ("o_proj", "down_proj")}
+    notes = list(policy_notes) + ([note] if note else [])
+    problems = []
+    for layer, by_rows in picked.items():
+        for c in by_rows.values():
+            why = strategies.unavailable_reason(c.strategy, c.settings, backend) or unsplittable([c.strategy])
+            if why:
+                problems.append(f"{layer} {strategies.label(c.strategy, c.settings)}: {why}")
+    split = strategy_split(lambda layer, rows: (picked[layer][rows].strategy, picked[layer][rows].settings))
+    plans["nanobatch+policy"] = {
+        "forward": lambda weights, x, d: nanobatch_forward(weights, x, d, settings, split),
+        "choices": {layer: " | ".join(dict.fromkeys(strategies.label(c.strategy, c.settings)
+                                                    for c in by_rows.values()))
+                    for layer, by_rows in picked.items()},
+        "choice_reasons": {layer: " | ".join(dict.fromkeys(c.reason for c in by_rows.values()))
+                           for layer, by_rows in picked.items()},
+        "note": "; ".join(dict.fromkeys(notes)) or None, "nanobatch": info}
+    if why_not or problems:
+        plans["nanobatch+policy"]["unavailable"] = "; ".join(([why_not] if why_not else []) + problems)
+    return plans
