@@ -395,6 +395,8 @@ def model(
     nanobatches: int = typer.Option(2, help="Nano-batches (token ranges) of the nanobatch modes."),
     nano_comm: str = typer.Option("stream", help="The nanobatch modes' all-reduce path: stream or async."),
     nano_priority: bool = typer.Option(False, help="The nanobatch modes' all-reduce on a high-priority NCCL stream."),
+    nano_attention: str = typer.Option("split", help="How a later nano-batch attends to the earlier ones' keys: "
+                                       "split (two calls merged by log-sum-exp) or lower-right (one masked call)."),
     shapes_tp: Optional[int] = typer.Option(None, help="Per-rank shapes of this tensor-parallel size on fewer ranks "
                                             "(e.g. tp=4 shapes on 1 GPU: a schedule's overhead alone)."),
 ) -> None:
@@ -407,9 +409,9 @@ def model(
     def body() -> None:
         modes = MODES if mode.strip() == "all" else tuple(m.strip() for m in mode.split(",") if m.strip())
         try:
-            nano = NanoSettings(nanobatches, nano_comm, nano_priority)
+            nano = NanoSettings(nanobatches, nano_comm, nano_priority, nano_attention)
         except ValueError as e:
-            flag = "--nano-comm" if str(e).startswith("comm") else "--nanobatches"
+            flag = {"comm": "--nano-comm", "attention": "--nano-attention"}.get(str(e).split()[0], "--nanobatches")
             raise UserError(f"{flag}: {e}") from None
         rows = model_main(preset, tp, _ints(tokens, "--tokens"), layers, policy, dtype, warmup, reps, out,
                           backend=backend, nproc=nproc, modes=modes, nano=nano, shapes_tp=shapes_tp)

@@ -218,13 +218,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 
 
 def attention_input(w: LayerWeights, x: torch.Tensor, d: Dims, kv: torch.Tensor | None = None,
-                    start: int = 0) -> torch.Tensor:
+                    start: int = 0, attend: Callable[..., torch.Tensor] = attention) -> torch.Tensor:
     """RMSNorm, fused QKV, causal GQA attention: this rank's o_proj input ``[M, heads/tp * head_dim]``.
 
     With ``kv`` (``[M_total, 2 * kv_heads/tp * head_dim]``, keys then values per row), ``x`` holds the token
     rows ``start .. start + M`` of a longer sequence (chunked prefill): their keys and values are written to
     those rows of ``kv`` and the queries attend to ``kv``'s rows ``0 .. start + M``, which earlier calls
-    filled for the earlier rows. Without it ``x`` is the whole sequence.
+    filled for the earlier rows. Without it ``x`` is the whole sequence. ``attend(q, k, v)``: the attention
+    kernel call (:func:`attention` or another exact one).
     """
     m = x.shape[0]
     qkv = torch.mm(rms_norm(x, w.attn_norm), w.qkv.t())
@@ -238,7 +239,7 @@ def attention_input(w: LayerWeights, x: torch.Tensor, d: Dims, kv: torch.Tensor 
     q = q.view(m, d.heads, d.head_dim).transpose(0, 1).unsqueeze(0)
     k = k.view(n, d.kv_heads, d.head_dim).transpose(0, 1).unsqueeze(0)
     v = v.view(n, d.kv_heads, d.head_dim).transpose(0, 1).unsqueeze(0)
-    o = attention(q, k, v)
+    o = attend(q, k, v)
     del qkv, q, k, v
     return o.squeeze(0).transpose(0, 1).reshape(m, d.heads * d.head_dim)
 

@@ -57,17 +57,58 @@ class NanoSettings:
     or ``async`` (async work handles from the compute stream). Both are work handles on gloo."""
     priority: bool = False
     """All-reduce on a high-priority NCCL stream (a process group created for it; NCCL only)."""
+    attention: str = "split"
+    """How a later range attends to the earlier ranges: ``split``: one call over the earlier ranges' keys
+    (no mask) and one causal call over its own, merged by their log-sum-exp (:func:`split_attention`; the
+    same kernel family as the whole-sequence call); ``lower-right``: one SDPA call with a bottom-right causal
+    mask (torch sends that to its flash or memory-efficient kernel, not to cuDNN)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.nanobatches, bool) or not isinstance(self.nanobatches, int) or self.nanobatches < 1:
             raise ValueError(f"nanobatches must be an integer >= 1, got {self.nanobatches!r}")
         if self.comm not in COMM_PATHS:
             raise ValueError(f"comm must be one of {', '.join(COMM_PATHS)}, got {self.comm!r}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
 
-    def label(self) -> str:
-        """Short text for records: ``nanobatch:nanobatches=2,comm=stream``."""
-        text = f"nanobatch:nanobatches={self.nanobatches},comm={self.comm}"
-        return text + (",priority=true" if self.priority else "")
+
+ATTENTION = ("split", "lower-right")
+"""Chunked-prefill attention implementations (:attr:`NanoSettings.attention`)."""
+
+
+def _attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA output and its log-sum-exp ``[B, H, Lq, 1]`` (fp32, or fp64 for fp64 inputs) for equal head counts.
+
+    CUDA: cuDNN's attention (the kernel torch picks for the whole-sequence call on Hopper); CPU: torch's flash
+    kernel for CPU. Both are torch-internal ops (the public SDPA does not return the log-sum-exp).
+    """
+    if q.is_cuda:
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)[:2]
+    return out, lse.to(torch.promote_types(q.dtype, torch.float32)).reshape(*q.shape[:3], 1)
+
+
+def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of the last ``Lq`` of ``Lk`` positions, exact: the queries over the first
+    ``Lk - Lq`` keys (nothing masked) and over their own ``Lq`` keys (square causal), the two softmaxes merged
+    through their log-sum-exp in fp32. Same shapes and meaning as :func:`overlap_bench.model.attention`."""
+    from overlap_bench.model import attention
+
+    lq, lk = q.shape[2], k.shape[2]
+    if lq == lk:
+        return attention(q, k, v)
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:  # the kv heads repeated: 2 * Lk * Hq * D copied elements, small beside the attention
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    p = lk - lq
+    o1, l1 = _attention_lse(q, k[:, :, :p], v[:, :, :p], causal=False)
+    o2, l2 = _attention_lse(q, k[:, :, p:], v[:, :, p:], causal=True)
+    lse = torch.logaddexp(l1, l2)
+    acc = lse.dtype
+    out = o1.to(acc).mul_((l1 - lse).exp_()).add_(o2.to(acc).mul_((l2 - lse).exp_()))
+    return out.to(q.dtype)
 
 
 def nano_bounds(m: int, n: int) -> list[tuple[int, int]]:
@@ -117,8 +158,9 @@ def nanobatch_forward(weights: list, x: torch.Tensor, d: Any, settings: NanoSett
 
     ``weights`` and ``d`` are :mod:`overlap_bench.model`'s layer weights and dims. Returns ``[M, hidden]``.
     """
-    from overlap_bench.model import attention_input, mlp_input
+    from overlap_bench.model import attention, attention_input, mlp_input
 
+    attend = split_attention if settings.attention == "split" else attention
     m = x.shape[0]
     bounds = nano_bounds(m, settings.nanobatches)
     kv_cols = 2 * d.kv_heads * d.head_dim
@@ -142,7 +184,7 @@ def nanobatch_forward(weights: list, x: torch.Tensor, d: Any, settings: NanoSett
                     cur[i] = pend.wait().add_(h)
                     down[i] = None
                 log("attn", li, i)
-                a = attention_input(w, cur[i], d, kv=kv, start=s)
+                a = attention_input(w, cur[i], d, kv=kv, start=s, attend=attend)
                 log("issue", "o_proj", li, i)
                 o_pending.append(_issue(h_all[s:e], a, w.o_proj, split("o_proj", e - s), settings, group))
                 del a
@@ -175,7 +217,8 @@ def mode_plans(settings: NanoSettings, m: int, backend: str,
     ``policy_choose(layer, rows)`` answers a policy's choice (``Choice``) for one nano-batch's row count;
     without it ``nanobatch+policy`` is skipped.
     """
-    info = {"nanobatches": settings.nanobatches, "comm": settings.comm, "priority": settings.priority}
+    info = {"nanobatches": settings.nanobatches, "comm": settings.comm, "priority": settings.priority,
+            "attention": settings.attention}
     why_not = None
     if settings.nanobatches > m:
         why_not = f"nanobatches={settings.nanobatches} is more than the {m} tokens"

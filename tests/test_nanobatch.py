@@ -24,9 +24,11 @@ CHUNKED_O = "chunked:chunks=2,comm=async"
 """nanobatch+policy stand-in: o_proj split in two chunks inside each nano-batch, down_proj one range."""
 
 
-def test_chunked_attention_equals_whole_sequence():
+@pytest.mark.parametrize("attend", [model.attention, nanobatch.split_attention], ids=["lower-right", "split"])
+def test_chunked_attention_equals_whole_sequence(attend):
     """Token ranges attending to the earlier ranges' keys/values give the whole-sequence attention (a
-    top-left causal mask, the SDPA default for Lq < Lk, would let early queries miss their own keys)."""
+    top-left causal mask, the SDPA default for Lq < Lk, would let early queries miss their own keys; a
+    log-sum-exp merge with a wrong base or sign would weight the two parts wrongly)."""
     p = PRESETS["tiny"]
     d = model.Dims.of(p, 2)
     kw = dict(dtype=torch.float64, device=torch.device("cpu"), seed=5)
@@ -34,7 +36,8 @@ def test_chunked_attention_equals_whole_sequence():
     x = model.hidden_states(29, p.hidden, **kw)
     whole = model.attention_input(w, x, d)
     kv = torch.full((29, 2 * d.kv_heads * d.head_dim), float("nan"), dtype=torch.float64)
-    parts = [model.attention_input(w, x[s:e], d, kv=kv, start=s) for s, e in [(0, 7), (7, 8), (8, 20), (20, 29)]]
+    parts = [model.attention_input(w, x[s:e], d, kv=kv, start=s, attend=attend)
+             for s, e in [(0, 7), (7, 8), (8, 20), (20, 29)]]
     torch.testing.assert_close(torch.cat(parts), whole, rtol=1e-12, atol=1e-12)
     assert not kv.isnan().any()  # every row's keys and values were written once
 
@@ -67,9 +70,10 @@ def _ranks(ctx, out_path):
     for m, n in CASES:
         x = model.hidden_states(m, p.hidden, **kw)
         y_base = model.stack_forward(weights, x, d, base_row)
-        for label, split, comm in (("nanobatch", nanobatch.baseline_split, "stream"),
-                                   ("nanobatch-async", nanobatch.baseline_split, "async"),
-                                   ("nanobatch+policy", policy_split, "stream")):
+        for label, split, nano in (("nanobatch", nanobatch.baseline_split, nanobatch.NanoSettings(n)),
+                                   ("nanobatch-async", nanobatch.baseline_split,
+                                    nanobatch.NanoSettings(n, "async", attention="lower-right")),
+                                   ("nanobatch+policy", policy_split, nanobatch.NanoSettings(n))):
             trace: list = []
 
             def counting(tensor, *args, **kwargs):
@@ -81,8 +85,7 @@ def _ranks(ctx, out_path):
             dist.all_reduce = counting
             try:
                 x_before = x.clone()
-                y = nanobatch.nanobatch_forward(weights, x, d, nanobatch.NanoSettings(n, comm), split,
-                                                trace=trace)
+                y = nanobatch.nanobatch_forward(weights, x, d, nano, split, trace=trace)
             finally:
                 dist.all_reduce = real
             results.append({"m": m, "n": n, "label": label, "trace": trace, "rel_err": rel_err(y, y_base),
@@ -210,7 +213,8 @@ def test_model_runs_nanobatch_modes_and_reports_eta(tmp_path):
     for mode in ("nanobatch", "nanobatch+policy"):
         r = by[mode]
         assert r["status"] == "ok" and r["rel_err"] <= 1e-5, r
-        assert r["nanobatch"] == {"nanobatches": 3, "comm": "async", "priority": False, "rows": [16, 17, 17]}
+        assert r["nanobatch"] == {"nanobatches": 3, "comm": "async", "priority": False, "attention": "split",
+                                  "rows": [16, 17, 17]}
         t_b, t_n = by["baseline"]["t_ms"], by["nocomm"]["t_ms"]
         want = metrics.model_eta(t_b, r["t_ms"], t_n, max(by["baseline"]["t_iqr_ms"], by["nocomm"]["t_iqr_ms"]))
         assert r["eta_model"] == (None if math.isnan(want) else pytest.approx(want))
@@ -258,3 +262,15 @@ def test_bad_nanobatch_inputs_are_user_errors():
         nanobatch.NanoSettings(0)
     with pytest.raises(ValueError, match="comm must be one of stream, async"):
         nanobatch.NanoSettings(2, "ring")
+    with pytest.raises(ValueError, match="attention must be one of split, lower-right"):
+        nanobatch.NanoSettings(2, attention="flash")
+
+
+def test_cli_bad_nano_setting_is_one_line_exit_2():
+    from typer.testing import CliRunner
+
+    from overlap_bench.cli import app
+
+    res = CliRunner().invoke(app, ["model", "--preset", "tiny", "--nano-attention", "flash", "--backend", "gloo"])
+    assert res.exit_code == 2, res.output
+    assert "--nano-attention" in res.output and "Traceback" not in res.output
