@@ -2,8 +2,8 @@
 
 The token rows of one prefill are split into ``n`` contiguous ranges (nano-batches). Per-token work
 (norms, projections, MLP) is unchanged by the split; attention stays exact because range ``i`` attends to
-the keys and values of ranges ``0 .. i`` of the same layer (chunked prefill, causal mask aligned to the
-bottom right), which the ranges before it have already written. Per decoder layer the schedule is::
+the keys and values of ranges ``0 .. i`` of the same layer (chunked prefill), which the ranges before it have
+already written (:attr:`NanoSettings.attention` says how). Per decoder layer the schedule is::
 
     attention phase, i = 0 .. n-1:  wait down_proj all-reduce of i (previous layer); add its residual;
                                     attention of i; o_proj product of i; issue its all-reduce
