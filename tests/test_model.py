@@ -95,6 +95,8 @@ def test_modes_agree_and_rows_are_written(tmp_path):
     assert by[100, "baseline"]["rel_err"] == 0.0 and by[100, "nocomm"]["rel_err"] is None
     base, nocomm = by[100, "baseline"], by[100, "nocomm"]
     assert base["comm_share"] == pytest.approx((base["t_ms"] - nocomm["t_ms"]) / base["t_ms"])
+    for r in rows:  # against the same M's baseline, never another M's or another mode's
+        assert r["speedup_vs_baseline"] == pytest.approx(by[r["M"], "baseline"]["t_ms"] / r["t_ms"])
     text = _render(model.model_table(rows))
     assert "speedup vs baseline" in text and "comm share" in text and "chunked:chunks=3" in text
 

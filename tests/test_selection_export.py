@@ -108,3 +108,20 @@ def test_tables_and_policy_ship_the_same_numbers(tmp_path):
     c = loaded.choose(K=512, N=1024, M=4096)
     assert (c.strategy, c.settings.chunks, c.bucket) == ("chunked", 2, 4096)
     assert loaded.choose(K=512, N=1024, M=4095).strategy == "baseline"
+
+
+def test_bias_dtype_and_world_are_separate_comparisons():
+    from dataclasses import replace
+
+    fast, slow = rec(4096, "chunked:chunks=2", 0.5, 1.0), rec(4096, "chunked:chunks=4", 0.8, 1.0)
+    base = rec(4096, "baseline", 1.0, 1.0)
+    recs = [base, fast]                                                    # bias off: chunks=2 (2x)
+    recs += [replace(base, bias=True), replace(slow, bias=True)]           # bias on: chunks=4 (1.25x)
+    recs += [replace(base, dtype="float16"), replace(slow, dtype="float16")]
+    recs += [replace(base, world=8), replace(slow, world=8, t_ms=1.5)]     # world 8: baseline kept
+    best = analysis.best_settings(recs)
+    got = {(r.bias, r.dtype, r.world): (r.label, round(r.speedup, 4)) for r in best.itertuples()}
+    assert got == {(False, "bfloat16", 4): ("chunked:chunks=2,comm=stream", 2.0),
+                   (True, "bfloat16", 4): ("chunked:chunks=4,comm=stream", 1.25),
+                   (False, "float16", 4): ("chunked:chunks=4,comm=stream", 1.25),
+                   (False, "bfloat16", 8): ("baseline", 1.0)}
