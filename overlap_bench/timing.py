@@ -30,8 +30,7 @@ def allreduce_max(values: list[float], group: dist.ProcessGroup | None, device: 
     t = torch.tensor(values, dtype=torch.float64, device=device)
     # A MAX all-reduce drops NaN (gloo keeps max(0, nan) = 0): a NaN rel_err on one rank passed the gate.
     # The NaN flags travel beside the values so that NaN reaches every rank.
-    nan = torch.isnan(t)
-    both = torch.cat([t.masked_fill(nan, -math.inf), nan.to(torch.float64)])
+    both = torch.cat([t, torch.isnan(t).to(torch.float64)])
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
     n = len(values)
     return both[:n].masked_fill(both[n:] > 0, math.nan).tolist()
