@@ -171,7 +171,9 @@ def run(
         run_sweep(spec, raw, run_dir, progress=False, rank0=_rank0())
         if not _rank0():
             return
-        recs = load_records(run_dir).records
+        from overlap_bench.analysis import score
+
+        recs = score(load_records(run_dir).records)  # speedup and eta against the one reference
         if as_json:
             for r in recs:
                 print(r.to_json())

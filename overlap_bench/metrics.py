@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 import torch
 
@@ -20,19 +21,36 @@ def ideal_ms(t_gemm: float, t_comm: float) -> float:
     return max(t_gemm, t_comm)
 
 
+def reference(baselines: Iterable[tuple[float, float]]) -> tuple[float, float]:
+    """THE reference every speedup and eta is taken against: ``(t_base, iqr)`` of the fastest baseline
+    measurement of a case group (the same shape, M, dtype and job). Any transient (a clock dip, a
+    neighbour's traffic) only slows a measurement, so the fastest one is the least disturbed, and a
+    candidate must beat it to count: a slow reference cannot turn a tie into a win. ``(nan, 0)`` if none."""
+    usable = [(t, iqr if math.isfinite(iqr) else 0.0) for t, iqr in baselines if math.isfinite(t) and t > 0]
+    return min(usable) if usable else (math.nan, 0.0)
+
+
 def speedup(t_base: float, t: float) -> float:
-    """``t_base / t``: above 1 is faster than the baseline."""
+    """``t_base / t`` (``t_base`` from :func:`reference`): above 1 is faster than the baseline."""
     return t_base / t if t > 0 else math.nan
 
 
-def eta(t_base: float, t: float, t_gemm: float, t_comm: float) -> float:
+ETA_MIN_ROOM = 0.05
+"""eta is n/a when the hideable time ``t_base - ideal`` is below this fraction of ``t_base`` ..."""
+ETA_MIN_SPREADS = 3.0
+"""... or below this many times the measured spread: a ratio of two differences within noise means nothing."""
+
+
+def eta(t_base: float, t: float, t_gemm: float, t_comm: float, spread: float = 0.0) -> float:
     """Hidden fraction of the hideable time: ``(t_base - t) / (t_base - ideal)``.
 
-    0 = nothing hidden, 1 = at the floor, < 0 = slower than baseline. NaN when the baseline is already at
-    the floor (nothing to hide), which happens when one of the two operations takes no measurable time.
+    0 = nothing hidden, 1 = at the floor, < 0 = slower than baseline. NaN (shown ``n/a``) when the
+    hideable time is too small to measure: below ``max(ETA_MIN_ROOM * t_base, ETA_MIN_SPREADS * spread)``
+    (nothing to hide, e.g. one rank, or it is within the noise), or when a time is missing.
     """
     room = t_base - ideal_ms(t_gemm, t_comm)
-    if room <= 0:
+    spread = spread if math.isfinite(spread) else 0.0
+    if not room > max(ETA_MIN_ROOM * t_base, ETA_MIN_SPREADS * spread, 0.0):
         return math.nan
     return (t_base - t) / room
 
@@ -49,6 +67,16 @@ def model_eta(t_base: float, t: float, t_nocomm: float, noise: float = 0.0) -> f
     if not room > max(noise, 0.0):
         return math.nan
     return (t_base - t) / room
+
+
+def inconsistent(t_base: float, t_gemm: float, t_comm: float, spread: float = 0.0) -> str | None:
+    """Why a group's references contradict each other (a part slower than the whole beyond the spread: the
+    machine changed between the measurements), else None. Such a group ranks no setting above baseline."""
+    spread = spread if math.isfinite(spread) else 0.0
+    for name, part in (("t_gemm", t_gemm), ("t_comm", t_comm)):
+        if math.isfinite(part) and part > t_base + spread:
+            return f"references inconsistent: {name} {part:.4g} ms > t_base {t_base:.4g} ms"
+    return None
 
 
 def tflops(m: int, k: int, n: int, t_ms: float) -> float:

@@ -13,7 +13,7 @@ embedding, RoPE or LM head: they carry no tensor-parallel communication and do n
 Modes, all measured in the same job on the same weights and inputs:
 
 ``baseline``  both row-parallel layers run the ``baseline`` strategy;
-``pr``        both run ``pr`` (sglang #6923's fixed chunking);
+``pr``        both run ``pr`` (sglang #6923's fixed chunking; every registered peer strategy is a mode);
 ``policy``    each layer runs what ``Policy.choose(K, N, M)`` of a policy file answers (skipped without one);
 ``nanobatch`` the tokens split into nano-batches, each row-parallel all-reduce of one hidden behind another's
               compute (:mod:`overlap_bench.nanobatch`); ``nanobatch+policy`` also runs the policy's choice
@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from overlap_bench import nanobatch, strategies
+from overlap_bench import metrics, nanobatch, strategies
 from overlap_bench.bench import agree_failure, try_case
 from overlap_bench.errors import UserError
 from overlap_bench.launch import JobConfig, RankContext, launch
@@ -61,8 +61,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("overlap_bench.model")
 
-MODES = ("baseline", "pr", "policy", "nanobatch", "nanobatch+policy", "nocomm")
-"""Modes in the order they are checked and timed (interleaved in that order, round after round)."""
+MODES = ("baseline", *strategies.peers(), "policy", "nanobatch", "nanobatch+policy", "nocomm")
+"""Modes in the order they are checked and timed (interleaved in that order, round after round); the
+registry's peer strategies (``pr``) run as modes of their own."""
 REFERENCE_MODES = ("baseline", "nocomm")
 """Modes every run includes: the numerics reference and the communication share (model eta needs both)."""
 ROW_LAYERS = ("o_proj", "down_proj")
@@ -331,7 +332,7 @@ def run_model(ctx: RankContext, preset: str, tokens: list[int], layers: int, pol
     policy = load_policy(policy_path, expect_world=tp) if policy_path else None
     policy_notes = _policy_meta_notes(policy, dtype, device_name) if policy is not None else []
     base_choice = {layer: ("baseline", strategies.make_settings("baseline")) for layer in ROW_LAYERS}
-    pr_choice = {layer: ("pr", strategies.make_settings("pr")) for layer in ROW_LAYERS}
+    peer_choices = {p: {layer: (p, strategies.make_settings(p)) for layer in ROW_LAYERS} for p in strategies.peers()}
     shapes = {layer: list(d.row_shape(layer)) for layer in ROW_LAYERS}
     rows: list[dict[str, Any]] = []
 
@@ -353,8 +354,9 @@ def run_model(ctx: RankContext, preset: str, tokens: list[int], layers: int, pol
         plan: dict[str, dict[str, Any]] = {}
         # What each mode runs at this M.
         plan["baseline"] = {"row": strategy_row(base_choice), "choices": _choices_text(base_choice), "note": None}
-        plan["pr"] = {"row": strategy_row(pr_choice), "choices": _choices_text(pr_choice),
-                      "note": strategies.backend_note("pr", pr_choice["o_proj"][1], ctx.backend)}
+        for p, choice in peer_choices.items():
+            plan[p] = {"row": strategy_row(choice), "choices": _choices_text(choice),
+                       "note": strategies.backend_note(p, choice["o_proj"][1], ctx.backend)}
         if policy is None:
             plan["policy"] = {"skip": "no policy file given (--policy): policy mode skipped", "choices": None,
                               "note": None}
@@ -483,8 +485,8 @@ def run_model(ctx: RankContext, preset: str, tokens: list[int], layers: int, pol
                 rel_err=st.get("rel_err"), t_ms=t,
                 t_iqr_ms=max(iqrs[mode]) if ok else None,
                 t_rounds_ms=medians[mode] if ok else None,
-                tokens_per_s=(m / (t / 1e3)) if t else None,
-                speedup_vs_baseline=(t_base / t) if (t and t_base) else None,
+                tokens_per_s=metrics.tokens_per_s(m, t) if t else None,
+                speedup_vs_baseline=metrics.speedup(t_base, t) if (t and t_base) else None,
                 comm_share=comm_share if mode == "baseline" else None,
                 eta_model=model_eta(t_base, t, t_ms["nocomm"], noise) if (t and t_base and "nocomm" in t_ms)
                 else None,

@@ -56,6 +56,8 @@ class Record:
     t_comm_ms: float = math.nan
     ideal_ms: float = math.nan
     speedup: float = math.nan
+    """As measured, against this record's own ``t_base``; every table restates it against the group's
+    reference (``analysis.score``)."""
     eta: float = math.nan
     tokens_per_s: float = math.nan
     tflops: float = math.nan

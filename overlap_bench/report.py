@@ -3,18 +3,17 @@
 For each group of ok records that share shape, K, N, dtype, bias, world size, device, backend and process
 environment, :func:`write_report` writes, next to ``records.jsonl``:
 
-- ``speedup_<slug>.png``: speedup over the baseline against tokens M, one line per setting, the
-  baseline at 1.0 and the ideal bound ``t_base / max(t_gemm, t_comm)``;
-- ``eta_<slug>.png``: the hidden fraction of the ``chunked`` records over tokens x chunks, one panel per
-  communication path, each cell the best eta over the other settings;
+- ``speedup_<slug>.png``: speedup against tokens M: the best setting per M, the peer strategies (``pr``), the
+  baseline and the ideal bound ``t_base / max(t_gemm, t_comm)`` bold, every other setting faint, and a point
+  above the ideal bound (impossible) marked as a measurement fault;
+- ``eta_<slug>.png``: the hidden fraction over M and whichever settings vary (one panel per strategy and
+  value of a second varying setting), each cell the best eta over the other settings;
 - ``breakdown_<slug>.png``: per M, ``t_gemm``, ``t_comm``, ``t_base`` and ``t`` of the best setting;
-- ``summary.md``: environment, one table per group (best setting per M), the threshold, links to the
+- ``summary.md``: environment, one table per group (best setting per M), the threshold, flags, links to the
   PNGs, and the failed / unavailable cases with their reasons.
 
-Per M, the best setting and the threshold are those of :func:`overlap_bench.analysis.best_settings` and
-:func:`overlap_bench.analysis.threshold` (a setting wins only when it beats the baseline beyond the measured
-spread; the exported policy uses the same rule). The row shows the winning record's own ``t_gemm``,
-``t_comm`` and ``t_base`` (measured side by side with it), so ``speedup = t_base / t`` holds within the row.
+Every number is :mod:`overlap_bench.analysis`'s (``score``, ``best``, ``threshold``): the tables, this
+summary and the exported policy show the same speedup and eta for a bucket.
 matplotlib is imported only inside :func:`write_report`.
 """
 
@@ -30,7 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from overlap_bench import analysis
+import pandas as pd
+
+from overlap_bench import analysis, strategies
 from overlap_bench.markdown import cell, table
 from overlap_bench.records import Record, atomic_file, load_records, write_atomic
 
@@ -44,7 +45,7 @@ _ENV_KEYS = ("gpu_name", "gpu_count", "torch", "nccl", "cuda", "host", "git_comm
 
 @dataclass
 class Group:
-    """Ok records of one (shape, K, N, dtype, bias, world, device, backend, env) combination."""
+    """Records of one (shape, K, N, dtype, bias, world, device, backend, env) combination (latest per case)."""
 
     shape: str
     K: int
@@ -58,44 +59,34 @@ class Group:
     records: list[Record] = field(default_factory=list)
     slug: str = ""
     _winners: Any = field(default=None, repr=False)
+    _scored: Any = field(default=None, repr=False)
 
     @property
     def ms(self) -> list[int]:
         """Measured token counts, ascending."""
-        return sorted({r.M for r in self.records})
+        return sorted({r.M for r in self.records if r.ok})
 
-    def winners(self) -> Any:
-        """This group's rows of :func:`analysis.best_settings` (one per M), computed once."""
+    @property
+    def scored(self) -> list[Record]:
+        """The ok records as :func:`analysis.score` states them (speedup and eta against the reference)."""
+        if self._scored is None:
+            self._scored = [r for r in analysis.score(self.records) if r.ok]
+        return self._scored
+
+    def winners(self) -> list[analysis.Best]:
+        """This group's :func:`analysis.best` rows (one per M), computed once."""
         if self._winners is None:
-            self._winners = analysis.best_settings(self.records)
+            self._winners = analysis.best(self.records)
         return self._winners
 
     def threshold(self) -> int | None:
         """:func:`analysis.threshold` of this group's winners."""
-        return analysis.threshold(self.winners())
+        return analysis.threshold(pd.DataFrame({"M": [b.M for b in self.winners()],
+                                                "strategy": [b.strategy for b in self.winners()]}))
 
-    def best(self, m: int) -> Record | None:
-        """The winner at ``m`` by :func:`analysis.best_settings`, as a record: the winning record itself
-        (the baseline record when the baseline wins). When the baseline wins but has no record at ``m``,
-        a baseline stand-in timed at the winner row's ``t_base`` (with ``t_gemm``/``t_comm`` of the record
-        that baseline time was measured beside). None when nothing at ``m`` has a time."""
-        best = self.winners()
-        rows = best[best["M"] == m] if len(best) else best
-        if rows.empty:
-            return None
-        w = rows.iloc[0]
-        at_m = [r for r in self.records if r.M == m]
-        same = [r for r in at_m if r.label == w["label"] and _finite(r.t_ms)]
-        if same:  # the last record written for a case is the one analysis kept
-            return min(same, key=lambda r: r.t_ms) if w["strategy"] == "baseline" else same[-1]
-        t, t_base = float(w["t_ms"]), float(w["t_base_ms"])
-        if w["strategy"] != "baseline" or not _finite(t) or not at_m:
-            return None
-        beside = [r for r in at_m if r.t_base_ms == t_base]
-        ref = beside[-1] if beside else dataclasses.replace(at_m[-1], t_gemm_ms=math.nan, t_comm_ms=math.nan)
-        return dataclasses.replace(ref, strategy="baseline", settings={}, label="baseline", t_ms=t,
-                                   t_iqr_ms=ref.t_base_iqr_ms, t_base_ms=t_base, speedup=float(w["speedup"]),
-                                   eta=float(w["eta"]), rel_err=math.nan, note="no baseline record at this M")
+    def best(self, m: int) -> analysis.Best | None:
+        """The winner at ``m`` (None when nothing at ``m`` has a time)."""
+        return next((b for b in self.winners() if b.M == m and _finite(b.t_ms)), None)
 
     def title(self) -> str:
         env = ", ".join(f"{k}={v}" for k, v in sorted(self.env.items()))
@@ -118,22 +109,6 @@ def slugify(text: str) -> str:
     return s or "group"
 
 
-def _speedup(r: Record) -> float:
-    if _finite(r.speedup):
-        return r.speedup
-    if _finite(r.t_base_ms) and _finite(r.t_ms) and r.t_ms > 0:
-        return r.t_base_ms / r.t_ms
-    return math.nan
-
-
-def _ideal(r: Record) -> float:
-    if _finite(r.ideal_ms):
-        return r.ideal_ms
-    if _finite(r.t_gemm_ms) and _finite(r.t_comm_ms):
-        return max(r.t_gemm_ms, r.t_comm_ms)
-    return math.nan
-
-
 def _fmt(x: Any, spec: str) -> str:
     return format(x, spec) if _finite(x) else "–"
 
@@ -147,6 +122,7 @@ def _group_records(records: list[Record]) -> list[Group]:
             groups[key] = Group(r.shape, r.K, r.N, r.dtype, bool(r.bias), r.world, r.device, r.backend, env)
         groups[key].records.append(r)
     out = [groups[k] for k in sorted(groups, key=lambda k: tuple(str(p) for p in k))]
+    out = [g for g in out if g.ms]  # nothing ok: nothing to plot (the problems section lists them)
     seen: dict[str, int] = {}
     for g in out:
         parts = [g.shape, g.dtype, f"tp{g.world}"]
@@ -157,29 +133,6 @@ def _group_records(records: list[Record]) -> list[Group]:
         # Same shape name with another K/N, device, backend or bias: keep the files apart.
         g.slug = base if n == 1 else f"{base}_{n}"
     return out
-
-
-def _legend_labels(records: list[Record]) -> dict[str, str]:
-    """Short legend text per label: settings equal across all of a strategy's records in the group dropped."""
-    by_strategy: dict[str, list[Record]] = {}
-    for r in records:
-        by_strategy.setdefault(r.strategy, []).append(r)
-    out: dict[str, str] = {}
-    for strat, recs in by_strategy.items():
-        keys = {k for r in recs for k in (r.settings or {})}
-        varying = [k for k in sorted(keys) if len({json.dumps((r.settings or {}).get(k), sort_keys=True)
-                                                   for r in recs}) > 1]
-        for r in recs:
-            if r.label in out:
-                continue
-            order = [k for k in (r.settings or {}) if k in varying]
-            text = ", ".join(f"{k}={_setting_text((r.settings or {})[k])}" for k in order)
-            out[r.label] = f"{strat}: {text}" if text else strat
-    # Two labels that differ only in settings we dropped (should not happen) keep their full text.
-    counts: dict[str, int] = {}
-    for v in out.values():
-        counts[v] = counts.get(v, 0) + 1
-    return {lab: (lab if counts[short] > 1 else short) for lab, short in out.items()}
 
 
 def _setting_text(v: Any) -> str:
@@ -206,38 +159,62 @@ def _m_axis(ax: Any, ms: list[int]) -> None:
 # ----------------------------------------------------------------------------------------------- plots
 
 
-def _plot_speedup(plt: Any, g: Group, path: Path) -> None:
-    ms = g.ms
-    shorts = _legend_labels(g.records)
-    lines: dict[str, dict[int, float]] = {}
-    for r in g.records:  # the last record written for a (label, M) wins: a rerun replaces the earlier one
-        s = _speedup(r)
-        if r.strategy != "baseline" and _finite(s):
-            lines.setdefault(r.label, {})[r.M] = s
-    ideal: list[tuple[int, float]] = []
-    for m in ms:
-        ratios = [r.t_base_ms / _ideal(r) for r in g.records
-                  if r.M == m and _finite(r.t_base_ms) and _finite(_ideal(r)) and _ideal(r) > 0]
+def _ideal_by_m(g: Group) -> dict[int, float]:
+    """Per M, the ideal bound on speedup: ``t_base / max(t_gemm, t_comm)`` (median over the M's records)."""
+    out = {}
+    for m in g.ms:
+        ratios = [r.t_base_ms / r.ideal_ms for r in g.scored
+                  if r.M == m and _finite(r.t_base_ms) and _finite(r.ideal_ms) and r.ideal_ms > 0]
         if ratios:
-            ideal.append((m, statistics.median(ratios)))
+            out[m] = statistics.median(ratios)
+    return out
+
+
+def _plot_speedup(plt: Any, g: Group, path: Path) -> None:
+    """Bold: the best setting per M, the peers (``pr``), the baseline and the ideal bound; every other setting
+    a faint unlabelled line; a point above the ideal bound (physically impossible) marked as a fault."""
+    ms = g.ms
+    lines: dict[str, dict[int, float]] = {}
+    for r in g.scored:
+        if r.strategy != "baseline" and _finite(r.speedup):
+            lines.setdefault(r.label, {})[r.M] = r.speedup
+    ideal = _ideal_by_m(g)
+    bests = [b for m in ms if (b := g.best(m)) is not None and _finite(b.speedup)]
+    peers = set(strategies.peers())
 
     fig, ax = plt.subplots(figsize=(8.5, 5))
     try:
-        n = len(lines)
-        cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
-        markers = "os^Dv<>pPhX*"
-        ax.axhline(1.0, color="black", linewidth=1.2, label="baseline (1.0)")
+        ax.axhline(1.0, color="black", linewidth=1.8, label="baseline (1.0)")
         if ideal:
-            ax.plot([m for m, _ in ideal], [v for _, v in ideal], linestyle="--", color="grey", linewidth=1.5,
-                    marker="_", markersize=14, markeredgewidth=2, label="ideal: t_base / max(t_gemm, t_comm)")
-        for i, lab in enumerate(sorted(lines, key=lambda lab: (lab.split(":")[0] != "pr", lab))):
-            pts = sorted(lines[lab].items())
-            ax.plot([m for m, _ in pts], [v for _, v in pts], marker=markers[i % len(markers)],
-                    color=cmap(i % cmap.N), linewidth=1.4, markersize=6, label=shorts.get(lab, lab))
+            ax.plot(list(ideal), list(ideal.values()), linestyle="--", color="grey", linewidth=2, marker="_",
+                    markersize=14, markeredgewidth=2, label="ideal: t_base / max(t_gemm, t_comm)")
+        for lab, pts in lines.items():
+            if lab.split(":")[0] not in peers:
+                ax.plot(sorted(pts), [pts[m] for m in sorted(pts)], color="#999999", alpha=0.3, linewidth=0.8)
+        for i, lab in enumerate(sorted(lab for lab in lines if lab.split(":")[0] in peers)):
+            pts = lines[lab]
+            ax.plot(sorted(pts), [pts[m] for m in sorted(pts)], color=f"C{1 + i}", linewidth=2.2, marker="s",
+                    label=lab)
+        if bests:
+            ax.plot([b.M for b in bests], [b.speedup for b in bests], color="C0", linewidth=2.6, marker="o",
+                    markersize=7, label="best setting per M (label at each point)")
+            for b in bests:  # the last point's text goes left, away from the legend
+                last = b is bests[-1] and len(bests) > 1
+                ax.annotate(b.label.replace(",", ",\n"), (b.M, b.speedup), xytext=(-4 if last else 4, 4),
+                            textcoords="offset points", fontsize=6, color="C0", ha="right" if last else "left")
+        faults = {m: sum(v > ideal[m] * 1.001 for v in (pts.get(m, -math.inf) for pts in lines.values()))
+                  for m in ideal}
+        faults = {m: n for m, n in faults.items() if n}
+        if faults:
+            ax.scatter(list(faults), [ideal[m] for m in faults], marker="X", s=140, color="red", zorder=5,
+                       label="settings above the ideal bound: a measurement fault")
+            for m, n in faults.items():
+                ax.annotate(f"{n} above", (m, ideal[m]), xytext=(6, -10), textcoords="offset points",
+                            fontsize=7, color="red")
         _m_axis(ax, ms)
         ax.set_xlabel("tokens M (rows; log2 scale)")
         ax.set_ylabel("speedup over baseline, t_base / t (×)")
-        ax.set_title(g.title(), fontsize=10)
+        ax.set_title(g.title() + f"\n{len(lines)} settings; faint lines: the others", fontsize=10)
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8, frameon=False)
         _save_png(fig, path)
@@ -245,54 +222,66 @@ def _plot_speedup(plt: Any, g: Group, path: Path) -> None:
         plt.close(fig)
 
 
-def _eta_cells(g: Group) -> dict[str, dict[tuple[int, int], float]]:
-    """``comm -> (chunks, M) -> best eta`` over the chunked records' other settings."""
-    out: dict[str, dict[tuple[int, int], float]] = {}
-    for r in g.records:
-        s = r.settings or {}
-        if r.strategy != "chunked" or "chunks" not in s or not _finite(r.eta):
+def _eta_panels(g: Group) -> list[tuple[str, str, dict[tuple[Any, int], float]]]:
+    """Heatmap panels ``(title, row setting, (row value, M) -> best eta)`` built from whatever varies: per
+    non-baseline, non-peer strategy, rows are the varying numeric setting with the most values, one panel per
+    value of the next varying setting (if any), each cell the best eta over the remaining settings."""
+    by_strategy: dict[str, list[Record]] = {}
+    for r in g.scored:
+        if r.strategy != "baseline" and r.strategy not in strategies.peers() and _finite(r.eta):
+            by_strategy.setdefault(r.strategy, []).append(r)
+    panels = []
+    for name, recs in sorted(by_strategy.items()):
+        values = {k: {json.dumps(r.settings.get(k)) for r in recs} for k in {k for r in recs for k in r.settings}}
+        varying = sorted((k for k, v in values.items() if len(v) > 1), key=lambda k: (-len(values[k]), k))
+        numeric = [k for k in varying if all(isinstance(r.settings.get(k), (int, float)) for r in recs)]
+        if not numeric:
             continue
-        cells = out.setdefault(str(s.get("comm", "?")), {})
-        key = (int(s["chunks"]), r.M)
-        cells[key] = max(cells.get(key, -math.inf), r.eta)
-    return out
+        row = numeric[0]
+        col = next((k for k in varying if k != row and len(values[k]) <= 4), None)
+        split: dict[str, dict[tuple[Any, int], float]] = {}
+        for r in recs:
+            cells = split.setdefault(f"{name}, {col}={_setting_text(r.settings.get(col))}" if col else name, {})
+            key = (r.settings[row], r.M)
+            cells[key] = max(cells.get(key, -math.inf), r.eta)
+        panels += [(title, row, cells) for title, cells in sorted(split.items())]
+    return panels
 
 
-def _plot_eta(plt: Any, g: Group, path: Path, cells_by_comm: dict[str, dict[tuple[int, int], float]]) -> None:
+def _plot_eta(plt: Any, g: Group, path: Path, panels: list[tuple[str, str, dict[tuple[Any, int], float]]]) -> None:
     import numpy as np
     from matplotlib.colors import Normalize
 
-    comms = sorted(cells_by_comm)
-    ms = sorted({m for cells in cells_by_comm.values() for _, m in cells})
-    chunks = sorted({c for cells in cells_by_comm.values() for c, _ in cells})
+    ms = sorted({m for _, _, cells in panels for _, m in cells})
+    n_rows = max(len({y for y, _ in cells}) for _, _, cells in panels)
     width = max(4.5, 0.75 * len(ms) + 2.0)
-    fig, axes = plt.subplots(1, len(comms), figsize=(width * len(comms) + 1.2, max(3.2, 0.5 * len(chunks) + 2.4)),
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels) + 1.2, max(3.2, 0.5 * n_rows + 2.4)),
                              squeeze=False, constrained_layout=True)
     try:
         cmap = plt.get_cmap("RdBu").with_extremes(bad="#dddddd")
         norm = Normalize(vmin=-1.0, vmax=1.0, clip=True)
         image = None
-        for ax, comm in zip(axes[0], comms):
-            cells = cells_by_comm[comm]
-            grid = np.full((len(chunks), len(ms)), np.nan)
-            for (c, m), v in cells.items():
-                grid[chunks.index(c), ms.index(m)] = v
+        for ax, (title, row, cells) in zip(axes[0], panels):
+            ys = sorted({y for y, _ in cells})
+            grid = np.full((len(ys), len(ms)), np.nan)
+            for (y, m), v in cells.items():
+                grid[ys.index(y), ms.index(m)] = v
             image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, origin="lower", aspect="auto")
-            for i in range(len(chunks)):
+            for i in range(len(ys)):
                 for j in range(len(ms)):
                     v = grid[i, j]
-                    text = "–" if not math.isfinite(v) else f"{v:.2f}"
+                    text = "n/a" if not math.isfinite(v) else f"{v:.2f}" + ("!" if v > 1 else "")
                     colour = "white" if math.isfinite(v) and abs(v) > 0.6 else "black"
                     ax.text(j, i, text, ha="center", va="center", fontsize=8, color=colour)
             ax.set_xticks(range(len(ms)))
             ax.set_xticklabels([str(m) for m in ms], rotation=45 if len(ms) > 6 else 0)
-            ax.set_yticks(range(len(chunks)))
-            ax.set_yticklabels([str(c) for c in chunks])
+            ax.set_yticks(range(len(ys)))
+            ax.set_yticklabels([str(y) for y in ys])
             ax.set_xlabel("tokens M (rows)")
-            ax.set_ylabel("chunks")
-            ax.set_title(f"chunked, comm={comm}", fontsize=9)
-        fig.suptitle(g.title() + "\neta = (t_base - t) / (t_base - max(t_gemm, t_comm)), best over other settings",
-                     fontsize=9)
+            ax.set_ylabel(row)
+            ax.set_title(title, fontsize=9)
+        fig.suptitle(g.title() + "\neta = (t_base - t) / (t_base - max(t_gemm, t_comm)), best over other settings; "
+                     "! above 1: below the ideal bound, a measurement fault", fontsize=9)
         cbar = fig.colorbar(image, ax=list(axes[0]), shrink=0.9)
         cbar.set_label("eta: 1 = at floor, 0 = none hidden, < 0 slower")
         _save_png(fig, path)
@@ -321,7 +310,7 @@ def _plot_breakdown(plt: Any, g: Group, path: Path) -> None:
             bars = ax.bar(x + (i - 1.5) * width, ys, width, label=name, color=colour)
             if i == 3:
                 for bar, (_, b) in zip(bars, rows):
-                    s = _speedup(b)
+                    s = b.speedup
                     if _finite(s):
                         ax.annotate(f"×{s:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                                     xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
@@ -381,9 +370,9 @@ def _group_section(g: Group, pngs: dict[str, str | None]) -> list[str]:
         extra.append("with bias")
     if g.env:
         extra.append("env " + ", ".join(f"`{cell(k)}={cell(v)}`" for k, v in sorted(g.env.items())))
-    labels = sorted({r.label for r in g.records})
+    labels = sorted({r.label for r in g.scored})
     extra.append(f"{len(labels)} setting{'s' if len(labels) != 1 else ''}, "
-                 f"{len(g.records)} ok record{'s' if len(g.records) != 1 else ''}")
+                 f"{len(g.scored)} ok record{'s' if len(g.scored) != 1 else ''}")
     lines += ["; ".join(extra) + ".", ""]
 
     thr = g.threshold()
@@ -394,47 +383,31 @@ def _group_section(g: Group, pngs: dict[str, str | None]) -> list[str]:
         lines.append("**Threshold: none** — at the largest measured M the best setting is the baseline.")
     lines.append("")
 
+    peers = strategies.peers()
     header = ["M", "t_gemm (ms)", "t_comm (ms)", "t_base (ms)", "best setting", "t (ms)", "speedup", "eta",
-              "rel_err", "pr speedup"]
-    align = "rrrrlrrrrr"
-    rows = []
+              "rel_err"] + [f"{p} speedup" for p in peers]
+    align = "rrrrlrrrr" + "r" * len(peers)
+    rows, flagged = [], []
     for m in g.ms:
         b = g.best(m)
         if b is None:
             continue
-        prs = [r for r in g.records if r.M == m and r.strategy == "pr" and _finite(_speedup(r))]
-        pr_s = _fmt(_speedup(prs[-1]), ".3f") if prs else "–"
         rows.append([str(m), _fmt(b.t_gemm_ms, ".3f"), _fmt(b.t_comm_ms, ".3f"), _fmt(b.t_base_ms, ".3f"),
-                     f"`{cell(b.label)}`", _fmt(b.t_ms, ".3f"), _fmt(_speedup(b), ".3f"), _fmt(b.eta, ".2f"),
-                     _fmt(b.rel_err, ".2e"), pr_s])
+                     f"`{cell(b.label)}`", _fmt(b.t_ms, ".3f"), _fmt(b.speedup, ".3f"),
+                     _fmt(b.eta, ".2f") if _finite(b.eta) else "n/a", _fmt(b.rel_err, ".2e")]
+                    + [_fmt(b.peers.get(p), ".3f") for p in peers])
+        flagged += [f"- M={m}: {cell('; '.join(b.flags))}"] if b.flags else []
     lines += [table(header, rows, align), ""]
-    lines.append("Best setting: the ok record with the lowest t at that M if it beats the baseline beyond the "
-                 "measured spread (t + iqr/2 < ref − iqr_ref/2, ref = the faster of t_base and the baseline "
-                 "strategy's own record), else the baseline (as in "
-                 "`analysis.best_settings` and the exported policy); its own side-by-side t_gemm, t_comm and "
-                 "t_base are shown. speedup = t_base / t; eta = (t_base − t) / (t_base − max(t_gemm, t_comm)).")
-    lines.append("")
+    lines += (["Flags (numbers at these M are doubtful):", ""] + flagged + [""]) if flagged else []
+    lines += [analysis.RULE, ""]
     for kind, caption in (("speedup", "Speedup vs tokens"), ("eta", "Hidden fraction (chunked)"),
                           ("breakdown", "Time breakdown")):
         name = pngs.get(kind)
         if name:
             lines += [f"![{caption}]({name})", ""]
         elif kind == "eta":
-            lines += ["_No `chunked` records with an eta in this group: no eta heatmap._", ""]
+            lines += ["_No setting varies with an eta in this group: no eta heatmap._", ""]
     return lines
-
-
-def _latest(records: list[Record]) -> list[Record]:
-    """One record per case and device: a case measured again (a rerun appended to the same file) keeps its
-    last line; the same case measured on another GPU is another case (as in ``analysis``)."""
-    last: dict[tuple, int] = {}
-    for i, r in enumerate(records):
-        try:
-            last[(r.device, r.key())] = i
-        except (AttributeError, TypeError):  # env not a dict of hashables: keep the record as it is
-            last[("unkeyed", i)] = i
-    keep = set(last.values())
-    return [r for i, r in enumerate(records) if i in keep]
 
 
 def _problems_section(records: list[Record], torn: list[int]) -> list[str]:
@@ -461,9 +434,9 @@ def write_report(run_dir: str | os.PathLike) -> list[Path]:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist")
     loaded = load_records(run_dir)
-    records = _latest(loaded.records)
+    records = analysis.latest(loaded.records)
     ok = [r for r in records if r.ok]
-    groups = _group_records(ok)
+    groups = _group_records(records)
 
     written: list[Path] = []
     sections: list[str] = []
@@ -479,7 +452,7 @@ def write_report(run_dir: str | os.PathLike) -> list[Path]:
             _plot_speedup(plt, g, p)
             written.append(p)
             pngs["speedup"] = p.name
-            cells = _eta_cells(g)
+            cells = _eta_panels(g)
             if cells:
                 p = run_dir / f"eta_{g.slug}.png"
                 _plot_eta(plt, g, p, cells)

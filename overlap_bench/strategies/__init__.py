@@ -39,19 +39,22 @@ class Strategy:
     split: Callable[[int, Any], Any] | None = None
     """``split(M, settings) -> RowSplit``: its row ranges and path, for schedules that issue the all-reduces
     and wait later (model nano-batches); None when the strategy is not a row split of one product."""
+    peer: bool = False
+    """A published scheme to beat: its speedup is shown beside every best setting, and in the model benchmark."""
 
 
 REGISTRY: dict[str, Strategy] = {}
 
 
 def register(name: str, settings_cls: type, doc: str, check: Callable[[str, Any], str | None] | None = None,
-             note: Callable[[str, Any], str | None] | None = None, split: Callable[[int, Any], Any] | None = None):
-    """Decorator: register ``fn`` under ``name``."""
+             note: Callable[[str, Any], str | None] | None = None, split: Callable[[int, Any], Any] | None = None,
+             peer: bool = False):
+    """Decorator: register ``fn`` under ``name`` (fields as in :class:`Strategy`)."""
 
     def wrap(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         if name in REGISTRY:
             raise ValueError(f"strategy {name!r} registered twice")
-        REGISTRY[name] = Strategy(name, fn, settings_cls, doc, check, note, split)
+        REGISTRY[name] = Strategy(name, fn, settings_cls, doc, check, note, split, peer)
         return fn
 
     return wrap
@@ -95,6 +98,12 @@ def make_settings(name: str, values: dict[str, Any] | None = None) -> Any:
             allowed = ", ".join(fields) or "none"
             raise ValueError(f"unknown setting '{key}' for strategy '{name}' (allowed: {allowed})")
     return strat.settings_cls(**{k: _coerce(fields[k], v) for k, v in values.items()})
+
+
+def peers() -> list[str]:
+    """Names of the registered :attr:`Strategy.peer` strategies, sorted."""
+    _load_builtin()
+    return sorted(n for n, s in REGISTRY.items() if s.peer)
 
 
 def get(name: str) -> Strategy:

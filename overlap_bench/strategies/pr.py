@@ -41,7 +41,7 @@ def pr_split(m: int, settings: PRSettings | None = None) -> RowSplit:
 
 
 @register("pr", PRSettings, "sglang #6923: M//3 chunks from 16384 tokens, all-reduce on a side stream",
-          note=lambda backend, s: gloo_note("stream", backend), split=pr_split)
+          note=lambda backend, s: gloo_note("stream", backend), split=pr_split, peer=True)
 def pr(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
        group: dist.ProcessGroup | None, settings: PRSettings) -> torch.Tensor:
     """The seed PR's chunked overlap."""
