@@ -97,9 +97,9 @@ def _reference(group: list[Record]) -> tuple[float, float, tuple[str, ...]]:
     return t_ref, ref_iqr, tuple(flags + sorted(bad))
 
 
-@dataclass(frozen=True)
-class Best:
-    """The best setting of one group at one M, and every number that tables, summary and policy show of it."""
+@dataclass
+class GroupKey:
+    """What identifies one comparison: a shape measured in one job configuration on one kind of GPU."""
 
     shape: str
     K: int
@@ -110,6 +110,16 @@ class Best:
     device: str
     backend: str
     env: dict[str, str]
+
+    @property
+    def env_key(self) -> str:
+        return env_key(self.env)
+
+
+@dataclass
+class Best(GroupKey):
+    """The best setting of one group at one M, and every number that tables, summary and policy show of it."""
+
     M: int
     strategy: str
     settings: dict[str, Any]
@@ -130,10 +140,6 @@ class Best:
     peers: dict[str, float] = field(default_factory=dict)
     """Speedup of each peer strategy (``strategies.peers()``, e.g. ``pr``) measured at this M."""
     flags: tuple[str, ...] = ()
-
-    @property
-    def env_key(self) -> str:
-        return env_key(self.env)
 
 
 def best(records: Iterable[Record]) -> list[Best]:

@@ -44,18 +44,9 @@ _ENV_KEYS = ("gpu_name", "gpu_count", "torch", "nccl", "cuda", "host", "git_comm
 
 
 @dataclass
-class Group:
-    """Records of one (shape, K, N, dtype, bias, world, device, backend, env) combination (latest per case)."""
+class Group(analysis.GroupKey):
+    """Records of one comparison (:class:`analysis.GroupKey`), the latest per case."""
 
-    shape: str
-    K: int
-    N: int
-    dtype: str
-    bias: bool
-    world: int
-    device: str
-    backend: str
-    env: dict[str, str]
     records: list[Record] = field(default_factory=list)
     slug: str = ""
     _winners: Any = field(default=None, repr=False)
