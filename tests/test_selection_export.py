@@ -13,12 +13,13 @@ from overlap_bench.records import Record, RecordWriter
 approx = pytest.approx
 
 
-def rec(M, label, t, t_base, iqr=0.0, base_iqr=0.0, *, shape="s", K=512, N=1024, status="ok", eta=0.5):
+def rec(M, label, t, t_base, iqr=0.0, base_iqr=0.0, *, shape="s", K=512, N=1024, status="ok", eta=0.5,
+        t_gemm=float("nan"), t_comm=float("nan")):
     name, settings = strategies.parse(label)
     return Record(shape=shape, K=K, N=N, M=M, dtype="bfloat16", world=4, backend="nccl", device="NVIDIA H100",
                   strategy=name, settings=strategies.settings_dict(settings), label=strategies.label(name, settings),
                   env={}, status=status, t_ms=t, t_iqr_ms=iqr, t_base_ms=t_base, t_base_iqr_ms=base_iqr,
-                  speedup=t_base / t, eta=eta, rel_err=1e-6)
+                  speedup=t_base / t, eta=eta, rel_err=1e-6, t_gemm_ms=t_gemm, t_comm_ms=t_comm)
 
 
 def best_by_m(records):
@@ -49,10 +50,13 @@ def test_speedup_is_against_the_faster_baseline_measurement():
 # Binary-exact times: t + iqr/2 against ref - iqr_ref/2 = 1.0 - 0.125 = 0.875
 @pytest.mark.parametrize("t, wins", [(0.75, False), (0.625, True), (0.74, True)])
 def test_spread_rule_at_its_edge(t, wins):
-    best = best_by_m([rec(64, "baseline", 1.0, 1.0, 0.25, 0.25), rec(64, "chunked:chunks=2", t, 1.0, 0.25, 0.25)])
+    # eta is derived (issue 12: one definition), not the record's stored 0.5: ideal = 0.1, room = 1.0 - 0.1
+    refs = dict(t_gemm=0.1, t_comm=0.1)
+    best = best_by_m([rec(64, "baseline", 1.0, 1.0, 0.25, 0.25, **refs),
+                      rec(64, "chunked:chunks=2", t, 1.0, 0.25, 0.25, **refs)])
     assert best.loc[64, "strategy"] == ("chunked" if wins else "baseline")
     assert best.loc[64, "speedup"] == approx(1.0 / t if wins else 1.0)
-    assert best.loc[64, "eta"] == (0.5 if wins else 0.0)
+    assert best.loc[64, "eta"] == approx((1.0 - t) / 0.9 if wins else 0.0)
 
 
 def test_failed_unavailable_and_untimed_never_win():
@@ -93,9 +97,11 @@ def test_two_shapes_with_one_k_n_keep_the_faster_winner_per_m(tmp_path):
 
 
 def test_tables_and_policy_ship_the_same_numbers(tmp_path):
-    recs = [rec(1024, "baseline", 1.0, 1.1), rec(1024, "chunked:chunks=2", 1.05, 1.1, eta=-0.1),
-            rec(4096, "baseline", 4.2, 4.0), rec(4096, "chunked:chunks=2", 3.2, 4.0, eta=0.4),
-            rec(4096, "chunked:chunks=4", 3.3, 4.0, eta=0.35)]
+    # t_gemm/t_comm such that the derived eta (issue 12: against the reference) is 0.4 at 4096: room 4.0 - 2.0
+    small, large = dict(t_gemm=0.6, t_comm=0.4), dict(t_gemm=2.0, t_comm=1.5)
+    recs = [rec(1024, "baseline", 1.0, 1.1, **small), rec(1024, "chunked:chunks=2", 1.05, 1.1, eta=-0.1, **small),
+            rec(4096, "baseline", 4.2, 4.0, **large), rec(4096, "chunked:chunks=2", 3.2, 4.0, eta=0.4, **large),
+            rec(4096, "chunked:chunks=4", 3.3, 4.0, eta=0.35, **large)]
     best = best_by_m(recs)
     # 1024: the baseline record (1.0) beats 1.05: baseline kept, speedup 1.0; 4096: 4.0 / 3.2 = 1.25
     assert best.loc[1024, "strategy"] == "baseline" and best.loc[1024, "speedup"] == approx(1.0)
