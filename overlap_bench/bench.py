@@ -173,7 +173,11 @@ def measure_group(ctx: RankContext, group: list[Case], opts: BenchOptions, devic
         cursor.at(case.label)
         name, settings = strategies.parse(case.label)
         note = strategies.backend_note(name, settings, ctx.backend)
+        strategies.take_report()
         checked = check_against_baseline(name, settings, x, w, b, y_base, case.dtype, ctx)
+        # What the strategy said about how its first call ran (e.g. the NCCL kernel) joins the record.
+        said = strategies.take_report()
+        refs = {**refs, "extra": {**extra, **said}}
         if checked.status != "ok":
             emit(_record(case, ctx, opts, device_name, status=checked.status, reason=checked.reason,
                          rel_err=checked.rel_err, note=note, **refs))

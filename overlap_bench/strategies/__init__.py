@@ -176,3 +176,18 @@ def _load_builtin() -> None:
         for mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
             importlib.import_module(f"{__name__}.{mod}")
         _loaded = True
+
+
+_REPORT: dict[str, Any] = {}
+
+
+def report(**items: Any) -> None:
+    """Let a strategy state how its call really ran (e.g. which NCCL kernel); kept in the case's record."""
+    _REPORT.update(items)
+
+
+def take_report() -> dict[str, Any]:
+    """What strategies reported since the last call (then forgotten)."""
+    out = dict(_REPORT)
+    _REPORT.clear()
+    return out

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from overlap_bench.strategies import register
+from overlap_bench import greenctx, nccl_log, strategies, symm
+from overlap_bench.strategies import StrategyUnavailable, register
 from overlap_bench.strategies.baseline import baseline_into
 from overlap_bench.strategies.pipeline import (COMM_PATHS, SPLITS, RowSplit, all_reduce_bounds, even_bounds,
                                                gloo_note, high_priority_group)
@@ -22,7 +24,9 @@ class ChunkedSettings:
     threshold: int = 0
     """Token count below which the baseline path runs instead (>= 0)."""
     comm: str = field(default="stream", metadata={"show": True})
-    """``stream``: all-reduce on a side stream after a CUDA event; ``async``: async work handles."""
+    """``stream``: all-reduce on a side stream after a CUDA event; ``async``: async work handles; ``symm``: as
+    ``stream``, on an output in an NCCL symmetric window (NCCL's few-CTA symmetric kernel); ``ce``: as
+    ``stream``, each chunk reduced by all-to-all + local sum + all-gather on copy engines (zero-CTA policy)."""
     priority: bool = False
     """Run the all-reduce on a high-priority NCCL stream (a process group created for it)."""
     align: int = 1
@@ -32,6 +36,9 @@ class ChunkedSettings:
     ``geo``: each chunk ``ratio`` times the previous one."""
     ratio: float = 1.0
     """Size ratio of consecutive chunks for ``split=geo`` (> 0; about t_comm / t_gemm is the aim)."""
+    gemm_sms: int = 0
+    """Run the chunk products in a CUDA green context of this many SMs (0: the whole GPU), leaving the rest
+    to communication; works with every ``comm``."""
 
     def __post_init__(self) -> None:
         if self.chunks < 1:
@@ -44,6 +51,8 @@ class ChunkedSettings:
             raise ValueError(f"setting 'align' must be >= 1, got {self.align}")
         if not self.ratio > 0:
             raise ValueError(f"setting 'ratio' must be > 0, got {self.ratio}")
+        if self.gemm_sms < 0:
+            raise ValueError(f"setting 'gemm_sms' must be >= 0 SMs (0: the whole GPU), got {self.gemm_sms}")
         if self.split not in SPLITS:
             raise ValueError(f"setting 'split' must be one of {', '.join(SPLITS)}, got {self.split!r}")
 
@@ -51,25 +60,95 @@ class ChunkedSettings:
 def _check(backend: str, s: ChunkedSettings) -> str | None:
     if s.priority and backend != "nccl":
         return "priority=true needs NCCL (a high-priority CUDA stream); gloo has no stream priorities"
-    return None
+    if s.comm in WINDOW_PATHS:
+        reason = symm.window_reason(s.comm, backend)
+        if reason:
+            return reason
+    return greenctx.green_reason(s.gemm_sms, backend) if s.gemm_sms else None
+
+
+def _note(backend: str, s: ChunkedSettings) -> str | None:
+    return gloo_note(s.comm, backend) or (symm.world_note(s.comm) if s.comm in WINDOW_PATHS else None)
 
 
 def chunked_split(m: int, s: ChunkedSettings) -> RowSplit:
-    """One range below the threshold (the baseline path), else the chunk ranges on the chosen path."""
+    """One range below the threshold (the baseline path), else the chunk ranges on the chosen path.
+
+    The SM-light settings (``comm=symm``/``ce``, ``gemm_sms``) have no split of this kind: their buffers and
+    streams are their own, so a schedule that issues the all-reduces itself (nano-batches) refuses them."""
     if m < s.threshold:
         return RowSplit(((0, m),))
+    if s.comm in WINDOW_PATHS or s.gemm_sms:
+        raise StrategyUnavailable(f"chunked with comm={s.comm}, gemm_sms={s.gemm_sms} has no plain row split "
+                                  "(its buffers live in NCCL windows or its products in a green context)")
     return RowSplit(tuple(even_bounds(m, s.chunks, s.align, s.split, s.ratio)), s.comm, s.priority)
 
 
 @register("chunked", ChunkedSettings, "row chunks, each all-reduced while the next multiplies",
-          check=_check, note=lambda backend, s: gloo_note(s.comm, backend), split=chunked_split)
+          check=_check, note=_note, split=chunked_split)
 def chunked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             group: dist.ProcessGroup | None, settings: ChunkedSettings) -> torch.Tensor:
     """Chunked GEMM + all-reduce overlap."""
     m = x.shape[0]
+    if m >= settings.threshold and (settings.comm in WINDOW_PATHS or settings.gemm_sms):
+        bounds = even_bounds(m, settings.chunks, settings.align, settings.split, settings.ratio)
+        gemm_stream = greenctx.green_stream(settings.gemm_sms) if settings.gemm_sms else None
+        if settings.comm in WINDOW_PATHS:
+            return window_chunks(x, weight, bias, group, settings, bounds, gemm_stream)
     out = torch.empty(m, weight.shape[0], dtype=x.dtype, device=x.device)
-    sp = chunked_split(m, settings)
-    if sp.comm is None:
+    if m < settings.threshold:
         return baseline_into(out, x, weight, bias, group)
+    if settings.gemm_sms:
+        comm_group = high_priority_group(group) if settings.priority else group
+        return all_reduce_bounds(out, x, weight, bias, group, bounds, settings.comm, comm_group,
+                                 gemm_stream=gemm_stream)
+    sp = chunked_split(m, settings)
     comm_group = high_priority_group(group) if sp.priority else group
     return all_reduce_bounds(out, x, weight, bias, group, sp.bounds, sp.comm, comm_group)
+
+
+WINDOW_PATHS = ("symm", "ce")
+"""The ``comm`` paths whose buffers live in NCCL symmetric windows."""
+_LOGGED: set[tuple] = set()
+_FIRST_ON_COMM: dict[int, str] = {}
+
+
+def window_chunks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: dist.ProcessGroup | None,
+                  settings: ChunkedSettings, bounds: list[tuple[int, int]],
+                  gemm_stream: torch.cuda.Stream | None) -> torch.Tensor:
+    """``comm=symm`` / ``comm=ce``: the chunk pipeline on buffers in NCCL symmetric windows.
+
+    The first call of each (settings, shape) in a process runs with NCCL's INFO log on, and the path NCCL took
+    (symmetric kernel and its CTAs, copy engine, or a fallback to SM kernels) goes into the case's record.
+    """
+    m, n = x.shape[0], weight.shape[0]
+    if settings.comm == "ce":
+        symm.check_chunks(bounds, n, dist.get_world_size(group))  # before any collective, alike on every rank
+        comm_group = symm.zero_cta_group(group, settings.priority)
+    else:
+        comm_group = high_priority_group(group) if settings.priority else (group or dist.group.WORLD)
+    rows = max(e - s for s, e in bounds)
+
+    def call() -> torch.Tensor:
+        out = symm.window_empty(m, n, x.dtype, x.device, comm_group)
+        reduce_chunk = None
+        if settings.comm == "ce":
+            scratch = symm.window_empty(rows, n, x.dtype, x.device, comm_group)
+            reduce_chunk = lambda chunk, g: symm.ce_all_reduce(chunk, g, scratch)  # noqa: E731
+        return all_reduce_bounds(out, x, weight, bias, group, bounds, settings.comm, comm_group,
+                                 reduce_chunk=reduce_chunk, gemm_stream=gemm_stream)
+
+    symm.ensure_comm(comm_group, x.device)  # outside the logged call: only the path's own collectives are logged
+    key = (settings, m, n, x.dtype, id(comm_group))
+    if key in _LOGGED:
+        return call()
+    _LOGGED.add(key)
+    box: list[torch.Tensor] = []
+    got = nccl_log.capture(lambda: box.append(call()), lambda: torch.cuda.synchronize(x.device))
+    path = got.why or nccl_log.summary(nccl_log.classify(got.lines))
+    # The copy engines are set up (and logged) on a communicator's first copy-engine call only; later calls on
+    # it log no path line, so the first call's verdict is kept beside each later one.
+    first = _FIRST_ON_COMM.setdefault(id(comm_group), path)
+    strategies.report(nccl_path=path, nccl_first_call_on_comm=first, nccl_lines=list(got.lines[:24]),
+                      nccl_sym_ctas=os.environ.get("NCCL_SYM_CTAS", "unset (NCCL chooses)"))
+    return box[0]

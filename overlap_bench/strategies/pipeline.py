@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-COMM_PATHS = ("stream", "async")
+COMM_PATHS = ("stream", "async", "symm", "ce")
 
 PATHS: Counter = Counter()
 """How often each path ran in this process: ``"baseline"`` (one product, one all-reduce) or ``"chunks=N"`` (the
@@ -106,33 +107,57 @@ class PendingAllReduce:
 
 def start_bounds(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  group: dist.ProcessGroup | None, bounds, comm: str,
-                 comm_group: dist.ProcessGroup | None = None) -> PendingAllReduce:
+                 comm_group: dist.ProcessGroup | None = None, *,
+                 reduce_chunk: Callable[[torch.Tensor, dist.ProcessGroup | None], None] | None = None,
+                 gemm_stream: torch.cuda.Stream | None = None) -> PendingAllReduce:
     """Multiply each row range into ``out`` and issue its all-reduce at once, so that it runs while the next
     range (or whatever the caller launches next) computes; the caller waits on the returned handle.
 
-    ``comm="stream"``: each range's all-reduce is issued on a dedicated communication stream after a CUDA
-    event recorded behind its product (the seed PR's scheme); an event recorded on that stream after the
-    last one is what ``wait()`` waits for. ``comm="async"``: the all-reduce is issued from the current
-    stream with ``async_op=True`` and ``wait()`` waits on the work handles. Without CUDA (gloo) both use
-    work handles: there are no streams, and gloo's async work runs on its own thread, which gives the
-    overlap.
+    ``comm="stream"`` (and ``symm``/``ce``, which differ in where ``out`` lives and in ``reduce_chunk``): each
+    range's reduction is issued on a dedicated communication stream after a CUDA event recorded behind its
+    product (the seed PR's scheme); an event recorded on that stream after the last one is what ``wait()``
+    waits for. ``comm="async"``: the all-reduce is issued from the product stream with ``async_op=True`` and
+    ``wait()`` waits on the work handles. Without CUDA (gloo) there are no streams: the all-reduce runs
+    through work handles, whose async work runs on gloo's own thread, which gives the overlap; a custom
+    ``reduce_chunk`` runs blocking after each product there.
+
+    ``reduce_chunk(chunk, group)`` replaces ``dist.all_reduce`` (e.g. the copy-engine exchange).
+    ``gemm_stream``: the products run there (a green context's stream) instead of the caller's stream; every
+    reduction waits for its product, so waiting for the reductions also waits for the products.
     """
     PATHS[f"chunks={len(bounds)}"] += 1
     b = rank_bias(bias, group)
     comm_group = comm_group if comm_group is not None else group
-    if comm == "stream" and out.is_cuda:
+    if out.is_cuda:
         main = torch.cuda.current_stream(out.device)
-        side = comm_stream(out.device)
+        prod = gemm_stream if gemm_stream is not None else main
+        if prod is not main:
+            prod.wait_stream(main)  # the inputs were written on the caller's stream
+        if comm != "async":
+            reduce = reduce_chunk or _all_reduce
+            side = comm_stream(out.device)
+            for s, e in bounds:
+                with torch.cuda.stream(prod):
+                    matmul_into(out[s:e], x[s:e], weight, b)
+                ready = torch.cuda.Event()
+                ready.record(prod)
+                side.wait_event(ready)
+                with torch.cuda.stream(side):
+                    reduce(out[s:e], comm_group)
+            done = torch.cuda.Event()
+            done.record(side)
+            return PendingAllReduce(out, done, [])
+        works = []
+        with torch.cuda.stream(prod):  # NCCL's stream waits for the current (product) stream
+            for s, e in bounds:
+                matmul_into(out[s:e], x[s:e], weight, b)
+                works.append(dist.all_reduce(out[s:e], group=comm_group, async_op=True))
+        return PendingAllReduce(out, None, works)
+    if reduce_chunk is not None:
         for s, e in bounds:
             matmul_into(out[s:e], x[s:e], weight, b)
-            ready = torch.cuda.Event()
-            ready.record(main)
-            side.wait_event(ready)
-            with torch.cuda.stream(side):
-                dist.all_reduce(out[s:e], group=comm_group)
-        done = torch.cuda.Event()
-        done.record(side)
-        return PendingAllReduce(out, done, [])
+            reduce_chunk(out[s:e], comm_group)
+        return PendingAllReduce(out, None, [])
     works = []
     for s, e in bounds:
         matmul_into(out[s:e], x[s:e], weight, b)
@@ -140,11 +165,18 @@ def start_bounds(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias:
     return PendingAllReduce(out, None, works)
 
 
+def _all_reduce(chunk: torch.Tensor, group: dist.ProcessGroup | None) -> None:
+    dist.all_reduce(chunk, group=group)
+
+
 def all_reduce_bounds(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                       group: dist.ProcessGroup | None, bounds, comm: str,
-                      comm_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+                      comm_group: dist.ProcessGroup | None = None, *,
+                      reduce_chunk: Callable[[torch.Tensor, dist.ProcessGroup | None], None] | None = None,
+                      gemm_stream: torch.cuda.Stream | None = None) -> torch.Tensor:
     """:func:`start_bounds`, then wait: each range's all-reduce runs while the next range multiplies."""
-    return start_bounds(out, x, weight, bias, group, bounds, comm, comm_group).wait()
+    return start_bounds(out, x, weight, bias, group, bounds, comm, comm_group, reduce_chunk=reduce_chunk,
+                        gemm_stream=gemm_stream).wait()
 
 
 _STREAMS: dict[torch.device, torch.cuda.Stream] = {}

@@ -1,0 +1,167 @@
+"""NCCL symmetric-memory windows and the copy-engine all-reduce (``comm=symm`` and ``comm=ce`` of ``chunked``).
+
+``symm``: the output lives in an NCCL window (torch's symmetric-memory pool with the NCCL backend, registered
+on the communicator by ``rendezvous``), so NCCL may run its symmetric all-reduce kernel, which holds few CTAs
+(``NCCL_SYM_CTAS`` pins the count).
+
+``ce``: NCCL 2.28 moves AllGather and AlltoAll (not AllReduce) with the copy engines, holding no SM, when the
+communicator has the zero-CTA policy and both buffers are in symmetric windows, on one node. The all-reduce of
+a chunk is built from those: all-to-all (each rank receives its 1/world slice of the chunk from every peer),
+a local sum of the received slices (a small SM kernel), and an in-place all-gather of the summed slices.
+
+torch has one symmetric-memory backend per process, chosen by ``TORCH_SYMMMEM`` before the first allocation:
+these paths need ``NCCL``, torch's async-TP op (``asynctp``) needs the default ``CUDA``. A sweep gives each its
+own job through an environment variant; the other is recorded unavailable there.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+SYMM_NCCL = (2, 27, 0)
+"""First NCCL with symmetric windows and kernels."""
+CE_NCCL = (2, 28, 0)
+"""First NCCL with copy-engine collectives (zero-CTA policy)."""
+BACKEND_ENV = "TORCH_SYMMMEM"
+"""torch reads the symmetric-memory backend from this variable (``NCCL`` here)."""
+
+
+def nccl_version() -> tuple[int, ...] | None:
+    """The NCCL version torch runs with, or None without CUDA/NCCL."""
+    try:
+        return tuple(torch.cuda.nccl.version()) if torch.cuda.is_available() else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def symm_backend() -> str | None:
+    """torch's symmetric-memory backend for the current CUDA device (``CUDA``, ``NCCL``, ...), or None."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from torch.distributed import _symmetric_memory as sm
+
+        return sm.get_backend(torch.device("cuda", torch.cuda.current_device()))
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+
+
+def window_reason(comm: str, backend: str) -> str | None:
+    """Why ``comm`` (``symm`` or ``ce``) cannot run in this process, or None."""
+    if backend != "nccl":
+        return f"comm={comm} needs NCCL symmetric-memory windows (GPUs, backend nccl); {backend} has none"
+    need = SYMM_NCCL if comm == "symm" else CE_NCCL
+    have = nccl_version()
+    if have is None or have < need:
+        got = ".".join(map(str, have)) if have else "none"
+        return f"comm={comm} needs NCCL >= {'.'.join(map(str, need))}; this torch runs NCCL {got}"
+    if comm == "ce" and not hasattr(dist.ProcessGroupNCCL, "NCCL_CTA_POLICY_ZERO"):
+        return "comm=ce needs ProcessGroupNCCL.NCCL_CTA_POLICY_ZERO (zero-CTA policy), which this torch lacks"
+    got_backend = symm_backend()
+    if got_backend != "NCCL":
+        return (f"comm={comm} needs torch's NCCL symmetric-memory backend, and this job's is {got_backend}; "
+                f"run it with {BACKEND_ENV}=NCCL in the environment (a spec env variant)")
+    return None
+
+
+def world_note(comm: str) -> str | None:
+    """Record text at world size 1, where NCCL does not run the path under test."""
+    if dist.is_initialized() and dist.get_world_size() == 1:
+        what = "symmetric kernel" if comm == "symm" else "copy-engine transfers"
+        return (f"world 1: NCCL short-cuts a one-rank collective to a local copy, so no {what} ran; this checks "
+                f"the window allocation, registration and numerics only")
+    return None
+
+
+_READY: set[int] = set()
+
+
+def ensure_comm(group: dist.ProcessGroup, device: torch.device) -> None:
+    """Make sure ``group``'s NCCL communicator exists: registration needs it, and NCCL creates it at the
+    group's first collective (a one-element all-reduce here, once per group; collective)."""
+    if id(group) not in _READY:
+        dist.all_reduce(torch.zeros(1, device=device), group=group)
+        _READY.add(id(group))
+
+
+def window_empty(rows: int, cols: int, dtype: torch.dtype, device: torch.device,
+                 group: dist.ProcessGroup) -> torch.Tensor:
+    """A ``[rows, cols]`` tensor in an NCCL symmetric window registered on ``group``'s communicator.
+
+    Allocated from torch's symmetric-memory pool each call; the pool hands freed blocks back out, and a block's
+    registration is kept, so only a new block costs a (collective) registration. Every rank allocates the same
+    sizes in the same order, which the registration needs.
+    """
+    from torch.distributed import _symmetric_memory as sm
+
+    ensure_comm(group, device)
+    with torch.cuda.use_mem_pool(sm.get_mem_pool(device)):
+        t = torch.empty(rows, cols, dtype=dtype, device=device)
+    sm.rendezvous(t, group)
+    return t
+
+
+_ZERO_CTA: dict[tuple[int, bool], dist.ProcessGroup] = {}
+
+
+def zero_cta_group(group: dist.ProcessGroup | None, high_priority: bool) -> dist.ProcessGroup:
+    """A process group over the same ranks whose NCCL communicator has the zero-CTA policy (copy engines).
+
+    Created once per (group, priority); every rank must reach the first call (it is collective).
+    """
+    key = (id(group), high_priority)
+    if key not in _ZERO_CTA:
+        opts = dist.ProcessGroupNCCL.Options()
+        opts.config.cta_policy = dist.ProcessGroupNCCL.NCCL_CTA_POLICY_ZERO
+        opts.is_high_priority_stream = high_priority
+        ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+        _ZERO_CTA[key] = dist.new_group(ranks, backend="nccl", pg_options=opts)
+    return _ZERO_CTA[key]
+
+
+def slice_len(numel: int, world: int) -> int:
+    """Elements of each rank's slice of a chunk of ``numel`` elements; a ``ValueError`` when they do not split
+    evenly (NCCL's all-to-all and all-gather move equal counts)."""
+    if world < 1:
+        raise ValueError(f"world size must be >= 1, got {world}")
+    if numel % world:
+        raise ValueError(f"comm=ce: a chunk of {numel} elements does not split into {world} equal slices; "
+                         f"use token counts (or align) that make rows x N a multiple of {world}")
+    return numel // world
+
+
+def check_chunks(bounds: list[tuple[int, int]], n: int, world: int) -> None:
+    """Raise (before any collective, on every rank alike) if a chunk cannot be split into equal slices."""
+    for s, e in bounds:
+        slice_len((e - s) * n, world)
+
+
+def ce_all_reduce(chunk: torch.Tensor, group: dist.ProcessGroup, scratch: torch.Tensor) -> None:
+    """Sum ``chunk`` over ``group`` in place: all-to-all, local sum of the received slices, all-gather.
+
+    ``chunk`` must be contiguous; ``scratch`` holds at least ``chunk.numel()`` elements. On NCCL with the
+    zero-CTA policy and both in symmetric windows, the two transfers run on the copy engines; on gloo the same
+    calls are plain collectives (the stand-in the tests compare with the baseline).
+    """
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    flat = chunk.view(-1)
+    size = slice_len(flat.numel(), world)
+    recv = scratch.view(-1)[: flat.numel()]
+    dist.all_to_all_single(recv, flat, group=group)     # recv[j*size:(j+1)*size] = rank j's slice `rank`
+    mine = flat[rank * size:(rank + 1) * size]
+    torch.sum(recv.view(world, size), dim=0, out=mine)
+    dist.all_gather_into_tensor(flat, mine, group=group)  # in place: `mine` already sits at its offset
+
+
+def simulate_ce(parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """What :func:`ce_all_reduce` leaves on each rank, computed without a process group from every rank's
+    chunk (the pure slicing, for tests): each rank ends with the sum of all chunks."""
+    world = len(parts)
+    size = slice_len(parts[0].numel(), world)
+    flats = [p.reshape(-1) for p in parts]
+    # all-to-all: rank r receives slice r of every rank's chunk, in rank order.
+    received = [torch.cat([flats[j][r * size:(r + 1) * size] for j in range(world)]) for r in range(world)]
+    summed = [received[r].view(world, size).sum(0) for r in range(world)]
+    gathered = torch.cat(summed)  # all-gather: slice r comes from rank r
+    return [gathered.view_as(parts[0]).clone() for _ in range(world)]
