@@ -191,3 +191,15 @@ def test_asynctp_op_is_found_in_a_fresh_process():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "lacks" not in out.stdout, out.stdout
+
+
+def test_nanobatch_split_refuses_sm_light_settings():
+    """Nano-batches issue the all-reduces themselves on plain buffers: a window path or a green context would
+    silently become the plain path there, so the split refuses them (below the threshold: one range)."""
+    for text in ["chunked:comm=symm", "chunked:comm=ce", "chunked:gemm_sms=64"]:
+        name, s = strategies.parse(text)
+        with pytest.raises(strategies.StrategyUnavailable, match="no plain row split"):
+            strategies.get(name).split(64, s)
+    name, s = strategies.parse("chunked:comm=symm,threshold=128")
+    assert strategies.get(name).split(64, s).bounds == ((0, 64),)
+    assert strategies.get("chunked").split(64, strategies.parse("chunked:chunks=2")[1]).comm == "stream"
