@@ -46,9 +46,8 @@ def _rank_one_raises(ctx):
 
 
 def _env_probe(ctx, path):
-    if ctx.rank == 0:
-        with open(path, "w") as fh:
-            fh.write(",".join(os.environ.get(k, "") for k in ("NCCL_NVLS_ENABLE", "OB_TEST_KNOB")))
+    with open(f"{path}.{ctx.rank}", "w") as fh:  # every rank's environment, not only rank 0's
+        fh.write(",".join(os.environ.get(k, "") for k in ("NCCL_NVLS_ENABLE", "OB_TEST_KNOB")))
 
 
 def test_raising_rank_ends_job_promptly_with_rank_and_cause():
@@ -67,5 +66,5 @@ def test_env_variant_and_safety_vars_reach_children(tmp_path, monkeypatch):
     monkeypatch.delenv("NCCL_NVLS_ENABLE", raising=False)
     out = tmp_path / "env.txt"
     launch(_env_probe, (str(out),), JobConfig(nproc=2, backend="gloo", env={"OB_TEST_KNOB": "7"}))
-    assert out.read_text() == "0,7"
+    assert [open(f"{out}.{r}").read() for r in range(2)] == ["0,7", "0,7"]
     assert "OB_TEST_KNOB" not in os.environ  # restored in the launcher
