@@ -69,6 +69,13 @@ def test_busbw_nccl_tests_definition(dtype, world, want):
     assert metrics.busbw_gbps(1000, 1000, dtype, world, 1.0) == approx(want)
 
 
+@pytest.mark.parametrize("dtype, world, busbw", [("float32", 4, 6.0), ("bfloat16", 8, 3.5), ("float16", 2, 2.0)])
+def test_allreduce_ms_by_hand(dtype, world, busbw):
+    # the same 1000 x 1000 all-reduce as above: at that bus bandwidth it takes 1 ms
+    assert metrics.allreduce_ms(1000, 1000, dtype, world, busbw) == approx(1.0)
+    assert metrics.allreduce_ms(1000, 1000, dtype, world, 2 * busbw) == approx(0.5)
+
+
 def test_busbw_scales_with_time_and_size():
     assert metrics.busbw_gbps(1000, 1000, "float32", 4, 2.0) == approx(3.0)
     assert metrics.busbw_gbps(2000, 500, "bfloat16", 4, 0.5) == approx(6.0)

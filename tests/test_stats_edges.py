@@ -78,3 +78,26 @@ def test_geomean_by_hand():
     assert math.isnan(geomean([]))
     with pytest.raises(ValueError):
         geomean([1.0, 0.0])
+
+
+def test_compare_run_dirs_keeps_bias_apart_and_summarises_by_geomean(tmp_path):
+    from overlap_bench.compare import build_table, compare_run_dirs, summary
+    from overlap_bench.records import Record, RecordWriter
+
+    def rec(tps, bias=False):
+        return Record(shape="m/o_proj", K=1024, N=2048, M=4096, dtype="float32", world=2, backend="gloo",
+                      device="cpu", strategy="pr", settings={}, label="pr", env={}, bias=bias, tokens_per_s=tps)
+
+    wa, wb = RecordWriter(tmp_path / "a"), RecordWriter(tmp_path / "b")
+    wa.append(rec(1000.0))
+    wb.append(rec(1210.0))
+    wb.append(rec(5000.0, bias=True))  # other work: never a sample of the bias-free case
+    df, unmatched = compare_run_dirs(tmp_path / "a", tmp_path / "b", n_boot=200)
+    assert len(df) == 1 and df.iloc[0]["samples_b"] == [1210.0] and df.iloc[0]["speedup"] == approx(1.21)
+    assert unmatched == ["only in B: m/o_proj M=4096 pr (float32) +bias"]
+    # speedups 1.21 and 1.0: geometric mean 1.1 (the arithmetic mean would be 1.105)
+    rows = [dict(shape="s", K=1, N=1, M=m, dtype="float32", a_label="a", b_label="b", samples_a=[100.0, 100.0],
+                 samples_b=[tb, tb]) for m, tb in ((1, 121.0), (2, 100.0))]
+    s = summary(build_table(rows, n_boot=200))
+    assert s["rows"] == 2 and s["geomean_speedup"] == approx(1.1)
+    assert s["verdicts"] == {"faster": 0, "slower": 0, "no significant difference": 2}  # 2 samples: p = 1/3
