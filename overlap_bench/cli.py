@@ -17,6 +17,7 @@ from rich.table import Table
 
 import overlap_bench
 from overlap_bench import strategies
+from overlap_bench.world import refuse_world_one
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Measure, tune and ship GEMM / all-reduce overlap for tensor-parallel row-parallel layers.")
@@ -205,6 +206,7 @@ def sweep(
 
     def body() -> None:
         spec, raw = load_spec(spec_path, world_size=world_size, backend=backend, timeout_s=timeout, tp=tp)
+        refuse_world_one(spec.world_size, "a sweep")
         cases = spec.cases()
         if dry_run:
             out_console.print(f"{escape(spec.name)}: {len(cases)} cases on {spec.world_size} ranks ({spec.backend}); "
@@ -309,6 +311,7 @@ def compare(
 
                     raise SpecError(f"A/B: '{side}' is neither a run directory nor a strategy: {exc}") from None
             spec, cases = _compare_cases(spec_path, preset, tokens, dtype, nproc, backend)
+            refuse_world_one(spec.world_size, "a comparison of two strategies")
             tmp = Path(tempfile.mkdtemp(prefix="overlap-bench-compare-")) / "rows.json"
             opts = BenchOptions(str(tmp.parent), warmup, reps, 0, 0, 0, False)
             job_env = _env_raw(env)

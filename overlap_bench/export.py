@@ -18,6 +18,7 @@ from overlap_bench import analysis, strategies
 from overlap_bench.policy import policy_filename
 from overlap_bench.records import load_records, write_atomic
 from overlap_bench.stats import geomean
+from overlap_bench.world import refuse_world_one
 
 log = logging.getLogger("overlap_bench.export")
 
@@ -107,6 +108,8 @@ def export_policy(run_dir: str | os.PathLike, out: str | os.PathLike, env: dict[
     if df.empty:
         raise ValueError(f"{run_dir}: no records for dtype={dtype}, world={world}")
     groups = sorted(df.groupby(["dtype", "world"]).groups)
+    for _, w in groups:
+        refuse_world_one(int(w), "a policy")
     single = out.suffix in (".yaml", ".yml")
     if single and len(groups) > 1:
         dtypes = sorted({d for d, _ in groups})

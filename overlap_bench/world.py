@@ -43,3 +43,11 @@ def resolve(backend: str | None, nproc: int | None) -> tuple[str, int]:
 def in_torchrun() -> bool:
     """Whether this process was started by torchrun (or another launcher that sets RANK/WORLD_SIZE)."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def refuse_world_one(world: int, what: str) -> None:
+    """One rank has nothing to overlap (the all-reduce is a copy): tuning there selects noise, so ``what``
+    (a sweep, a comparison, a policy) is refused with a :class:`LaunchError` (exit 2)."""
+    if world == 1:
+        raise LaunchError(f"world_size: 1 rank has nothing to overlap, so {what} would only rank noise; run on 2 "
+                          "or more ranks (--nproc), or use `overlap-bench interference` on one GPU")
