@@ -286,7 +286,7 @@ def compare(
     markdown: Optional[Path] = typer.Option(None, help="Write the markdown table (for a pull request) here."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """Compare two strategies side by side (interleaved repeats, bootstrap CI, Mann-Whitney U) or two runs."""
+    """Compare two strategies side by side (interleaved repeats; ratio of medians, its bootstrap CI) or two runs."""
     import json as _json
 
     from overlap_bench import compare as cmp

@@ -126,7 +126,8 @@ def _fmt_tps(x: float) -> str:
 
 
 def _fmt_speedup(row: pd.Series) -> str:
-    return f"{row['speedup']:.3f}× [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+    ci = f"{row['ci_low']:.3f}, {row['ci_high']:.3f}" if math.isfinite(row["ci_low"]) else "n/a: one sample"
+    return f"{row['speedup']:.3f}× [{ci}]"
 
 
 def _fmt_p(p: float) -> str:

@@ -138,15 +138,16 @@ def test_min_effect_suppresses_tiny_shift():
     a, b = _shifted(1.005, 1e-4)
     tiny = compare_samples(a, b, min_effect=0.01)
     assert tiny.p_value < 0.05 and tiny.ci_low > 1        # real...
-    assert tiny.verdict == "no significant difference"    # ...but below the threshold
-    assert compare_samples(a, b, min_effect=0.001).verdict == "faster"
-    assert compare_samples(b, a, min_effect=0.01).verdict == "no significant difference"
+    assert tiny.verdict == "below min_effect"             # ...but below the threshold (issue 13: never "no
+    assert compare_samples(a, b, min_effect=0.001).verdict == "faster"  # significant difference" beside such a CI)
+    assert compare_samples(b, a, min_effect=0.01).verdict == "below min_effect"
 
 
 def test_single_samples_are_honest():
     c = compare_samples([1000.0], [1200.0])
     assert (c.n_a, c.n_b, c.std_a, c.std_b) == (1, 1, 0.0, 0.0)
-    assert c.ci_low == pytest.approx(1.2) and c.ci_high == pytest.approx(1.2)
+    assert math.isnan(c.ci_low) and math.isnan(c.ci_high)  # one measurement has no spread, hence no CI
+    assert c.speedup == pytest.approx(1.2)
     assert c.p_value == 1.0 and c.verdict == "no significant difference"
 
 
@@ -154,7 +155,7 @@ def test_summary_fields():
     c = compare_samples([1.0, 2.0, 3.0], [2.0, 4.0, 9.0])
     assert (c.mean_a, c.median_b) == (2.0, 4.0)
     assert c.std_a == pytest.approx(1.0) and c.std_b == pytest.approx(np.std([2, 4, 9], ddof=1))
-    assert c.speedup == pytest.approx(5.0 / 2.0)
+    assert c.speedup == pytest.approx(4.0 / 2.0)  # issue 13: the ratio of medians
 
 
 def test_geomean():
@@ -210,7 +211,7 @@ def test_compare_single_records_per_case(tmp_path):
     df, unmatched = compare_run_dirs(tmp_path / "a", tmp_path / "b", min_effect=0.01)
     assert unmatched == []
     row = df.iloc[0]
-    assert row["ci_low"] == pytest.approx(1.5) and row["ci_high"] == pytest.approx(1.5)
+    assert math.isnan(row["ci_low"]) and math.isnan(row["ci_high"]) and row["speedup"] == pytest.approx(1.5)
     assert row["p_value"] == 1.0 and row["verdict"] == "no significant difference"
 
 
@@ -229,8 +230,8 @@ def test_build_table_and_summary():
     assert isinstance(df.iloc[0]["samples_a"], list)
     s = summary(df)
     assert s["rows"] == 2
-    assert s["geomean_speedup"] == pytest.approx(math.sqrt(b.mean() / a.mean()))
-    assert s["verdicts"] == {"faster": 1, "slower": 0, "no significant difference": 1}
+    assert s["geomean_speedup"] == pytest.approx(math.sqrt(np.median(b) / np.median(a)))
+    assert s["verdicts"] == {"faster": 1, "slower": 0, "no significant difference": 1, "below min_effect": 0}
     empty = build_table([])
     assert len(empty) == 0 and "verdict" in empty.columns
     assert summary(empty)["rows"] == 0 and math.isnan(summary(empty)["geomean_speedup"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from overlap_bench.stats import bootstrap_ratio_ci, compare_samples, geomean, mann_whitney_p
@@ -12,32 +13,29 @@ from overlap_bench.stats import bootstrap_ratio_ci, compare_samples, geomean, ma
 approx = pytest.approx
 A = [1.0] * 8
 
-# Seven of eight B samples above every A sample, one below every one: U = 56 of 64. With the tie correction
-# (8 equal A values, 7 equal B values) sigma^2 = 64/12 * (17 - (8^3-8 + 7^3-7)/(16*15)) = 72, and with the
-# continuity correction z = (56 - 32 - 0.5) / sqrt(72) = 2.77: two-sided p = 0.0056.
-# The bootstrap mean of B falls to 1 or below when a resample holds the low value 3+ times (probability
-# 1 - P(0) - P(1) - P(2) of Binomial(8, 1/8) = 0.067 > 0.025), so the 95% CI's low end is below 1.
-UP = [1.10] * 7 + [0.75]     # mean 1.05625: a 5.6% "speedup" that one low sample makes uncertain
-DOWN = [0.90] * 7 + [1.25]   # mean 0.94375: the mirror image
+# Issue 13: one robust statistic, the ratio of medians, with its own bootstrap CI, p and verdict.
+# Seven of eight B samples at 1.10 and one at 0.75: the median of a resample of 8 (mean of its 4th and 5th values)
+# stays 1.10 unless it draws the low value 4+ times, P = 1 - P(0..3) of Binomial(8, 1/8) = 1 - 0.9887 = 0.0113
+# < 0.025: the 95% CI is [1.10, 1.10] and the bootstrap p = 2 * 0.0113 = 0.023. One low sample moves nothing.
+UP = [1.10] * 7 + [0.75]
+DOWN = [0.90] * 7 + [1.25]   # the mirror image
 
 
-def test_small_p_with_ci_reaching_1_is_no_significant_difference():
+def test_one_low_sample_does_not_move_the_ratio_of_medians():
     c = compare_samples(A, UP, n_boot=4000)
-    assert c.p_value == approx(0.0056, abs=0.0005)
-    assert c.speedup == approx(1.05625)
-    assert c.ci_low <= 0.96875 + 1e-9 and c.ci_high == approx(1.10)  # low end: 3 low samples of 8
-    assert c.verdict == "no significant difference"
+    assert c.p_value == approx(0.0226, abs=0.006)
+    assert (c.speedup, c.ci_low, c.ci_high) == (approx(1.10), approx(1.10), approx(1.10))
+    assert c.verdict == "faster"
     c = compare_samples(A, DOWN, n_boot=4000)
-    assert c.p_value == approx(0.0056, abs=0.0005)
-    assert c.speedup == approx(0.94375)
-    assert c.ci_low == approx(0.90) and c.ci_high >= 1.03125 - 1e-9
-    assert c.verdict == "no significant difference"
+    assert c.p_value == approx(0.0226, abs=0.006)
+    assert (c.speedup, c.ci_low, c.ci_high) == (approx(0.90), approx(0.90), approx(0.90))
+    assert c.verdict == "slower"
 
 
 def test_clear_shift_is_faster_or_slower_by_the_right_end():
-    # U = 64 of 64; ties 8 and 8: sigma^2 = 64/12 * (17 - 1008/240) = 68.27, z = 31.5 / 8.26 = 3.81, p = 0.00014
+    # Every resample's ratio is 1.10 exactly: the CI is that point and no bootstrap ratio reaches 1 (p = 0).
     c = compare_samples(A, [1.10] * 8, n_boot=2000)
-    assert c.p_value == approx(0.00014, abs=0.00003)
+    assert c.p_value == 0.0
     assert (c.speedup, c.ci_low, c.ci_high) == (approx(1.10), approx(1.10), approx(1.10))
     assert c.verdict == "faster"
     c = compare_samples(A, [0.90] * 8, n_boot=2000)
@@ -45,6 +43,19 @@ def test_clear_shift_is_faster_or_slower_by_the_right_end():
     # b is the numerator: throughput b twice a's is a speedup of 2, not 0.5
     c = compare_samples([2.0, 2.0, 2.0], [4.0, 4.0, 4.0], n_boot=500)
     assert (c.mean_a, c.mean_b, c.speedup) == (2.0, 4.0, 2.0)
+
+
+def test_verdict_never_contradicts_the_ci_or_the_medians():
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        n = int(rng.integers(1, 9))
+        a = 1000 * (1 + 0.05 * rng.standard_normal(n))
+        b = 1000 * rng.uniform(0.9, 1.1) * (1 + 0.05 * rng.standard_normal(n))
+        c = compare_samples(a, b, n_boot=500, seed=int(rng.integers(1 << 30)))
+        excludes = c.ci_low > 1 or c.ci_high < 1
+        assert (c.verdict == "no significant difference") == (not excludes)
+        assert (c.speedup > 1) == (c.median_b > c.median_a) or c.speedup == 1
+        assert not excludes or c.p_value <= 0.05 + 0.02  # the p-value agrees with the CI (quantile slack)
 
 
 @pytest.mark.parametrize("sample", [[2.0] * 5, [1.0, 2.0, 3.0, 4.0, 5.0]])
@@ -60,9 +71,10 @@ def test_one_outlier():
     c = compare_samples([1.0] * 10, b, n_boot=2000)
     assert c.mean_b == approx(1.9) and c.median_b == 1.0  # the median is not the mean
     assert c.std_b == approx(math.sqrt(8.1))              # (9 * 0.81 + 65.61) / 9 = 8.1 (ddof 1)
-    assert c.speedup == approx(1.9)
-    # one value of ten differs: U = 55 of 100, nowhere near significant; the CI's low end is 1 (no outlier drawn)
-    assert c.p_value > 0.3 and c.ci_low == approx(1.0)
+    # The ratio of medians ignores the outlier (a mean would say 1.9x): a resample's median moves only when it
+    # draws the 10.0 six times or more, far below 2.5%, so the CI is [1, 1] and nothing is significant.
+    assert c.speedup == 1.0 and c.ci_low == approx(1.0) and c.ci_high == approx(1.0)
+    assert c.p_value == 1.0
     assert c.verdict == "no significant difference"
     assert c.std_a == 0.0 and c.n_a == c.n_b == 10
 
