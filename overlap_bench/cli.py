@@ -39,8 +39,9 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def _guard(fn: Callable[[], Any], out_dir: Path | None = None) -> Any:
-    """Run a command body: bad input -> one line + exit 2; a failed rank -> one line + exit 1; Ctrl-C -> 130."""
-    from overlap_bench.errors import UserError
+    """Run a command body: bad input -> one line + exit 2; a failed rank -> one line + exit 1; Ctrl-C -> 130;
+    an operating-system error -> one line + exit 2 (a path given) or 1 (the machine)."""
+    from overlap_bench.errors import UserError, os_error_exit
     from overlap_bench.launch import RankFailed
 
     # escape(): messages carry paths like "[/__w/...]" that rich would read as markup tags.
@@ -57,6 +58,10 @@ def _guard(fn: Callable[[], Any], out_dir: Path | None = None) -> Any:
     except UserError as exc:  # SpecError, LaunchError, PolicyError, bad flags
         err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
+    except OSError as exc:  # exists, permission, name too long, is a directory; disk full
+        msg, code = os_error_exit(exc)
+        err_console.print(f"[red]error:[/] {escape(msg)}{kept}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code)
 
 
 def _rank0() -> bool:
@@ -191,6 +196,8 @@ def sweep(
                                                help="Sweep YAML (see sweeps/); default: one that suits this machine."),
     out: Path = typer.Option(Path("runs/latest"), "--out", "-o", help="Run directory (records.jsonl, env, tables)."),
     resume: bool = typer.Option(False, help="Skip the cases already recorded in --out."),
+    force: bool = typer.Option(False, "--force", help="With --resume: continue a folder made by another spec or "
+                                                     "timing options (both runs' records then sit side by side)."),
     world_size: Optional[int] = typer.Option(None, "--world-size", "--nproc", help="Override the spec's world size."),
     backend: Optional[str] = typer.Option(None, help="Override the spec's backend (auto, nccl, gloo)."),
     seed: int = typer.Option(0, help="Seed of the random inputs."),
@@ -215,7 +222,7 @@ def sweep(
                 env = " ".join(f"{k}={v}" for k, v in c.env)
                 print(f"{c.shape}\tK={c.K}\tN={c.N}\tM={c.M}\t{c.dtype}\t{c.label}\t{env}")
             return
-        res = run_sweep(spec, raw, out, resume=resume, seed=seed, rank0=_rank0())
+        res = run_sweep(spec, raw, out, resume=resume, seed=seed, rank0=_rank0(), force=force)
         if not _rank0():
             return
         msg = f"{spec.name}: {res.planned - res.skipped_done} cases measured"
@@ -290,11 +297,13 @@ def compare(
     import json as _json
 
     from overlap_bench import compare as cmp
-    from overlap_bench import envinfo
+    from overlap_bench import envinfo, runfolder
     from overlap_bench.records import write_atomic
 
     def body() -> None:
         unmatched: list[str] = []
+        if out is not None:  # a folder that cannot be written is refused before anything is measured
+            runfolder.ensure_folder(out, "--out")
         if Path(a).is_dir() and Path(b).is_dir():
             df, unmatched = cmp.compare_run_dirs(a, b, min_effect=min_effect)
             title = f"{b} vs {a}"
@@ -328,9 +337,10 @@ def compare(
         summ = cmp.summary(df)
         md = cmp.to_markdown(df, summ, title)
         if out is not None:
-            write_atomic(out / "compare.json", cmp.to_json(df, summ) + "\n")
-            write_atomic(out / "compare.md", md)
-            write_atomic(out / "env.json", _json.dumps(envinfo.collect(), indent=2) + "\n")
+            with runfolder.lock(out):
+                write_atomic(out / "compare.json", cmp.to_json(df, summ) + "\n")
+                write_atomic(out / "compare.md", md)
+                write_atomic(out / "env.json", _json.dumps(envinfo.collect(), indent=2) + "\n")
         if markdown is not None:
             write_atomic(markdown, md)
         if as_json:
@@ -368,6 +378,7 @@ def export(
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="A sweep's run directory.")) -> None:
     """Write plots (PNG) and summary.md for a run directory (also done at the end of every sweep)."""
+    from overlap_bench import runfolder
     from overlap_bench.sweep import finish_run
 
     def body() -> None:
@@ -375,7 +386,8 @@ def report(run_dir: Path = typer.Argument(..., help="A sweep's run directory."))
             from overlap_bench.spec import SpecError
 
             raise SpecError(f"RUN_DIR: {run_dir} has no records.jsonl; give a sweep's --out directory")
-        finish_run(run_dir)
+        with runfolder.lock(run_dir, "RUN_DIR"):
+            finish_run(run_dir)
         out_console.print(escape(f"wrote {run_dir}/summary.md, tables and plots"))
 
     _guard(body)

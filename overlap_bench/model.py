@@ -605,7 +605,9 @@ def model_main(preset: str, tp_world: int | None, tokens: list[int], layers: int
     and nocomm always run); ``nano`` sets the nano-batch modes (default: 2 nano-batches, side stream);
     ``shapes_tp`` runs the per-rank shapes of a larger tensor-parallel size on these ranks (see ``run_model``).
     """
-    from overlap_bench import envinfo
+    from contextlib import nullcontext
+
+    from overlap_bench import envinfo, runfolder
 
     if preset not in PRESETS:
         raise UserError(f"--preset: unknown preset '{preset}' (known: {', '.join(PRESETS)})")
@@ -637,15 +639,15 @@ def model_main(preset: str, tp_world: int | None, tokens: list[int], layers: int
     rank0 = not in_torchrun() or os.environ.get("RANK", "0") == "0"
     out = Path(out_dir)
     out_path = out / MODEL_FILE
-    if rank0:
-        out.mkdir(parents=True, exist_ok=True)
-        if out_path.exists():
-            out_path.unlink()
-        write_atomic(out / ENV_FILE, json.dumps(envinfo.collect(), indent=2) + "\n")
-    args = (preset, list(tokens), layers, policy_path, warmup, reps, str(out_path), dtype, seed, tuple(modes), nano,
-            shapes_tp)
-    launch(run_model, args, JobConfig(world, backend, timeout_s, env))
-    return load_rows(out_path) if rank0 else []
+    with runfolder.lock(out) if rank0 else nullcontext():  # one writer per folder
+        if rank0:
+            if out_path.exists():
+                out_path.unlink()
+            write_atomic(out / ENV_FILE, json.dumps(envinfo.collect(), indent=2) + "\n")
+        args = (preset, list(tokens), layers, policy_path, warmup, reps, str(out_path), dtype, seed, tuple(modes),
+                nano, shapes_tp)
+        launch(run_model, args, JobConfig(world, backend, timeout_s, env))
+        return load_rows(out_path) if rank0 else []
 
 
 # ---------------------------------------------------------------------------------------------- table

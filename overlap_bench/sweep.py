@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
 from itertools import groupby
 from pathlib import Path
 
 import yaml
 
-from overlap_bench import envinfo
+import overlap_bench
+from overlap_bench import envinfo, runfolder
 from overlap_bench.bench import BenchOptions, run_cases
 from overlap_bench.launch import JobConfig, in_torchrun, launch
 from overlap_bench.records import case_key, load_records, write_atomic
@@ -34,7 +36,8 @@ class SweepResult:
 
 
 def _key(c: Case, spec: SweepSpec) -> tuple:
-    return case_key(c.shape, c.K, c.N, c.M, c.dtype, c.bias, c.label, c.env_dict, spec.world_size, spec.backend)
+    return case_key(c.shape, c.K, c.N, c.M, c.dtype, c.bias, c.label, c.env_dict, spec.world_size, spec.backend,
+                    spec.warmup, spec.reps)
 
 
 def prepare_out_dir(out_dir: Path, resume: bool) -> tuple[set, list[int]]:
@@ -46,18 +49,74 @@ def prepare_out_dir(out_dir: Path, resume: bool) -> tuple[set, list[int]]:
     return {r.key() for r in loaded.records}, loaded.torn_lines
 
 
-def run_sweep(spec: SweepSpec, raw: dict, out_dir: str | os.PathLike, *, resume: bool = False,
-              command: str | None = None, progress: bool = True, seed: int = 0, rank0: bool = True) -> SweepResult:
-    """Run every case of ``spec`` not yet recorded in ``out_dir``; tables are written even on failure."""
-    out = Path(out_dir)
+def run_identity(spec: SweepSpec, seed: int) -> dict:
+    """The run folder identity of a sweep (``runfolder.identity``): its case grid and timing options."""
+    grid = {"dtypes": spec.dtypes, "shapes": [asdict(s) for s in spec.shapes], "tokens": spec.tokens,
+            "bias": spec.bias, "strategies": spec.strategies, "env": spec.env}
+    options = {"warmup": spec.warmup, "reps": spec.reps, "seed": seed, "world_size": spec.world_size,
+               "backend": spec.backend}
+    return runfolder.identity(grid, options, overlap_bench.__version__)
+
+
+def open_run_folder(out: Path, spec: SweepSpec, raw: dict, *, resume: bool, force: bool, seed: int,
+                    command: str | None) -> tuple[set, list[int]]:
+    """Check and write a run folder's identity, spec.yaml and env.json (the caller holds its lock); returns
+    :func:`prepare_out_dir`'s answer. Nothing already there is overwritten on resume: the first spec.yaml and
+    env.json stay, and the resume is appended to ``run.json`` (and its environment to ``env.json``)."""
     done, torn = prepare_out_dir(out, resume)
+    loaded = load_records(out)
+    has_records = bool(loaded.records or loaded.torn_lines)
+    new = run_identity(spec, seed)
+    ident = runfolder.check_identity(
+        out, new, has_records=has_records, force=force,
+        records_options=[{"warmup": r.warmup, "reps": r.reps, "world_size": r.world, "backend": r.backend}
+                         for r in loaded.records])
+    env = envinfo.collect(command)
+    if not has_records or not (out / "spec.yaml").exists():
+        write_atomic(out / "spec.yaml", yaml.safe_dump(raw, sort_keys=False))
+    elif ident["resumes"][-1]["forced"]:
+        ident["resumes"][-1]["spec"] = raw  # the first spec.yaml stays; the forced one is kept here
+    first_env = _read_json(out / "env.json") if has_records else None
+    if isinstance(first_env, dict):
+        first_env.setdefault("resumes", []).append(env)
+        env = first_env
+    elif has_records and (out / "env.json").exists():
+        log.warning("%s/env.json is unreadable: kept as it is, this resume's environment is not added", out)
+        env = None
+    write_atomic(out / runfolder.IDENTITY, json.dumps(ident, indent=2, default=str) + "\n")
+    if env is not None:
+        write_atomic(out / "env.json", json.dumps(env, indent=2) + "\n")
+    return done, torn
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def run_sweep(spec: SweepSpec, raw: dict, out_dir: str | os.PathLike, *, resume: bool = False,
+              command: str | None = None, progress: bool = True, seed: int = 0, rank0: bool = True,
+              force: bool = False) -> SweepResult:
+    """Run every case of ``spec`` not yet recorded in ``out_dir``; tables are written even on failure.
+
+    Rank 0 holds the folder's lock (``runfolder.lock``) for the whole sweep; ``force`` lets ``resume``
+    continue a folder made by another spec or options (``runfolder.check_identity``)."""
+    out = Path(out_dir)
+    with runfolder.lock(out, command=command or envinfo.command_line()) if rank0 else nullcontext():
+        if rank0:
+            done, torn = open_run_folder(out, spec, raw, resume=resume, force=force, seed=seed, command=command)
+        else:
+            done, torn = prepare_out_dir(out, resume)
+        return _run_jobs(spec, out, done, torn, seed, progress, rank0)
+
+
+def _run_jobs(spec: SweepSpec, out: Path, done: set, torn: list[int], seed: int, progress: bool,
+              rank0: bool) -> SweepResult:
     cases = spec.cases()
     todo = [c for c in cases if _key(c, spec) not in done]
     result = SweepResult(out, len(cases), len(cases) - len(todo), torn)
-    if rank0:
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / "spec.yaml", yaml.safe_dump(raw, sort_keys=False))
-        write_atomic(out / "env.json", json.dumps(envinfo.collect(command), indent=2) + "\n")
     finished = result.skipped_done
     try:
         for env, group in groupby(todo, key=lambda c: c.env):

@@ -1,0 +1,194 @@
+"""What makes a run folder safe to write: one writer at a time (:func:`lock`) and a recorded identity
+(:func:`check_identity`), so that ``--resume`` never mixes two runs silently.
+
+- ``run.lock``: an exclusive ``flock`` held by the one process writing the folder (a sweep's launcher,
+  ``report``, ``model``, ``compare --out``), with the holder's pid, host and start time in it. The kernel
+  drops the lock when that process dies, however it dies; a lock file left behind is then a stale lock, and
+  the next writer reports it and takes over.
+- ``run.json``: the identity of the run, written when the folder is made: a hash of the case grid, the
+  options that change what a number means (warmup, reps, seed, world size, backend) and the tool version.
+  ``--resume`` compares against it; every resume is appended to its ``resumes`` list.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import socket
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from overlap_bench.errors import UserError, describe_os_error
+
+log = logging.getLogger("overlap_bench.runfolder")
+
+LOCK = "run.lock"
+IDENTITY = "run.json"
+
+
+class FolderBusy(UserError):
+    """Another process writes this run folder (or a lock from another host cannot be checked)."""
+
+
+class FolderMismatch(UserError):
+    """``--resume`` into a folder made with another spec or other timing options."""
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def ensure_folder(path: Path, flag: str) -> Path:
+    """Create ``path`` (and parents) as a folder; an existing file, a read-only parent, a name too long
+    and the like become one :class:`UserError` line naming ``flag``."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not path.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))
+    except OSError as exc:
+        raise UserError(f"{flag}: {describe_os_error(exc)}; give a folder you can write") from None
+    return path
+
+
+def _holder(text: str) -> dict[str, Any]:
+    try:
+        info = json.loads(text)
+    except ValueError:
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _describe(info: dict[str, Any]) -> str:
+    if not info:
+        return "another process (starting up)"
+    return f"pid {info.get('pid')} on host {info.get('host')} (since {info.get('started')}: {info.get('command')})"
+
+
+@contextmanager
+def lock(folder: str | os.PathLike, flag: str = "--out", command: str = "") -> Iterator[Path]:
+    """Hold ``folder/run.lock`` exclusively while the block runs (the folder is created first).
+
+    A second writer gets :class:`FolderBusy` (exit 2) naming the holder. A lock file whose holder is gone
+    (its process was killed) is reported as stale with a warning and taken over. A lock file written on
+    another host cannot be checked from here (``flock`` need not reach across machines), so it is refused
+    with the path to delete once that run has ended.
+    """
+    folder = ensure_folder(Path(folder), flag)
+    path = folder / LOCK
+    host = socket.gethostname()
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UserError(f"{flag}: {describe_os_error(exc)}; give a folder you can write") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            info = _holder(path.read_text(encoding="utf-8", errors="replace") if path.exists() else "")
+            raise FolderBusy(f"{flag}: {folder} is being written by {_describe(info)}; wait for it to end "
+                             "or choose another folder") from None
+        try:  # the previous holder may have removed the file between our open and our flock: retry
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        old = _holder(os.read(fd, 1 << 16).decode("utf-8", errors="replace"))
+        if old:
+            if old.get("host") not in (None, host):
+                raise FolderBusy(f"{flag}: {folder} has a lock from {_describe(old)}, another machine, which "
+                                 f"cannot be checked from here; if that run has ended, delete {path}")
+            log.warning("%s: stale lock of %s taken over (that process ended without releasing it)",
+                        folder, _describe(old))
+        info = {"pid": os.getpid(), "host": host, "started": _now(), "command": command}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        os.fsync(fd)
+        try:
+            yield folder
+        finally:
+            try:
+                os.unlink(path)  # still holding the flock, so no other writer is between these two steps
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------- identity
+
+
+def grid_hash(grid: dict[str, Any]) -> str:
+    """SHA-256 of a JSON-able mapping in canonical form (sorted keys), e.g. a spec's case grid."""
+    text = json.dumps(grid, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def identity(grid: dict[str, Any], options: dict[str, Any], version: str) -> dict[str, Any]:
+    """What ``run.json`` holds at creation: the grid's hash, the options, the tool version, the time."""
+    return {"spec_sha256": grid_hash(grid), "options": dict(options), "overlap_bench": version,
+            "created": _now(), "host": socket.gethostname(), "resumes": []}
+
+
+def read_identity(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """``run.json`` of ``folder``, or None when it has none (a folder made before run.json existed)."""
+    path = Path(folder) / IDENTITY
+    if not path.exists():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--out: {path} is unreadable ({type(exc).__name__}); restore it or choose "
+                        "another folder") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("options"), dict):
+        raise UserError(f"--out: {path} is not a run identity (no options mapping); restore it or choose "
+                        "another folder")
+    return doc
+
+
+def mismatch(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """How identity ``new`` differs from ``old`` (one phrase), or None when they describe the same run."""
+    if old.get("spec_sha256") != new["spec_sha256"]:
+        return "it was made by another spec (its case grid differs)"
+    diffs = [f"{k} {old['options'].get(k)!r} -> {v!r}" for k, v in new["options"].items()
+             if old["options"].get(k) != v]
+    return f"its options differ ({', '.join(diffs)})" if diffs else None
+
+
+def check_identity(folder: Path, new: dict[str, Any], *, has_records: bool, force: bool,
+                   records_options: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The identity to write for a run in ``folder``: ``new`` for a fresh folder, else the folder's own with
+    this resume appended. A resume with another spec or other options raises :class:`FolderMismatch`
+    unless ``force``. A folder without ``run.json`` (older version) is checked against the options its
+    records carry (``records_options``: one mapping per record, keys as in ``new['options']``)."""
+    old = read_identity(folder)
+    if not has_records:  # nothing measured yet (or a run that ended before its first record): start afresh
+        return new
+    if old is None:
+        why = None
+        for opts in records_options or []:
+            diffs = [f"{k} {opts[k]!r} -> {v!r}" for k, v in new["options"].items() if k in opts and opts[k] != v]
+            if diffs:
+                why = f"its records were measured with other options ({', '.join(diffs)})"
+                break
+        old = dict(new, adopted=_now(), note="run.json added on resume; the folder had none")
+    else:
+        why = mismatch(old, new)
+    if why and not force:
+        raise FolderMismatch(f"--resume: {folder} cannot be resumed with this spec: {why}; use the spec and "
+                             "options it was made with, a new --out, or --force to mix them knowingly")
+    old.setdefault("resumes", []).append({"time": _now(), "host": socket.gethostname(),
+                                          "spec_sha256": new["spec_sha256"], "options": new["options"],
+                                          "overlap_bench": new["overlap_bench"], "forced": bool(why)})
+    return old

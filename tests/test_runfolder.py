@@ -1,0 +1,151 @@
+"""Issue 18, points 2 and 3: one writer per run folder, and a run folder that knows what made it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from overlap_bench import runfolder
+from overlap_bench.cli import app
+from overlap_bench.records import load_records
+from overlap_bench.spec import SMOKE
+
+runner = CliRunner()
+
+# 1 shape x 1 M x 2 settings on 2 gloo ranks: one short job.
+SPEC = {**SMOKE, "shapes": [{"name": "t/a", "K": 32, "N": 32}], "tokens": [16], "strategies": ["baseline", "pr"],
+        "warmup": 1, "reps": 2}
+
+
+def spec_file(tmp_path, **changes):
+    path = tmp_path / f"spec{len(list(tmp_path.glob('spec*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump({**SPEC, **changes}))
+    return str(path)
+
+
+def sweep(*args):
+    return runner.invoke(app, ["sweep", *map(str, args)])
+
+
+def assert_one_line_exit(res, code, *words):
+    assert res.exit_code == code, (res.exit_code, res.output, res.exception)
+    assert not isinstance(res.exception, Exception) or isinstance(res.exception, SystemExit), res.exception
+    text = " ".join(res.output.split())
+    assert "Traceback" not in res.output
+    for w in words:
+        assert w in text, text
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """A finished sweep folder (made once for the module)."""
+    tmp = tmp_path_factory.mktemp("made")
+    spec = spec_file(tmp)
+    res = sweep(spec, "--out", tmp / "run")
+    assert res.exit_code == 0, res.output
+    return tmp, spec, tmp / "run"
+
+
+def copy_run(made, tmp_path):
+    import shutil
+
+    shutil.copytree(made[2], tmp_path / "run")
+    return tmp_path / "run"
+
+
+# ------------------------------------------------------------------------------------------- 2. one writer
+
+
+def test_second_writer_exits_2_naming_the_holder(made, tmp_path):
+    out = copy_run(made, tmp_path)
+    with runfolder.lock(out, command="overlap-bench sweep first"):
+        info = json.loads((out / runfolder.LOCK).read_text())
+        assert info["pid"] == os.getpid() and info["host"] == socket.gethostname()
+        n = len(load_records(out).records)
+        res = sweep(made[1], "--out", out, "--resume")
+        assert_one_line_exit(res, 2, f"pid {os.getpid()} on host {socket.gethostname()}", "overlap-bench sweep first")
+        res = runner.invoke(app, ["report", str(out)])
+        assert_one_line_exit(res, 2, "RUN_DIR", "is being written by")
+        assert len(load_records(out).records) == n  # the second writer wrote nothing
+    assert not (out / runfolder.LOCK).exists()  # released and removed
+    assert sweep(made[1], "--out", out, "--resume").exit_code == 0
+
+
+def test_stale_lock_is_reported_and_taken_over(made, tmp_path, caplog):
+    out = copy_run(made, tmp_path)
+    (out / runfolder.LOCK).write_text(json.dumps({"pid": 999999999, "host": socket.gethostname(),
+                                                  "started": "then", "command": "killed run"}))
+    with caplog.at_level(logging.WARNING, logger="overlap_bench.runfolder"):
+        res = runner.invoke(app, ["report", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "stale lock of pid 999999999" in caplog.text and "killed run" in caplog.text
+    assert not (out / runfolder.LOCK).exists()
+
+
+def test_lock_from_another_host_is_refused_with_the_path_to_delete(made, tmp_path):
+    out = copy_run(made, tmp_path)
+    (out / runfolder.LOCK).write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "t", "command": "c"}))
+    res = runner.invoke(app, ["report", str(out)])
+    assert_one_line_exit(res, 2, "host elsewhere", "another machine", f"delete {out / runfolder.LOCK}")
+    assert (out / runfolder.LOCK).exists()  # not ours to remove
+
+
+def test_lock_survives_a_remove_race(tmp_path):
+    """The holder removes run.lock on release: a writer that opened the old file must not end up holding
+    a lock on a file nobody else sees (it re-opens until the file it locked is the one at the path)."""
+    with runfolder.lock(tmp_path):
+        pass
+    with runfolder.lock(tmp_path):
+        with pytest.raises(runfolder.FolderBusy):
+            with runfolder.lock(tmp_path):
+                pass
+
+
+# ------------------------------------------------------------------------------------------- 3. identity
+
+
+def test_resume_with_another_spec_or_options_is_refused_unless_forced(made, tmp_path):
+    out = copy_run(made, tmp_path)
+    before = (out / "records.jsonl").read_text()
+    spec_text, env_text = (out / "spec.yaml").read_text(), json.loads((out / "env.json").read_text())
+    for changes, words in [({"tokens": [16, 32]}, "another spec"), ({"reps": 3}, "reps 2 -> 3"),
+                           ({"warmup": 0}, "warmup 1 -> 0")]:
+        res = sweep(spec_file(tmp_path, **changes), "--out", out, "--resume")
+        assert_one_line_exit(res, 2, "--resume:", words, "--force")
+        assert (out / "records.jsonl").read_text() == before
+    res = sweep(made[1], "--out", out, "--resume", "--seed", "3")
+    assert_one_line_exit(res, 2, "seed 0 -> 3")
+    # The same spec resumes; a forced one mixes knowingly. Neither replaces the first spec.yaml or env.json.
+    assert sweep(made[1], "--out", out, "--resume").exit_code == 0
+    assert (out / "records.jsonl").read_text() == before
+    res = sweep(spec_file(tmp_path, reps=3), "--out", out, "--resume", "--force")
+    assert res.exit_code == 0, res.output
+    recs = load_records(out).records
+    assert sorted({r.reps for r in recs}) == [2, 3]  # re-measured with reps=3, not skipped as done
+    assert (out / "spec.yaml").read_text() == spec_text
+    env = json.loads((out / "env.json").read_text())
+    assert env["time"] == env_text["time"] and len(env["resumes"]) == 2
+    ident = json.loads((out / runfolder.IDENTITY).read_text())
+    assert [r["forced"] for r in ident["resumes"]] == [False, True]
+    assert ident["resumes"][1]["spec"]["reps"] == 3 and ident["options"]["reps"] == 2
+
+
+def test_a_folder_without_run_json_is_checked_against_its_records(made, tmp_path):
+    out = copy_run(made, tmp_path)
+    (out / runfolder.IDENTITY).unlink()
+    res = sweep(spec_file(tmp_path, reps=7), "--out", out, "--resume")
+    assert_one_line_exit(res, 2, "measured with other options", "reps 2 -> 7")
+    assert sweep(made[1], "--out", out, "--resume").exit_code == 0
+    assert "adopted" in json.loads((out / runfolder.IDENTITY).read_text())
+
+
+def test_identity_records_hash_options_and_version(made):
+    ident = json.loads((made[2] / runfolder.IDENTITY).read_text())
+    assert len(ident["spec_sha256"]) == 64 and ident["overlap_bench"]
+    assert ident["options"] == {"warmup": 1, "reps": 2, "seed": 0, "world_size": 2, "backend": "gloo"}
