@@ -9,17 +9,23 @@ script or entry point, not a Python function with arguments; it is built to rest
 here the first failing rank must end the job at once with its rank and cause in one line; and its failure
 reports (error files, ``ChildFailedError``) would still need this module's translation. Multi-node jobs
 use torchrun itself: under it the same commands join its job (:func:`in_torchrun`).
+
+No rank outlives the launcher: each rank is a plain ``python -c`` process whose first statements (before any
+import beyond the standard library) ask the kernel to SIGKILL it when the launcher dies and check that the
+launcher is still its parent; the job's inputs are unpickled only after that. A small reaper process,
+independent of the ranks, removes the rendezvous folder (and kills any rank still there) when the launcher
+ends, however it ends (SIGKILL included).
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
-import multiprocessing.connection
 import os
 import pickle
 import signal
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +37,6 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from overlap_bench.world import LaunchError, in_torchrun, resolve  # noqa: F401  (re-exported)
 
@@ -73,13 +78,75 @@ class RankContext:
     device: torch.device
 
 
-def _die_with_parent() -> None:
-    # A rank must not outlive the launcher (no orphans holding GPUs if the launcher is SIGKILLed).
-    if sys.platform.startswith("linux"):
+# The first statements of every rank: standard library only (importing torch takes seconds, during which a
+# killed launcher would otherwise leave the rank running). PR_SET_PDEATHSIG = 1; then the launcher's pid is
+# checked, since it may have died before the setting took effect.
+RANK_BOOT = """
+import ctypes, os, signal, sys
+if sys.platform.startswith("linux"):
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+if os.getppid() != int(sys.argv[1]):
+    os._exit(70)
+import pickle
+path, blob = pickle.loads(sys.stdin.buffer.read())
+sys.stdin.close()
+sys.path[:] = path
+from overlap_bench.launch import _rank_main
+_rank_main(blob)
+"""
+
+# The reaper: waits for the launcher to end (its stdin closes, however the launcher ends), then kills the ranks
+# it was told about that are still the same processes (pid and start time) and removes the rendezvous folder.
+REAPER = """
+import os, shutil, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+ranks = []
+for line in sys.stdin:
+    pid, start = line.split()
+    ranks.append((int(pid), start))
+def start_of(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+for pid, start in ranks:
+    if start_of(pid) == start:
         try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+            os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+for _ in range(20):
+    shutil.rmtree(sys.argv[1], ignore_errors=True)
+    if not os.path.exists(sys.argv[1]):
+        break
+    time.sleep(0.05)
+"""
+
+
+def _start_time(pid: int) -> str:
+    """A process's start time (clock ticks since boot) from /proc: with the pid, it names one process."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "?"
+
+
+def _rank_main(blob: bytes) -> None:
+    """A rank, after ``RANK_BOOT``: unpickle the job and run :func:`_entry`; exit 0 or 1."""
+    rank, fn, args, cfg, rdv = None, None, (), None, ""
+    try:
+        rank, fn, args, cfg, rdv = pickle.loads(blob)
+        _entry(rank, fn, args, cfg, rdv)
+    except BaseException as exc:  # noqa: BLE001  (_entry wrote the failure; a failed unpickle writes it here)
+        if rdv and rank is not None and not Path(rdv, f"failure.{rank}.json").exists():
+            _write_failure(rdv, rank, exc)
+        sys.stderr.flush()
+        os._exit(1)
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def _init(rank: int, world: int, local_rank: int, cfg: JobConfig, store: dist.Store | None) -> RankContext:
@@ -100,7 +167,6 @@ def _init(rank: int, world: int, local_rank: int, cfg: JobConfig, store: dist.St
 
 
 def _entry(local_rank: int, fn: Callable[..., Any], args: tuple, cfg: JobConfig, rdv: str) -> None:
-    _die_with_parent()
     try:
         store = dist.FileStore(os.path.join(rdv, "store"), cfg.nproc)
         ctx = _init(local_rank, cfg.nproc, local_rank, cfg, store)
@@ -145,25 +211,33 @@ def launch(fn: Callable[..., Any], args: tuple, cfg: JobConfig, grace_s: float =
         return
     rdv = tempfile.mkdtemp(prefix="overlap-bench-rdv-")
     saved = {k: os.environ.get(k) for k in cfg.env}
-    os.environ.update(cfg.env)  # spawned children inherit the environment at start
-    pctx = None
+    os.environ.update(cfg.env)  # started children inherit the environment at start
+    procs: list[subprocess.Popen] = []
+    reaper = None
     try:
-        pctx = mp.start_processes(_entry, args=(fn, args, cfg, rdv), nprocs=cfg.nproc, join=False,
-                                  start_method="spawn")
-        procs = pctx.processes
+        reaper = subprocess.Popen([sys.executable, "-S", "-c", REAPER, rdv], stdin=subprocess.PIPE,
+                                  start_new_session=True)  # a terminal's Ctrl-C must not reach it
         try:
+            for rank in range(cfg.nproc):
+                blob = pickle.dumps((rank, fn, args, cfg, rdv))
+                p = subprocess.Popen([sys.executable, "-c", RANK_BOOT, str(os.getpid())], stdin=subprocess.PIPE)
+                procs.append(p)
+                reaper.stdin.write(f"{p.pid} {_start_time(p.pid)}\n".encode())
+                reaper.stdin.flush()
+                p.stdin.write(pickle.dumps((list(sys.path), blob)))
+                p.stdin.close()
             first = _wait_first_failure(procs)
             if first is None:
                 return
             # Let the others end on their own first (they usually fail within moments, from the broken
             # connection, and write why); what had ended before anything was signalled tells the cause.
             _join_all(procs, grace_s)
-        except KeyboardInterrupt:
+        except BaseException:  # Ctrl-C, SIGTERM (cli.Terminated), a failed start: no rank is left running
             _stop_all(procs, grace_s)
             raise
-        ended = {i: p.exitcode for i, p in enumerate(procs) if p.exitcode is not None}
+        ended = {i: p.returncode for i, p in enumerate(procs) if p.returncode is not None}
         _stop_all(procs, grace_s)
-        raise _cause(rdv, first, ended, len(procs), pctx.error_files) from None
+        raise _cause(rdv, first, ended, len(procs)) from None
     finally:
         for k, v in saved.items():
             if v is None:
@@ -171,27 +245,36 @@ def launch(fn: Callable[..., Any], args: tuple, cfg: JobConfig, grace_s: float =
             else:
                 os.environ[k] = v
         shutil.rmtree(rdv, ignore_errors=True)
-        for path in pctx.error_files if pctx else []:  # torch's per-rank traceback files, left in /tmp
-            if path and os.path.exists(path):
-                os.unlink(path)
+        if reaper is not None:
+            reaper.stdin.close()  # the reaper finds every rank ended and the folder gone, and exits
+            try:
+                reaper.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
 
 
-def _wait_first_failure(procs: list) -> int | None:
+def _wait_first_failure(procs: list[subprocess.Popen]) -> int | None:
     """Wait until every rank has exited (None) or one has exited with a non-zero code (its index)."""
-    left = {p.sentinel: i for i, p in enumerate(procs)}
+    left = set(range(len(procs)))
     while left:
-        for sentinel in multiprocessing.connection.wait(list(left), timeout=0.5):
-            i = left.pop(sentinel)
-            procs[i].join()
-            if procs[i].exitcode != 0:
-                return i
+        for i in sorted(left):
+            code = procs[i].poll()
+            if code is not None:
+                left.discard(i)
+                if code != 0:
+                    return i
+        if left:
+            time.sleep(0.05)
     return None
 
 
-def _join_all(procs: list, timeout_s: float) -> None:
+def _join_all(procs: list[subprocess.Popen], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def _how(exitcode: int) -> str:
@@ -203,7 +286,7 @@ def _how(exitcode: int) -> str:
     return f"process exited with code {exitcode}"
 
 
-def _cause(rdv: str, first: int, ended: dict[int, int], nproc: int, error_files: list) -> RankFailed:
+def _cause(rdv: str, first: int, ended: dict[int, int], nproc: int) -> RankFailed:
     """The failure that ended the job, from what had ``ended`` (rank -> exit code) before any rank was signalled.
 
     A rank that ended abnormally without writing why (killed by a signal, ``os._exit``, a crash in C++) is
@@ -231,29 +314,25 @@ def _cause(rdv: str, first: int, ended: dict[int, int], nproc: int, error_files:
         running = [str(i) for i in range(nproc) if i not in ended]
         still = f" (rank {', '.join(running)} was still running)" if running else ""
         return RankFailed(f["rank"], f["cause"] + still, f["traceback"])
-    # No failure file (e.g. the spawned process could not start): torch's own error file, if any.
+    # No failure file: the process could not start (its stderr says why).
+    return RankFailed(first, _how(ended.get(first, 1)))
+
+
+def _stop_all(processes: list[subprocess.Popen], grace_s: float) -> None:
+    """SIGTERM every live rank, SIGKILL what is left after ``grace_s``; however many there are, this takes
+    at most ``grace_s`` plus the moment SIGKILL needs."""
+    for p in processes:
+        if p.poll() is None:
+            _signal(p, signal.SIGTERM)
+    _join_all(processes, grace_s)
+    for p in processes:
+        if p.poll() is None:
+            _signal(p, signal.SIGKILL)
+    _join_all(processes, 2.0)
+
+
+def _signal(p: subprocess.Popen, sig: int) -> None:
     try:
-        with open(error_files[first], "rb") as fh:
-            trace = pickle.load(fh)
-        return RankFailed(first, _last_line(trace), trace)
-    except (OSError, EOFError, pickle.UnpicklingError, TypeError):
-        return RankFailed(first, _how(ended.get(first, 1)))
-
-
-def _last_line(text: str) -> str:
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1].strip() if lines else "unknown error"
-
-
-def _stop_all(processes: list, grace_s: float) -> None:
-    """SIGTERM every live rank, SIGKILL what is left after ``grace_s``."""
-    for p in processes:
-        if p.is_alive():
-            p.terminate()
-    deadline = time.monotonic() + grace_s
-    for p in processes:
-        p.join(max(0.0, deadline - time.monotonic()))
-    for p in processes:
-        if p.is_alive():
-            p.kill()
-            p.join(1.0)
+        p.send_signal(sig)
+    except OSError:
+        pass

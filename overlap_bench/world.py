@@ -10,6 +10,13 @@ import torch
 from overlap_bench.errors import UserError
 
 
+OVERSUBSCRIBE_ENV = "OVERLAP_BENCH_OVERSUBSCRIBE"
+"""Set to ``1`` to start more gloo ranks than :data:`CPU_RANKS_PER_CORE` per CPU core (each then crawls)."""
+CPU_RANKS_PER_CORE = 4
+CPU_RANKS_MIN = 8
+"""gloo ranks are refused beyond ``max(CPU_RANKS_MIN, CPU_RANKS_PER_CORE * cores)`` without the override."""
+
+
 class LaunchError(UserError):
     """Bad launch arguments (world size larger than the GPUs, unknown backend)."""
 
@@ -37,6 +44,11 @@ def resolve(backend: str | None, nproc: int | None) -> tuple[str, int]:
         raise LaunchError(f"--nproc must be >= 1, got {nproc}")
     if backend == "nccl" and nproc > gpus:
         raise LaunchError(f"--nproc {nproc} is more than the {gpus} visible GPUs; use --nproc <= {gpus} or --backend gloo")
+    cores = os.cpu_count() or 1
+    limit = max(CPU_RANKS_MIN, CPU_RANKS_PER_CORE * cores)
+    if backend == "gloo" and nproc > limit and os.environ.get(OVERSUBSCRIBE_ENV) != "1":
+        raise LaunchError(f"--nproc {nproc} is far more than the {cores} CPU cores (at most {limit} gloo ranks "
+                          f"here); use --nproc <= {limit}, or set {OVERSUBSCRIBE_ENV}=1 to start them anyway")
     return backend, nproc
 
 

@@ -68,3 +68,148 @@ def test_env_variant_and_safety_vars_reach_children(tmp_path, monkeypatch):
     launch(_env_probe, (str(out),), JobConfig(nproc=2, backend="gloo", env={"OB_TEST_KNOB": "7"}))
     assert [open(f"{out}.{r}").read() for r in range(2)] == ["0,7", "0,7"]
     assert "OB_TEST_KNOB" not in os.environ  # restored in the launcher
+
+
+# ------------------------------------------------------------------- issue 18: no rank outlives the launcher
+
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import uuid  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import yaml  # noqa: E402
+
+from overlap_bench import launch as launcher  # noqa: E402
+from test_reliability import SPEC, assert_none_left, cli_env  # noqa: E402
+
+
+def _ranks_of(pid: int) -> list[int]:
+    """Rank processes (started from launch.RANK_BOOT) whose parent is ``pid``."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(stat[1]) == pid and b"_rank_main" in (d / "cmdline").read_bytes():
+                found.append(int(d.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def _start_sweep(tmp_path: Path, marker: str, nproc: int = 2) -> tuple[subprocess.Popen, Path]:
+    spec = tmp_path / "spec.yaml"
+    # 1 shape x 2 M x 2 settings: 4 cases.
+    spec.write_text(yaml.safe_dump({**SPEC, "world_size": nproc, "shapes": SPEC["shapes"][:1],
+                                    "strategies": ["baseline", "pr"]}))
+    (tmp_path / "tmp").mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "overlap_bench", "sweep", str(spec), "--out", str(tmp_path / "run")],
+                            env=cli_env(marker, TMPDIR=str(tmp_path / "tmp")), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    return proc, spec
+
+
+def _wait_for(cond, timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)
+
+
+def test_rank_boot_exits_before_any_import_when_the_launcher_is_gone():
+    # RANK_BOOT's launcher-pid check: a rank whose launcher is not its parent stops at once (exit 70),
+    # before reading its job (stdin stays unread) and before importing torch or overlap_bench.
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, "-c", launcher.RANK_BOOT, "1"], input=b"", capture_output=True)
+    assert res.returncode == 70, res.stderr
+    assert time.monotonic() - t0 < 10
+
+
+def test_sigkill_of_the_launcher_while_ranks_start_leaves_no_rank_and_no_rendezvous(tmp_path):
+    marker = uuid.uuid4().hex
+    proc, _ = _start_sweep(tmp_path, marker)
+    try:
+        _wait_for(lambda: len(_ranks_of(proc.pid)) == 2)  # both ranks started, importing torch for seconds
+        proc.kill()
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert_none_left(marker, within_s=10)  # the ranks (and the reaper) are gone
+    assert list((tmp_path / "tmp").glob("overlap-bench-rdv-*")) == []
+    assert not (tmp_path / "run" / "records.jsonl").exists()
+
+
+def test_sigkill_mid_sweep_then_resume_completes_without_duplicates(tmp_path):
+    from test_reliability import expected_keys, json_lines, recorded_keys
+
+    marker = uuid.uuid4().hex
+    proc, spec = _start_sweep(tmp_path, marker)
+    out = tmp_path / "run"
+    try:
+        _wait_for(lambda: (out / "records.jsonl").exists() and
+                  len((out / "records.jsonl").read_text().splitlines()) >= 1)
+        proc.kill()
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert_none_left(marker, within_s=10)
+    assert list((tmp_path / "tmp").glob("overlap-bench-rdv-*")) == []
+    n = len(json_lines(out))
+    time.sleep(0.5)
+    assert len(json_lines(out)) == n  # nothing is writing any more
+    res = subprocess.run([sys.executable, "-m", "overlap_bench", "sweep", str(spec), "--out", str(out), "--resume"],
+                         env=cli_env(), capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr
+    assert "stale lock of pid" in res.stderr and "Traceback" not in res.stderr
+    assert recorded_keys(out) == expected_keys(spec)  # every case once
+
+
+def test_sigterm_ends_every_rank_of_a_larger_job_within_10_s(tmp_path):
+    marker = uuid.uuid4().hex
+    proc, _ = _start_sweep(tmp_path, marker, nproc=6)
+    try:
+        _wait_for(lambda: len(_ranks_of(proc.pid)) == 6)
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        _, stderr = proc.communicate(timeout=30)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143 and "terminated." in stderr and "Traceback" not in stderr, stderr
+    assert elapsed < 10, f"took {elapsed:.1f}s"
+    assert_none_left(marker, within_s=1)
+    assert list((tmp_path / "tmp").glob("overlap-bench-rdv-*")) == []
+
+
+# ------------------------------------------------------------------- issue 18: no more ranks than the machine
+
+
+def test_far_more_cpu_ranks_than_cores_are_refused_unless_overridden(monkeypatch):
+    monkeypatch.setattr(launch_mod, "gpu_count", lambda: 0)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv(launch_mod.OVERSUBSCRIBE_ENV, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert resolve("gloo", 8) == ("gloo", 8)
+    with pytest.raises(LaunchError, match=f"far more than the 2 CPU cores.*{launch_mod.OVERSUBSCRIBE_ENV}=1"):
+        resolve("gloo", 1000)
+    monkeypatch.setenv(launch_mod.OVERSUBSCRIBE_ENV, "1")
+    assert resolve("gloo", 1000) == ("gloo", 1000)
+
+
+@pytest.mark.parametrize("args", [["sweep", "--nproc", "100000", "--dry-run"],
+                                  ["run", "--nproc", "100000", "--backend", "gloo"],
+                                  ["compare", "baseline", "pr", "--nproc", "100000"]])
+def test_nproc_beyond_the_machine_is_one_line_exit_2(args, monkeypatch):
+    from typer.testing import CliRunner
+
+    from overlap_bench.cli import app
+
+    monkeypatch.delenv(launch_mod.OVERSUBSCRIBE_ENV, raising=False)
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit), (res.output, res.exception)
+    assert len(res.output.strip().splitlines()) == 1 and "CPU cores" in res.output
