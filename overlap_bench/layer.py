@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -10,6 +11,9 @@ from torch import nn
 
 from overlap_bench import strategies
 from overlap_bench.policy import Choice, Policy
+
+log = logging.getLogger("overlap_bench.layer")
+_BASELINE = strategies.make_settings("baseline")
 
 
 class RowParallelLinear(nn.Module):
@@ -37,7 +41,8 @@ class RowParallelLinear(nn.Module):
         self.group = group
         self.policy = policy
         self.last_choice: Choice | None = None
-        """The policy's answer on the latest forward (for logging and tests)."""
+        """What ran on the latest forward (the policy's answer, or the baseline it fell back to)."""
+        self._warned: set[str] = set()
         kw = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, self.in_features_per_rank, **kw),
                                    requires_grad=False)
@@ -72,13 +77,37 @@ class RowParallelLinear(nn.Module):
         return self.policy.choose(K=self.in_features_per_rank, N=self.out_features, M=m)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: ``[..., in_features_per_rank]`` -> ``[..., out_features]``, all-reduced over the group."""
+        """``x``: ``[..., in_features_per_rank]`` -> ``[..., out_features]``, all-reduced over the group.
+
+        Never raises for a policy that loaded: a choice that cannot run on this backend, or cannot apply to
+        these ``M`` rows (more chunks than rows, say), runs the baseline for this call instead, with one
+        warning per layer and setting. Strategies raise such ``ValueError`` before their first collective,
+        and every rank sees the same ``M`` and choice, so every rank falls back together.
+        """
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features_per_rank)
         choice = self.last_choice = self.choose(x2.shape[0])
         with torch.no_grad():
-            y = strategies.run(choice.strategy, x2, self.weight, self.bias, self.group, choice.settings)
+            if choice.strategy != "baseline":
+                why = strategies.unavailable_reason(choice.strategy, choice.settings, dist.get_backend(self.group))
+                if why is None:
+                    try:
+                        y = strategies.run(choice.strategy, x2, self.weight, self.bias, self.group, choice.settings)
+                        return y.reshape(*lead, self.out_features)
+                    except ValueError as exc:
+                        why = f"{type(exc).__name__}: {exc}"
+                self._fall_back(choice, x2.shape[0], why)
+            y = strategies.run("baseline", x2, self.weight, self.bias, self.group, _BASELINE)
         return y.reshape(*lead, self.out_features)
+
+    def _fall_back(self, choice: Choice, m: int, why: str) -> None:
+        self.last_choice = Choice("baseline", _BASELINE, "baseline", choice.bucket,
+                                  f"{choice.label} cannot run for M={m}: {why}")
+        if choice.label not in self._warned:
+            self._warned.add(choice.label)
+            log.warning("RowParallelLinear K=%d, N=%d: %s (%s) cannot run for M=%d (%s); the baseline runs for "
+                        "such calls (warned once)", self.in_features_per_rank, self.out_features, choice.label,
+                        choice.reason, m, why)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, in_features_per_rank={self.in_features_per_rank}, "

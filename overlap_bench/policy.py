@@ -166,7 +166,7 @@ def _entry(v: Any, where: str, path: Path) -> Entry:
     values = _mapping(v.get("settings") or {}, f"{where}.settings", path)
     try:
         settings = strategies.make_settings(name, values)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:  # TypeError: a value of a type no setting takes
         field_ = "strategy" if name not in strategies.REGISTRY else "settings"
         raise PolicyError(f"{path}: {where}.{field_}: {e}") from None
     return Entry(name, settings, strategies.label(name, settings), _opt_float(v.get("speedup"), f"{where}.speedup",

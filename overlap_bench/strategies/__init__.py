@@ -9,6 +9,7 @@ A strategy is ``fn(x, weight, bias, group, settings) -> y``: ``x`` is ``[M, K/tp
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -71,7 +72,7 @@ def _coerce(field: dataclasses.Field, raw: Any) -> Any:
                 raise ValueError(f"setting '{field.name}' must be an integer, got {raw!r}") from None
         if kind == "float":
             try:
-                return float(raw)
+                raw = float(raw)
             except ValueError:
                 raise ValueError(f"setting '{field.name}' must be a number, got {raw!r}") from None
         if kind == "bool":
@@ -85,6 +86,19 @@ def _coerce(field: dataclasses.Field, raw: Any) -> Any:
         raise ValueError(f"setting '{field.name}' must be an integer, got {raw!r}")
     if kind == "bool" and not isinstance(raw, bool):
         raise ValueError(f"setting '{field.name}' must be true or false, got {raw!r}")
+    if kind == "str" and not isinstance(raw, str):
+        raise ValueError(f"setting '{field.name}' must be text, got {raw!r}")
+    if kind == "float":
+        # Checked here, for every strategy: a list, a bool, a 400-digit integer or inf would otherwise pass
+        # the settings' own range checks and fail (or overflow) only when the case runs.
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            raise ValueError(f"setting '{field.name}' must be a number, got {raw!r}")
+        try:
+            raw = float(raw)
+        except OverflowError:
+            raw = math.inf
+        if not math.isfinite(raw):
+            raise ValueError(f"setting '{field.name}' must be a finite number, got {raw!r}")
     return raw
 
 

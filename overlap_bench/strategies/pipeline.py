@@ -59,7 +59,9 @@ def even_bounds(m: int, chunks: int, align: int = 1, split: str = "even", ratio:
     elif split == "geo":
         if ratio <= 0:
             raise ValueError(f"ratio must be > 0, got {ratio}")
-        weights = [ratio ** i for i in range(chunks)]
+        # Relative to the largest chunk, so no power overflows whatever the ratio and the chunk count.
+        top = chunks - 1 if ratio > 1 else 0
+        weights = [ratio ** (i - top) for i in range(chunks)]
     cum = [sum(weights[:i]) / sum(weights) for i in range(chunks + 1)]
     edges = [0]
     for i in range(1, chunks):
