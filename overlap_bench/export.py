@@ -15,12 +15,17 @@ import yaml
 
 import overlap_bench
 from overlap_bench import analysis, strategies
+from overlap_bench.errors import UserError
 from overlap_bench.policy import policy_filename
 from overlap_bench.records import load_records, write_atomic
 from overlap_bench.stats import geomean
 from overlap_bench.world import refuse_world_one
 
 log = logging.getLogger("overlap_bench.export")
+
+
+class ExportError(UserError):
+    """A run that cannot be exported as asked (no records, an env variant or dtype it lacks); one line."""
 
 
 def _read_env_json(run_dir: Path) -> dict[str, Any]:
@@ -72,7 +77,11 @@ def _shapes_doc(best) -> dict[str, Any]:
         g = g.sort_values("speedup", ascending=False, kind="stable").drop_duplicates("M").sort_values("M")
         buckets = {}
         for r in g.itertuples(index=False):
-            settings = strategies.settings_dict(strategies.make_settings(r.strategy, r.settings))
+            try:
+                settings = strategies.settings_dict(strategies.make_settings(r.strategy, r.settings))
+            except ValueError as e:  # a record edited by hand, or of a strategy this version lacks
+                raise ExportError(f"record {r.shape} M={r.M} {r.label}: {e}; fix or delete it in records.jsonl") \
+                    from None
             buckets[int(r.M)] = {"strategy": r.strategy, "settings": settings, "speedup": _float(r.speedup),
                                  "eta": _float(r.eta)}
         shapes[f"{int(k)},{int(n)}"] = {"name": "+".join(sorted(g["shape"].unique())),
@@ -95,18 +104,18 @@ def export_policy(run_dir: str | os.PathLike, out: str | os.PathLike, env: dict[
         log.warning("%s: skipped torn lines %s", run_dir, loaded.torn_lines)
     df = analysis.frame(loaded.records)
     if df.empty:
-        raise ValueError(f"{run_dir}: no records to export")
+        raise ExportError(f"{run_dir}: no records to export")
     if dtype is not None:
         df = df[df["dtype"] == dtype]
     if world is not None:
         df = df[df["world"] == world]
     if env is not None:
         if analysis.env_key(env) not in set(df["env_key"]):
-            raise ValueError(f"env variant {analysis.env_key(env)!r} not in {run_dir} "
+            raise ExportError(f"env variant {analysis.env_key(env)!r} not in {run_dir} "
                              f"(has: {', '.join(sorted(set(df['env_key'])))})")
         df = df[df["env_key"] == analysis.env_key(env)]
     if df.empty:
-        raise ValueError(f"{run_dir}: no records for dtype={dtype}, world={world}")
+        raise ExportError(f"{run_dir}: no records for dtype={dtype}, world={world}")
     groups = sorted(df.groupby(["dtype", "world"]).groups)
     for _, w in groups:
         refuse_world_one(int(w), "a policy")
@@ -114,7 +123,7 @@ def export_policy(run_dir: str | os.PathLike, out: str | os.PathLike, env: dict[
     if single and len(groups) > 1:
         dtypes = sorted({d for d, _ in groups})
         field_, vals = ("dtype", dtypes) if len(dtypes) > 1 else ("world", sorted({w for _, w in groups}))
-        raise ValueError(f"{run_dir} holds several {field_} values ({', '.join(map(str, vals))}) but {out} is "
+        raise ExportError(f"{run_dir} holds several {field_} values ({', '.join(map(str, vals))}) but {out} is "
                          f"one file: pass {field_}= or a folder as out")
     env_info = _read_env_json(run_dir)
     paths = []
@@ -122,7 +131,7 @@ def export_policy(run_dir: str | os.PathLike, out: str | os.PathLike, env: dict[
         sub = df[(df["dtype"] == dt) & (df["world"] == w)]
         backends = sorted(sub["backend"].unique())
         if len(backends) > 1:
-            raise ValueError(f"{run_dir}: dtype={dt}, world={w} measured on several backends {backends}")
+            raise ExportError(f"{run_dir}: dtype={dt}, world={w} measured on several backends {backends}")
         best = analysis.best_settings(sub)
         chosen = _pick_env(best)
         best = best[best["env_key"] == chosen]

@@ -11,10 +11,12 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from contextlib import contextmanager
 from typing import IO, Any, Iterable, Iterator
+
+from overlap_bench.errors import UserError
 
 RECORDS = "records.jsonl"
 
@@ -89,12 +91,55 @@ class Record:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Record":
-        """Inverse of :meth:`to_json` (null times come back as NaN); unknown keys are ignored."""
+        """Inverse of :meth:`to_json` (null times come back as NaN); unknown keys are ignored. A missing field
+        or a value of the wrong type raises :class:`MalformedRecord` naming the field."""
         if not isinstance(d, dict):
-            raise TypeError("a record must be a JSON object")
-        floats = {f.name for f in fields(cls) if f.type in ("float", float)}
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: (math.nan if k in floats and v is None else v) for k, v in d.items() if k in names})
+            raise MalformedRecord("is not a JSON object")
+        out = {}
+        for f in fields(cls):
+            if f.name not in d:
+                if f.default is MISSING and f.default_factory is MISSING:
+                    raise MalformedRecord(f"field '{f.name}' is missing")
+                continue
+            out[f.name] = _typed(f.name, str(f.type), d[f.name])
+        return cls(**out)
+
+
+class MalformedRecord(ValueError):
+    """A records.jsonl line that is JSON but not a record (a field missing or of the wrong type)."""
+
+
+def _typed(name: str, kind: str, v: Any) -> Any:
+    """``v`` checked against a Record field's annotation (a string under ``from __future__ import annotations``)."""
+    number = isinstance(v, (int, float)) and not isinstance(v, bool)
+    if kind == "float":
+        if v is None:
+            return math.nan
+        if number:
+            return float(v)
+    elif kind == "int":
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2 ** 53:  # what JSON and pandas hold
+            return v
+    elif kind == "bool":
+        if isinstance(v, bool):
+            return v
+    elif kind == "str":
+        if isinstance(v, str):
+            return v
+    elif kind == "str | None":
+        if v is None or isinstance(v, str):
+            return v
+    elif kind == "dict[str, str]":
+        if isinstance(v, dict) and all(isinstance(x, str) for x in v.values()):
+            return v
+    elif kind.startswith("dict"):
+        if isinstance(v, dict):
+            return v
+    else:
+        return v
+    want = {"float": "a number or null", "int": "an integer", "bool": "true or false", "str": "text",
+            "str | None": "text or null", "dict[str, str]": "an object of text values"}.get(kind, "an object")
+    raise MalformedRecord(f"field '{name}' must be {want}, got {json.dumps(v)[:40]}")
 
 
 def json_safe(x: Any) -> Any:
@@ -127,8 +172,13 @@ class Loaded:
     """1-based numbers of lines that were not valid JSON (a write cut short), skipped."""
 
 
+class RecordsError(UserError):
+    """records.jsonl holds a line that is JSON but not a record: named with its line, never guessed around."""
+
+
 def load_records(run_dir: str | os.PathLike) -> Loaded:
-    """Read ``run_dir/records.jsonl``; torn lines are skipped and listed, never fatal."""
+    """Read ``run_dir/records.jsonl``; torn lines (not JSON: a write cut short) are skipped and listed. A line
+    that is JSON but not a record (edited by hand, another tool) raises :class:`RecordsError`."""
     path = Path(run_dir) / RECORDS
     out = Loaded([], [])
     if not path.exists():
@@ -138,9 +188,14 @@ def load_records(run_dir: str | os.PathLike) -> Loaded:
             if not line.strip():
                 continue
             try:
-                out.records.append(Record.from_dict(json.loads(line)))
-            except (json.JSONDecodeError, TypeError):
+                doc = json.loads(line)
+            except (json.JSONDecodeError, RecursionError):
                 out.torn_lines.append(i)
+                continue
+            try:
+                out.records.append(Record.from_dict(doc))
+            except MalformedRecord as exc:
+                raise RecordsError(f"{path} line {i}: {exc}; fix or delete that line") from None
     return out
 
 

@@ -20,6 +20,7 @@ matplotlib is imported only inside :func:`write_report`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -93,10 +94,17 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+SLUG_MAX = 96
+"""Longest slug: with a prefix and ``.png`` a file name stays far below the 255-byte limit of file systems."""
+
+
 def slugify(text: str) -> str:
-    """Filesystem-safe form of ``text``: letters, digits, ``-``, ``_`` and ``.`` only, no leading dot."""
+    """Filesystem-safe, short form of ``text``: letters, digits, ``-``, ``_`` and ``.`` only, no leading dot,
+    at most :data:`SLUG_MAX` characters (a longer one keeps its start and a hash of the whole text)."""
     s = re.sub(r"[^A-Za-z0-9._-]+", "-", text)
     s = re.sub(r"-{2,}", "-", s).strip("-.")
+    if len(s) > SLUG_MAX:
+        s = s[:SLUG_MAX - 9].rstrip("-.") + "-" + hashlib.sha256(text.encode()).hexdigest()[:8]
     return s or "group"
 
 

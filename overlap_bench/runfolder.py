@@ -49,8 +49,8 @@ def ensure_folder(path: Path, flag: str) -> Path:
     and the like become one :class:`UserError` line naming ``flag``."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        if not path.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))
+    except FileExistsError:
+        raise UserError(f"{flag}: {path} exists and is not a folder; give a folder path") from None
     except OSError as exc:
         raise UserError(f"{flag}: {describe_os_error(exc)}; give a folder you can write") from None
     return path
