@@ -81,7 +81,7 @@ class Record:
     def key(self) -> tuple:
         """Identity of the case for ``--resume``."""
         return case_key(self.shape, self.K, self.N, self.M, self.dtype, self.bias, self.label, self.env,
-                        self.world, self.backend, self.warmup, self.reps)
+                        self.world, self.backend)
 
     def to_json(self) -> str:
         """One strict-JSON line (NaN becomes null, so jq and JavaScript read it)."""
@@ -157,10 +157,10 @@ def json_safe(x: Any) -> Any:
 
 
 def case_key(shape: str, K: int, N: int, M: int, dtype: str, bias: bool, label: str, env: dict[str, str],
-             world: int, backend: str, warmup: int, reps: int) -> tuple:
-    """The tuple that identifies one case across runs (timing options included: a case measured with
-    other warmup or reps is another measurement)."""
-    return (shape, K, N, M, dtype, bool(bias), label, tuple(sorted(env.items())), world, backend, warmup, reps)
+             world: int, backend: str) -> tuple:
+    """The tuple that identifies one case across runs. Timing options (warmup, reps, seed) are not in it: a
+    run folder has one set of them, which ``--resume`` checks (``runfolder.check_identity``)."""
+    return (shape, K, N, M, dtype, bool(bias), label, tuple(sorted(env.items())), world, backend)
 
 
 @dataclass

@@ -36,8 +36,7 @@ class SweepResult:
 
 
 def _key(c: Case, spec: SweepSpec) -> tuple:
-    return case_key(c.shape, c.K, c.N, c.M, c.dtype, c.bias, c.label, c.env_dict, spec.world_size, spec.backend,
-                    spec.warmup, spec.reps)
+    return case_key(c.shape, c.K, c.N, c.M, c.dtype, c.bias, c.label, c.env_dict, spec.world_size, spec.backend)
 
 
 def prepare_out_dir(out_dir: Path, resume: bool) -> tuple[set, list[int]]:

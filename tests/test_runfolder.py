@@ -124,16 +124,18 @@ def test_resume_with_another_spec_or_options_is_refused_unless_forced(made, tmp_
     # The same spec resumes; a forced one mixes knowingly. Neither replaces the first spec.yaml or env.json.
     assert sweep(made[1], "--out", out, "--resume").exit_code == 0
     assert (out / "records.jsonl").read_text() == before
-    res = sweep(spec_file(tmp_path, reps=3), "--out", out, "--resume", "--force")
+    res = sweep(spec_file(tmp_path, reps=3, tokens=[16, 32]), "--out", out, "--resume", "--force")
     assert res.exit_code == 0, res.output
     recs = load_records(out).records
-    assert sorted({r.reps for r in recs}) == [2, 3]  # re-measured with reps=3, not skipped as done
+    # Forced: the cases already recorded are kept and skipped, the new M is measured with the new reps.
+    assert sorted((r.M, r.reps) for r in recs) == [(16, 2), (16, 2), (32, 3), (32, 3)]
     assert (out / "spec.yaml").read_text() == spec_text
     env = json.loads((out / "env.json").read_text())
     assert env["time"] == env_text["time"] and len(env["resumes"]) == 2
     ident = json.loads((out / runfolder.IDENTITY).read_text())
     assert [r["forced"] for r in ident["resumes"]] == [False, True]
     assert ident["resumes"][1]["spec"]["reps"] == 3 and ident["options"]["reps"] == 2
+    assert (out / "records.jsonl").read_text().startswith(before)
 
 
 def test_a_folder_without_run_json_is_checked_against_its_records(made, tmp_path):
