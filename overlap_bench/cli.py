@@ -473,6 +473,7 @@ def interference(
     and the joint time and eta a multi-GPU run could reach."""
     from overlap_bench import interference as itf
     from overlap_bench import interference_report as rep
+    from overlap_bench import runfolder
     from overlap_bench.records import json_safe
 
     def body() -> None:
@@ -489,8 +490,10 @@ def interference(
                                          itf.parse_copies(copy), itf.parse_sms(sms), rounds, warmup, reps,
                                          pace=pace)
         run_dir = out or from_dir or Path("runs/interference")
-        records, preds = itf.run_interference(cfg, out=run_dir, from_dir=from_dir, comm_from=comm_from, busbw=busbw,
-                                              world=world, comm_ctas=comm_ctas, progress=not as_json)
+        with runfolder.lock(run_dir):  # one writer per run folder
+            records, preds = itf.run_interference(cfg, out=run_dir, from_dir=from_dir, comm_from=comm_from,
+                                                  busbw=busbw, world=world, comm_ctas=comm_ctas,
+                                                  progress=not as_json)
         if as_json:
             print(json.dumps(json_safe({"records": [json.loads(r.to_json()) for r in records],
                                         "predictions": [p.to_dict() for p in preds]})))
