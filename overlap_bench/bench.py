@@ -82,11 +82,19 @@ def agree_failure(local: str | None, ctx: RankContext) -> str | None:
 
 
 def try_case(fn: Callable[[], Any]) -> tuple[Any, str | None]:
-    """``(fn(), None)``, or ``(None, "Type: first line")`` when ``fn`` raises one of :data:`CASE_ERRORS`."""
+    """``(fn(), None)``, or ``(None, "Type: first line")`` when ``fn`` raises one of :data:`CASE_ERRORS` or
+    fails to allocate memory (on CPU torch says so with a plain RuntimeError)."""
     try:
         return fn(), None
-    except CASE_ERRORS as exc:
+    except (*CASE_ERRORS, MemoryError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and not isinstance(exc, CASE_ERRORS) and not _allocation_failed(exc):
+            raise
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip().rstrip(":")
+
+
+def _allocation_failed(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(w in text for w in ("can't allocate memory", "out of memory", "not enough memory"))
 
 
 def repro(case: Case, world: int, backend: str, warmup: int, reps: int) -> str:

@@ -118,12 +118,42 @@ def _timeout(value: Any, where: str) -> float:
     return float(value)
 
 
-def _int(value: Any, where: str, minimum: int | None = None) -> int:
+MAX_DIM = 2 ** 31 - 1
+"""Largest K, N or M: GEMM libraries index with 32-bit integers, and larger products overflow a tensor's size."""
+
+
+def _int(value: Any, where: str, minimum: int | None = None, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise SpecError(f"{where}: must be an integer, got {value!r}")
     if minimum is not None and value < minimum:
         raise SpecError(f"{where}: must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise SpecError(f"{where}: must be <= {maximum}, got {value}")
     return value
+
+
+def _check_memory(spec: "SweepSpec") -> None:
+    """On gloo every rank runs on this machine: a case whose tensors cannot fit in its memory is refused here
+    (on CPU an allocation that is granted but cannot be backed ends in the kernel's OOM killer, which no
+    rank can report and ``--resume`` would meet again). GPU memory is checked per case, as an OOM there is
+    a recorded failure."""
+    if spec.backend != "gloo":
+        return
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError, AttributeError):
+        return
+    for shape in spec.shapes:
+        for m in spec.tokens:
+            for dtype in spec.dtypes:
+                size = DTYPES[dtype].itemsize
+                # float32 draws of x and w, their casts, and five [M, N] outputs (reference, scratch, comm buffer,
+                # the strategy's output, a temporary), per rank.
+                need = spec.world_size * ((4 + size) * (m + shape.N) * shape.K + 5 * size * m * shape.N)
+                if need > ram:
+                    raise SpecError(f"tokens: M={m} with {shape.name} (K={shape.K}, N={shape.N}, {dtype}) needs "
+                                    f"about {need / 2**30:.1f} GiB on {spec.world_size} gloo ranks, more than this "
+                                    f"machine's {ram / 2**30:.1f} GiB; use fewer tokens or a smaller shape")
 
 
 def _list(value: Any, where: str) -> list:
@@ -145,8 +175,8 @@ def _tokens(raw: Any) -> list[int]:
         unknown = set(raw) - {"start", "stop", "mul", "step"}
         if unknown:
             raise SpecError(f"tokens.{_first_unknown(unknown)}: unknown key; use start, stop and mul or step")
-        start = _int(raw.get("start"), "tokens.start", 1)
-        stop = _int(raw.get("stop"), "tokens.stop", start)
+        start = _int(raw.get("start"), "tokens.start", 1, MAX_DIM)
+        stop = _int(raw.get("stop"), "tokens.stop", start, MAX_DIM)
         if ("mul" in raw) == ("step" in raw):
             raise SpecError("tokens: give exactly one of mul (geometric) or step (linear)")
         vals, m = [], start
@@ -162,7 +192,7 @@ def _tokens(raw: Any) -> list[int]:
                                 f"use a larger step or mul")
             vals = list(range(start, stop + 1, step))
         return vals
-    return sorted({_int(v, f"tokens[{i}]", 1) for i, v in enumerate(_list(raw, "tokens"))})
+    return sorted({_int(v, f"tokens[{i}]", 1, MAX_DIM) for i, v in enumerate(_list(raw, "tokens"))})
 
 
 def _shapes(raw: Any, world: int) -> list[Shape]:
@@ -189,8 +219,8 @@ def _shapes(raw: Any, world: int) -> list[Shape]:
             for key in ("K", "N"):
                 if key not in item:
                     raise SpecError(f"{where}.{key}: missing; give {key} as an integer")
-            k = _int(item["K"], f"{where}.K", 1)
-            n = _int(item["N"], f"{where}.N", 1)
+            k = _int(item["K"], f"{where}.K", 1, MAX_DIM)
+            n = _int(item["N"], f"{where}.N", 1, MAX_DIM)
             out.append(Shape(str(item.get("name", f"K{k}xN{n}")), k, n))
     names = [s.name for s in out]
     dup = next((n for n in names if names.count(n) > 1), None)
@@ -289,6 +319,7 @@ def parse_spec(raw: Any, *, world_size: int | None = None, backend: str | None =
     n = math.prod(map(len, (spec.env, spec.dtypes, spec.shapes, spec.tokens, spec.strategies)))
     if n > MAX_CASES:
         raise SpecError(f"spec: {n} cases, more than {MAX_CASES}; split the sweep or give fewer values")
+    _check_memory(spec)
     return spec
 
 

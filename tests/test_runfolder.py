@@ -77,6 +77,23 @@ def test_second_writer_exits_2_naming_the_holder(made, tmp_path):
     assert sweep(made[1], "--out", out, "--resume").exit_code == 0
 
 
+def test_two_sweeps_into_one_folder_at_once_one_runs_the_other_exits_2(tmp_path):
+    import subprocess
+    import sys
+
+    spec, out = spec_file(tmp_path), tmp_path / "run"
+    procs = [subprocess.Popen([sys.executable, "-m", "overlap_bench", "sweep", spec, "--out", str(out)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=180), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    loser = next(err for code, err in results if code == 2)
+    # It met the lock (being written by pid ...), or, if it started after the winner ended, its records.
+    assert "is being written by pid" in loser or "already holds" in loser, loser
+    assert "Traceback" not in loser and len(loser.strip().splitlines()) == 1
+    keys = [r.key() for r in load_records(out).records]
+    assert len(keys) == len(set(keys)) == 2  # every record once
+
+
 def test_stale_lock_is_reported_and_taken_over(made, tmp_path, caplog):
     out = copy_run(made, tmp_path)
     (out / runfolder.LOCK).write_text(json.dumps({"pid": 999999999, "host": socket.gethostname(),

@@ -229,3 +229,34 @@ def test_policies_that_load_serve_on_two_gloo_ranks(tmp_path, batch):
         docs.append((doc, m))
     assert docs, "no policy of the batch loaded"
     launch(_layer_batch, (docs, str(tmp_path)), JobConfig(nproc=2, backend="gloo", timeout_s=60))
+
+
+# ------------------------------------------------------------------------------ sizes the machine cannot hold
+
+
+def test_sizes_beyond_the_machine_are_refused_at_validation():
+    base = {"backend": "gloo", "world_size": 2, "dtypes": ["float32"], "strategies": ["baseline"]}
+    with pytest.raises(SpecError, match=r"tokens: M=100000000 .* GiB on 2 gloo ranks, more than this machine"):
+        parse_spec({**base, "shapes": [{"name": "s", "K": 4096, "N": 4096}], "tokens": [64, 100_000_000]})
+    for raw, field in [({"shapes": [{"K": 2 ** 31, "N": 8}], "tokens": [4]}, "shapes[0].K"),
+                       ({"shapes": [{"K": 8, "N": HUGE}], "tokens": [4]}, "shapes[0].N"),
+                       ({"shapes": [{"K": 8, "N": 8}], "tokens": [2 ** 40]}, "tokens[0]")]:
+        with pytest.raises(SpecError, match=field.replace("[", r"\[").replace("]", r"\]") + ": must be <="):
+            parse_spec({**base, **raw})
+
+
+def test_an_allocation_failure_is_a_recorded_case_not_a_crash():
+    from overlap_bench.bench import try_case
+
+    def alloc():
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 10000000000000 bytes")
+
+    value, why = try_case(alloc)
+    assert value is None and why.startswith("RuntimeError: [enforce fail") and "\n" not in why
+
+    def bug():
+        raise RuntimeError("a bug, not the machine")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        try_case(bug)
