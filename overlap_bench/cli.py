@@ -310,6 +310,7 @@ def compare(
         else:
             from overlap_bench.bench import BenchOptions, run_ab
             from overlap_bench.launch import JobConfig, launch
+            from overlap_bench.spec import check_memory
 
             labels = []
             for side in (a, b):
@@ -321,6 +322,7 @@ def compare(
                     raise SpecError(f"A/B: '{side}' is neither a run directory nor a strategy: {exc}") from None
             spec, cases = _compare_cases(spec_path, preset, tokens, dtype, nproc, backend)
             refuse_world_one(spec.world_size, "a comparison of two strategies")
+            check_memory(spec)
             tmp = Path(tempfile.mkdtemp(prefix="overlap-bench-compare-")) / "rows.json"
             opts = BenchOptions(str(tmp.parent), warmup, reps, 0, 0, 0, False)
             job_env = _env_raw(env)

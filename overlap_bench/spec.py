@@ -132,11 +132,12 @@ def _int(value: Any, where: str, minimum: int | None = None, maximum: int | None
     return value
 
 
-def _check_memory(spec: "SweepSpec") -> None:
-    """On gloo every rank runs on this machine: a case whose tensors cannot fit in its memory is refused here
-    (on CPU an allocation that is granted but cannot be backed ends in the kernel's OOM killer, which no
-    rank can report and ``--resume`` would meet again). GPU memory is checked per case, as an OOM there is
-    a recorded failure."""
+def check_memory(spec: "SweepSpec") -> None:
+    """On gloo every rank runs on this machine: a case whose tensors cannot fit in its memory is refused
+    before the job starts (on CPU an allocation that is granted but cannot be backed ends in the kernel's OOM
+    killer, which no rank can report and ``--resume`` would meet again). Not part of :func:`parse_spec`, so
+    that a GPU spec still validates (``--dry-run``) on a CPU machine. GPU memory is checked per case: an OOM
+    there is a recorded failure."""
     if spec.backend != "gloo":
         return
     try:
@@ -319,7 +320,6 @@ def parse_spec(raw: Any, *, world_size: int | None = None, backend: str | None =
     n = math.prod(map(len, (spec.env, spec.dtypes, spec.shapes, spec.tokens, spec.strategies)))
     if n > MAX_CASES:
         raise SpecError(f"spec: {n} cases, more than {MAX_CASES}; split the sweep or give fewer values")
-    _check_memory(spec)
     return spec
 
 

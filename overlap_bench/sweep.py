@@ -17,7 +17,7 @@ from overlap_bench import envinfo, runfolder
 from overlap_bench.bench import BenchOptions, run_cases
 from overlap_bench.launch import JobConfig, in_torchrun, launch
 from overlap_bench.records import case_key, load_records, write_atomic
-from overlap_bench.spec import Case, SpecError, SweepSpec
+from overlap_bench.spec import Case, SpecError, SweepSpec, check_memory
 
 log = logging.getLogger("overlap_bench.sweep")
 
@@ -103,6 +103,7 @@ def run_sweep(spec: SweepSpec, raw: dict, out_dir: str | os.PathLike, *, resume:
     Rank 0 holds the folder's lock (``runfolder.lock``) for the whole sweep; ``force`` lets ``resume``
     continue a folder made by another spec or options (``runfolder.check_identity``)."""
     out = Path(out_dir)
+    check_memory(spec)
     with runfolder.lock(out, command=command or envinfo.command_line()) if rank0 else nullcontext():
         if rank0:
             done, torn = open_run_folder(out, spec, raw, resume=resume, force=force, seed=seed, command=command)

@@ -234,10 +234,21 @@ def test_policies_that_load_serve_on_two_gloo_ranks(tmp_path, batch):
 # ------------------------------------------------------------------------------ sizes the machine cannot hold
 
 
-def test_sizes_beyond_the_machine_are_refused_at_validation():
+def test_sizes_beyond_the_machine_are_refused_before_anything_starts(tmp_path):
+    from typer.testing import CliRunner
+
+    from overlap_bench.cli import app
+    from overlap_bench.spec import check_memory
+
     base = {"backend": "gloo", "world_size": 2, "dtypes": ["float32"], "strategies": ["baseline"]}
+    big = parse_spec({**base, "shapes": [{"name": "s", "K": 4096, "N": 4096}], "tokens": [64, 100_000_000]})
     with pytest.raises(SpecError, match=r"tokens: M=100000000 .* GiB on 2 gloo ranks, more than this machine"):
-        parse_spec({**base, "shapes": [{"name": "s", "K": 4096, "N": 4096}], "tokens": [64, 100_000_000]})
+        check_memory(big)
+    for args in (["run", "--shape", "4096,4096", "--tokens", "100000000", "--backend", "gloo", "--out", tmp_path],
+                 ["compare", "baseline", "pr", "--tokens", "100000000", "--backend", "gloo"]):
+        res = CliRunner().invoke(app, [str(a) for a in args])
+        assert res.exit_code == 2 and "more than this machine" in res.output, (res.output, res.exception)
+    assert not (tmp_path / "records.jsonl").exists()
     for raw, field in [({"shapes": [{"K": 2 ** 31, "N": 8}], "tokens": [4]}, "shapes[0].K"),
                        ({"shapes": [{"K": 8, "N": HUGE}], "tokens": [4]}, "shapes[0].N"),
                        ({"shapes": [{"K": 8, "N": 8}], "tokens": [2 ** 40]}, "tokens[0]")]:
