@@ -91,7 +91,16 @@ class Record:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Record":
-        """Inverse of :meth:`to_json` (null times come back as NaN); unknown keys are ignored. A missing field
+        """Inverse of :meth:`to_json` (null times come back as NaN); unknown keys are ignored."""
+        if not isinstance(d, dict):
+            raise TypeError("a record must be a JSON object")
+        floats = {f.name for f in fields(cls) if f.type in ("float", float)}
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: (math.nan if k in floats and v is None else v) for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_json(cls, d: Any) -> "Record":
+        """A record read from a ``records.jsonl`` line, every field checked against its type: a missing field
         or a value of the wrong type raises :class:`MalformedRecord` naming the field."""
         if not isinstance(d, dict):
             raise MalformedRecord("is not a JSON object")
@@ -193,7 +202,7 @@ def load_records(run_dir: str | os.PathLike) -> Loaded:
                 out.torn_lines.append(i)
                 continue
             try:
-                out.records.append(Record.from_dict(doc))
+                out.records.append(Record.from_json(doc))
             except MalformedRecord as exc:
                 raise RecordsError(f"{path} line {i}: {exc}; fix or delete that line") from None
     return out

@@ -23,7 +23,7 @@ from overlap_bench.numerics import TOLERANCE
 from overlap_bench.policy import PolicyError, load_policy
 from overlap_bench.records import load_records
 from overlap_bench.spec import SpecError, parse_spec
-from overlap_bench.strategies.pipeline import even_bounds
+from overlap_bench.strategies.pipeline import COMM_PATHS, SPLITS, even_bounds
 
 strategies.get("baseline")  # load the registry
 NAMES = sorted(strategies.REGISTRY)
@@ -41,7 +41,7 @@ def _values_for(f: dataclasses.Field) -> st.SearchStrategy:
                          st.sampled_from([math.inf, math.nan, -0.0, 1e-320]), st.integers(-1, 1000), junk)
     if kind == "bool":
         return st.one_of(st.booleans(), st.sampled_from(["true", "off", "2"]), junk)
-    known = {"comm": ["stream", "async"], "split": ["even", "edges", "geo"]}.get(f.name, [])
+    known = {"comm": list(COMM_PATHS), "split": list(SPLITS)}.get(f.name, [])
     return st.one_of(st.sampled_from(known) if known else st.text(max_size=6), st.integers(0, 3), junk)
 
 
