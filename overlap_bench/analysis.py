@@ -70,6 +70,12 @@ def score(records: Iterable[Record]) -> list[Record]:
     for r in recs:
         at.setdefault((_group_key(r), r.M), []).append(r)
     refs = {key: _reference(g) for key, g in at.items()}
+    for key, g in at.items():  # eta above 1 means t below the ideal bound: a measurement fault, flagged
+        over = sorted({r.label for r in g if r.ok and _finite(r.t_ms) and r.t_ms < refs[key][0] and
+                       metrics.eta(refs[key][0], r.t_ms, r.t_gemm_ms, r.t_comm_ms) > 1})
+        if over:
+            refs[key] = refs[key][:2] + (refs[key][2] + (f"eta above 1 (t below the ideal bound, a measurement "
+                                                          f"fault): {', '.join(over)}",),)
     out = []
     for r in recs:
         t_ref, ref_iqr, flags = refs[(_group_key(r), r.M)]
@@ -86,6 +92,7 @@ def score(records: Iterable[Record]) -> list[Record]:
 def _reference(group: list[Record]) -> tuple[float, float, tuple[str, ...]]:
     """``(t_base, iqr, flags)`` of one group at one M."""
     base = [(r.t_base_ms, r.t_base_iqr_ms) for r in group if _finite(r.t_base_ms)]
+    base += [tuple(v) for r in group for v in (r.extra or {}).get("t_base_refs", [])[1:]]  # bracketed refs
     base += [(r.t_ms, r.t_iqr_ms) for r in group if r.strategy == "baseline" and r.ok and _finite(r.t_ms)]
     t_ref, ref_iqr = metrics.reference(base)
     flags = []

@@ -45,6 +45,10 @@ class BenchOptions:
     """Rank 0 draws a progress bar."""
 
 
+BRACKET_EVERY = 4
+"""The reference ``t_base`` is measured again after every this many timed candidates and after the last."""
+
+
 class CaseFailed(RuntimeError):
     """A rank's error inside a case, re-raised with the case named (the launcher shows it)."""
 
@@ -177,7 +181,9 @@ def measure_group(ctx: RankContext, group: list[Case], opts: BenchOptions, devic
     del scratch, comm_buf
     refs = {"t_base_ms": t_base.median_ms, "t_base_iqr_ms": t_base.iqr_ms, "t_gemm_ms": t_gemm.median_ms,
             "t_comm_ms": t_comm.median_ms, "extra": extra}
-    for case in group:
+    extra["t_base_refs"] = [[t_base.median_ms, t_base.iqr_ms]]
+    timed = 0
+    for i, case in enumerate(group):
         cursor.at(case.label)
         name, settings = strategies.parse(case.label)
         note = strategies.backend_note(name, settings, ctx.backend)
@@ -192,6 +198,13 @@ def measure_group(ctx: RankContext, group: list[Case], opts: BenchOptions, devic
             continue
         e = checked.rel_err
         t = _time(lambda: strategies.run(name, x, w, b, None, settings), ctx, opts)
+        timed += 1
+        if timed % BRACKET_EVERY == 0 or i == len(group) - 1:
+            # Bracketed reference: the baseline again between and after the candidates, kept in the records
+            # (the last record of the group holds them all), so drift within the group shows.
+            again = _time(lambda: strategies.run("baseline", x, w, b, None, base_settings), ctx, opts)
+            extra["t_base_refs"] = extra["t_base_refs"] + [[again.median_ms, again.iqr_ms]]
+            refs = {**refs, "extra": {**extra, **said}}
         derived = metrics.derive(m=case.M, k=case.K, n=case.N, dtype=case.dtype, world=ctx.world,
                                  t_ms=t.median_ms, t_base_ms=t_base.median_ms, t_gemm_ms=t_gemm.median_ms,
                                  t_comm_ms=t_comm.median_ms)
