@@ -41,7 +41,7 @@ def main(ids: list[str]) -> int:
             if ids and str(i) not in ids:
                 continue
             path = tree / rel
-            text = (ROOT / rel).read_text()
+            text = path.read_text()  # the scratch copy (restored after each bug), not the live tree
             if text.count(old) != 1:
                 rows.append((i, name, "stale", f"{text.count(old)} matches in {rel}"))
                 continue
