@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from overlap_bench import metrics, strategies
+from overlap_bench import metrics, runfolder, strategies
 from overlap_bench.markdown import cell, table
 from overlap_bench.records import Record, load_records, records_frame, write_atomic
 
@@ -292,7 +292,7 @@ def write_tables(data: pd.DataFrame | Iterable[Record], run_dir: str | os.PathLi
     tabs = tables(recs)
     bests = best_settings(recs)
     all_rows = pd.concat(tabs.values(), ignore_index=True) if tabs else pd.DataFrame(columns=_TABLE_COLS)
-    csv_path, md_path = run_dir / "tables.csv", run_dir / "tables.md"
+    csv_path, md_path = run_dir / runfolder.TABLES_CSV, run_dir / runfolder.TABLES_MD
     write_atomic(csv_path, all_rows.to_csv(index=False))
     parts = ["# Results", "", "Winner per M marked ✓. " + RULE]
     for key, g in bests.groupby(GROUP, sort=True) if not bests.empty else []:

@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 import overlap_bench
-from overlap_bench import strategies
+from overlap_bench import runfolder, strategies
 from overlap_bench.world import refuse_world_one
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -340,9 +340,9 @@ def compare(
         md = cmp.to_markdown(df, summ, title)
         if out is not None:
             with runfolder.lock(out):
-                write_atomic(out / "compare.json", cmp.to_json(df, summ) + "\n")
-                write_atomic(out / "compare.md", md)
-                write_atomic(out / "env.json", _json.dumps(envinfo.collect(), indent=2) + "\n")
+                write_atomic(out / runfolder.COMPARE_JSON, cmp.to_json(df, summ) + "\n")
+                write_atomic(out / runfolder.COMPARE_MD, md)
+                write_atomic(out / runfolder.ENV, _json.dumps(envinfo.collect(), indent=2) + "\n")
         if markdown is not None:
             write_atomic(markdown, md)
         if as_json:
@@ -366,7 +366,7 @@ def export(
     from overlap_bench.export import export_policy
 
     def body() -> None:
-        if not (run_dir / "records.jsonl").exists():
+        if not (run_dir / runfolder.RECORDS).exists():
             from overlap_bench.spec import SpecError
 
             raise SpecError(f"RUN_DIR: {run_dir} has no records.jsonl; give a sweep's --out directory")
@@ -384,7 +384,7 @@ def report(run_dir: Path = typer.Argument(..., help="A sweep's run directory."))
     from overlap_bench.sweep import finish_run
 
     def body() -> None:
-        if not (run_dir / "records.jsonl").exists():
+        if not (run_dir / runfolder.RECORDS).exists():
             from overlap_bench.spec import SpecError
 
             raise SpecError(f"RUN_DIR: {run_dir} has no records.jsonl; give a sweep's --out directory")

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 import overlap_bench
-from overlap_bench import analysis, strategies
+from overlap_bench import analysis, runfolder, strategies
 from overlap_bench.errors import UserError
 from overlap_bench.policy import policy_filename
 from overlap_bench.records import load_records, write_atomic
@@ -29,7 +29,7 @@ class ExportError(UserError):
 
 
 def _read_env_json(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "env.json"
+    path = run_dir / runfolder.ENV
     if not path.exists():
         return {}
     try:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from overlap_bench import eta_bound, metrics
+from overlap_bench import eta_bound, metrics, runfolder
 from overlap_bench.errors import UserError
 from overlap_bench.records import Record, RecordWriter, load_records, write_atomic
 from overlap_bench.spec import Shape
@@ -615,7 +615,7 @@ def run_interference(cfg: InterferenceConfig | None, *, out: Path, from_dir: Pat
     if not comm_ctas > 0:
         raise UserError(f"--comm-ctas: must be > 0, got {comm_ctas}")
     for d in comm_from:
-        if not (d / "records.jsonl").is_file():
+        if not (d / runfolder.RECORDS).is_file():
             raise UserError(f"--comm-from: {d} has no records.jsonl; give a multi-GPU run directory")
     if from_dir is not None:
         loaded = load_records(from_dir)
@@ -630,9 +630,9 @@ def run_interference(cfg: InterferenceConfig | None, *, out: Path, from_dir: Pat
         if not (cfg.ctas or cfg.copies or cfg.sms):
             raise UserError("--ctas/--copy/--sms: all are none; give at least one condition")
         out.mkdir(parents=True, exist_ok=True)
-        if (out / "records.jsonl").exists():
+        if (out / runfolder.RECORDS).exists():
             raise UserError(f"--out: {out} already has records.jsonl; give a new folder")
-        write_atomic(out / "env.json", json.dumps(envinfo.collect(), indent=2) + "\n")
+        write_atomic(out / runfolder.ENV, json.dumps(envinfo.collect(), indent=2) + "\n")
         records = measure(cfg, out, progress=progress)
     from overlap_bench import interference_report as report
 

@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from overlap_bench import metrics, nanobatch, strategies
+from overlap_bench import metrics, nanobatch, runfolder, strategies
 from overlap_bench.bench import agree_failure, try_case
 from overlap_bench.errors import UserError
 from overlap_bench.launch import JobConfig, RankContext, launch
@@ -68,8 +68,7 @@ REFERENCE_MODES = ("baseline", "nocomm")
 """Modes every run includes: the numerics reference and the communication share (model eta needs both)."""
 ROW_LAYERS = ("o_proj", "down_proj")
 """The row-parallel layers of a decoder layer, as named in rows and policies."""
-MODEL_FILE = "model.jsonl"
-ENV_FILE = "env.json"
+MODEL_FILE, ENV_FILE = runfolder.MODEL, runfolder.ENV
 RMS_EPS = 1e-6
 MAX_ROUNDS = 3
 """The timed repetitions of each mode are split into up to this many rounds, modes interleaved per round."""

@@ -17,8 +17,7 @@ from contextlib import contextmanager
 from typing import IO, Any, Iterable, Iterator
 
 from overlap_bench.errors import UserError
-
-RECORDS = "records.jsonl"
+from overlap_bench.runfolder import RECORDS  # re-exported: every file name lives in runfolder
 
 
 @dataclass

@@ -36,9 +36,7 @@ from overlap_bench import analysis, strategies
 from overlap_bench.markdown import cell, table
 from overlap_bench.records import Record, atomic_file, load_records, write_atomic
 
-SUMMARY = "summary.md"
-ENV = "env.json"
-SPEC = "spec.yaml"
+from overlap_bench.runfolder import ENV, SPEC, SUMMARY  # the file names live in runfolder
 
 _ENV_KEYS = ("gpu_name", "gpu_count", "torch", "nccl", "cuda", "host", "git_commit", "command")
 """env.json keys shown first, in this order; any others follow in sorted order."""

@@ -1,4 +1,4 @@
-"""What makes a run folder safe to write: one writer at a time (:func:`lock`) and a recorded identity
+"""The run folder: every file name in it (below), and what makes it safe to write: one writer at a time (:func:`lock`) and a recorded identity
 (:func:`check_identity`), so that ``--resume`` never mixes two runs silently.
 
 - ``run.lock``: an exclusive ``flock`` held by the one process writing the folder (a sweep's launcher,
@@ -28,8 +28,17 @@ from overlap_bench.errors import UserError, describe_os_error
 
 log = logging.getLogger("overlap_bench.runfolder")
 
+# Every file name of a run folder, spelled here only.
 LOCK = "run.lock"
 IDENTITY = "run.json"
+RECORDS = "records.jsonl"
+"""One JSON line per measured case (``records.RecordWriter``: fsync'd appends)."""
+ENV = "env.json"
+SPEC = "spec.yaml"
+SUMMARY = "summary.md"
+TABLES_MD, TABLES_CSV = "tables.md", "tables.csv"
+MODEL = "model.jsonl"
+COMPARE_JSON, COMPARE_MD = "compare.json", "compare.md"
 
 
 class FolderBusy(UserError):

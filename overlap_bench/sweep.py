@@ -71,20 +71,20 @@ def open_run_folder(out: Path, spec: SweepSpec, raw: dict, *, resume: bool, forc
         records_options=[{"warmup": r.warmup, "reps": r.reps, "world_size": r.world, "backend": r.backend}
                          for r in loaded.records])
     env = envinfo.collect(command)
-    if not has_records or not (out / "spec.yaml").exists():
-        write_atomic(out / "spec.yaml", yaml.safe_dump(raw, sort_keys=False))
+    if not has_records or not (out / runfolder.SPEC).exists():
+        write_atomic(out / runfolder.SPEC, yaml.safe_dump(raw, sort_keys=False))
     elif ident["resumes"][-1]["forced"]:
         ident["resumes"][-1]["spec"] = raw  # the first spec.yaml stays; the forced one is kept here
-    first_env = _read_json(out / "env.json") if has_records else None
+    first_env = _read_json(out / runfolder.ENV) if has_records else None
     if isinstance(first_env, dict):
         first_env.setdefault("resumes", []).append(env)
         env = first_env
-    elif has_records and (out / "env.json").exists():
+    elif has_records and (out / runfolder.ENV).exists():
         log.warning("%s/env.json is unreadable: kept as it is, this resume's environment is not added", out)
         env = None
     write_atomic(out / runfolder.IDENTITY, json.dumps(ident, indent=2, default=str) + "\n")
     if env is not None:
-        write_atomic(out / "env.json", json.dumps(env, indent=2) + "\n")
+        write_atomic(out / runfolder.ENV, json.dumps(env, indent=2) + "\n")
     return done, torn
 
 
