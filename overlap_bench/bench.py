@@ -22,7 +22,7 @@ from overlap_bench.numerics import TOLERANCE, rel_err, within_tolerance
 from overlap_bench.records import Record, RecordWriter
 from overlap_bench.spec import Case
 from overlap_bench.strategies.pipeline import comm_stream, matmul_into
-from overlap_bench.timing import Timing, allreduce_max, time_region
+from overlap_bench.timing import REPS, WARMUP, Timing, allreduce_max, time_region
 
 # Failures that stay inside one case: recorded, and the sweep goes on. They are raised before the first
 # collective of the call (settings, allocation), so every rank reaches the agreement below.
@@ -34,8 +34,8 @@ class BenchOptions:
     """Per-job settings a rank needs besides its cases."""
 
     out_dir: str
-    warmup: int = 5
-    reps: int = 20
+    warmup: int = WARMUP
+    reps: int = REPS
     seed: int = 0
     done_before: int = 0
     """Cases finished before this job (progress bar offset across env-variant jobs)."""

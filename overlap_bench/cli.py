@@ -17,6 +17,7 @@ from rich.table import Table
 
 import overlap_bench
 from overlap_bench import runfolder, strategies
+from overlap_bench.timing import REPS, WARMUP
 from overlap_bench.world import refuse_world_one
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -155,8 +156,8 @@ def run(
     dtype: str = typer.Option("bfloat16", help="bfloat16, float16 or float32."),
     nproc: Optional[int] = typer.Option(None, help="Ranks (default: every GPU, or 2 on CPU)."),
     backend: str = typer.Option("auto", help="auto, nccl or gloo."),
-    warmup: int = typer.Option(5, help="Untimed calls before each timed region."),
-    reps: int = typer.Option(20, help="Timed calls per region."),
+    warmup: int = typer.Option(WARMUP, help="Untimed calls before each timed region."),
+    reps: int = typer.Option(REPS, help="Timed calls per region."),
     bias: bool = typer.Option(False, help="Give the layer a bias."),
     env: List[str] = typer.Option([], help="KEY=VALUE set in every rank before CUDA starts (repeatable)."),
     out: Optional[Path] = typer.Option(None, help="Keep the run directory here (default: a temp dir)."),
@@ -286,8 +287,8 @@ def compare(
     min_effect: float = typer.Option(0.01, help="Smallest relative change called faster/slower (noise floor)."),
     nproc: Optional[int] = typer.Option(None, help="Ranks (default: every GPU, or 2 on CPU)."),
     backend: str = typer.Option("auto", help="auto, nccl or gloo."),
-    warmup: int = typer.Option(5, help="Untimed calls before each timed region."),
-    reps: int = typer.Option(20, help="Timed calls per region (one repeat = one region's median)."),
+    warmup: int = typer.Option(WARMUP, help="Untimed calls before each timed region."),
+    reps: int = typer.Option(REPS, help="Timed calls per region (one repeat = one region's median)."),
     env: List[str] = typer.Option([], help="KEY=VALUE set in every rank before CUDA starts (repeatable)."),
     out: Optional[Path] = typer.Option(None, help="Write compare.json, compare.md and env.json here."),
     markdown: Optional[Path] = typer.Option(None, help="Write the markdown table (for a pull request) here."),

@@ -19,6 +19,7 @@ from overlap_bench.errors import UserError
 from overlap_bench import strategies
 from overlap_bench.world import LaunchError, in_torchrun, resolve
 from overlap_bench.metrics import DTYPES
+from overlap_bench.timing import REPS, WARMUP
 from overlap_bench.presets import row_parallel_shapes
 
 
@@ -84,9 +85,9 @@ class SweepSpec:
     """Expanded strategy labels, one per grid point."""
     env: list[dict[str, str]] = field(default_factory=lambda: [{}])
     """Process environment variants; each runs as its own job (some knobs act only before CUDA starts)."""
-    warmup: int = 5
+    warmup: int = WARMUP
     """Untimed calls before each timed region."""
-    reps: int = 20
+    reps: int = REPS
     """Timed calls per region (median and IQR over them)."""
     timeout_s: float = 300.0
     """Collective timeout in seconds: a hung rank ends the job after this long."""
@@ -312,8 +313,8 @@ def parse_spec(raw: Any, *, world_size: int | None = None, backend: str | None =
         raise SpecError("strategies: missing; list at least baseline and one other strategy")
     spec.strategies = _strategies(raw["strategies"])
     spec.env = _env(raw.get("env", [{}]))
-    spec.warmup = _int(raw.get("warmup", 5), "warmup", 0)
-    spec.reps = _int(raw.get("reps", 20), "reps", 1)
+    spec.warmup = _int(raw.get("warmup", WARMUP), "warmup", 0)
+    spec.reps = _int(raw.get("reps", REPS), "reps", 1)
     spec.timeout_s = _timeout(raw.get("timeout_s", 300), "timeout_s")
     if timeout_s is not None:
         spec.timeout_s = _timeout(timeout_s, "--timeout")
@@ -392,6 +393,6 @@ def default_spec_raw() -> dict[str, Any]:
         "tokens": [4096, 8192, 16384, 32768],
         "strategies": [{"name": "baseline"}, {"name": "pr"},
                        {"name": "chunked", "chunks": [2, 3, 4, 8], "comm": ["stream", "async"]}],
-        "warmup": 5,
-        "reps": 20,
+        "warmup": WARMUP,
+        "reps": REPS,
     }

@@ -12,6 +12,11 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+WARMUP = 5
+"""Untimed calls before each timed region: the one default for specs, ``run``, ``compare`` and the ranks."""
+REPS = 20
+"""Timed calls per region (median and IQR over them): the one default, as :data:`WARMUP`."""
+
 
 @dataclass(frozen=True)
 class Timing:
