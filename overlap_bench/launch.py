@@ -79,16 +79,21 @@ class RankContext:
 
 
 # The first statements of every rank: standard library only (importing torch takes seconds, during which a
-# killed launcher would otherwise leave the rank running). PR_SET_PDEATHSIG = 1; then the launcher's pid is
-# checked, since it may have died before the setting took effect.
+# killed launcher would otherwise leave the rank running). PR_SET_PDEATHSIG = 1; SIGINT and SIGTERM unblocked
+# (the launcher blocks them while it starts a rank, see launch()); then the launcher's pid is checked, since it
+# may have died before the setting took effect. No job to read means the launcher ended while starting it.
 RANK_BOOT = """
 import ctypes, os, signal, sys
 if sys.platform.startswith("linux"):
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 if os.getppid() != int(sys.argv[1]):
     os._exit(70)
 import pickle
-path, blob = pickle.loads(sys.stdin.buffer.read())
+try:
+    path, blob = pickle.loads(sys.stdin.buffer.read())
+except Exception:
+    os._exit(70)
 sys.stdin.close()
 sys.path[:] = path
 from overlap_bench.launch import _rank_main
@@ -220,8 +225,15 @@ def launch(fn: Callable[..., Any], args: tuple, cfg: JobConfig, grace_s: float =
         try:
             for rank in range(cfg.nproc):
                 blob = pickle.dumps((rank, fn, args, cfg, rdv))
-                p = subprocess.Popen([sys.executable, "-c", RANK_BOOT, str(os.getpid())], stdin=subprocess.PIPE)
-                procs.append(p)
+                # Ctrl-C / SIGTERM held back while the rank starts, so every started rank is in procs (and
+                # stopped below); the rank unblocks them first thing (RANK_BOOT).
+                held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+                try:
+                    procs.append(subprocess.Popen([sys.executable, "-c", RANK_BOOT, str(os.getpid())],
+                                                  stdin=subprocess.PIPE))
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, held)
+                p = procs[-1]
                 reaper.stdin.write(f"{p.pid} {_start_time(p.pid)}\n".encode())
                 reaper.stdin.flush()
                 p.stdin.write(pickle.dumps((list(sys.path), blob)))

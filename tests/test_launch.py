@@ -124,6 +124,11 @@ def test_rank_boot_exits_before_any_import_when_the_launcher_is_gone():
     res = subprocess.run([sys.executable, "-c", launcher.RANK_BOOT, "1"], input=b"not a pickle",
                          capture_output=True)
     assert res.returncode == 70 and res.stderr == b"", res.stderr
+    # Its launcher alive but gone before sending the job (SIGTERM while ranks start): quiet exit 70 too,
+    # no traceback on the launcher's terminal.
+    res = subprocess.run([sys.executable, "-c", launcher.RANK_BOOT, str(os.getpid())], input=b"",
+                         capture_output=True)
+    assert res.returncode == 70 and res.stderr == b"", res.stderr
 
 
 def test_sigkill_of_the_launcher_while_ranks_start_leaves_no_rank_and_no_rendezvous(tmp_path):
