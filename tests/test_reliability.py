@@ -135,12 +135,10 @@ def one_line(text: str) -> str:
 @pytest.mark.parametrize("rank", [1, 0])  # 0 is the rank that writes the records
 def test_killed_rank_ends_job_records_intact_and_resume_completes(tmp_path, rank):
     spec, out, marker = write_spec(tmp_path / "spec.yaml"), tmp_path / "run", uuid.uuid4().hex
-    t0 = time.monotonic()
+    # timeout=90 only keeps a hung job from hanging the suite; no test asserts a wall-clock time.
     res = cli("sweep", str(spec), "--out", str(out),
               env=cli_env(marker, **{FAULT_ENV: f"kill:rank={rank}:after=3"}), timeout=90)
-    elapsed = time.monotonic() - t0
     assert res.returncode == 1, res.stderr
-    assert elapsed < 60, f"took {elapsed:.0f}s"
     err = one_line(res.stderr)
     assert f"error: rank {rank} failed: process killed by SIGKILL" in err, res.stderr
     assert "Traceback" not in res.stderr
@@ -164,12 +162,9 @@ def test_killed_rank_ends_job_records_intact_and_resume_completes(tmp_path, rank
 
 def test_hung_rank_ends_job_through_collective_timeout_naming_the_case(tmp_path):
     spec, out, marker = write_spec(tmp_path / "spec.yaml", timeout_s=5), tmp_path / "run", uuid.uuid4().hex
-    t0 = time.monotonic()
     res = cli("sweep", str(spec), "--out", str(out),
-              env=cli_env(marker, **{FAULT_ENV: "hang:rank=1:after=3"}), timeout=90)
-    elapsed = time.monotonic() - t0
+              env=cli_env(marker, **{FAULT_ENV: "hang:rank=1:after=3"}), timeout=90)  # hang guard only
     assert res.returncode == 1, res.stderr
-    assert elapsed < 45, f"took {elapsed:.0f}s"
     # Rank 1 stopped after its 3rd case; rank 0 timed out in the 4th, which the message names.
     c = in_run_order(spec)[3]
     err = one_line(res.stderr)
@@ -217,14 +212,12 @@ def test_ctrl_c_stops_every_rank_and_keeps_records(tmp_path, target):
             proc.send_signal(signal.SIGTERM)
         else:  # what a terminal's Ctrl-C does: every process of the foreground group gets it
             os.killpg(proc.pid, signal.SIGINT)
-        t0 = time.monotonic()
-        stdout, stderr = proc.communicate(timeout=60)
+        stdout, stderr = proc.communicate(timeout=60)  # hang guard only
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == (143 if target == "sigterm" else 130), stderr
-    assert time.monotonic() - t0 < 30
     assert ("terminated." if target == "sigterm" else "interrupted.") in stderr and "Traceback" not in stderr
     assert_none_left(marker)
     assert len(json_lines(out)) == 2
@@ -377,7 +370,7 @@ def test_huge_grids_are_refused_before_they_are_built():
     with pytest.raises(SpecError, match="cases"):
         parse_spec({**SPEC, "tokens": {"start": 1, "stop": 4000, "step": 1},
                     "strategies": [{"name": "chunked", "chunks": list(range(1, 40)), "align": list(range(1, 40))}]})
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 60  # hang guard: a built grid of 10^12 cases would never return
 
 
 def test_env_names_that_cannot_be_set_are_spec_errors():
