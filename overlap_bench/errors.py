@@ -12,6 +12,11 @@ import os
 class UserError(ValueError):
     """Bad input; ``str()`` names the field and the fix in one line."""
 
+    def __init__(self, message: str):
+        # One line whatever a file holds: line breaks and other control characters in a key or name are
+        # shown escaped, as repr() would.
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message)))
+
 
 # A path the user named cannot be used as asked: their input to fix (exit 2). Anything else (disk full, I/O
 # error, too many open files) is the machine's state (exit 1).

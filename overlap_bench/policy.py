@@ -23,7 +23,8 @@ from typing import Any
 
 import yaml
 
-from overlap_bench import strategies
+from overlap_bench import check, strategies
+from overlap_bench.check import FieldError
 from overlap_bench.errors import UserError
 
 log = logging.getLogger("overlap_bench.policy")
@@ -35,11 +36,6 @@ PACKAGE_DIR = Path(__file__).parent / "configs"
 
 class PolicyError(UserError):
     """A policy file that cannot be used; the message names the file and the field."""
-
-    def __init__(self, message: str):
-        # One line whatever the file holds: line breaks and other control characters in a key or name are
-        # shown escaped, as repr() would.
-        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message)))
 
 
 @dataclass(frozen=True)
@@ -133,44 +129,19 @@ def device_name() -> str:
 
 # ---------------------------------------------------------------------------------------------- load
 
-def _int(v: Any, where: str, path: Path) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, str)):
-        raise PolicyError(f"{path}: {where} must be an integer, got {v!r}")
-    try:
-        return int(v)
-    except ValueError:
-        raise PolicyError(f"{path}: {where} must be an integer, got {v!r}") from None
-
-
-def _mapping(v: Any, where: str, path: Path) -> dict:
-    if not isinstance(v, dict):
-        raise PolicyError(f"{path}: {where} must be a mapping, got {type(v).__name__}")
-    return v
-
-
-def _opt_float(v: Any, where: str, path: Path) -> float | None:
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise PolicyError(f"{path}: {where} must be a number, got {v!r}")
-    return float(v)
-
-
-def _entry(v: Any, where: str, path: Path) -> Entry:
-    v = _mapping(v, where, path)
-    if "strategy" not in v:
-        raise PolicyError(f"{path}: {where}.strategy is missing")
+def _entry(v: Any, where: str) -> Entry:
+    v = check.mapping(v, where)
+    check.required(v, ["strategy"], f"{where}.")
     name = v["strategy"]
     if not isinstance(name, str):
-        raise PolicyError(f"{path}: {where}.strategy must be a name, got {name!r}")
-    values = _mapping(v.get("settings") or {}, f"{where}.settings", path)
+        raise FieldError(f"{where}.strategy: must be a name, got {name!r}")
+    values = check.mapping(v.get("settings") or {}, f"{where}.settings")
     try:
         settings = strategies.make_settings(name, values)
     except (ValueError, TypeError) as e:  # TypeError: a value of a type no setting takes
-        field_ = "strategy" if name not in strategies.REGISTRY else "settings"
-        raise PolicyError(f"{path}: {where}.{field_}: {e}") from None
-    return Entry(name, settings, strategies.label(name, settings), _opt_float(v.get("speedup"), f"{where}.speedup",
-                 path), _opt_float(v.get("eta"), f"{where}.eta", path))
+        raise FieldError(f"{where}.{'strategy' if name not in strategies.REGISTRY else 'settings'}: {e}") from None
+    return Entry(name, settings, strategies.label(name, settings), check.number(v.get("speedup"), f"{where}.speedup"),
+                 check.number(v.get("eta"), f"{where}.eta"))
 
 
 def load_policy(path: str | os.PathLike, expect_world: int | None = None, expect_device: str | None = None,
@@ -199,42 +170,39 @@ def _load_policy(path: Path, expect_world: int | None, expect_device: str | None
         mark = getattr(e, "problem_mark", None)  # one line: str(e) spans several, with a source excerpt
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise PolicyError(f"{path}: malformed YAML{where}: {getattr(e, 'problem', None) or type(e).__name__}") from None
-    doc = _mapping(doc, "the top level", path)
-    for key in ("meta", "shapes"):
-        if key not in doc:
-            raise PolicyError(f"{path}: '{key}' is missing")
-    meta = _mapping(doc["meta"], "meta", path)
-    for key in ("device", "world_size", "dtype"):
-        if key not in meta:
-            raise PolicyError(f"{path}: meta.{key} is missing")
-    world = _int(meta["world_size"], "meta.world_size", path)
-    mismatch = None
+    try:
+        return _policy(check.mapping(doc, "the top level"), path, expect_world, expect_device)
+    except FieldError as e:
+        raise PolicyError(f"{path}: {e}") from None
+
+
+def _policy(doc: dict, path: Path, expect_world: int | None, expect_device: str | None) -> Policy:
+    check.required(doc, ["meta", "shapes"], "", "a policy file has meta and shapes, as `overlap-bench export` writes")
+    meta = check.mapping(doc["meta"], "meta")
+    check.required(meta, ["device", "world_size", "dtype"], "meta.")
+    world = check.integer(meta["world_size"], "meta.world_size", text=True)
     if expect_world is not None and world != expect_world:
-        mismatch = f"meta.world_size is {world}, expected {expect_world}"
-    elif expect_device is not None and not _same_device(str(meta["device"]), expect_device):
-        mismatch = f"meta.device is {meta['device']!r}, expected {expect_device!r}"
-    if mismatch:
-        raise PolicyError(f"{path}: {mismatch}")
+        raise FieldError(f"meta.world_size: is {world}, expected {expect_world}")
+    if expect_device is not None and not _same_device(str(meta["device"]), expect_device):
+        raise FieldError(f"meta.device: is {meta['device']!r}, expected {expect_device!r}")
     shapes: dict[tuple[int, int], ShapePolicy] = {}
-    for key, sv in _mapping(doc["shapes"] or {}, "shapes", path).items():
+    for key, sv in check.mapping(doc["shapes"] or {}, "shapes").items():
         where = f"shapes[{key!r}]"
         parts = str(key).split(",")
         if len(parts) != 2:
-            raise PolicyError(f"{path}: {where}: key must be 'K,N'")
-        k, n = (_int(p.strip(), f"{where} key", path) for p in parts)
-        sv = _mapping(sv, where, path)
-        if "buckets" not in sv:
-            raise PolicyError(f"{path}: {where}.buckets is missing")
-        thr = sv.get("threshold")
-        thr = None if thr is None else _int(thr, f"{where}.threshold", path)
-        buckets = []
-        for m, bv in _mapping(sv["buckets"], f"{where}.buckets", path).items():
-            m_int = _int(m, f"{where}.buckets key {m!r}", path)
+            raise FieldError(f"{where}: key must be 'K,N'")
+        k, n = (check.integer(p.strip(), f"{where} key", text=True) for p in parts)
+        sv = check.mapping(sv, where)
+        check.required(sv, ["buckets"], f"{where}.")
+        thr = None if sv.get("threshold") is None else check.integer(sv["threshold"], f"{where}.threshold", text=True)
+        buckets: list[tuple[int, Entry]] = []
+        for m, bv in check.mapping(sv["buckets"], f"{where}.buckets").items():
+            m_int = check.integer(m, f"{where}.buckets key {m!r}", text=True)
             if m_int < 1 or m_int in (b[0] for b in buckets):
-                raise PolicyError(f"{path}: {where}.buckets key {m!r} must be a distinct M >= 1")
-            buckets.append((m_int, _entry(bv, f"{where}.buckets[{m_int}]", path)))
+                raise FieldError(f"{where}.buckets key {m!r}: must be a distinct M >= 1")
+            buckets.append((m_int, _entry(bv, f"{where}.buckets[{m_int}]")))
         if not buckets:
-            raise PolicyError(f"{path}: {where}.buckets is empty")
+            raise FieldError(f"{where}.buckets: is empty")
         shapes[(k, n)] = ShapePolicy(str(sv.get("name", key)), thr, buckets)
     return Policy(meta=dict(meta), shapes=shapes, path=path)
 

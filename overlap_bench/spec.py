@@ -9,27 +9,27 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from overlap_bench.errors import UserError
-from overlap_bench import strategies
+from overlap_bench import check, strategies
+from overlap_bench.check import FieldError
 from overlap_bench.world import LaunchError, in_torchrun, resolve
 from overlap_bench.metrics import DTYPES
 from overlap_bench.timing import REPS, WARMUP
 from overlap_bench.presets import row_parallel_shapes
 
 
-class SpecError(UserError):
-    """An invalid sweep spec; the message is one line: ``field: problem; fix``."""
+SpecError = FieldError
+"""An invalid sweep spec or flag; the message is one line: ``field: problem; fix``."""
 
-    def __init__(self, message: str):
-        # One line whatever the file holds: line breaks and other control characters in a key or name are
-        # shown escaped, as repr() would.
-        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message)))
+MAX_CASES = 100_000
+"""More cases than this is a mistake (a range with step 1, a grid too fine): refused before it is built."""
+MAX_DIM = 2 ** 31 - 1
+"""Largest K, N or M: GEMM libraries index with 32-bit integers, and larger products overflow a tensor's size."""
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,16 @@ class Case:
 
 @dataclass
 class SweepSpec:
-    """A validated sweep."""
+    """A sweep, validated where it is built: ``SweepSpec(**yaml_mapping)`` checks every field (its
+    ``__post_init__``) and expands the YAML forms (presets, token ranges, strategy grids) into the lists
+    below. A failure is a :class:`SpecError` naming the field and the fix; the defaults are the ones here."""
 
+    shapes: list[Shape]
+    """Expanded shapes. YAML: ``{preset, tp}`` (a model's o_proj and down_proj) or ``{name, K, N}``."""
+    tokens: list[int]
+    """Token counts M, sorted. YAML: a list, or ``{start, stop, mul}`` / ``{start, stop, step}``."""
+    strategies: list[str]
+    """Expanded strategy labels, one per grid point. YAML: names, or ``{name, setting: [values]}`` grids."""
     name: str = "sweep"
     """Used in file names and titles."""
     backend: str = "auto"
@@ -75,14 +83,8 @@ class SweepSpec:
     """Ranks; default every visible GPU, or 2 on CPU."""
     dtypes: list[str] = field(default_factory=lambda: ["bfloat16"])
     """Element types: bfloat16, float16, float32."""
-    shapes: list[Shape] = field(default_factory=list)
-    """Expanded shapes (presets become their o_proj and down_proj)."""
-    tokens: list[int] = field(default_factory=list)
-    """Token counts M."""
     bias: bool = False
     """Give the layer a bias (counted once in the reduced output)."""
-    strategies: list[str] = field(default_factory=list)
-    """Expanded strategy labels, one per grid point."""
     env: list[dict[str, str]] = field(default_factory=lambda: [{}])
     """Process environment variants; each runs as its own job (some knobs act only before CUDA starts)."""
     warmup: int = WARMUP
@@ -91,6 +93,34 @@ class SweepSpec:
     """Timed calls per region (median and IQR over them)."""
     timeout_s: float = 300.0
     """Collective timeout in seconds: a hung rank ends the job after this long."""
+
+    def __post_init__(self) -> None:
+        self.name = str(self.name)
+        ws = None if self.world_size is None else check.integer(self.world_size, "world_size", 1)
+        try:
+            self.backend, self.world_size = resolve(str(self.backend), ws)
+        except LaunchError as exc:
+            field_name = "backend" if "backend" in str(exc) else "world_size"
+            raise SpecError(f"{field_name}: {str(exc).replace('--nproc', 'world_size')}") from None
+        if in_torchrun() and ws is not None and ws != self.world_size:
+            raise SpecError(f"world_size: {ws} differs from torchrun's WORLD_SIZE={self.world_size}; "
+                            "remove it or match it")
+        self.dtypes = check.listed(self.dtypes, "dtypes")
+        for i, d in enumerate(self.dtypes):
+            if not isinstance(d, str) or d not in DTYPES:
+                raise SpecError(f"dtypes[{i}]: unknown dtype {d!r}; use one of {', '.join(DTYPES)}")
+        self.shapes = _shapes(self.shapes, self.world_size)
+        self.tokens = _tokens(self.tokens)
+        if not isinstance(self.bias, bool):
+            raise SpecError(f"bias: must be true or false, got {self.bias!r}")
+        self.strategies = _strategies(self.strategies)
+        self.env = _env(self.env)
+        self.warmup = check.integer(self.warmup, "warmup", 0)
+        self.reps = check.integer(self.reps, "reps", 1)
+        self.timeout_s = _timeout(self.timeout_s, "timeout_s")
+        n = math.prod(map(len, (self.env, self.dtypes, self.shapes, self.tokens, self.strategies)))
+        if n > MAX_CASES:
+            raise SpecError(f"spec: {n} cases, more than {MAX_CASES}; split the sweep or give fewer values")
 
     def cases(self) -> list[Case]:
         """Every case, grouped by environment variant first (one job per variant)."""
@@ -101,15 +131,10 @@ class SweepSpec:
         return out
 
 
-TOP_KEYS = {"name", "backend", "world_size", "dtypes", "shapes", "tokens", "bias", "strategies", "env", "warmup",
-            "reps", "timeout_s"}
-MAX_CASES = 100_000
-"""More cases than this is a mistake (a range with step 1, a grid too fine): refused before it is built."""
-
-
-def _first_unknown(keys: set) -> str:
-    # YAML keys need not be strings (``1: x``); name the first one without comparing mixed types.
-    return sorted(map(str, keys))[0]
+MISSING_FIX = {"shapes": "give presets (preset: qwen2.5-72b) or explicit K and N",
+               "tokens": "give a list of token counts or {start, stop, mul}",
+               "strategies": "list at least baseline and one other strategy"}
+"""The fix named when a required field is missing (the fields of :class:`SweepSpec` without a default)."""
 
 
 def _timeout(value: Any, where: str) -> float:
@@ -117,20 +142,6 @@ def _timeout(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1e7:
         raise SpecError(f"{where}: must be a positive number of seconds (at most 1e7), got {value!r}")
     return float(value)
-
-
-MAX_DIM = 2 ** 31 - 1
-"""Largest K, N or M: GEMM libraries index with 32-bit integers, and larger products overflow a tensor's size."""
-
-
-def _int(value: Any, where: str, minimum: int | None = None, maximum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise SpecError(f"{where}: must be an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise SpecError(f"{where}: must be >= {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise SpecError(f"{where}: must be <= {maximum}, got {value}")
-    return value
 
 
 def check_memory(spec: "SweepSpec") -> None:
@@ -158,71 +169,46 @@ def check_memory(spec: "SweepSpec") -> None:
                                     f"machine's {ram / 2**30:.1f} GiB; use fewer tokens or a smaller shape")
 
 
-def _list(value: Any, where: str) -> list:
-    if not isinstance(value, list):
-        value = [value]
-    if not value:
-        raise SpecError(f"{where}: is empty; give at least one value")
-    return value
-
-
-def _mapping(value: Any, where: str) -> dict:
-    if not isinstance(value, dict):
-        raise SpecError(f"{where}: must be a mapping, got {type(value).__name__}")
-    return value
-
-
 def _tokens(raw: Any) -> list[int]:
-    if isinstance(raw, dict):
-        unknown = set(raw) - {"start", "stop", "mul", "step"}
-        if unknown:
-            raise SpecError(f"tokens.{_first_unknown(unknown)}: unknown key; use start, stop and mul or step")
-        start = _int(raw.get("start"), "tokens.start", 1, MAX_DIM)
-        stop = _int(raw.get("stop"), "tokens.stop", start, MAX_DIM)
-        if ("mul" in raw) == ("step" in raw):
-            raise SpecError("tokens: give exactly one of mul (geometric) or step (linear)")
-        vals, m = [], start
-        if "mul" in raw:
-            mul = _int(raw["mul"], "tokens.mul", 2)
-            while m <= stop:
-                vals.append(m)
-                m *= mul
-        else:
-            step = _int(raw["step"], "tokens.step", 1)
-            if (stop - start) // step + 1 > MAX_CASES:
-                raise SpecError(f"tokens: {start}..{stop} by {step} is {(stop - start) // step + 1} values; "
-                                f"use a larger step or mul")
-            vals = list(range(start, stop + 1, step))
-        return vals
-    return sorted({_int(v, f"tokens[{i}]", 1, MAX_DIM) for i, v in enumerate(_list(raw, "tokens"))})
+    if not isinstance(raw, dict):
+        return sorted({check.integer(v, f"tokens[{i}]", 1, MAX_DIM) for i, v in enumerate(check.listed(raw, "tokens"))})
+    check.known_keys(raw, {"start", "stop", "mul", "step"}, "tokens.", "use start, stop and mul or step")
+    start = check.integer(raw.get("start"), "tokens.start", 1, MAX_DIM)
+    stop = check.integer(raw.get("stop"), "tokens.stop", start, MAX_DIM)
+    if ("mul" in raw) == ("step" in raw):
+        raise SpecError("tokens: give exactly one of mul (geometric) or step (linear)")
+    if "step" in raw:
+        step = check.integer(raw["step"], "tokens.step", 1)
+        if (stop - start) // step + 1 > MAX_CASES:
+            raise SpecError(f"tokens: {start}..{stop} by {step} is {(stop - start) // step + 1} values; "
+                            f"use a larger step or mul")
+        return list(range(start, stop + 1, step))
+    vals, m, mul = [], start, check.integer(raw["mul"], "tokens.mul", 2)
+    while m <= stop:
+        vals.append(m)
+        m *= mul
+    return vals
 
 
 def _shapes(raw: Any, world: int) -> list[Shape]:
     out: list[Shape] = []
-    for i, item in enumerate(_list(raw, "shapes")):
+    for i, item in enumerate(check.listed(raw, "shapes")):
         where = f"shapes[{i}]"
-        item = _mapping(item, where)
+        item = check.mapping(item, where)
         if "preset" in item:
-            unknown = set(item) - {"preset", "tp"}
-            if unknown:
-                raise SpecError(f"{where}.{_first_unknown(unknown)}: unknown key; "
-                                "a preset shape takes preset and tp")
-            tp = _int(item.get("tp", world), f"{where}.tp", 1)
+            check.known_keys(item, {"preset", "tp"}, f"{where}.", "a preset shape takes preset and tp")
+            tp = check.integer(item.get("tp", world), f"{where}.tp", 1)
             try:
                 pairs = row_parallel_shapes(str(item["preset"]), tp)
             except ValueError as exc:
                 raise SpecError(f"{where}: {exc}") from None
             out += [Shape(n, k, nn) for n, (k, nn) in pairs.items()]
         else:
-            unknown = set(item) - {"name", "K", "N"}
-            if unknown:
-                raise SpecError(f"{where}.{_first_unknown(unknown)}: unknown key; "
-                                "use preset+tp or name, K (per rank), N")
+            check.known_keys(item, {"name", "K", "N"}, f"{where}.", "use preset+tp or name, K (per rank), N")
             for key in ("K", "N"):
-                if key not in item:
-                    raise SpecError(f"{where}.{key}: missing; give {key} as an integer")
-            k = _int(item["K"], f"{where}.K", 1, MAX_DIM)
-            n = _int(item["N"], f"{where}.N", 1, MAX_DIM)
+                check.required(item, [key], f"{where}.", f"give {key} as an integer")
+            k = check.integer(item["K"], f"{where}.K", 1, MAX_DIM)
+            n = check.integer(item["N"], f"{where}.N", 1, MAX_DIM)
             out.append(Shape(str(item.get("name", f"K{k}xN{n}")), k, n))
     names = [s.name for s in out]
     dup = next((n for n in names if names.count(n) > 1), None)
@@ -233,29 +219,27 @@ def _shapes(raw: Any, world: int) -> list[Shape]:
 
 def _strategies(raw: Any) -> list[str]:
     labels: list[str] = []
-    for i, item in enumerate(_list(raw, "strategies")):
+    for i, item in enumerate(check.listed(raw, "strategies")):
         where = f"strategies[{i}]"
-        if isinstance(item, str):
-            item = {"name": item}
-        item = dict(_mapping(item, where))
-        name = item.pop("name", None)
-        if name is None:
+        item = dict(check.mapping({"name": item} if isinstance(item, str) else item, where))
+        if item.get("name") is None:
             raise SpecError(f"{where}.name: missing; give a strategy name ({', '.join(sorted(strategies.REGISTRY))})")
+        name = str(item.pop("name"))
         try:
-            strategies.get(str(name))
+            strategies.get(name)
         except ValueError as exc:
             raise SpecError(f"{where}.name: {exc}") from None
         keys = list(item)
-        grids = [_list(item[k], f"{where}.{k}") for k in keys]
+        grids = [check.listed(item[k], f"{where}.{k}") for k in keys]
         if math.prod(map(len, grids)) > MAX_CASES:
             raise SpecError(f"{where}: its grid has {math.prod(map(len, grids))} points; give fewer values")
         for point in itertools.product(*grids):
             try:
-                settings = strategies.make_settings(str(name), dict(zip(keys, point)))
+                settings = strategies.make_settings(name, dict(zip(keys, point)))
             except ValueError as exc:
                 bad = next((k for k in keys if f"'{k}'" in str(exc)), None)
                 raise SpecError(f"{where}.{bad or 'settings'}: {exc}") from None
-            lab = strategies.label(str(name), settings)
+            lab = strategies.label(name, settings)
             if lab not in labels:
                 labels.append(lab)
     return labels
@@ -263,8 +247,8 @@ def _strategies(raw: Any) -> list[str]:
 
 def _env(raw: Any) -> list[dict[str, str]]:
     out = []
-    for i, item in enumerate(_list(raw, "env")):
-        item = _mapping(item or {}, f"env[{i}]")
+    for i, item in enumerate(check.listed(raw, "env")):
+        item = check.mapping(item or {}, f"env[{i}]")
         for k, v in item.items():
             if not isinstance(v, (str, int)) or isinstance(v, bool):
                 raise SpecError(f"env[{i}].{k}: must be a string or integer, got {v!r}")
@@ -277,51 +261,16 @@ def _env(raw: Any) -> list[dict[str, str]]:
 
 def parse_spec(raw: Any, *, world_size: int | None = None, backend: str | None = None,
                timeout_s: float | None = None) -> SweepSpec:
-    """Validate a spec mapping. ``world_size``/``backend``/``timeout_s`` override the spec's (command-line flags)."""
-    raw = _mapping(raw if raw is not None else {}, "spec")
-    unknown = set(raw) - TOP_KEYS
-    if unknown:
-        raise SpecError(f"{_first_unknown(unknown)}: unknown key; allowed: {', '.join(sorted(TOP_KEYS))}")
-    spec = SweepSpec()
-    spec.name = str(raw.get("name", "sweep"))
-    spec.backend = str(backend or raw.get("backend", "auto"))
-    ws = world_size if world_size is not None else raw.get("world_size")
-    if ws is not None:
-        ws = _int(ws, "world_size", 1)
-    try:
-        spec.backend, spec.world_size = resolve(spec.backend, ws)
-    except LaunchError as exc:
-        field_name = "backend" if "backend" in str(exc) else "world_size"
-        raise SpecError(f"{field_name}: {str(exc).replace('--nproc', 'world_size')}") from None
-    if in_torchrun() and ws is not None and ws != spec.world_size:
-        raise SpecError(f"world_size: {ws} differs from torchrun's WORLD_SIZE={spec.world_size}; remove it or match it")
-    spec.dtypes = []
-    for i, d in enumerate(_list(raw.get("dtypes", ["bfloat16"]), "dtypes")):
-        if not isinstance(d, str) or d not in DTYPES:
-            raise SpecError(f"dtypes[{i}]: unknown dtype {d!r}; use one of {', '.join(DTYPES)}")
-        spec.dtypes.append(d)
-    if "shapes" not in raw:
-        raise SpecError("shapes: missing; give presets (preset: qwen2.5-72b) or explicit K and N")
-    spec.shapes = _shapes(raw["shapes"], spec.world_size)
-    if "tokens" not in raw:
-        raise SpecError("tokens: missing; give a list of token counts or {start, stop, mul}")
-    spec.tokens = _tokens(raw["tokens"])
-    if not isinstance(raw.get("bias", False), bool):
-        raise SpecError(f"bias: must be true or false, got {raw['bias']!r}")
-    spec.bias = raw.get("bias", False)
-    if "strategies" not in raw:
-        raise SpecError("strategies: missing; list at least baseline and one other strategy")
-    spec.strategies = _strategies(raw["strategies"])
-    spec.env = _env(raw.get("env", [{}]))
-    spec.warmup = _int(raw.get("warmup", WARMUP), "warmup", 0)
-    spec.reps = _int(raw.get("reps", REPS), "reps", 1)
-    spec.timeout_s = _timeout(raw.get("timeout_s", 300), "timeout_s")
-    if timeout_s is not None:
-        spec.timeout_s = _timeout(timeout_s, "--timeout")
-    n = math.prod(map(len, (spec.env, spec.dtypes, spec.shapes, spec.tokens, spec.strategies)))
-    if n > MAX_CASES:
-        raise SpecError(f"spec: {n} cases, more than {MAX_CASES}; split the sweep or give fewer values")
-    return spec
+    """Validate a spec mapping into a :class:`SweepSpec`. ``world_size``/``backend``/``timeout_s`` replace the
+    spec's (command-line flags)."""
+    raw = check.mapping(raw if raw is not None else {}, "spec")
+    allowed = [f.name for f in fields(SweepSpec)]
+    check.known_keys(raw, allowed, "", f"allowed: {', '.join(sorted(allowed))}")
+    for key, fix in MISSING_FIX.items():
+        check.required(raw, [key], "", fix)
+    flags = {"world_size": world_size, "backend": backend or None,
+             "timeout_s": None if timeout_s is None else _timeout(timeout_s, "--timeout")}
+    return SweepSpec(**{**raw, **{k: v for k, v in flags.items() if v is not None}})
 
 
 def with_tp(raw: Any, tp: int) -> dict:
@@ -329,7 +278,7 @@ def with_tp(raw: Any, tp: int) -> dict:
     become ``tp`` (e.g. a tp=8 spec measured on the 4 GPUs at hand). Explicit K, N shapes are kept."""
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
         raise SpecError(f"--tp: must be an integer >= 1, got {tp!r}")
-    out = dict(_mapping(raw if raw is not None else {}, "spec"))
+    out = dict(check.mapping(raw if raw is not None else {}, "spec"))
     shapes = out.get("shapes")
     if isinstance(shapes, list):
         out["shapes"] = [dict(s, tp=tp) if isinstance(s, dict) and "preset" in s else s for s in shapes]
@@ -393,6 +342,4 @@ def default_spec_raw() -> dict[str, Any]:
         "tokens": [4096, 8192, 16384, 32768],
         "strategies": [{"name": "baseline"}, {"name": "pr"},
                        {"name": "chunked", "chunks": [2, 3, 4, 8], "comm": ["stream", "async"]}],
-        "warmup": WARMUP,
-        "reps": REPS,
     }
