@@ -177,14 +177,16 @@ def _load_policy(path: Path, expect_world: int | None, expect_device: str | None
 
 
 def _policy(doc: dict, path: Path, expect_world: int | None, expect_device: str | None) -> Policy:
-    check.required(doc, ["meta", "shapes"], "", "a policy file has meta and shapes, as `overlap-bench export` writes")
+    for key in ("meta", "shapes"):
+        if key not in doc:
+            raise FieldError(f"'{key}' is missing; a policy file has meta and shapes, as `overlap-bench export` writes")
     meta = check.mapping(doc["meta"], "meta")
     check.required(meta, ["device", "world_size", "dtype"], "meta.")
     world = check.integer(meta["world_size"], "meta.world_size", text=True)
     if expect_world is not None and world != expect_world:
-        raise FieldError(f"meta.world_size: is {world}, expected {expect_world}")
+        raise FieldError(f"meta.world_size is {world}, expected {expect_world}")
     if expect_device is not None and not _same_device(str(meta["device"]), expect_device):
-        raise FieldError(f"meta.device: is {meta['device']!r}, expected {expect_device!r}")
+        raise FieldError(f"meta.device is {meta['device']!r}, expected {expect_device!r}")
     shapes: dict[tuple[int, int], ShapePolicy] = {}
     for key, sv in check.mapping(doc["shapes"] or {}, "shapes").items():
         where = f"shapes[{key!r}]"
