@@ -49,12 +49,26 @@ class Record:
     """``ok``; ``failed`` (numerics out of tolerance or an error in the case); ``unavailable`` (cannot run here)."""
     reason: str | None = None
     note: str | None = None
+    rel_err: float = math.nan
+    """Relative error of the output against the baseline's on the same inputs."""
+    tol: float = math.nan
+    """The tolerance ``rel_err`` was held to (``numerics.TOLERANCE``)."""
     t_ms: float = math.nan
+    """The strategy's time (NaN when it did not measure)."""
     t_iqr_ms: float = math.nan
+    """Its spread: the interquartile range over the timed calls."""
+    warmup: int = 0
+    """Untimed calls before each timed region."""
+    reps: int = 0
+    """Timed calls per region."""
     t_base_ms: float = math.nan
+    """The baseline measured beside it (its spread: ``t_base_iqr_ms``)."""
     t_base_iqr_ms: float = math.nan
     t_gemm_ms: float = math.nan
+    """The local GEMM alone."""
     t_comm_ms: float = math.nan
+    """The all-reduce alone."""
+    # Derived from the times above by metrics.derive, where each is defined.
     ideal_ms: float = math.nan
     speedup: float = math.nan
     """As measured, against this record's own ``t_base``; every table restates it against the group's
@@ -63,10 +77,6 @@ class Record:
     tokens_per_s: float = math.nan
     tflops: float = math.nan
     busbw_gbps: float = math.nan
-    rel_err: float = math.nan
-    tol: float = math.nan
-    warmup: int = 0
-    reps: int = 0
     repro: str = ""
     """A command that measures this case again."""
     time: str = ""
