@@ -111,10 +111,9 @@ def repro(case: Case, world: int, backend: str, warmup: int, reps: int) -> str:
 
 
 def _record(case: Case, ctx: RankContext, opts: BenchOptions, device_name: str, **values: Any) -> Record:
-    name, settings = strategies.parse(case.label)
     return Record(shape=case.shape, K=case.K, N=case.N, M=case.M, dtype=case.dtype, world=ctx.world,
-                  backend=ctx.backend, device=device_name, strategy=name,
-                  settings=strategies.settings_dict(settings), label=case.label, env=case.env_dict,
+                  backend=ctx.backend, device=device_name, strategy=case.strategy,
+                  settings=strategies.settings_dict(case.settings), label=case.label, env=case.env_dict,
                   bias=case.bias, warmup=opts.warmup, reps=opts.reps, tol=TOLERANCE[case.dtype],
                   repro=repro(case, ctx.world, ctx.backend, opts.warmup, opts.reps),
                   time=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **values)
@@ -185,7 +184,7 @@ def measure_group(ctx: RankContext, group: list[Case], opts: BenchOptions, devic
     timed = 0
     for i, case in enumerate(group):
         cursor.at(case.label)
-        name, settings = strategies.parse(case.label)
+        name, settings = case.strategy, case.settings
         note = strategies.backend_note(name, settings, ctx.backend)
         strategies.take_report()
         checked = check_against_baseline(name, settings, x, w, b, y_base, case.dtype, ctx)

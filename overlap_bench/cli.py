@@ -270,7 +270,8 @@ def _compare_cases(spec_path: Optional[Path], preset: Optional[str], tokens: Opt
         spec.dtypes = [dtype]
     from overlap_bench.spec import Case
 
-    cases = [Case(s.name, s.K, s.N, m, d, spec.bias, "baseline", ()) for d in spec.dtypes for s in spec.shapes
+    base = strategies.make_settings("baseline")
+    cases = [Case(s.name, s.K, s.N, m, d, spec.bias, "baseline", base, ()) for d in spec.dtypes for s in spec.shapes
              for m in spec.tokens]
     return spec, cases
 

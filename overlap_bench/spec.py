@@ -53,14 +53,21 @@ class Case:
     M: int
     dtype: str
     bias: bool
-    label: str
-    """Canonical strategy text (``strategies.label``)."""
+    strategy: str
+    """A registered strategy's name."""
+    settings: Any
+    """Its typed settings (``strategies.make_settings``)."""
     env: tuple[tuple[str, str], ...]
     """Process environment variant, as sorted items (hashable)."""
 
     @property
     def env_dict(self) -> dict[str, str]:
         return dict(self.env)
+
+    @property
+    def label(self) -> str:
+        """Canonical strategy text, for display and keys only (``strategies.label``)."""
+        return strategies.label(self.strategy, self.settings)
 
 
 @dataclass
@@ -73,8 +80,8 @@ class SweepSpec:
     """Expanded shapes. YAML: ``{preset, tp}`` (a model's o_proj and down_proj) or ``{name, K, N}``."""
     tokens: list[int]
     """Token counts M, sorted. YAML: a list, or ``{start, stop, mul}`` / ``{start, stop, step}``."""
-    strategies: list[str]
-    """Expanded strategy labels, one per grid point. YAML: names, or ``{name, setting: [values]}`` grids."""
+    strategies: list[tuple[str, Any]]
+    """Expanded ``(name, settings)``, one per grid point. YAML: names, or ``{name, setting: [values]}`` grids."""
     name: str = "sweep"
     """Used in file names and titles."""
     backend: str = "auto"
@@ -125,10 +132,16 @@ class SweepSpec:
     def cases(self) -> list[Case]:
         """Every case, grouped by environment variant first (one job per variant)."""
         out = []
-        for env, dtype, shape, m, lab in itertools.product(self.env, self.dtypes, self.shapes, self.tokens,
-                                                           self.strategies):
-            out.append(Case(shape.name, shape.K, shape.N, m, dtype, self.bias, lab, tuple(sorted(env.items()))))
+        for env, dtype, shape, m, (name, settings) in itertools.product(self.env, self.dtypes, self.shapes,
+                                                                        self.tokens, self.strategies):
+            out.append(Case(shape.name, shape.K, shape.N, m, dtype, self.bias, name, settings,
+                            tuple(sorted(env.items()))))
         return out
+
+    @property
+    def labels(self) -> list[str]:
+        """The strategies as labels (display, the run folder's identity)."""
+        return [strategies.label(*s) for s in self.strategies]
 
 
 MISSING_FIX = {"shapes": "give presets (preset: qwen2.5-72b) or explicit K and N",
@@ -217,8 +230,8 @@ def _shapes(raw: Any, world: int) -> list[Shape]:
     return out
 
 
-def _strategies(raw: Any) -> list[str]:
-    labels: list[str] = []
+def _strategies(raw: Any) -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
     for i, item in enumerate(check.listed(raw, "strategies")):
         where = f"strategies[{i}]"
         item = dict(check.mapping({"name": item} if isinstance(item, str) else item, where))
@@ -239,10 +252,9 @@ def _strategies(raw: Any) -> list[str]:
             except ValueError as exc:
                 bad = next((k for k in keys if f"'{k}'" in str(exc)), None)
                 raise SpecError(f"{where}.{bad or 'settings'}: {exc}") from None
-            lab = strategies.label(name, settings)
-            if lab not in labels:
-                labels.append(lab)
-    return labels
+            if (name, settings) not in out:  # settings compare by value: a grid point given twice runs once
+                out.append((name, settings))
+    return out
 
 
 def _env(raw: Any) -> list[dict[str, str]]:

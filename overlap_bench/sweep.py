@@ -51,7 +51,7 @@ def prepare_out_dir(out_dir: Path, resume: bool) -> tuple[set, list[int]]:
 def run_identity(spec: SweepSpec, seed: int) -> dict:
     """The run folder identity of a sweep (``runfolder.identity``): its case grid and timing options."""
     grid = {"dtypes": spec.dtypes, "shapes": [asdict(s) for s in spec.shapes], "tokens": spec.tokens,
-            "bias": spec.bias, "strategies": spec.strategies, "env": spec.env}
+            "bias": spec.bias, "strategies": spec.labels, "env": spec.env}
     options = {"warmup": spec.warmup, "reps": spec.reps, "seed": seed, "world_size": spec.world_size,
                "backend": spec.backend}
     return runfolder.identity(grid, options, overlap_bench.__version__)

@@ -189,7 +189,7 @@ def _gate_on_ranks(ctx, cases):
         strategies.register("test_wrong", _WrongSettings, "planted wrong output (tests only)")(_wrong)
     found = []
     for dtype, s, want in cases:
-        case = Case("t", 32, 48, 64, dtype, True, "test_wrong", ())
+        case = Case("t", 32, 48, 64, dtype, True, "test_wrong", s, ())
         x, w, b = inputs(case, ctx, 0)
         y_base = strategies.run("baseline", x, w, b, None, strategies.make_settings("baseline"))
         got = check_against_baseline("test_wrong", s, x, w, b, y_base, dtype, ctx)
