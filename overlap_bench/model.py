@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from overlap_bench import metrics, nanobatch, runfolder, strategies
+from overlap_bench import check, metrics, nanobatch, runfolder, strategies
 from overlap_bench.bench import agree_failure, try_case
 from overlap_bench.errors import UserError
 from overlap_bench.launch import JobConfig, RankContext, launch
@@ -544,8 +544,7 @@ def validate(preset: str, tp: int, tokens: list[int], layers: int, dtype: str, w
     if preset not in PRESETS:
         raise UserError(f"--preset: unknown preset '{preset}' (known: {', '.join(PRESETS)})")
     p = PRESETS[preset]
-    if tp < 1:
-        raise UserError(f"--tp must be >= 1, got {tp}")
+    check.integer(tp, "--tp", 1)
     for name in ("heads", "kv_heads", "intermediate"):
         value = getattr(p, name)
         if value % tp:
@@ -558,14 +557,11 @@ def validate(preset: str, tp: int, tokens: list[int], layers: int, dtype: str, w
     bad = [t for t in tokens if not isinstance(t, int) or isinstance(t, bool) or t < 1]
     if bad:
         raise UserError(f"--tokens: token counts must be integers >= 1, got {bad[0]!r}")
-    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
-        raise UserError(f"--layers must be an integer >= 1, got {layers!r}")
+    check.integer(layers, "--layers", 1)
     if dtype not in DTYPES:
         raise UserError(f"--dtype: unknown dtype '{dtype}'; use one of {', '.join(DTYPES)}")
-    if warmup < 0:
-        raise UserError(f"--warmup must be >= 0, got {warmup}")
-    if reps < 1:
-        raise UserError(f"--reps must be >= 1, got {reps}")
+    check.integer(warmup, "--warmup", 0)
+    check.integer(reps, "--reps", 1)
     unknown = [mode for mode in modes if mode not in MODES]
     if unknown or not modes:
         raise UserError(f"--mode: unknown mode '{unknown[0] if unknown else ''}'; use a comma-separated list of "
