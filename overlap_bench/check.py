@@ -1,6 +1,5 @@
 """Field checks shared by the config dataclasses (sweep specs, policy files): each returns the value in its
-type or raises :class:`FieldError` ``<field>: <problem>``, so every message names the field; the loader that
-knows the file puts its name in front."""
+type or raises :class:`FieldError` ``<field>: <problem>``; a loader that knows the file names it in front."""
 
 from __future__ import annotations
 
@@ -42,10 +41,9 @@ def mapping(v: Any, where: str) -> dict:
 
 def listed(v: Any, where: str) -> list:
     """``v`` as a non-empty list (a single value becomes a list of one)."""
-    v = v if isinstance(v, list) else [v]
-    if not v:
+    if v == []:
         raise FieldError(f"{where}: is empty; give at least one value")
-    return v
+    return v if isinstance(v, list) else [v]
 
 
 def known_keys(d: dict, allowed: set[str] | list[str], where: str, fix: str) -> None:

@@ -13,8 +13,7 @@ class UserError(ValueError):
     """Bad input; ``str()`` names the field and the fix in one line."""
 
     def __init__(self, message: str):
-        # One line whatever a file holds: line breaks and other control characters in a key or name are
-        # shown escaped, as repr() would.
+        # One line whatever a file holds: control characters in a key or name are shown escaped, as repr() would.
         super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message)))
 
 

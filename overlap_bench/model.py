@@ -554,9 +554,8 @@ def validate(preset: str, tp: int, tokens: list[int], layers: int, dtype: str, w
                             f"use a --tp that divides heads, kv_heads and intermediate (e.g. {fits})")
     if not tokens:
         raise UserError("--tokens: give at least one token count, e.g. 8192,16384,32768")
-    bad = [t for t in tokens if not isinstance(t, int) or isinstance(t, bool) or t < 1]
-    if bad:
-        raise UserError(f"--tokens: token counts must be integers >= 1, got {bad[0]!r}")
+    for t in tokens:
+        check.integer(t, "--tokens", 1)
     check.integer(layers, "--layers", 1)
     if dtype not in DTYPES:
         raise UserError(f"--dtype: unknown dtype '{dtype}'; use one of {', '.join(DTYPES)}")

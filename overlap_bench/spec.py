@@ -288,14 +288,13 @@ def parse_spec(raw: Any, *, world_size: int | None = None, backend: str | None =
 def with_tp(raw: Any, tp: int) -> dict:
     """A copy of a raw spec run at tensor parallel ``tp``: every preset shape's ``tp`` and the world size
     become ``tp`` (e.g. a tp=8 spec measured on the 4 GPUs at hand). Explicit K, N shapes are kept."""
-    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
-        raise SpecError(f"--tp: must be an integer >= 1, got {tp!r}")
+    check.integer(tp, "--tp", 1)
     out = dict(check.mapping(raw if raw is not None else {}, "spec"))
     shapes = out.get("shapes")
     if isinstance(shapes, list):
         out["shapes"] = [dict(s, tp=tp) if isinstance(s, dict) and "preset" in s else s for s in shapes]
     out["world_size"] = tp
-    out["name"] = f"{out.get('name', 'sweep')}-at-tp{tp}"
+    out["name"] = f"{out.get('name', SweepSpec.name)}-at-tp{tp}"
     return out
 
 
