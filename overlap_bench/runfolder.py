@@ -39,6 +39,8 @@ SUMMARY = "summary.md"
 TABLES_MD, TABLES_CSV = "tables.md", "tables.csv"
 MODEL = "model.jsonl"
 COMPARE_JSON, COMPARE_MD = "compare.json", "compare.md"
+CONFIRM = "confirm.jsonl"
+"""The confirmation stage's rows (``confirm``): one JSON line per (group, M, candidate), interleaved samples."""
 
 
 class FolderBusy(UserError):
