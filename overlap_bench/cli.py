@@ -17,6 +17,8 @@ from rich.table import Table
 
 import overlap_bench
 from overlap_bench import runfolder, strategies
+from overlap_bench.confirm import REPEATS as CONFIRM_REPEATS
+from overlap_bench.confirm import TOP as CONFIRM_TOP
 from overlap_bench.timing import REPS, WARMUP
 from overlap_bench.world import refuse_world_one
 
@@ -207,8 +209,17 @@ def sweep(
                                             help="Collective timeout in seconds (overrides the spec's timeout_s)."),
     tp: Optional[int] = typer.Option(None, "--tp", help="Run the spec's preset shapes at this tensor-parallel "
                                                        "size, on that many ranks (e.g. a tp=8 spec on 4 GPUs)."),
+    confirm: bool = typer.Option(True, "--confirm/--no-confirm",
+                                 help="After the first pass, re-measure each bucket's leading candidates against "
+                                      "the baseline, interleaved (what export ships needs it)."),
+    confirm_repeats: Optional[int] = typer.Option(None, min=2, help="Interleaved repeats per side in the "
+                                                                    "confirmation (default: the spec's "
+                                                                    f"confirm_repeats, else {CONFIRM_REPEATS})."),
+    confirm_top: int = typer.Option(CONFIRM_TOP, min=1, help="Candidates confirmed per bucket besides the peers "
+                                                             "(pr): the best this many of the first pass."),
 ) -> None:
-    """Sweep shapes x tokens x settings; each record is appended to OUT/records.jsonl as it is measured."""
+    """Sweep shapes x tokens x settings (each record appended to OUT/records.jsonl as it is measured), then
+    confirm each bucket's leaders by interleaved re-measurement (OUT/confirm.jsonl)."""
     from overlap_bench.spec import load_spec
     from overlap_bench.sweep import run_sweep
 
@@ -223,7 +234,9 @@ def sweep(
                 env = " ".join(f"{k}={v}" for k, v in c.env)
                 print(f"{c.shape}\tK={c.K}\tN={c.N}\tM={c.M}\t{c.dtype}\t{c.label}\t{env}")
             return
-        res = run_sweep(spec, raw, out, resume=resume, seed=seed, rank0=_rank0(), force=force)
+        repeats = confirm_repeats or spec.confirm_repeats
+        res = run_sweep(spec, raw, out, resume=resume, seed=seed, rank0=_rank0(), force=force, confirm=confirm,
+                        confirm_repeats=repeats, confirm_top=confirm_top)
         if not _rank0():
             return
         msg = f"{spec.name}: {res.planned - res.skipped_done} cases measured"
@@ -231,6 +244,12 @@ def sweep(
             msg += f", {res.skipped_done} already recorded (skipped)"
         if res.torn_lines:
             msg += f"; torn line(s) {res.torn_lines} in records.jsonl were skipped"
+        if confirm:
+            msg += f"; {res.confirmed} candidate(s) confirmed ({repeats} interleaved repeats)"
+            if res.confirmed_before:
+                msg += f", {res.confirmed_before} confirmed before (kept)"
+        else:
+            msg += "; not confirmed (--no-confirm): export ships the baseline unless --unconfirmed"
         out_console.print(escape(f"{msg}. Results in {out}/ (records.jsonl, tables.md, summary.md)"))
         for line in res.not_run:
             err_console.print(f"[yellow]not run:[/] {escape(line)}")
@@ -363,6 +382,9 @@ def export(
     out: Path = typer.Option(..., "-o", "--out", help="Policy file (.yaml) or a folder (one file per device/world/dtype)."),
     env: List[str] = typer.Option([], help="KEY=VALUE: export this environment variant (default: the fastest)."),
     dtype: Optional[str] = typer.Option(None, help="Export only this dtype."),
+    unconfirmed: bool = typer.Option(False, "--unconfirmed", help="Where a bucket has no confirmation, ship the "
+                                                                 "first pass's pick (meta.unconfirmed says so) "
+                                                                 "instead of the baseline."),
 ) -> None:
     """Pick the best chunk settings per shape and token bucket and write them as a policy YAML."""
     from overlap_bench.export import export_policy
@@ -372,7 +394,8 @@ def export(
             from overlap_bench.spec import SpecError
 
             raise SpecError(f"RUN_DIR: {run_dir} has no records.jsonl; give a sweep's --out directory")
-        paths = export_policy(run_dir, out, env=_env_raw(env) if env else None, dtype=dtype)
+        paths = export_policy(run_dir, out, env=_env_raw(env) if env else None, dtype=dtype,
+                              unconfirmed=unconfirmed)
         for p in paths:
             out_console.print(escape(f"wrote {p}"))
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -142,3 +143,115 @@ def by_bucket(rows: Iterable[Mapping[str, Any]]) -> dict[tuple, dict[str, tuple[
         out.setdefault(row_key(r)[:-1], {})[r["label"]] = ([float(x) for x in r["samples_a"]],
                                                            [float(x) for x in r["samples_b"]])
     return out
+
+
+# ---- the stage in a sweep --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Job:
+    """One candidate of one bucket to re-measure against the baseline."""
+
+    bucket: dict[str, Any]
+    """:data:`BUCKET_FIELDS` values, plus ``env`` (the variables) for the job that measures it."""
+    label: str
+    first_pass_speedup: float
+    candidates: int
+    """Settings the first pass timed in this bucket."""
+
+
+def plan(records: Iterable[Any], done: set[tuple], *, top: int = TOP, world: int | None = None,
+         backend: str | None = None) -> list[Job]:
+    """The candidates to confirm, from a run's records (:func:`analysis.score`), bucket by bucket, leaving
+    out the keys in ``done`` (stored already: a resumed sweep does not measure them again)."""
+    from overlap_bench import analysis, strategies
+
+    at: dict[tuple, list[Any]] = {}
+    for r in analysis.score(records):
+        if (world is None or r.world == world) and (backend is None or r.backend == backend):
+            at.setdefault(_bucket_of(r), []).append(r)
+    jobs = []
+    for bucket, g in sorted(at.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        first = {r.label: r.speedup for r in g if r.ok and math.isfinite(r.t_ms)}
+        for lab in leaders(first, strategies.peers(), top):
+            if bucket + (lab,) not in done:
+                fields = dict(zip(BUCKET_FIELDS, bucket))
+                jobs.append(Job({**fields, "env": dict(g[0].env)}, lab, float(first[lab]), len(first)))
+    return jobs
+
+
+def _bucket_of(r: Any) -> tuple:
+    from overlap_bench.analysis import env_key
+
+    return (r.shape, r.K, r.N, r.dtype, bool(r.bias), r.world, r.backend, r.device, env_key(r.env), r.M)
+
+
+def measure(ctx: Any, jobs: list[Job], repeats: int, opts: Any) -> None:
+    """Every rank's function of the confirmation job: each candidate against the baseline with
+    :func:`overlap_bench.bench.run_ab` (``compare``'s interleaved repeats); rank 0 appends the rows."""
+    from overlap_bench.bench import run_ab, same_cases
+    from overlap_bench.spec import Case
+
+    jobs = same_cases(jobs, ctx)
+    tmp = Path(opts.out_dir) / ".confirm-row.json"
+    for job in jobs:
+        b = job.bucket
+        case = Case(b["shape"], b["K"], b["N"], b["M"], b["dtype"], b["bias"], "baseline",
+                    tuple(sorted(b["env"].items())))
+        run_ab(ctx, [case], ("baseline", job.label), repeats, opts, str(tmp))
+        if ctx.rank == 0:
+            (ab,) = json.loads(tmp.read_text(encoding="utf-8"))
+            row = {f: b[f] for f in BUCKET_FIELDS}
+            row.update(label=job.label, env=b["env"], first_pass_speedup=job.first_pass_speedup,
+                       candidates=job.candidates, repeats=repeats, warmup=opts.warmup, reps=opts.reps,
+                       samples_a=ab["samples_a"], samples_b=ab["samples_b"], t_ms_a=ab["t_ms_a"],
+                       t_ms_b=ab["t_ms_b"], rel_err=ab.get("rel_err_b"), error=ab.get("error"))
+            append(opts.out_dir, row)
+    if ctx.rank == 0 and tmp.exists():
+        tmp.unlink()
+
+
+# ---- what a run ships ------------------------------------------------------------------------------------
+
+def ship(best: "Any", rows: list[dict[str, Any]], *, unconfirmed: bool = False,
+         min_effect: float = MIN_EFFECT) -> "Any":
+    """The export's rule on :func:`analysis.best_settings` rows: where confirmation rows exist for a bucket,
+    :func:`decide` picks what ships (a confirmed setting or the baseline) and the row gains a
+    ``confirmation`` mapping (confirmed speedup, CI, repeats, candidates tried, the leader's first-pass
+    and confirmed speedup). A bucket without them ships the baseline, unless ``unconfirmed`` (then the
+    first pass's pick, labelled by the caller)."""
+    from overlap_bench import metrics, strategies
+
+    samples = by_bucket(rows)
+    info: dict[tuple, dict[tuple, dict[str, Any]]] = {}
+    for r in rows:
+        info.setdefault(row_key(r)[:-1], {})[r["label"]] = r
+    best = best.copy()
+    best["confirmation"] = None
+    for i, r in best.iterrows():
+        bucket = tuple(r[f] if f != "bias" else bool(r[f]) for f in BUCKET_FIELDS)
+        got = info.get(bucket)
+        if got is None:
+            if not unconfirmed:
+                best.loc[i, ["strategy", "label", "speedup"]] = ["baseline", "baseline", 1.0]
+                best.at[i, "settings"] = {}
+                best.at[i, "eta"] = metrics.eta(r["t_base_ms"], r["t_base_ms"], r["t_gemm_ms"], r["t_comm_ms"],
+                                                r["t_base_iqr_ms"])
+            continue
+        order = sorted(got, key=lambda lab: -float(got[lab].get("first_pass_speedup") or -math.inf))
+        d = decide(samples.get(bucket, {}), order, min_effect=min_effect)
+        lead = got.get(d.leader) if d.leader else None
+        name, settings = strategies.parse(d.label)
+        if d.label == "baseline":
+            t_a = t_b = r["t_base_ms"]
+        else:
+            t_a, t_b = (float(statistics.median(got[d.label][k])) for k in ("t_ms_a", "t_ms_b"))
+        best.loc[i, ["strategy", "label", "speedup"]] = [name, d.label, d.speedup]
+        best.at[i, "settings"] = strategies.settings_dict(settings)
+        best.at[i, "eta"] = metrics.eta(t_a, t_b, r["t_gemm_ms"], r["t_comm_ms"], r["t_base_iqr_ms"])
+        best.at[i, "confirmation"] = {
+            "speedup": d.speedup, "ci": [d.ci_low, d.ci_high], "repeats": d.repeats,
+            "confirmed": d.confirmed, "candidates": int(r["candidates"]), "min_effect": min_effect,
+            "leader": d.leader, "leader_first_pass_speedup": lead.get("first_pass_speedup") if lead else None,
+            "leader_speedup": d.leader_speedup, "leader_ci": list(d.leader_ci)}
+    return best
+

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 import overlap_bench
-from overlap_bench import analysis, runfolder, strategies
+from overlap_bench import analysis, confirm, runfolder, strategies
 from overlap_bench.errors import UserError
 from overlap_bench.policy import policy_filename
 from overlap_bench.records import load_records, write_atomic
@@ -84,19 +84,29 @@ def _shapes_doc(best) -> dict[str, Any]:
                     from None
             buckets[int(r.M)] = {"strategy": r.strategy, "settings": settings, "speedup": _float(r.speedup),
                                  "eta": _float(r.eta)}
+            conf = getattr(r, "confirmation", None)
+            if isinstance(conf, dict):
+                buckets[int(r.M)]["confirmation"] = {
+                    k: ([_float(x) for x in v] if isinstance(v, list) else _float(v) if isinstance(v, float) else v)
+                    for k, v in conf.items()}
         shapes[f"{int(k)},{int(n)}"] = {"name": "+".join(sorted(g["shape"].unique())),
                                         "threshold": analysis.threshold(g), "buckets": buckets}
     return shapes
 
 
 def export_policy(run_dir: str | os.PathLike, out: str | os.PathLike, env: dict[str, str] | str | None = None,
-                  dtype: str | None = None, world: int | None = None) -> list[Path]:
+                  dtype: str | None = None, world: int | None = None, unconfirmed: bool = False) -> list[Path]:
     """Write the run's best settings as policy YAML, one file per (dtype, world size); returns the paths.
 
     ``out`` ending in ``.yaml``/``.yml`` is the file itself (then the run, filtered by ``dtype``/``world``,
     must hold one of each); otherwise it is a folder and files are named by :func:`policy_filename`.
     With several env variants and ``env`` None, the variant with the best geometric-mean speedup is used
     and stored as ``meta.required_env``: it must be set on the serving process before CUDA starts.
+
+    What ships (:func:`overlap_bench.confirm.ship`): a non-baseline setting only where the run's
+    confirmation stage measured its speedup's CI lower bound above ``1 + min_effect``; a bucket without
+    confirmation ships the baseline, or with ``unconfirmed`` the first pass's pick, and then
+    ``meta.unconfirmed`` says so.
     """
     run_dir, out = Path(run_dir), Path(out)
     loaded = load_records(run_dir)
@@ -126,6 +136,7 @@ def export_policy(run_dir: str | os.PathLike, out: str | os.PathLike, env: dict[
         raise ExportError(f"{run_dir} holds several {field_} values ({', '.join(map(str, vals))}) but {out} is "
                          f"one file: pass {field_}= or a folder as out")
     env_info = _read_env_json(run_dir)
+    rows = confirm.load(run_dir)
     paths = []
     for dt, w in groups:
         sub = df[(df["dtype"] == dt) & (df["world"] == w)]
@@ -135,6 +146,7 @@ def export_policy(run_dir: str | os.PathLike, out: str | os.PathLike, env: dict[
         best = analysis.best_settings(sub)
         chosen = _pick_env(best)
         best = best[best["env_key"] == chosen]
+        best = confirm.ship(best, rows, unconfirmed=unconfirmed)
         devices = sorted(set(sub["device"].dropna()) - {""})
         device = devices[0] if devices else str(env_info.get("gpu_name") or "cpu")
         meta = {"device": device, "world_size": int(w), "dtype": dt, "backend": backends[0],
@@ -142,6 +154,14 @@ def export_policy(run_dir: str | os.PathLike, out: str | os.PathLike, env: dict[
         meta.update({k: env_info.get(k) for k in ("torch", "nccl", "cuda")})
         if "git_commit" in env_info:
             meta["git_commit"] = env_info["git_commit"]
+        missing = int(best["confirmation"].isna().sum())
+        meta["confirmation"] = (f"{len(best) - missing} of {len(best)} bucket(s) confirmed by interleaved "
+                                f"re-measurement; a setting ships where its confirmed speedup's CI lower bound "
+                                f"exceeds 1 + {confirm.MIN_EFFECT}")
+        if missing:
+            meta["unconfirmed"] = unconfirmed
+            meta["confirmation"] += (f"; {missing} unconfirmed bucket(s) ship the first pass's pick (--unconfirmed)"
+                                     if unconfirmed else f"; {missing} unconfirmed bucket(s) ship the baseline")
         meta.update(created=datetime.date.today().isoformat(), source_run=str(run_dir),
                     overlap_bench_version=overlap_bench.__version__)
         doc = {"meta": meta, "shapes": _shapes_doc(best)}

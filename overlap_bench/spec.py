@@ -20,6 +20,7 @@ from overlap_bench.check import FieldError
 from overlap_bench.world import LaunchError, in_torchrun, resolve
 from overlap_bench.metrics import DTYPES
 from overlap_bench.timing import REPS, WARMUP
+from overlap_bench.confirm import REPEATS as CONFIRM_REPEATS
 from overlap_bench.presets import row_parallel_shapes
 
 
@@ -100,6 +101,8 @@ class SweepSpec:
     """Timed calls per region (median and IQR over them)."""
     timeout_s: float = 300.0
     """Collective timeout in seconds: a hung rank ends the job after this long."""
+    confirm_repeats: int = CONFIRM_REPEATS
+    """Interleaved repeats per side in the confirmation stage (``sweep --confirm-repeats`` overrides)."""
 
     def __post_init__(self) -> None:
         self.name = str(self.name)
@@ -124,6 +127,7 @@ class SweepSpec:
         self.env = _env(self.env)
         self.warmup = check.integer(self.warmup, "warmup", 0)
         self.reps = check.integer(self.reps, "reps", 1)
+        self.confirm_repeats = check.integer(self.confirm_repeats, "confirm_repeats", 2)
         self.timeout_s = _timeout(self.timeout_s, "timeout_s")
         n = math.prod(map(len, (self.env, self.dtypes, self.shapes, self.tokens, self.strategies)))
         if n > MAX_CASES:
@@ -334,6 +338,7 @@ SMOKE: dict[str, Any] = {
                    {"name": "chunked", "chunks": [2, 4], "comm": ["stream", "async"]}],
     "warmup": 2,
     "reps": 5,
+    "confirm_repeats": 5,  # the smoke shows the stage works; gloo on a laptop confirms nothing anyway
     "timeout_s": 60,
 }
 """The embedded CPU default: seconds on gloo; mirrors sweeps/smoke.yaml."""

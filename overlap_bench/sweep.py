@@ -13,8 +13,10 @@ from pathlib import Path
 import yaml
 
 import overlap_bench
-from overlap_bench import envinfo, runfolder
+from overlap_bench import confirm, envinfo, runfolder
+from overlap_bench.analysis import env_key as analysis_env_key
 from overlap_bench.bench import BenchOptions, run_cases
+from overlap_bench.confirm import REPEATS, TOP
 from overlap_bench.launch import JobConfig, in_torchrun, launch
 from overlap_bench.records import case_key, load_records, write_atomic
 from overlap_bench.spec import Case, SpecError, SweepSpec, check_memory
@@ -33,6 +35,10 @@ class SweepResult:
     torn_lines: list[int] = field(default_factory=list)
     not_run: list[str] = field(default_factory=list)
     """Environment variants this process could not start (under torchrun), with why."""
+    confirmed: int = 0
+    """Candidates re-measured by the confirmation stage in this call (0 with ``confirm=False``)."""
+    confirmed_before: int = 0
+    """Candidates already confirmed in the folder (``--resume``): not measured again."""
 
 
 def _key(c: Case, spec: SweepSpec) -> tuple:
@@ -97,11 +103,14 @@ def _read_json(path: Path):
 
 def run_sweep(spec: SweepSpec, raw: dict, out_dir: str | os.PathLike, *, resume: bool = False,
               command: str | None = None, progress: bool = True, seed: int = 0, rank0: bool = True,
-              force: bool = False) -> SweepResult:
+              force: bool = False, confirm: bool = True, confirm_repeats: int = REPEATS,
+              confirm_top: int = TOP) -> SweepResult:
     """Run every case of ``spec`` not yet recorded in ``out_dir``; tables are written even on failure.
 
     Rank 0 holds the folder's lock (``runfolder.lock``) for the whole sweep; ``force`` lets ``resume``
-    continue a folder made by another spec or options (``runfolder.check_identity``)."""
+    continue a folder made by another spec or options (``runfolder.check_identity``). With ``confirm``
+    the first pass is followed by the confirmation stage (:mod:`overlap_bench.confirm`): each bucket's
+    leading candidates re-measured against the baseline, ``confirm_repeats`` interleaved repeats each."""
     out = Path(out_dir)
     check_memory(spec)
     with runfolder.lock(out, command=command or envinfo.command_line()) if rank0 else nullcontext():
@@ -109,11 +118,12 @@ def run_sweep(spec: SweepSpec, raw: dict, out_dir: str | os.PathLike, *, resume:
             done, torn = open_run_folder(out, spec, raw, resume=resume, force=force, seed=seed, command=command)
         else:
             done, torn = prepare_out_dir(out, resume)
-        return _run_jobs(spec, out, done, torn, seed, progress, rank0)
+        stage = (confirm_repeats, confirm_top) if confirm else None
+        return _run_jobs(spec, out, done, torn, seed, progress, rank0, stage)
 
 
 def _run_jobs(spec: SweepSpec, out: Path, done: set, torn: list[int], seed: int, progress: bool,
-              rank0: bool) -> SweepResult:
+              rank0: bool, stage: tuple[int, int] | None = None) -> SweepResult:
     cases = spec.cases()
     todo = [c for c in cases if _key(c, spec) not in done]
     result = SweepResult(out, len(cases), len(cases) - len(todo), torn)
@@ -129,6 +139,8 @@ def _run_jobs(spec: SweepSpec, out: Path, done: set, torn: list[int], seed: int,
             opts = BenchOptions(str(out), spec.warmup, spec.reps, seed, finished, len(cases), progress)
             launch(run_cases, (group, opts), JobConfig(spec.world_size, spec.backend, spec.timeout_s, dict(env)))
             finished += len(group)
+        if stage is not None:
+            _confirm(spec, out, seed, *stage, result)
     except BaseException:
         if rank0:
             try:
@@ -139,6 +151,26 @@ def _run_jobs(spec: SweepSpec, out: Path, done: set, torn: list[int], seed: int,
     if rank0:
         finish_run(out)
     return result
+
+
+def _confirm(spec: SweepSpec, out: Path, seed: int, repeats: int, top: int, result: SweepResult) -> None:
+    """The confirmation stage: one job per environment variant (the variables must be set before CUDA
+    starts), each re-measuring its buckets' leaders; rows already in ``confirm.jsonl`` are not redone."""
+    stored = confirm.load(out)
+    done = {confirm.row_key(r) for r in stored}
+    jobs = confirm.plan(load_records(out).records, done, top=top, world=spec.world_size, backend=spec.backend)
+    result.confirmed_before = len(stored)
+    for env in spec.env:
+        key = analysis_env_key(env)
+        mine = [j for j in jobs if j.bucket["env_key"] == key]
+        if not mine and not in_torchrun():
+            continue
+        if in_torchrun() and any(os.environ.get(k) != v for k, v in env.items()):
+            continue  # the first pass reported it in not_run already
+        opts = BenchOptions(str(out), spec.warmup, spec.reps, seed, 0, 0, False)
+        launch(confirm.measure, (mine, repeats, opts), JobConfig(spec.world_size, spec.backend, spec.timeout_s,
+                                                                 dict(env)))
+        result.confirmed += len(mine)
 
 
 def finish_run(out: Path) -> None:

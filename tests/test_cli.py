@@ -6,7 +6,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from overlap_bench import __version__
+from overlap_bench import __version__, confirm
 from overlap_bench.cli import app
 from overlap_bench.policy import load_policy
 from overlap_bench.records import load_records
@@ -69,11 +69,24 @@ def test_sweep_resume_export_report(tmp_path):
     assert len(recs) == len(spec.cases()) and all(r.ok for r in recs)
     for name in ["records.jsonl", "env.json", "spec.yaml", "tables.csv", "tables.md", "summary.md"]:
         assert (out / name).stat().st_size > 0, name
+    # the confirmation stage ran: every bucket's leaders re-measured against the baseline, 5 repeats a side
+    rows = confirm.load(out)
+    buckets = {confirm.row_key(r)[:-1] for r in rows}
+    assert len(buckets) == 4 and all(len(r["samples_a"]) == len(r["samples_b"]) == 5 for r in rows)
+    assert {r["label"] for r in rows} >= {"pr"} and "baseline" not in {r["label"] for r in rows}
+    lines = (out / "confirm.jsonl").read_text()
     _bad(["sweep", "--out", str(out)], "--resume")           # never mixes runs silently
     res = _ok(["sweep", "--out", str(out), "--resume"])     # nothing left: nothing re-measured
     assert "0 cases measured" in res.output and len(load_records(out).records) == len(recs)
+    assert "0 candidate(s) confirmed" in res.output and (out / "confirm.jsonl").read_text() == lines
     pol = tmp_path / "p.yaml"
     _ok(["export", str(out), "-o", str(pol)])
+    doc = yaml.safe_load(pol.read_text())
+    for shape in doc["shapes"].values():
+        for b in shape["buckets"].values():  # shipped only where the confirmed CI's lower bound clears 1.01
+            c = b["confirmation"]
+            assert c["repeats"] == 5 and c["candidates"] == 6
+            assert b["strategy"] == "baseline" or c["ci"][0] > 1 + confirm.MIN_EFFECT
     choice = load_policy(pol).choose(K=128, N=256, M=300)
     assert choice.bucket == 256
     _ok(["report", str(out)])

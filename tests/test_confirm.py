@@ -87,3 +87,65 @@ def test_decide_without_samples_keeps_the_baseline() -> None:
     # one repeat has no CI: never shipped, however large the ratio
     d = confirm.decide({"a": ([1.0], [2.0])}, ["a"])
     assert d.label == "baseline" and d.leader == "a" and d.leader_speedup == 2.0
+
+
+# ---- the stage in a sweep and the export rule ------------------------------------------------------------
+
+def test_no_confirm_exports_the_baseline_unless_asked(tmp_path) -> None:
+    """A sweep with --no-confirm writes no confirm.jsonl; its export ships the baseline in every bucket, and
+    --unconfirmed ships the first pass's picks with meta.unconfirmed set."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from overlap_bench import analysis
+    from overlap_bench.cli import app
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({"name": "t", "backend": "gloo", "world_size": 2, "dtypes": ["float32"],
+                                    "shapes": [{"name": "t/o", "K": 64, "N": 64}], "tokens": [32],
+                                    "strategies": [{"name": "baseline"}, {"name": "pr"}, {"name": "chunked", "chunks": [2]}], "warmup": 1, "reps": 2}))
+    run = CliRunner()
+    out = tmp_path / "run"
+    res = run.invoke(app, ["sweep", str(spec), "--out", str(out), "--no-confirm"])
+    assert res.exit_code == 0, res.output
+    assert not (out / "confirm.jsonl").exists() and "not confirmed" in res.output
+    for flag, meta in (([], False), (["--unconfirmed"], True)):
+        res = run.invoke(app, ["export", str(out), "-o", str(tmp_path / "p.yaml")] + flag)
+        assert res.exit_code == 0, res.output
+        doc = yaml.safe_load((tmp_path / "p.yaml").read_text())
+        assert doc["meta"]["unconfirmed"] is meta
+        [bucket] = doc["shapes"]["64,64"]["buckets"].values()
+        want = analysis.best_settings(out)["strategy"].iloc[0] if meta else "baseline"
+        assert bucket["strategy"] == want and "confirmation" not in bucket
+
+
+def test_ship_follows_the_confirmed_ci(tmp_path) -> None:
+    """Injected rows: a bucket whose candidate is confirmed 10% faster ships it with its confirmed numbers;
+    a bucket whose leader confirms as a tie ships the baseline; the first pass's pick does not matter."""
+    from overlap_bench import analysis
+    from overlap_bench.records import Record
+
+    def rec(M, label, t):
+        from overlap_bench import strategies
+        name, settings = strategies.parse(label)
+        return Record(shape="s", K=64, N=64, M=M, dtype="float32", world=2, backend="gloo", device="cpu",
+                      strategy=name, settings=strategies.settings_dict(settings), label=label, env={}, t_ms=t,
+                      t_iqr_ms=0.0, t_base_ms=1.0, t_base_iqr_ms=0.0, t_gemm_ms=0.2, t_comm_ms=0.2)
+
+    recs = [rec(m, "baseline", 1.0) for m in (32, 64)] + [rec(m, "pr", 0.5) for m in (32, 64)]
+    best = analysis.best_settings(recs)
+    assert list(best["strategy"]) == ["pr", "pr"]  # the first pass says 2x
+
+    def row(M, fast):
+        base = [100.0 + i % 3 for i in range(8)]
+        return {"shape": "s", "K": 64, "N": 64, "dtype": "float32", "bias": False, "world": 2, "backend": "gloo",
+                "device": "cpu", "env_key": "default", "M": M, "label": "pr", "first_pass_speedup": 2.0,
+                "samples_a": base, "samples_b": [x * fast for x in base], "t_ms_a": [1.0] * 8,
+                "t_ms_b": [1.0 / fast] * 8}
+
+    shipped = confirm.ship(best, [row(32, 1.10), row(64, 1.0)]).set_index("M")
+    assert shipped.loc[32, "strategy"] == "pr" and shipped.loc[32, "speedup"] == pytest.approx(1.10)
+    c = shipped.loc[32, "confirmation"]
+    assert c["ci"][0] > 1.01 and c["repeats"] == 8 and c["leader_first_pass_speedup"] == 2.0
+    assert shipped.loc[64, "strategy"] == "baseline" and shipped.loc[64, "speedup"] == 1.0
+    assert shipped.loc[64, "confirmation"]["leader_speedup"] == pytest.approx(1.0)
