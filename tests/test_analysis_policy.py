@@ -131,7 +131,7 @@ def test_run_dir_and_torn_line(tmp_path):
 def test_export_roundtrip_and_lookup(tmp_path, caplog):
     run = write_run(tmp_path / "run", sweep(), {"gpu_name": "NVIDIA H100 80GB HBM3", "torch": "2.13",
                                                  "nccl": "2.21.5", "git_commit": "abc"})
-    [path] = export.export_policy(run, tmp_path / "p.yaml")
+    [path] = export.export_policy(run, tmp_path / "p.yaml", unconfirmed=True)
     doc = yaml.safe_load(path.read_text())
     assert doc["meta"]["world_size"] == 2 and doc["meta"]["torch"] == "2.13" and doc["meta"]["cuda"] is None
     assert doc["meta"]["required_env"] == {} and doc["meta"]["git_commit"] == "abc"
@@ -158,14 +158,14 @@ def test_export_directory_naming_and_env_choice(tmp_path):
     run = write_run(tmp_path / "run", sweep() + sweep(env=CMC, fast=1.5) + sweep(dtype="float16"))
     with pytest.raises(ValueError, match="dtype"):
         export.export_policy(run, tmp_path / "one.yaml")
-    paths = export.export_policy(run, tmp_path / "out")
+    paths = export.export_policy(run, tmp_path / "out", unconfirmed=True)
     assert sorted(p.name for p in paths) == [
         "device=NVIDIA_H100_80GB_HBM3,world=2,dtype=bfloat16.yaml",
         "device=NVIDIA_H100_80GB_HBM3,world=2,dtype=float16.yaml"]
     bf16 = yaml.safe_load(paths[0].read_text())
     assert bf16["meta"]["required_env"] == CMC
     assert yaml.safe_load(paths[1].read_text())["meta"]["required_env"] == {}
-    [one] = export.export_policy(run, tmp_path / "one.yaml", dtype="bfloat16", env={})
+    [one] = export.export_policy(run, tmp_path / "one.yaml", dtype="bfloat16", env={}, unconfirmed=True)
     assert yaml.safe_load(one.read_text())["meta"]["required_env"] == {}
 
 
@@ -178,13 +178,13 @@ def test_env_choice_uses_absolute_times_not_own_baseline(tmp_path):
         recs.append(rec(M, "baseline", 2 * tb, 2 * tb, env=slow))
         recs.append(rec(M, "chunked:chunks=2", 1.2 * tb, 2 * tb, env=slow))
     run = write_run(tmp_path / "run", recs)
-    [path] = export.export_policy(run, tmp_path / "p.yaml")
+    [path] = export.export_policy(run, tmp_path / "p.yaml", unconfirmed=True)
     assert yaml.safe_load(path.read_text())["meta"]["required_env"] == {}
 
 
 def test_cpu_device_name(tmp_path):
     run = write_run(tmp_path / "run", sweep(device="cpu"))
-    [path] = export.export_policy(run, tmp_path)
+    [path] = export.export_policy(run, tmp_path, unconfirmed=True)
     assert path.name == "device=cpu,world=2,dtype=bfloat16.yaml"
 
 

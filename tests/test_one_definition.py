@@ -54,7 +54,7 @@ def test_a_bucket_shows_the_same_numbers_in_tables_summary_and_policy(tmp_path):
     _run(tmp_path)
     analysis.write_tables(analysis.frame(tmp_path), tmp_path)
     report.write_report(tmp_path)
-    [pol] = export.export_policy(tmp_path, tmp_path / "p.yaml")
+    [pol] = export.export_policy(tmp_path, tmp_path / "p.yaml", unconfirmed=True)  # the first pass, labelled
     buckets = yaml.safe_load(pol.read_text())["shapes"]["2048,8192"]["buckets"]
     tables = {int(r["M"]): r for r in _md_rows((tmp_path / "tables.md").read_text(), "M") if "✓" in r["best"]}
     summary = {int(r["M"]): r for r in _md_rows((tmp_path / "summary.md").read_text(), "M")}

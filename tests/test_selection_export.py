@@ -30,7 +30,7 @@ def export(tmp_path, records):
     w = RecordWriter(tmp_path / "run")
     for r in records:
         w.append(r)
-    [path] = export_mod.export_policy(tmp_path / "run", tmp_path / "p.yaml")
+    [path] = export_mod.export_policy(tmp_path / "run", tmp_path / "p.yaml", unconfirmed=True)  # first-pass picks
     return yaml.safe_load(path.read_text())
 
 
