@@ -177,7 +177,7 @@ def run(
         spec = parse_spec(raw, world_size=nproc, backend=backend)
         raw.update(backend=spec.backend, world_size=spec.world_size)
         run_dir = out or Path(tempfile.mkdtemp(prefix="overlap-bench-run-"))
-        run_sweep(spec, raw, run_dir, progress=False, rank0=_rank0())
+        run_sweep(spec, raw, run_dir, progress=False, rank0=_rank0(), confirm=False)  # a one-off table
         if not _rank0():
             return
         from overlap_bench.analysis import score
