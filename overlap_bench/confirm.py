@@ -125,12 +125,10 @@ def load(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def append(run_dir: str | os.PathLike, row: Mapping[str, Any]) -> None:
-    """Append one confirmation row to ``confirm.jsonl``, flushed to disk (a kill loses at most this line)."""
-    path = Path(run_dir) / runfolder.CONFIRM
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(row, allow_nan=True) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    """Append one confirmation row to ``confirm.jsonl``, fsync'd, never glued onto a torn last line."""
+    from overlap_bench.records import RecordWriter
+
+    RecordWriter(run_dir, runfolder.CONFIRM).append_line(json.dumps(row, allow_nan=True))
 
 
 def by_bucket(rows: Iterable[Mapping[str, Any]]) -> dict[tuple, dict[str, tuple[list[float], list[float]]]]:

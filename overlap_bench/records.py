@@ -218,10 +218,11 @@ def load_records(run_dir: str | os.PathLike) -> Loaded:
 
 
 class RecordWriter:
-    """Appends records to ``run_dir/records.jsonl``, one fsync'd line each."""
+    """Appends records to ``run_dir/records.jsonl`` (or another JSON-lines file ``name``), one fsync'd line
+    each."""
 
-    def __init__(self, run_dir: str | os.PathLike):
-        self.path = Path(run_dir) / RECORDS
+    def __init__(self, run_dir: str | os.PathLike, name: str = RECORDS):
+        self.path = Path(run_dir) / name
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._repair_tail()
 
@@ -237,8 +238,12 @@ class RecordWriter:
 
     def append(self, record: Record) -> None:
         """Write one record durably."""
+        self.append_line(record.to_json())
+
+    def append_line(self, text: str) -> None:
+        """Write one line (JSON text without a newline) durably."""
         with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(record.to_json() + "\n")
+            fh.write(text + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 

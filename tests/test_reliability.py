@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from overlap_bench import analysis, export, policy, sweep as sweep_mod
+from overlap_bench import analysis, export, policy, runfolder, sweep as sweep_mod
 from overlap_bench.cli import app
 from overlap_bench.launch import RankFailed
 from overlap_bench.policy import PolicyError, load_policy
@@ -447,7 +447,8 @@ def test_tables_env_and_policy_files_are_written_atomically(finished_run):
     files = {p.resolve() for p in out.rglob("*") if p.is_file()}
     assert {out / n for n in ("env.json", "spec.yaml", "tables.md", "tables.csv", "summary.md")} <= files
     assert any(p.parent.name == "policy" for p in files)
-    assert files - {(out / RECORDS).resolve()} <= set(replaced)  # each through a temp file and a rename
+    appended = {(out / RECORDS).resolve(), (out / runfolder.CONFIRM).resolve()}  # fsync'd JSON-lines logs
+    assert files - appended <= set(replaced)  # each through a temp file and a rename
     assert not [p for p in files if p.name.startswith(".")]  # no temp file left
 
 
