@@ -50,6 +50,7 @@ SPEC = {
     "warmup": 1,
     "reps": 3,
     "timeout_s": 60,
+    "confirm_repeats": 2,  # the confirmation stage runs in these sweeps too: keep it cheap
 }
 
 

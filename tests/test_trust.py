@@ -40,7 +40,7 @@ def test_references_are_bracketed_and_kept_in_the_records(tmp_path):
            "shapes": [{"name": "t", "K": 16, "N": 32}], "tokens": [8],
            "strategies": [{"name": "baseline"}, {"name": "pr"}, {"name": "chunked", "chunks": [2, 3, 4, 8]}],
            "warmup": 0, "reps": 2, "timeout_s": 60}
-    run_sweep(parse_spec(raw), raw, tmp_path, progress=False)
+    run_sweep(parse_spec(raw), raw, tmp_path, progress=False, confirm=False)  # the first pass is what is tested
     recs = load_records(tmp_path).records
     assert len(recs) == 6
     refs = [len(r.extra["t_base_refs"]) for r in recs]
