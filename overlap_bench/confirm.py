@@ -186,6 +186,7 @@ def _bucket_of(r: Any) -> tuple:
 def measure(ctx: Any, jobs: list[Job], repeats: int, opts: Any) -> None:
     """Every rank's function of the confirmation job: each candidate against the baseline with
     :func:`overlap_bench.bench.run_ab` (``compare``'s interleaved repeats); rank 0 appends the rows."""
+    from overlap_bench import strategies
     from overlap_bench.bench import run_ab, same_cases
     from overlap_bench.spec import Case
 
@@ -194,7 +195,7 @@ def measure(ctx: Any, jobs: list[Job], repeats: int, opts: Any) -> None:
     for job in jobs:
         b = job.bucket
         case = Case(b["shape"], b["K"], b["N"], b["M"], b["dtype"], b["bias"], "baseline",
-                    tuple(sorted(b["env"].items())))
+                    strategies.make_settings("baseline"), tuple(sorted(b["env"].items())))
         run_ab(ctx, [case], ("baseline", job.label), repeats, opts, str(tmp))
         if ctx.rank == 0:
             (ab,) = json.loads(tmp.read_text(encoding="utf-8"))
