@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from overlap_bench import eta_bound, metrics, runfolder
+from overlap_bench import eta_bound, metrics, runfolder, timing
 from overlap_bench.errors import UserError
 from overlap_bench.records import Record, RecordWriter, load_records, write_atomic
 from overlap_bench.spec import Shape
@@ -249,13 +249,6 @@ def pace(last: float | None, period_s: float) -> float:
     return time.perf_counter()
 
 
-def _iqr(x: list[float]) -> float:
-    if len(x) < 2:
-        return 0.0
-    q = statistics.quantiles(x, n=4, method="inclusive")
-    return q[2] - q[0]
-
-
 class _Bench:
     """GPU state for one run: streams, buffers, kernels (CUDA only)."""
 
@@ -412,7 +405,7 @@ class _Bench:
                     comm_like.stamp(g_st, 2 * i + 1)
         torch.cuda.synchronize(self.dev)
         times = [s.elapsed_time(e) for s, e in evs[cfg.warmup:]]
-        blk = Block(statistics.median(times), _iqr(times), n=cfg.reps, period_ms=duration_ns / 1e6)
+        blk = Block(statistics.median(times), timing.iqr(times), n=cfg.reps, period_ms=duration_ns / 1e6)
         g = g_st[cfg.warmup:].tolist()
         if cond.kind == "ctas":
             c = c_st[cfg.warmup:].tolist()

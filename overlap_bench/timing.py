@@ -47,7 +47,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _iqr(samples: list[float]) -> float:
+def iqr(samples: list[float]) -> float:
+    """Interquartile range (inclusive quartiles) of ``samples``; 0 for fewer than two."""
     if len(samples) < 2:
         return 0.0
     q = statistics.quantiles(samples, n=4, method="inclusive")
@@ -85,5 +86,5 @@ def time_region(fn: Callable[[], object], *, warmup: int, reps: int, group: dist
             t0 = clock()
             fn()
             samples.append((clock() - t0) * 1e3)
-    med, iqr = allreduce_max([statistics.median(samples), _iqr(samples)], group, device)
-    return Timing(med, iqr, reps)
+    med, spread = allreduce_max([statistics.median(samples), iqr(samples)], group, device)
+    return Timing(med, spread, reps)
