@@ -22,7 +22,7 @@ import pandas as pd
 
 from overlap_bench import metrics, runfolder, strategies
 from overlap_bench.markdown import cell, table
-from overlap_bench.records import Record, load_records, records_frame, write_atomic
+from overlap_bench.records import Record, load_records, records_frame
 
 GROUP = ["shape", "K", "N", "dtype", "bias", "world", "device", "backend", "env_key"]
 """Columns that identify one comparison (a shape measured in one job configuration on one kind of GPU)."""
@@ -287,13 +287,12 @@ RULE = ("t_base is the reference: the fastest baseline measurement at that M (th
 def write_tables(data: pd.DataFrame | Iterable[Record], run_dir: str | os.PathLike) -> list[Path]:
     """Write ``tables.csv`` (every row) and ``tables.md`` (a section per table, winners marked, flags listed)
     into ``run_dir``; returns both paths."""
-    run_dir = Path(run_dir)
+    folder = runfolder.RunFolder(run_dir)
     recs = _records(data)
     tabs = tables(recs)
     bests = best_settings(recs)
     all_rows = pd.concat(tabs.values(), ignore_index=True) if tabs else pd.DataFrame(columns=_TABLE_COLS)
-    csv_path, md_path = run_dir / runfolder.TABLES_CSV, run_dir / runfolder.TABLES_MD
-    write_atomic(csv_path, all_rows.to_csv(index=False))
+    csv_path = folder.write_text(runfolder.TABLES_CSV, all_rows.to_csv(index=False))
     parts = ["# Results", "", "Winner per M marked ✓. " + RULE]
     for key, g in bests.groupby(GROUP, sort=True) if not bests.empty else []:
         name = _table_name(key)
@@ -304,5 +303,4 @@ def write_tables(data: pd.DataFrame | Iterable[Record], run_dir: str | os.PathLi
         flagged = [f"- M={m}: {'; '.join(fl)}" for m, fl in zip(g["M"], g["flags"]) if fl]
         if flagged:
             parts += ["", "Flags (numbers at these M are doubtful):", ""] + flagged
-    write_atomic(md_path, "\n".join(parts) + "\n")
-    return [csv_path, md_path]
+    return [csv_path, folder.write_text(runfolder.TABLES_MD, "\n".join(parts) + "\n")]

@@ -19,7 +19,8 @@ import torch.distributed as dist
 from overlap_bench import metrics, strategies
 from overlap_bench.launch import RankContext
 from overlap_bench.numerics import TOLERANCE, rel_err, within_tolerance
-from overlap_bench.records import Record, RecordWriter
+from overlap_bench.records import Record
+from overlap_bench.runfolder import RunFolder
 from overlap_bench.spec import Case
 from overlap_bench.strategies.pipeline import comm_stream, matmul_into
 from overlap_bench.timing import REPS, WARMUP, Timing, allreduce_max, time_region
@@ -146,7 +147,7 @@ def measure_group(ctx: RankContext, group: list[Case], opts: BenchOptions, devic
                   progress: "_Progress | None", cursor: _Cursor | None = None) -> list[Record]:
     """Measure every case of one (shape, M, dtype): references first, then each strategy."""
     head = group[0]
-    writer = RecordWriter(opts.out_dir) if ctx.rank == 0 else None
+    writer = RunFolder(opts.out_dir) if ctx.rank == 0 else None
     out: list[Record] = []
     cursor = cursor or _Cursor()
     cursor.at("(inputs and reference times)")

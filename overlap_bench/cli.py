@@ -319,7 +319,7 @@ def compare(
 
     from overlap_bench import compare as cmp
     from overlap_bench import envinfo, runfolder
-    from overlap_bench.records import write_atomic
+    from overlap_bench.runfolder import write_atomic
 
     def body() -> None:
         unmatched: list[str] = []

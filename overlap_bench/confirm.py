@@ -126,9 +126,7 @@ def load(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 def append(run_dir: str | os.PathLike, row: Mapping[str, Any]) -> None:
     """Append one confirmation row to ``confirm.jsonl``, fsync'd, never glued onto a torn last line."""
-    from overlap_bench.records import RecordWriter
-
-    RecordWriter(run_dir, runfolder.CONFIRM).append_line(json.dumps(row, allow_nan=True))
+    runfolder.RunFolder(run_dir).append_line(json.dumps(row, allow_nan=True), runfolder.CONFIRM)
 
 
 def by_bucket(rows: Iterable[Mapping[str, Any]]) -> dict[tuple, dict[str, tuple[list[float], list[float]]]]:

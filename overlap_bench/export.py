@@ -17,7 +17,8 @@ import overlap_bench
 from overlap_bench import analysis, confirm, runfolder, strategies
 from overlap_bench.errors import UserError
 from overlap_bench.policy import policy_filename
-from overlap_bench.records import load_records, write_atomic
+from overlap_bench.records import load_records
+from overlap_bench.runfolder import write_atomic
 from overlap_bench.stats import geomean
 from overlap_bench.world import refuse_world_one
 

@@ -35,7 +35,8 @@ from typing import Any, Iterable
 
 from overlap_bench import eta_bound, metrics, runfolder, timing
 from overlap_bench.errors import UserError
-from overlap_bench.records import Record, RecordWriter, load_records, write_atomic
+from overlap_bench.records import Record, load_records
+from overlap_bench.runfolder import RunFolder
 from overlap_bench.spec import Shape
 
 STRATEGY = "interference"
@@ -452,7 +453,7 @@ def measure(cfg: InterferenceConfig, out_dir: Path, *, progress: bool = True) ->
     bench = _Bench(cfg)
     bench.calibrate()
     conds = cfg.conditions(bench.total_sms)
-    writer = RecordWriter(out_dir)
+    writer = RunFolder(out_dir)
     device_name = torch.cuda.get_device_name(bench.dev)
     dt = metrics.DTYPES[cfg.dtype]
     gen = torch.Generator(device=bench.dev).manual_seed(cfg.seed)
@@ -625,7 +626,7 @@ def run_interference(cfg: InterferenceConfig | None, *, out: Path, from_dir: Pat
         out.mkdir(parents=True, exist_ok=True)
         if (out / runfolder.RECORDS).exists():
             raise UserError(f"--out: {out} already has records.jsonl; give a new folder")
-        write_atomic(out / runfolder.ENV, json.dumps(envinfo.collect(), indent=2) + "\n")
+        RunFolder(out).write_env()
         records = measure(cfg, out, progress=progress)
     from overlap_bench import interference_report as report
 

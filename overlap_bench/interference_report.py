@@ -13,7 +13,8 @@ from overlap_bench import eta_bound, metrics
 from overlap_bench.errors import UserError
 from overlap_bench.interference import COVERED_MIN, STRATEGY
 from overlap_bench.markdown import cell, table
-from overlap_bench.records import Record, json_safe, load_records, records_frame, write_atomic
+from overlap_bench.records import Record, json_safe, load_records, records_frame
+from overlap_bench.runfolder import INTERFERENCE_CSV, INTERFERENCE_MD, PREDICTION_JSON, PREDICTION_MD, RunFolder, plot_name
 
 
 # ------------------------------------------------------------------------------------------ predictions
@@ -166,18 +167,18 @@ def prediction_rows(preds: list[eta_bound.Prediction]) -> list[list[str]]:
 def write_outputs(out_dir: Path, records: list[Record], preds: list[eta_bound.Prediction], *,
                   ctas: float, plots: bool = True) -> list[Path]:
     """``interference.md``/``.csv``, the plots and, with predictions, ``prediction.md``/``.json``."""
+    folder = RunFolder(out_dir)
     written = []
     header, rows = slowdown_table(records)
     md = ["# GEMM slowdown beside communication-like work (one GPU)", "",
           f"Device: {records[0].device if records else '?'}. Slowdown = t / mean(reference before, after) - 1, "
           "median over rounds [range]; `!` reference drift beyond the range; `?` side work did not cover the "
           "GEMM; `n/a` unavailable.", "", table(header, [[cell(c) for c in r] for r in rows], "llr" + "r" * (len(header) - 3)), ""]
-    write_atomic(out_dir / "interference.md", "\n".join(md))
+    written.append(folder.write_text(INTERFERENCE_MD, "\n".join(md)))
     frame = records_frame(records)
     if not frame.empty:
         frame["slowdown"] = [r.extra.get("slowdown", math.nan) for r in records]
-        write_atomic(out_dir / "interference.csv", frame.drop(columns=["extra"]).to_csv(index=False))
-    written += [out_dir / "interference.md", out_dir / "interference.csv"]
+        written.append(folder.write_text(INTERFERENCE_CSV, frame.drop(columns=["extra"]).to_csv(index=False)))
     if preds:
         lines = ["# Predicted joint time and eta bound", "",
                  f"s(k) at k = {ctas:g} CTAs. Models: max = max(t_gemm (1 + s), t_comm); rate = the GEMM slowed "
@@ -189,11 +190,10 @@ def write_outputs(out_dir: Path, records: list[Record], preds: list[eta_bound.Pr
                 lines.append(f"- {env}: median |err| max model {e['median_abs_err_max']:.1%}, rate model "
                              f"{e['median_abs_err_rate']:.1%}; largest {e['max_abs_err_max']:.1%} / "
                              f"{e['max_abs_err_rate']:.1%}.")
-        write_atomic(out_dir / "prediction.md", "\n".join(lines) + "\n")
+        written.append(folder.write_text(PREDICTION_MD, "\n".join(lines) + "\n"))
         summ = {env: eta_bound.error_summary(p for p in preds if p.env == env) for env in sorted({p.env for p in preds})}
         doc = json_safe({"ctas": ctas, "summary_by_env": summ, "rows": [p.to_dict() for p in preds]})
-        write_atomic(out_dir / "prediction.json", json.dumps(doc, indent=1, allow_nan=False) + "\n")
-        written += [out_dir / "prediction.md", out_dir / "prediction.json"]
+        written.append(folder.write_text(PREDICTION_JSON, json.dumps(doc, indent=1, allow_nan=False) + "\n"))
     if plots and records:
         written += plot(out_dir, records)
     return written
@@ -213,12 +213,11 @@ def plot(out_dir: Path, records: list[Record]) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from overlap_bench.records import atomic_file
-
     ok = [r for r in records if r.strategy == STRATEGY and r.ok]
     shapes = sorted({r.shape for r in ok})
     written = []
-    for kind, name, xkey in (("ctas", "slowdown_ctas.png", "ctas"), ("green", "slowdown_sms.png", "sms")):
+    for kind, name, xkey in (("ctas", plot_name("slowdown", "ctas"), "ctas"),
+                             ("green", plot_name("slowdown", "sms"), "sms")):
         sel = [r for r in ok if r.settings.get("beside") == kind]
         if not sel:
             continue
@@ -251,9 +250,6 @@ def plot(out_dir: Path, records: list[Record]) -> list[Path]:
             ax.legend(fontsize=7)
         fig.suptitle(f"{ok[0].device}, {ok[0].dtype}: slowdown vs mean of the bracketing references "
                      "(bars: range over rounds)", fontsize=9)
-        path = out_dir / name
-        with atomic_file(path, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=120, bbox_inches="tight")
+        written.append(RunFolder(out_dir).save_figure(fig, name))
         plt.close(fig)
-        written.append(path)
     return written

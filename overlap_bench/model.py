@@ -53,7 +53,8 @@ from overlap_bench.world import in_torchrun, resolve
 from overlap_bench.metrics import DTYPES, model_eta
 from overlap_bench.numerics import TOLERANCE, rel_err, within_tolerance
 from overlap_bench.presets import PRESETS, ModelPreset
-from overlap_bench.records import json_safe, write_atomic
+from overlap_bench.records import json_safe
+from overlap_bench.runfolder import write_atomic
 from overlap_bench.timing import allreduce_max, time_region
 
 if TYPE_CHECKING:

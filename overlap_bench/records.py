@@ -1,8 +1,9 @@
-"""The results schema and the run directory: one JSON line per measured case, appended as it completes.
+"""The results schema: one :class:`Record` type for every kind of result (a sweep's case, a compare
+sample, a model-benchmark row, an interference condition), one JSON line each.
 
-``records.jsonl`` is append-only and fsync'd per record, so a crash, a killed rank or Ctrl-C loses at most
-the case in flight; a torn last line is skipped on load and reported. Everything else in a run directory
-(env, tables, spec copy) is written atomically through :func:`write_atomic`.
+Logs are append-only and fsync'd per record (``runfolder.RunFolder``, which owns every file name and
+write), so a crash, a killed rank or Ctrl-C loses at most the case in flight; a torn last line is skipped
+on load and reported.
 """
 
 from __future__ import annotations
@@ -10,11 +11,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from contextlib import contextmanager
-from typing import IO, Any, Iterable, Iterator
+from typing import Any, Iterable
 
 from overlap_bench.errors import UserError
 from overlap_bench.runfolder import RECORDS  # re-exported: every file name lives in runfolder
@@ -22,7 +21,8 @@ from overlap_bench.runfolder import RECORDS  # re-exported: every file name live
 
 @dataclass
 class Record:
-    """One measured (or failed) case. Times are ms; a case's time is the max over ranks of each rank's median."""
+    """One measured (or failed) case of any kind (:attr:`kind`). Times are ms; a case's time is the max over
+    ranks of each rank's median."""
 
     shape: str
     """Shape name, e.g. ``qwen2.5-72b/o_proj`` or an explicit spec name."""
@@ -44,6 +44,10 @@ class Record:
     """Canonical ``strategy:key=value,...`` text, usable on the command line."""
     env: dict[str, str]
     """The process environment variant the job was started with."""
+    kind: str = "sweep"
+    """What produced it: ``sweep`` (one case of a sweep or ``run``), ``compare`` (one timed region of an A/B
+    comparison; ``extra`` has ``side`` and ``repeat``), ``model`` (one mode of the model benchmark at M;
+    ``strategy`` is the mode) or ``interference`` (one condition beside the GEMM)."""
     bias: bool = False
     status: str = "ok"
     """``ok``; ``failed`` (numerics out of tolerance or an error in the case); ``unavailable`` (cannot run here)."""
@@ -194,10 +198,11 @@ class RecordsError(UserError):
     """records.jsonl holds a line that is JSON but not a record: named with its line, never guessed around."""
 
 
-def load_records(run_dir: str | os.PathLike) -> Loaded:
-    """Read ``run_dir/records.jsonl``; torn lines (not JSON: a write cut short) are skipped and listed. A line
-    that is JSON but not a record (edited by hand, another tool) raises :class:`RecordsError`."""
-    path = Path(run_dir) / RECORDS
+def load_records(run_dir: str | os.PathLike, name: str = RECORDS) -> Loaded:
+    """Read ``run_dir/name`` (default ``records.jsonl``); torn lines (not JSON: a write cut short) are skipped
+    and listed. A line that is JSON but not a record (edited by hand, another tool) raises
+    :class:`RecordsError`."""
+    path = Path(run_dir) / name
     out = Loaded([], [])
     if not path.exists():
         return out
@@ -215,65 +220,6 @@ def load_records(run_dir: str | os.PathLike) -> Loaded:
             except MalformedRecord as exc:
                 raise RecordsError(f"{path} line {i}: {exc}; fix or delete that line") from None
     return out
-
-
-class RecordWriter:
-    """Appends records to ``run_dir/records.jsonl`` (or another JSON-lines file ``name``), one fsync'd line
-    each."""
-
-    def __init__(self, run_dir: str | os.PathLike, name: str = RECORDS):
-        self.path = Path(run_dir) / name
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._repair_tail()
-
-    def _repair_tail(self) -> None:
-        # A line torn by a crash must not glue onto the next record: end the file with a newline.
-        if self.path.exists() and self.path.stat().st_size > 0:
-            with open(self.path, "rb") as fh:
-                fh.seek(-1, os.SEEK_END)
-                last = fh.read(1)
-            if last != b"\n":
-                with open(self.path, "ab") as fh:
-                    fh.write(b"\n")
-
-    def append(self, record: Record) -> None:
-        """Write one record durably."""
-        self.append_line(record.to_json())
-
-    def append_line(self, text: str) -> None:
-        """Write one line (JSON text without a newline) durably."""
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(text + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-
-
-@contextmanager
-def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
-    """Open a temp file beside ``path``; on success it is fsync'd, given the usual mode (mkstemp makes
-    0600) and renamed over ``path``, so readers never see half a file; on any error it is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (:func:`atomic_file`)."""
-    with atomic_file(path) as fh:
-        fh.write(text)
 
 
 def records_frame(records: Iterable[Record]):

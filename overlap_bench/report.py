@@ -34,9 +34,8 @@ import pandas as pd
 
 from overlap_bench import analysis, strategies
 from overlap_bench.markdown import cell, table
-from overlap_bench.records import Record, atomic_file, load_records, write_atomic
-
-from overlap_bench.runfolder import ENV, SPEC, SUMMARY  # the file names live in runfolder
+from overlap_bench.records import Record, load_records
+from overlap_bench.runfolder import ENV, SPEC, SUMMARY, RunFolder, plot_name
 
 _ENV_KEYS = ("gpu_name", "gpu_count", "torch", "nccl", "cuda", "host", "git_commit", "command")
 """env.json keys shown first, in this order; any others follow in sorted order."""
@@ -137,9 +136,8 @@ def _setting_text(v: Any) -> str:
 
 
 def _save_png(fig: Any, path: Path) -> None:
-    """``fig.savefig`` written atomically."""
-    with atomic_file(path, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=120, bbox_inches="tight")
+    """``fig`` saved as ``path`` (atomically, by the run folder)."""
+    RunFolder(path.parent).save_figure(fig, path.name)
 
 
 def _m_axis(ax: Any, ms: list[int]) -> None:
@@ -480,17 +478,17 @@ def write_report(run_dir: str | os.PathLike) -> list[Path]:
 
         for g in groups:
             pngs: dict[str, str | None] = {}
-            p = run_dir / f"speedup_{g.slug}.png"
+            p = run_dir / plot_name("speedup", g.slug)
             _plot_speedup(plt, g, p)
             written.append(p)
             pngs["speedup"] = p.name
             cells = _eta_panels(g)
             if cells:
-                p = run_dir / f"eta_{g.slug}.png"
+                p = run_dir / plot_name("eta", g.slug)
                 _plot_eta(plt, g, p, cells)
                 written.append(p)
                 pngs["eta"] = p.name
-            p = run_dir / f"breakdown_{g.slug}.png"
+            p = run_dir / plot_name("breakdown", g.slug)
             _plot_breakdown(plt, g, p)
             written.append(p)
             pngs["breakdown"] = p.name
@@ -507,7 +505,5 @@ def write_report(run_dir: str | os.PathLike) -> list[Path]:
     conf = _confirmation_section(run_dir, records) if ok else []
     text = "\n".join(head + _env_section(run_dir) + conf + sections
                      + _problems_section(records, loaded.torn_lines))
-    summary = run_dir / SUMMARY
-    write_atomic(summary, text.rstrip("\n") + "\n")
-    written.append(summary)
+    written.append(RunFolder(run_dir).write_text(SUMMARY, text.rstrip("\n") + "\n"))
     return written

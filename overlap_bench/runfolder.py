@@ -1,5 +1,7 @@
-"""The run folder: every file name in it (below), and what makes it safe to write: one writer at a time (:func:`lock`) and a recorded identity
-(:func:`check_identity`), so that ``--resume`` never mixes two runs silently.
+"""The run folder: every file name in it (below), the one way files are written there (:class:`RunFolder`:
+fsync'd appends for JSON-lines logs, atomic replacement for everything else), and what makes it safe to
+write: one writer at a time (:func:`lock`) and a recorded identity (:func:`check_identity`), so that
+``--resume`` never mixes two runs silently.
 
 - ``run.lock``: an exclusive ``flock`` held by the one process writing the folder (a sweep's launcher,
   ``report``, ``model``, ``compare --out``), with the holder's pid, host and start time in it. The kernel
@@ -20,9 +22,10 @@ import json
 import logging
 import os
 import socket
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 from overlap_bench.errors import UserError, describe_os_error
 
@@ -32,15 +35,140 @@ log = logging.getLogger("overlap_bench.runfolder")
 LOCK = "run.lock"
 IDENTITY = "run.json"
 RECORDS = "records.jsonl"
-"""One JSON line per measured case (``records.RecordWriter``: fsync'd appends)."""
+"""One JSON line per measured case, any kind (``records.Record``; :meth:`RunFolder.append`)."""
 ENV = "env.json"
 SPEC = "spec.yaml"
 SUMMARY = "summary.md"
 TABLES_MD, TABLES_CSV = "tables.md", "tables.csv"
 MODEL = "model.jsonl"
+"""The model benchmark's records (``kind: model``), one per (M, mode), rewritten whole after each M."""
 COMPARE_JSON, COMPARE_MD = "compare.json", "compare.md"
+INTERFERENCE_MD, INTERFERENCE_CSV = "interference.md", "interference.csv"
+PREDICTION_MD, PREDICTION_JSON = "prediction.md", "prediction.json"
+
+
+def plot_name(kind: str, slug: str) -> str:
+    """A plot's file name: ``<kind>_<slug>.png`` (kind: speedup, eta, breakdown, slowdown)."""
+    return f"{kind}_{slug}.png"
+
+
 CONFIRM = "confirm.jsonl"
 """The confirmation stage's rows (``confirm``): one JSON line per (group, M, candidate), interleaved samples."""
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """Open a temp file beside ``path``; on success it is fsync'd, given the usual mode (mkstemp makes
+    0600) and renamed over ``path``, so readers never see half a file; on any error it is removed. The one
+    writer of whole files, inside a run folder (:class:`RunFolder`) or not (a policy, a markdown report)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_file`)."""
+    with atomic_file(path) as fh:
+        fh.write(text)
+
+
+class RunFolder:
+    """One run folder and every write into it: JSON-lines logs are appended one fsync'd line at a time
+    (a crash loses at most the line in flight; a torn last line is ended before the next append), every
+    other file is replaced atomically. File names are this module's constants."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._ended: set[str] = set()  # logs whose torn last line was already ended this session
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def lock(self, flag: str = "--out", command: str = ""):
+        """Hold the folder's ``run.lock`` while the block runs (:func:`lock`)."""
+        return lock(self.path, flag, command)
+
+    def write_text(self, name: str, text: str) -> Path:
+        """Replace ``name`` with ``text`` atomically; returns its path."""
+        write_atomic(self.path / name, text)
+        return self.path / name
+
+    def write_json(self, name: str, doc: Any) -> Path:
+        """Replace ``name`` with ``doc`` as indented strict JSON (NaN as null)."""
+        from overlap_bench.records import json_safe
+
+        return self.write_text(name, json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
+
+    def open_atomic(self, name: str, mode: str = "w"):
+        """A file object whose content replaces ``name`` when the block ends without error."""
+        return atomic_file(self.path / name, mode)
+
+    def save_figure(self, fig: Any, name: str) -> Path:
+        """Save a matplotlib figure as PNG under ``name``, atomically."""
+        with self.open_atomic(name, "wb") as fh:
+            fig.savefig(fh, format="png", dpi=120, bbox_inches="tight")
+        return self.path / name
+
+    def write_env(self, command: str | None = None) -> dict[str, Any]:
+        """Write ``env.json`` (the machine, library versions, commit) and return it."""
+        from overlap_bench import envinfo
+
+        env = envinfo.collect(command) if command is not None else envinfo.collect()
+        self.write_json(ENV, env)
+        return env
+
+    def append(self, record: Any, name: str = RECORDS) -> None:
+        """Append one record (anything with ``to_json()``) to the log ``name``, durably."""
+        self.append_line(record.to_json(), name)
+
+    def append_line(self, text: str, name: str = RECORDS) -> None:
+        """Append one line (JSON text without a newline) to the log ``name``, fsync'd."""
+        path = self.path / name
+        if name not in self._ended:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _end_torn_line(path)
+            self._ended.add(name)
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(text + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def write_records(self, records: list[Any], name: str) -> Path:
+        """Replace the log ``name`` with ``records`` at once (a table rebuilt whole, e.g. the model's)."""
+        return self.write_text(name, "".join(r.to_json() + "\n" for r in records))
+
+    def load(self, name: str = RECORDS):
+        """The records of the log ``name`` (``records.load_records``: torn lines skipped and listed)."""
+        from overlap_bench.records import load_records
+
+        return load_records(self.path, name)
+
+
+def _end_torn_line(path: Path) -> None:
+    # A line torn by a crash must not glue onto the next record: end the file with a newline.
+    if path.exists() and path.stat().st_size > 0:
+        with open(path, "rb") as fh:
+            fh.seek(-1, os.SEEK_END)
+            last = fh.read(1)
+        if last != b"\n":
+            with open(path, "ab") as fh:
+                fh.write(b"\n")
 
 
 class FolderBusy(UserError):

@@ -18,7 +18,7 @@ from overlap_bench.analysis import env_key as analysis_env_key
 from overlap_bench.bench import BenchOptions, run_cases
 from overlap_bench.confirm import REPEATS, TOP
 from overlap_bench.launch import JobConfig, in_torchrun, launch
-from overlap_bench.records import case_key, load_records, write_atomic
+from overlap_bench.records import case_key, load_records
 from overlap_bench.spec import Case, SpecError, SweepSpec, check_memory
 
 log = logging.getLogger("overlap_bench.sweep")
@@ -69,6 +69,7 @@ def open_run_folder(out: Path, spec: SweepSpec, raw: dict, *, resume: bool, forc
     :func:`prepare_out_dir`'s answer. Nothing already there is overwritten on resume: the first spec.yaml and
     env.json stay, and the resume is appended to ``run.json`` (and its environment to ``env.json``)."""
     done, torn = prepare_out_dir(out, resume)
+    folder = runfolder.RunFolder(out)
     loaded = load_records(out)
     has_records = bool(loaded.records or loaded.torn_lines)
     new = run_identity(spec, seed)
@@ -78,7 +79,7 @@ def open_run_folder(out: Path, spec: SweepSpec, raw: dict, *, resume: bool, forc
                          for r in loaded.records])
     env = envinfo.collect(command)
     if not has_records or not (out / runfolder.SPEC).exists():
-        write_atomic(out / runfolder.SPEC, yaml.safe_dump(raw, sort_keys=False))
+        folder.write_text(runfolder.SPEC, yaml.safe_dump(raw, sort_keys=False))
     elif ident["resumes"][-1]["forced"]:
         ident["resumes"][-1]["spec"] = raw  # the first spec.yaml stays; the forced one is kept here
     first_env = _read_json(out / runfolder.ENV) if has_records else None
@@ -88,9 +89,9 @@ def open_run_folder(out: Path, spec: SweepSpec, raw: dict, *, resume: bool, forc
     elif has_records and (out / runfolder.ENV).exists():
         log.warning("%s/env.json is unreadable: kept as it is, this resume's environment is not added", out)
         env = None
-    write_atomic(out / runfolder.IDENTITY, json.dumps(ident, indent=2, default=str) + "\n")
+    folder.write_text(runfolder.IDENTITY, json.dumps(ident, indent=2, default=str) + "\n")
     if env is not None:
-        write_atomic(out / runfolder.ENV, json.dumps(env, indent=2) + "\n")
+        folder.write_text(runfolder.ENV, json.dumps(env, indent=2) + "\n")
     return done, torn
 
 

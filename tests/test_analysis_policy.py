@@ -14,7 +14,8 @@ import torch.multiprocessing as mp
 import yaml
 
 from overlap_bench import analysis, export, policy, strategies
-from overlap_bench.records import Record, RecordWriter
+from overlap_bench.records import Record
+from overlap_bench.runfolder import RunFolder
 
 CMC = {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
 
@@ -43,7 +44,7 @@ def sweep(env=None, dtype="bfloat16", fast=1.0, **kw) -> list[Record]:
 
 
 def write_run(path, records, env_json=None):
-    w = RecordWriter(path)
+    w = RunFolder(path)
     for r in records:
         w.append(r)
     if env_json is not None:

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from overlap_bench import records
+from overlap_bench import records, runfolder
 from overlap_bench.cli import app
 from overlap_bench.records import RECORDS, load_records
 from overlap_bench.report import SLUG_MAX, slugify
@@ -92,7 +92,7 @@ def test_export_into_a_folder_named_like_a_file_and_a_full_disk(done, tmp_path, 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "q.yaml"))
 
-    monkeypatch.setattr(records.tempfile, "mkstemp", full)  # the environment's fault: exit 1
+    monkeypatch.setattr(runfolder.tempfile, "mkstemp", full)  # the environment's fault: exit 1
     one_line_exit(invoke("export", done[1], "-o", tmp_path / "q.yaml"), 1, "No space left on device",
                   "check the machine")
 

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from overlap_bench import eta_bound, interference as itf, interference_report as rep, metrics
 from overlap_bench.cli import app
 from overlap_bench.errors import UserError
-from overlap_bench.records import Record, RecordWriter, load_records
+from overlap_bench.records import Record, load_records
+from overlap_bench.runfolder import RunFolder
 from overlap_bench.spec import Shape
 
 runner = CliRunner()
@@ -138,14 +139,14 @@ def _rec(shape, k, m, cond: "itf.Condition", s, t_ref):
 
 def _fake_run(tmp_path):
     run = tmp_path / "itf"
-    w = RecordWriter(run)
+    w = RunFolder(run)
     for shape, k, t in (("q/o_proj", 2048, 0.75), ("q/down_proj", 7392, 3.0)):
         for k_ctas, s in ((8, 0.05), (24, 0.1), (32, 0.2)):
             w.append(_rec(shape, k, 16384, itf.Condition("ctas", k_ctas, 14.0), s, t))
         w.append(_rec(shape, k, 16384, itf.Condition("copy", "d2d"), 0.07, t))
         w.append(_rec(shape, k, 16384, itf.Condition("green", 124), 0.12, t))
     multi = tmp_path / "h100x4"
-    mw = RecordWriter(multi)
+    mw = RunFolder(multi)
     for shape, k, tg, tc, tj in (("q/o_proj", 2048, 0.74, 1.21, 1.25), ("q/down_proj", 7392, 2.93, 1.27, 3.3)):
         r = Record(shape=shape, K=k, N=8192, M=16384, dtype="bfloat16", world=4, backend="nccl", device="H100",
                    strategy="baseline", settings={}, label="baseline", env={"CUDA_DEVICE_MAX_CONNECTIONS": "1"},

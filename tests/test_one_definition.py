@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from overlap_bench import analysis, export, metrics, report
-from overlap_bench.records import Record, RecordWriter
+from overlap_bench.records import Record
+from overlap_bench.runfolder import RunFolder
 
 
 def _rec(M, strategy, t, *, t_base, t_gemm, t_comm, settings=None, iqr=0.001, label=None):
@@ -32,7 +33,7 @@ def _run(tmp_path):
             _rec(8192, "chunked", 1.50, t_base=2.00, t_gemm=1.10, t_comm=0.80, settings={"chunks": 4},
                  label="chunked:chunks=4"),
             _rec(8192, "pr", 1.90, t_base=2.00, t_gemm=1.10, t_comm=0.80)]
-    w = RecordWriter(tmp_path)
+    w = RunFolder(tmp_path)
     for r in recs:
         w.append(r)
     return recs

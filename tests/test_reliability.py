@@ -32,7 +32,8 @@ from overlap_bench import analysis, export, policy, runfolder, sweep as sweep_mo
 from overlap_bench.cli import app
 from overlap_bench.launch import RankFailed
 from overlap_bench.policy import PolicyError, load_policy
-from overlap_bench.records import RECORDS, load_records, write_atomic
+from overlap_bench.records import RECORDS, load_records
+from overlap_bench.runfolder import write_atomic
 from overlap_bench.spec import SpecError, load_spec, parse_spec
 from faults.sitecustomize import FAULT_ENV, HERE as FAULTS_DIR
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from overlap_bench import analysis, metrics
-from overlap_bench.records import Record, RecordWriter
+from overlap_bench.records import Record
+from overlap_bench.runfolder import RunFolder
 from overlap_bench.report import slugify, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -62,7 +63,7 @@ def _records() -> list[Record]:
 
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
-    w = RecordWriter(tmp_path)
+    w = RunFolder(tmp_path)
     for r in _records():
         w.append(r)
     (tmp_path / "env.json").write_text(json.dumps({"gpu_name": "NVIDIA H100 80GB HBM3", "gpu_count": 4,
@@ -140,7 +141,7 @@ def test_write_report(run_dir: Path) -> None:
 
 
 def test_empty_run(tmp_path: Path) -> None:
-    w = RecordWriter(tmp_path)
+    w = RunFolder(tmp_path)
     w.append(Record(shape="s", K=8, N=8, M=4, dtype="float32", world=2, backend="gloo", device="cpu",
                     strategy="chunked", settings={"chunks": 2, "priority": True}, label="chunked:priority=true",
                     env={}, status="unavailable", reason="priority=true needs NCCL"))
@@ -169,7 +170,7 @@ def test_slugify() -> None:
 
 def test_rerun_keeps_latest_and_noise_aware_winner(tmp_path: Path) -> None:
     shape = "qwen2.5-72b/o_proj"
-    w = RecordWriter(tmp_path)
+    w = RunFolder(tmp_path)
     for m in (1024, 4096):
         t_gemm, t_comm = 0.1 * m / 1024, 0.08 * m / 1024
         t_base = t_gemm + t_comm
@@ -192,7 +193,7 @@ def test_rerun_keeps_latest_and_noise_aware_winner(tmp_path: Path) -> None:
 
 def test_baseline_winner_without_baseline_record(tmp_path: Path) -> None:
     shape = "qwen2.5-72b/o_proj"
-    w = RecordWriter(tmp_path)
+    w = RunFolder(tmp_path)
     t_gemm, t_comm = 0.1, 0.08
     t_base = t_gemm + t_comm
     # No baseline record; the chunked record is inside the spread of the baseline measured beside it.

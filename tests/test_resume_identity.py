@@ -12,7 +12,8 @@ import yaml
 from typer.testing import CliRunner
 
 from overlap_bench.cli import app
-from overlap_bench.records import Record, RecordWriter, case_key, load_records
+from overlap_bench.records import Record, case_key, load_records
+from overlap_bench.runfolder import RunFolder
 
 VARIANT = {"OVERLAP_BENCH_TEST_VARIANT": "1"}
 SPEC = {"name": "resume", "backend": "gloo", "world_size": 2, "dtypes": ["float32"],
@@ -48,7 +49,7 @@ def test_record_key_is_case_key_and_env_order_does_not_matter():
 
 def _seed(run_dir, env, bias):
     """Records of the spec's cases in one (env, bias) as if measured earlier, with an impossible time."""
-    w = RecordWriter(run_dir)
+    w = RunFolder(run_dir)
     for m in SPEC["tokens"]:
         for label in LABELS:
             w.append(Record(shape="t/a", K=16, N=32, M=m, dtype="float32", world=2, backend="gloo", device="cpu",
@@ -117,7 +118,7 @@ def test_record_round_trip_keeps_every_field_and_nan(tmp_path):
                strategy="chunked", settings={"chunks": 3}, label="chunked:chunks=3", env=dict(VARIANT), bias=True,
                status="ok", t_ms=1.25, t_iqr_ms=0.5, t_base_ms=2.5, t_gemm_ms=1.0, t_comm_ms=2.0, ideal_ms=2.0,
                speedup=2.0, eta=math.nan, rel_err=0.001, tol=0.02, warmup=5, reps=20, extra={"t_joint_ms": 2.25})
-    RecordWriter(tmp_path).append(r)
+    RunFolder(tmp_path).append(r)
     [back] = load_records(tmp_path).records
     assert math.isnan(back.eta) and isinstance(back.eta, float) and math.isnan(back.busbw_gbps)
     same = {k: v for k, v in vars(back).items() if not (isinstance(v, float) and math.isnan(v))}

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from overlap_bench import analysis, export as export_mod, policy, strategies
-from overlap_bench.records import Record, RecordWriter
+from overlap_bench.records import Record
+from overlap_bench.runfolder import RunFolder
 
 approx = pytest.approx
 
@@ -27,7 +28,7 @@ def best_by_m(records):
 
 
 def export(tmp_path, records):
-    w = RecordWriter(tmp_path / "run")
+    w = RunFolder(tmp_path / "run")
     for r in records:
         w.append(r)
     [path] = export_mod.export_policy(tmp_path / "run", tmp_path / "p.yaml", unconfirmed=True)  # first-pass picks

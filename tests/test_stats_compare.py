@@ -11,7 +11,8 @@ import pytest
 
 from overlap_bench.compare import (build_table, compare_run_dirs, rich_table, summary, to_json,
                                    to_markdown)
-from overlap_bench.records import RecordWriter, Record
+from overlap_bench.records import Record
+from overlap_bench.runfolder import RunFolder
 from overlap_bench.stats import bootstrap_ratio_ci, compare_samples, geomean, mann_whitney_p
 
 
@@ -176,7 +177,7 @@ def _rec(shape="m/o_proj", M=4096, label="chunked:chunks=4", tps=1000.0, status=
 
 def test_compare_run_dirs(tmp_path):
     da, db = tmp_path / "a", tmp_path / "b"
-    wa, wb = RecordWriter(da), RecordWriter(db)
+    wa, wb = RunFolder(da), RunFolder(db)
     for t in (1000.0, 1010.0, 990.0):
         wa.append(_rec(tps=t))
     for t in (1200.0, 1210.0, 1190.0):
@@ -206,8 +207,8 @@ def test_compare_run_dirs(tmp_path):
 
 
 def test_compare_single_records_per_case(tmp_path):
-    RecordWriter(tmp_path / "a").append(_rec(tps=1000.0))
-    RecordWriter(tmp_path / "b").append(_rec(tps=1500.0))
+    RunFolder(tmp_path / "a").append(_rec(tps=1000.0))
+    RunFolder(tmp_path / "b").append(_rec(tps=1500.0))
     df, unmatched = compare_run_dirs(tmp_path / "a", tmp_path / "b", min_effect=0.01)
     assert unmatched == []
     row = df.iloc[0]

@@ -94,13 +94,14 @@ def test_geomean_by_hand():
 
 def test_compare_run_dirs_keeps_bias_apart_and_summarises_by_geomean(tmp_path):
     from overlap_bench.compare import build_table, compare_run_dirs, summary
-    from overlap_bench.records import Record, RecordWriter
+    from overlap_bench.records import Record
+    from overlap_bench.runfolder import RunFolder
 
     def rec(tps, bias=False):
         return Record(shape="m/o_proj", K=1024, N=2048, M=4096, dtype="float32", world=2, backend="gloo",
                       device="cpu", strategy="pr", settings={}, label="pr", env={}, bias=bias, tokens_per_s=tps)
 
-    wa, wb = RecordWriter(tmp_path / "a"), RecordWriter(tmp_path / "b")
+    wa, wb = RunFolder(tmp_path / "a"), RunFolder(tmp_path / "b")
     wa.append(rec(1000.0))
     wb.append(rec(1210.0))
     wb.append(rec(5000.0, bias=True))  # other work: never a sample of the bias-free case

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from overlap_bench import export
-from overlap_bench.records import Record, RecordWriter
+from overlap_bench.records import Record
+from overlap_bench.runfolder import RunFolder
 from overlap_bench.world import LaunchError
 
 
@@ -21,7 +22,7 @@ def test_world_one_sweep_and_compare_are_refused_in_one_line(args):
 
 
 def test_no_policy_from_a_world_one_run(tmp_path):
-    w = RecordWriter(tmp_path)
+    w = RunFolder(tmp_path)
     for strategy, t in (("baseline", 1.0), ("chunked", 0.9)):
         w.append(Record(shape="s", K=8, N=8, M=64, dtype="float32", world=1, backend="nccl", device="H200",
                         strategy=strategy, settings={}, label=strategy, env={}, t_ms=t, t_base_ms=1.0))
