@@ -87,6 +87,8 @@ def _shapes_raw(shapes: list[str]) -> list[dict]:
 
 
 def _strategies_raw(labels: list[str]) -> list[dict]:
+    """``--strategy`` texts, parsed (and so checked) once, in the sweep YAML's form: ``run`` builds its spec
+    from the same mapping a spec file gives, and keeps it as the run folder's ``spec.yaml``."""
     from overlap_bench.spec import SpecError
 
     out: list[dict] = [{"name": "baseline"}]

@@ -72,7 +72,7 @@ class RowParallelLinear(nn.Module):
     def choose(self, m: int) -> Choice:
         """The strategy for ``m`` token rows."""
         if self.policy is None or m == 0:
-            return Choice("baseline", strategies.make_settings("baseline"), "baseline", None,
+            return Choice("baseline", _BASELINE, None,
                           "no policy" if self.policy is None else "no rows")
         return self.policy.choose(K=self.in_features_per_rank, N=self.out_features, M=m)
 
@@ -101,7 +101,7 @@ class RowParallelLinear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def _fall_back(self, choice: Choice, m: int, why: str) -> None:
-        self.last_choice = Choice("baseline", _BASELINE, "baseline", choice.bucket,
+        self.last_choice = Choice("baseline", _BASELINE, choice.bucket,
                                   f"{choice.label} cannot run for M={m}: {why}")
         if choice.label not in self._warned:
             self._warned.add(choice.label)

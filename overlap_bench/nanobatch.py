@@ -247,12 +247,11 @@ def mode_plans(settings: NanoSettings, m: int, backend: str,
         for c in by_rows.values():
             why = strategies.unavailable_reason(c.strategy, c.settings, backend) or unsplittable([c.strategy])
             if why:
-                problems.append(f"{layer} {strategies.label(c.strategy, c.settings)}: {why}")
+                problems.append(f"{layer} {c.label}: {why}")
     split = strategy_split(lambda layer, rows: (picked[layer][rows].strategy, picked[layer][rows].settings))
     plans["nanobatch+policy"] = {
         "forward": lambda weights, x, d: nanobatch_forward(weights, x, d, settings, split),
-        "choices": {layer: " | ".join(dict.fromkeys(strategies.label(c.strategy, c.settings)
-                                                    for c in by_rows.values()))
+        "choices": {layer: " | ".join(dict.fromkeys(c.label for c in by_rows.values()))
                     for layer, by_rows in picked.items()},
         "choice_reasons": {layer: " | ".join(dict.fromkeys(c.reason for c in by_rows.values()))
                            for layer, by_rows in picked.items()},

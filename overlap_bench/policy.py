@@ -44,9 +44,14 @@ class Entry:
 
     strategy: str
     settings: Any
-    label: str
+    """The strategy's settings object (from ``strategies.make_settings``)."""
     speedup: float | None = None
     eta: float | None = None
+
+    @property
+    def label(self) -> str:
+        """Display text (``strategies.label``), derived from the typed settings."""
+        return strategies.label(self.strategy, self.settings)
 
 
 @dataclass(frozen=True)
@@ -56,10 +61,14 @@ class Choice:
     strategy: str
     settings: Any
     """The strategy's settings object (from ``strategies.make_settings``)."""
-    label: str
     bucket: int | None
     """The bucket's M, or None when no bucket applied (baseline)."""
     reason: str
+
+    @property
+    def label(self) -> str:
+        """Display text (``strategies.label``), derived from the typed settings."""
+        return strategies.label(self.strategy, self.settings)
 
 
 @dataclass
@@ -101,11 +110,11 @@ class Policy:
         if i < 0:
             return _baseline(None, f"M={M} below the smallest bucket {shape.ms[0]}")
         bucket, e = shape.buckets[i]
-        return Choice(e.strategy, e.settings, e.label, bucket, f"bucket M={bucket} of {shape.name}")
+        return Choice(e.strategy, e.settings, bucket, f"bucket M={bucket} of {shape.name}")
 
 
 def _baseline(bucket: int | None, reason: str) -> Choice:
-    return Choice("baseline", strategies.make_settings("baseline"), "baseline", bucket, reason)
+    return Choice("baseline", strategies.make_settings("baseline"), bucket, reason)
 
 
 # ---------------------------------------------------------------------------------------------- naming
@@ -140,7 +149,7 @@ def _entry(v: Any, where: str) -> Entry:
         settings = strategies.make_settings(name, values)
     except (ValueError, TypeError) as e:  # TypeError: a value of a type no setting takes
         raise FieldError(f"{where}.{'strategy' if name not in strategies.REGISTRY else 'settings'}: {e}") from None
-    return Entry(name, settings, strategies.label(name, settings), check.number(v.get("speedup"), f"{where}.speedup"),
+    return Entry(name, settings, check.number(v.get("speedup"), f"{where}.speedup"),
                  check.number(v.get("eta"), f"{where}.eta"))
 
 

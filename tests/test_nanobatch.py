@@ -245,7 +245,7 @@ def test_strategy_without_row_split_is_unavailable_inside_nanobatches(monkeypatc
     strategies.get("baseline")
     monkeypatch.setitem(strategies.REGISTRY, "fused", strategies.Strategy("fused", lambda *a: None, NoSettings, "x"))
     plans = nanobatch.mode_plans(nanobatch.NanoSettings(2), 40, "gloo",
-                                 lambda layer, rows: Choice("fused", NoSettings(), "fused", None, "test"))
+                                 lambda layer, rows: Choice("fused", NoSettings(), None, "test"))
     assert "fused" in plans["nanobatch+policy"]["unavailable"]
     assert "no row split" in plans["nanobatch+policy"]["unavailable"]
     assert "unavailable" not in plans["nanobatch"]
