@@ -100,6 +100,8 @@ class RunFolder:
     def __fspath__(self) -> str:
         return str(self.path)
 
+    __str__ = __fspath__  # str(folder) is its path, as for a Path (it is passed where paths are expected)
+
     def lock(self, flag: str = "--out", command: str = ""):
         """Hold the folder's ``run.lock`` while the block runs (:func:`lock`)."""
         return lock(self.path, flag, command)
