@@ -435,7 +435,7 @@ def model(
     nproc: Optional[int] = typer.Option(None, help="Ranks (default: every GPU, or 2 on CPU)."),
     backend: Optional[str] = typer.Option(None, help="auto, nccl or gloo."),
     out: Path = typer.Option(Path("runs/model"), help="Writes model.jsonl and env.json here."),
-    as_json: bool = typer.Option(False, "--json", help="Print rows as JSON instead of a table."),
+    as_json: bool = typer.Option(False, "--json", help="Print the records as a JSON array instead of a table."),
     mode: str = typer.Option("all", "--mode", help="Modes, comma-separated: baseline, pr, policy, nanobatch, "
                              "nanobatch+policy, nocomm, or all (baseline and nocomm always run)."),
     nanobatches: int = typer.Option(2, help="Nano-batches (token ranges) of the nanobatch modes."),
@@ -459,14 +459,14 @@ def model(
         except ValueError as e:
             flag = {"comm": "--nano-comm", "attention": "--nano-attention"}.get(str(e).split()[0], "--nanobatches")
             raise UserError(f"{flag}: {e}") from None
-        rows = model_main(preset, tp, _ints(tokens, "--tokens"), layers, policy, dtype, warmup, reps, out,
-                          backend=backend, nproc=nproc, modes=modes, nano=nano, shapes_tp=shapes_tp)
+        records = model_main(preset, tp, _ints(tokens, "--tokens"), layers, policy, dtype, warmup, reps, out,
+                             backend=backend, nproc=nproc, modes=modes, nano=nano, shapes_tp=shapes_tp)
         if not _rank0():
             return
         if as_json:
-            print(json.dumps(rows))
+            print("[" + ",\n".join(r.to_json() for r in records) + "]")
         else:
-            out_console.print(model_table(rows))
+            out_console.print(model_table(records))
 
     _guard(body, out)
 

@@ -25,21 +25,24 @@ Modes, all measured in the same job on the same weights and inputs:
               that share it hid.
 
 Every mode's final hidden states are checked against baseline's first (``numerics.TOLERANCE``); a failed
-mode is recorded with its reason and not timed. Rank 0 writes one JSON line per (M, mode) to
-``model.jsonl``, rewritten atomically after each M, so an M that crashes the job keeps the earlier ones.
+mode is recorded with its reason and not timed. Rank 0 writes one ``records.Record`` (``kind: model``) per
+(M, mode) to ``model.jsonl``, rewritten atomically after each M, so an M that crashes the job keeps the
+earlier ones. A record's ``speedup`` is ``metrics.speedup`` against the baseline mode at the same M
+(``t_base_ms``), its ``eta`` the model eta, and its ``extra`` holds the model's own numbers (``tp``,
+``layers``, ``comm_share``, ``t_nocomm_ms``, ``t_rounds_ms``, ``choices``, ...).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import math
 import os
+import shlex
 import statistics
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -53,8 +56,7 @@ from overlap_bench.world import in_torchrun, resolve
 from overlap_bench.metrics import DTYPES, model_eta
 from overlap_bench.numerics import TOLERANCE, rel_err, within_tolerance
 from overlap_bench.presets import PRESETS, ModelPreset
-from overlap_bench.records import json_safe
-from overlap_bench.runfolder import write_atomic
+from overlap_bench.records import Record
 from overlap_bench.timing import allreduce_max, time_region
 
 if TYPE_CHECKING:
@@ -69,7 +71,6 @@ REFERENCE_MODES = ("baseline", "nocomm")
 """Modes every run includes: the numerics reference and the communication share (model eta needs both)."""
 ROW_LAYERS = ("o_proj", "down_proj")
 """The row-parallel layers of a decoder layer, as named in rows and policies."""
-MODEL_FILE, ENV_FILE = runfolder.MODEL, runfolder.ENV
 RMS_EPS = 1e-6
 MAX_ROUNDS = 3
 """The timed repetitions of each mode are split into up to this many rounds, modes interleaved per round."""
@@ -307,16 +308,17 @@ def _policy_meta_notes(policy, dtype: str, device_name: str) -> list[str]:
 
 
 def run_model(ctx: RankContext, preset: str, tokens: list[int], layers: int, policy_path: str | None,
-              warmup: int, reps: int, out_path: str, dtype: str = "bfloat16", seed: int = 0,
+              warmup: int, reps: int, out_dir: str, dtype: str = "bfloat16", seed: int = 0,
               modes: tuple[str, ...] = MODES, nano: nanobatch.NanoSettings | None = None,
-              shapes_tp: int | None = None) -> None:
-    """Every rank's part of the model benchmark (``launch`` calls it); rank 0 writes ``out_path`` (JSONL).
+              shapes_tp: int | None = None, env: dict[str, str] | None = None) -> None:
+    """Every rank's part of the model benchmark (``launch`` calls it); rank 0 writes ``out_dir/model.jsonl``.
 
     Per M: inputs, the numerics check of every mode against baseline, then the timing of the modes that
-    passed, interleaved round by round. ``out_path`` is rewritten atomically with all rows so far after
-    each M. ``modes``: the modes to run (a subset of :data:`MODES`, in that order); ``nano``: the nano-batch
-    modes' settings. ``shapes_tp``: per-rank shapes of this tensor-parallel size instead of the rank count
-    (one rank's share of a larger job, e.g. tp=4 shapes on 1 GPU: the reduction then sums fewer shards).
+    passed, interleaved round by round. ``model.jsonl`` is rewritten atomically with all records so far
+    after each M. ``modes``: the modes to run (a subset of :data:`MODES`, in that order); ``nano``: the
+    nano-batch modes' settings. ``shapes_tp``: per-rank shapes of this tensor-parallel size instead of the
+    rank count (one rank's share of a larger job, e.g. tp=4 shapes on 1 GPU: the reduction then sums fewer
+    shards). ``env``: the job's environment variant (recorded; the launcher sets it).
     """
     from overlap_bench.policy import load_policy
 
@@ -334,23 +336,21 @@ def run_model(ctx: RankContext, preset: str, tokens: list[int], layers: int, pol
     base_choice = {layer: ("baseline", strategies.make_settings("baseline")) for layer in ROW_LAYERS}
     peer_choices = {p: {layer: (p, strategies.make_settings(p)) for layer in ROW_LAYERS} for p in strategies.peers()}
     shapes = {layer: list(d.row_shape(layer)) for layer in ROW_LAYERS}
-    rows: list[dict[str, Any]] = []
+    job = _Job(preset, d.hidden, dtype, ctx, device_name, dict(env or {}), warmup, reps, nano,
+               {"tp": tp, "layers": layers, "shapes": shapes}, policy_path, shapes_tp)
+    folder = runfolder.RunFolder(out_dir)
+    records: list[Record] = []
 
     weights, err = try_case(lambda: build_stack(p, tp, ctx.rank, layers, dtype=dt, device=ctx.device, seed=seed))
     err = agree_failure(err, ctx)
     if err:
         # Nothing can be measured at any M: record why and stop.
-        for m in tokens:
-            for mode in modes:
-                rows.append(_row(preset, tp, layers, m, dtype, mode, ctx, warmup, reps, tol, shapes,
-                                 status="failed", reason=f"weights: {err}"))
+        records += [job.record(m, mode, "failed", f"weights: {err}") for m in tokens for mode in modes]
         if ctx.rank == 0:
-            _write_rows(out_path, rows)
+            folder.write_records(records, runfolder.MODEL)
         return
 
     for m in tokens:
-        common = dict(preset=preset, tp=tp, layers=layers, m=m, dtype=dtype, ctx=ctx, warmup=warmup, reps=reps,
-                      tol=tol, shapes=shapes)
         plan: dict[str, dict[str, Any]] = {}
         # What each mode runs at this M.
         plan["baseline"] = {"row": strategy_row(base_choice), "choices": _choices_text(base_choice), "note": None}
@@ -390,11 +390,11 @@ def run_model(ctx: RankContext, preset: str, tokens: list[int], layers: int, pol
         x, err = try_case(lambda: hidden_states(m, d.hidden, dtype=dt, device=ctx.device, seed=seed))
         err = agree_failure(err, ctx)
         if err:
-            rows += [_row(**common, mode=mode, status="failed", reason=f"inputs: {err}",
-                          choices=plan[mode].get("choices")) for mode in modes]
+            records += [job.record(m, mode, "failed", f"inputs: {err}", {"choices": plan[mode].get("choices")})
+                        for mode in modes]
             _free(ctx)
             if ctx.rank == 0:
-                _write_rows(out_path, rows)
+                folder.write_records(records, runfolder.MODEL)
             continue
         if ctx.world > 1:
             dist.broadcast(x, src=0)  # identical on every rank whatever the RNG does on each device
@@ -404,12 +404,12 @@ def run_model(ctx: RankContext, preset: str, tokens: list[int], layers: int, pol
         y_base, err = try_case(lambda: _forward(plan["baseline"], weights, x, d))
         err = agree_failure(err, ctx)
         if err:
-            rows += [_row(**common, mode=mode, status="failed", reason=f"baseline forward: {err}",
-                          choices=plan[mode].get("choices")) for mode in modes]
+            records += [job.record(m, mode, "failed", f"baseline forward: {err}",
+                                   {"choices": plan[mode].get("choices")}) for mode in modes]
             del x
             _free(ctx)
             if ctx.rank == 0:
-                _write_rows(out_path, rows)
+                folder.write_records(records, runfolder.MODEL)
             continue
         status["baseline"] = {"status": "ok", "rel_err": 0.0}
         for mode in modes[1:]:
@@ -427,7 +427,7 @@ def run_model(ctx: RankContext, preset: str, tokens: list[int], layers: int, pol
                 _free(ctx)
                 continue
             if mode == "nocomm":
-                status[mode] = {"status": "ok", "rel_err": None}
+                status[mode] = {"status": "ok", "rel_err": math.nan}
                 del y
                 continue
             e = allreduce_max([rel_err(y, y_base)], None, ctx.device)[0]
@@ -468,9 +468,9 @@ def run_model(ctx: RankContext, preset: str, tokens: list[int], layers: int, pol
         if ctx.device.type == "cuda":
             peak_gib = allreduce_max([torch.cuda.max_memory_allocated(ctx.device) / 2**30], None, ctx.device)[0]
         t_ms = {mode: statistics.median(v) for mode, v in medians.items()}
-        t_base = t_ms.get("baseline")
+        t_base, t_nocomm = t_ms.get("baseline", math.nan), t_ms.get("nocomm", math.nan)
         comm_share = None
-        if t_base and "nocomm" in t_ms:
+        if "baseline" in t_ms and "nocomm" in t_ms:
             comm_share = (t_base - t_ms["nocomm"]) / t_base
         # The share is hideable only where it is above the spread of the two references' times.
         # At world 1 nothing is communicated: any difference is noise, so no model eta.
@@ -478,44 +478,58 @@ def run_model(ctx: RankContext, preset: str, tokens: list[int], layers: int, pol
         noise = math.inf if ctx.world == 1 else noise
         for mode in modes:
             st, info = status[mode], plan[mode]
-            ok = st["status"] == "ok" and mode in t_ms
-            t = t_ms.get(mode) if ok else None
-            rows.append(_row(
-                **common, mode=mode, status=st["status"], reason=st.get("reason"), note=info.get("note"),
-                rel_err=st.get("rel_err"), t_ms=t,
-                t_iqr_ms=max(iqrs[mode]) if ok else None,
-                t_rounds_ms=medians[mode] if ok else None,
-                tokens_per_s=metrics.tokens_per_s(m, t) if t else None,
-                speedup_vs_baseline=metrics.speedup(t_base, t) if (t and t_base) else None,
-                comm_share=comm_share if mode == "baseline" else None,
-                eta_model=model_eta(t_base, t, t_ms["nocomm"], noise) if (t and t_base and "nocomm" in t_ms)
-                else None,
-                nanobatch=info.get("nanobatch"),
-                choices=info.get("choices"), choice_reasons=info.get("choice_reasons"),
-                policy_path=str(policy_path) if (mode == "policy" and policy_path) else None,
-                peak_mem_gib=peak_gib,
+            t = t_ms.get(mode, math.nan)  # NaN unless it passed and was timed
+            records.append(job.record(
+                m, mode, st["status"], st.get("reason"), note=info.get("note"), rel_err=st.get("rel_err", math.nan),
+                t_ms=t,
+                t_iqr_ms=max(iqrs[mode]) if mode in t_ms else math.nan,
+                t_base_ms=t_base, t_base_iqr_ms=max(iqrs["baseline"]) if "baseline" in t_ms else math.nan,
+                tokens_per_s=metrics.tokens_per_s(m, t),
+                speedup=metrics.speedup(t_base, t),
+                eta=model_eta(t_base, t, t_nocomm, noise),
+                extra=dict(comm_share=comm_share if mode == "baseline" else None,
+                           t_nocomm_ms=t_ms.get("nocomm"), t_rounds_ms=medians.get(mode),
+                           nanobatch=info.get("nanobatch"),
+                           choices=info.get("choices"), choice_reasons=info.get("choice_reasons"),
+                           policy_path=str(policy_path) if (mode == "policy" and policy_path) else None,
+                           peak_mem_gib=peak_gib),
             ))
         if ctx.rank == 0:
-            _write_rows(out_path, rows)
+            folder.write_records(records, runfolder.MODEL)
             log.info("%s tp=%d M=%d: %s", preset, tp, m,
                      ", ".join(f"{k}={v:.2f} ms" for k, v in t_ms.items()))
 
 
-def _row(preset: str, tp: int, layers: int, m: int, dtype: str, mode: str, ctx: RankContext, warmup: int,
-         reps: int, tol: float, shapes: dict, *, status: str, reason: str | None = None, **values: Any) -> dict:
-    row = {"preset": preset, "tp": tp, "world": ctx.world, "layers": layers, "M": m, "dtype": dtype, "mode": mode,
-           "t_ms": None, "t_iqr_ms": None, "tokens_per_s": None, "speedup_vs_baseline": None, "comm_share": None,
-           "eta_model": None,
-           "rel_err": None, "tol": tol, "ok": status == "ok", "status": status, "reason": reason, "note": None,
-           "choices": None, "choice_reasons": None, "shapes": shapes, "backend": ctx.backend,
-           "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
-           "warmup": warmup, "reps": reps,
-           "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    optional = ("t_rounds_ms", "policy_path", "peak_mem_gib", "nanobatch")  # only where they apply
-    row.update({k: v for k, v in values.items() if k not in optional or v is not None})
-    if status != "ok":
-        row.update(t_ms=None, tokens_per_s=None, speedup_vs_baseline=None, comm_share=None, eta_model=None)
-    return row
+class _Job:
+    """What every record of one model job shares, and how a record of it is made."""
+
+    def __init__(self, preset: str, hidden: int, dtype: str, ctx: RankContext, device: str, env: dict[str, str],
+                 warmup: int, reps: int, nano: nanobatch.NanoSettings, extra: dict[str, Any],
+                 policy_path: str | None, shapes_tp: int | None):
+        self.fields = dict(kind="model", shape=preset, K=0, N=hidden, dtype=dtype, world=ctx.world,
+                           backend=ctx.backend, device=device, env=env, tol=TOLERANCE[dtype], warmup=warmup,
+                           reps=reps)
+        self.nano, self.extra = nano, extra
+        cmd = [*(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())), "overlap-bench model", "--preset",
+               preset, "--nproc", str(ctx.world), "--backend", ctx.backend, "--layers", str(extra["layers"]),
+               "--dtype", dtype, "--warmup", str(warmup), "--reps", str(reps)]
+        cmd += ["--shapes-tp", str(shapes_tp)] if shapes_tp else []
+        cmd += ["--policy", shlex.quote(str(policy_path))] if policy_path else []
+        self.command = " ".join(cmd)
+        self.nano_flags = (f" --nanobatches {nano.nanobatches} --nano-comm {nano.comm} "
+                           f"--nano-attention {nano.attention}" + (" --nano-priority" if nano.priority else ""))
+
+    def record(self, m: int, mode: str, status: str, reason: str | None = None, extra: dict[str, Any] | None = None,
+               **fields: Any) -> Record:
+        """Mode ``mode`` at ``M = m`` with these Record ``fields``; ``extra``'s values that are not None are
+        added to the job's ``extra``."""
+        nano = mode.startswith("nanobatch")
+        return Record(**self.fields, **fields, M=m, strategy=mode, label=mode, status=status, reason=reason,
+                      settings=asdict(self.nano) if nano else {},
+                      repro=f"{self.command} --tokens {m} --mode {shlex.quote(mode)}"
+                            + (self.nano_flags if nano else ""),
+                      time=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                      extra={**self.extra, **{k: v for k, v in (extra or {}).items() if v is not None}})
 
 
 def _forward(info: dict[str, Any], weights: list[LayerWeights], x: torch.Tensor, d: Dims) -> torch.Tensor:
@@ -523,18 +537,6 @@ def _forward(info: dict[str, Any], weights: list[LayerWeights], x: torch.Tensor,
     if "forward" in info:
         return info["forward"](weights, x, d)
     return stack_forward(weights, x, d, info["row"])
-
-
-def _write_rows(path: str | os.PathLike, rows: Iterable[dict]) -> None:
-    write_atomic(path, "".join(json.dumps(json_safe(r), allow_nan=False) + "\n" for r in rows))
-
-
-def load_rows(path: str | os.PathLike) -> list[dict]:
-    """The rows of a ``model.jsonl`` (blank lines skipped)."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 # ---------------------------------------------------------------------------------------------- launcher
@@ -590,8 +592,9 @@ def model_main(preset: str, tp_world: int | None, tokens: list[int], layers: int
                dtype: str, warmup: int, reps: int, out_dir: str | os.PathLike, backend: str | None = None,
                nproc: int | None = None, *, seed: int = 0, timeout_s: float = 600.0,
                modes: tuple[str, ...] = MODES, nano: nanobatch.NanoSettings | None = None,
-               shapes_tp: int | None = None) -> list[dict]:
-    """Run the model benchmark as a job of ``tp`` ranks; returns the rows (empty on ranks other than 0).
+               shapes_tp: int | None = None) -> list[Record]:
+    """Run the model benchmark as a job of ``tp`` ranks; returns its records as read back from
+    ``model.jsonl`` (empty on ranks other than 0).
 
     ``tp_world`` is the tensor-parallel size (= ranks); None means every rank (``resolve``'s default).
     Writes ``out_dir/env.json`` before the job and ``out_dir/model.jsonl`` (rank 0, after each M); an
@@ -601,8 +604,6 @@ def model_main(preset: str, tp_world: int | None, tokens: list[int], layers: int
     ``shapes_tp`` runs the per-rank shapes of a larger tensor-parallel size on these ranks (see ``run_model``).
     """
     from contextlib import nullcontext
-
-    from overlap_bench import envinfo, runfolder
 
     if preset not in PRESETS:
         raise UserError(f"--preset: unknown preset '{preset}' (known: {', '.join(PRESETS)})")
@@ -632,17 +633,15 @@ def model_main(preset: str, tp_world: int | None, tokens: list[int], layers: int
                 raise UserError(f"--policy: {policy_path} needs {want} set before CUDA starts; "
                                 "set it on the torchrun command")
     rank0 = not in_torchrun() or os.environ.get("RANK", "0") == "0"
-    out = Path(out_dir)
-    out_path = out / MODEL_FILE
-    with runfolder.lock(out) if rank0 else nullcontext():  # one writer per folder
+    folder = runfolder.RunFolder(out_dir)
+    with folder.lock() if rank0 else nullcontext():  # one writer per folder
         if rank0:
-            if out_path.exists():
-                out_path.unlink()
-            write_atomic(out / ENV_FILE, json.dumps(envinfo.collect(), indent=2) + "\n")
-        args = (preset, list(tokens), layers, policy_path, warmup, reps, str(out_path), dtype, seed, tuple(modes),
-                nano, shapes_tp)
+            (folder / runfolder.MODEL).unlink(missing_ok=True)
+            folder.write_env()
+        args = (preset, list(tokens), layers, policy_path, warmup, reps, str(folder.path), dtype, seed,
+                tuple(modes), nano, shapes_tp, env)
         launch(run_model, args, JobConfig(world, backend, timeout_s, env))
-        return load_rows(out_path) if rank0 else []
+        return folder.load(runfolder.MODEL).records if rank0 else []  # rewritten atomically: never torn
 
 
 # ---------------------------------------------------------------------------------------------- table
@@ -653,34 +652,33 @@ def _fmt(v: Any, spec: str) -> str:
     return format(v, spec)
 
 
-def model_table(rows: list[dict], title: str | None = None) -> "Table":
+def model_table(records: list[Record], title: str | None = None) -> "Table":
     """A rich table, one row per (M, mode): time, tokens/s, speedup vs baseline, comm share, model eta,
     rel_err."""
     from rich.table import Table
 
-    if title is None and rows:
-        r = rows[0]
-        ranks = f" shapes on {r['world']} rank(s)" if r.get("world", r["tp"]) != r["tp"] else ""
-        title = (f"{r['preset']} x{r['layers']} layers, tp={r['tp']}{ranks} "
-                 f"({r.get('backend', '?')}, {r.get('device', '?')}), {r['dtype']}")
+    if title is None and records:
+        r, x = records[0], records[0].extra
+        ranks = f" shapes on {r.world} rank(s)" if r.world != x.get("tp", r.world) else ""
+        title = (f"{r.shape} x{x.get('layers', '?')} layers, tp={x.get('tp', r.world)}{ranks} "
+                 f"({r.backend}, {r.device}), {r.dtype}")
     t = Table(title=title)
     for c in ("M", "mode", "ms", "tokens/s", "speedup vs baseline", "comm share", "eta (model)", "rel_err", "notes"):
         t.add_column(c, justify="left" if c in ("mode", "notes") else "right")
-    for r in rows:
-        notes = []
-        if r.get("status") != "ok":
-            notes.append(f"[red]{r.get('status')}[/]: {r.get('reason')}")
-        if r.get("mode") in ("policy", "nanobatch+policy") and r.get("choices"):
-            notes.append(", ".join(f"{k}={v}" for k, v in r["choices"].items()))
-        if r.get("mode") == "nocomm" and r.get("status") == "ok":
+    for r in records:
+        notes, x = [], r.extra
+        if not r.ok:
+            notes.append(f"[red]{r.status}[/]: {r.reason}")
+        if r.strategy in ("policy", "nanobatch+policy") and x.get("choices"):
+            notes.append(", ".join(f"{k}={v}" for k, v in x["choices"].items()))
+        if r.strategy == "nocomm" and r.ok:
             notes.append("no all-reduce (timing only)")
-        nb = r.get("nanobatch")
+        nb = x.get("nanobatch")
         if nb and nb.get("rows"):
             notes.append(f"{nb['nanobatches']} nano-batches ({'/'.join(map(str, nb['rows']))} rows), "
                          f"comm={nb['comm']}" + (", priority" if nb.get("priority") else ""))
-        t.add_row(str(r["M"]), r["mode"], _fmt(r.get("t_ms"), ".2f"), _fmt(r.get("tokens_per_s"), ",.0f"),
-                  _fmt(r.get("speedup_vs_baseline"), ".3f"),
-                  _fmt(r.get("comm_share") * 100, ".1f") + "%" if r.get("comm_share") is not None else "-",
-                  _fmt(r.get("eta_model"), ".2f"),
-                  _fmt(r.get("rel_err"), ".1e"), "; ".join(notes))
+        share = x.get("comm_share")
+        t.add_row(str(r.M), r.label, _fmt(r.t_ms, ".2f"), _fmt(r.tokens_per_s, ",.0f"), _fmt(r.speedup, ".3f"),
+                  "-" if share is None else _fmt(share * 100, ".1f") + "%", _fmt(r.eta, ".2f"),
+                  _fmt(r.rel_err, ".1e"), "; ".join(notes))
     return t

@@ -27,9 +27,10 @@ class Record:
     shape: str
     """Shape name, e.g. ``qwen2.5-72b/o_proj`` or an explicit spec name."""
     K: int
-    """Inner dimension per rank (``K_total / tp``)."""
+    """Inner dimension per rank (``K_total / tp``); 0 in a ``model`` record (a whole decoder stack has no one
+    product: its row-parallel layers' ``(K, N)`` are in ``extra.shapes``)."""
     N: int
-    """Output features (the all-reduced width)."""
+    """Output features (the all-reduced width); in a ``model`` record the hidden size."""
     M: int
     """Token rows."""
     dtype: str
@@ -47,10 +48,14 @@ class Record:
     kind: str = "sweep"
     """What produced it: ``sweep`` (one case of a sweep or ``run``), ``compare`` (one timed region of an A/B
     comparison; ``extra`` has ``side`` and ``repeat``), ``model`` (one mode of the model benchmark at M;
-    ``strategy`` is the mode) or ``interference`` (one condition beside the GEMM)."""
+    ``shape`` is the preset, ``strategy`` and ``label`` the mode, ``settings`` its nano-batch settings or
+    ``{}``, ``t_base_ms`` the baseline mode at that M, ``eta`` the model eta ``metrics.model_eta``; ``extra``
+    has ``tp``, ``layers``, ``shapes``, ``t_nocomm_ms``, ``comm_share`` (baseline), ``choices``, ...) or
+    ``interference`` (one condition beside the GEMM)."""
     bias: bool = False
     status: str = "ok"
-    """``ok``; ``failed`` (numerics out of tolerance or an error in the case); ``unavailable`` (cannot run here)."""
+    """``ok``; ``failed`` (numerics out of tolerance or an error in the case); ``unavailable`` (cannot run here);
+    ``skipped`` (a model mode without its input, e.g. ``policy`` without ``--policy``)."""
     reason: str | None = None
     note: str | None = None
     rel_err: float = math.nan

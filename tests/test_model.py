@@ -1,5 +1,6 @@
 """The model-level prefill benchmark: the sharded stack is a real TP decomposition, every mode gives the
-baseline's hidden states, rows are written with their fields, bad input is a one-line UserError."""
+baseline's hidden states, records (kind model) are written with their fields and read back unchanged, their
+speedup and eta are the one definitions against the same M's baseline, bad input is a one-line UserError."""
 
 import json
 import math
@@ -9,12 +10,9 @@ import torch
 import yaml
 from rich.console import Console
 
-from overlap_bench import model
+from overlap_bench import metrics, model, runfolder
 from overlap_bench.errors import UserError
 from overlap_bench.presets import PRESETS, ModelPreset
-
-ROW_FIELDS = {"preset", "tp", "layers", "M", "dtype", "mode", "t_ms", "tokens_per_s", "speedup_vs_baseline",
-              "comm_share", "rel_err", "ok", "reason", "choices"}
 
 
 def test_attention_matches_explicit_grouped_query_softmax():
@@ -69,47 +67,72 @@ def _policy_file(tmp_path, tp=2):
     return path
 
 
-def test_modes_agree_and_rows_are_written(tmp_path):
+def _by(records) -> dict:
+    return {(r.M, r.strategy): r for r in records}
+
+
+def test_modes_agree_and_records_are_written(tmp_path):
     out = tmp_path / "run"
-    rows = model.model_main("tiny", 2, [64, 100], 2, _policy_file(tmp_path), "float32", 1, 2, out,
-                            backend="gloo")
-    assert rows == model.load_rows(out / "model.jsonl")
+    records = model.model_main("tiny", 2, [64, 100], 2, _policy_file(tmp_path), "float32", 1, 2, out,
+                               backend="gloo")
     assert json.loads((out / "env.json").read_text())["torch"] == torch.__version__
-    assert [(r["M"], r["mode"]) for r in rows] == [(m, mode) for m in (64, 100) for mode in model.MODES]
-    for r in rows:
-        assert ROW_FIELDS <= set(r), ROW_FIELDS - set(r)
-        assert (r["preset"], r["tp"], r["layers"], r["dtype"]) == ("tiny", 2, 2, "float32")
-        assert r["ok"] and r["status"] == "ok", r
-        assert r["t_ms"] > 0 and r["tokens_per_s"] == pytest.approx(r["M"] / r["t_ms"] * 1e3)
-        assert r["speedup_vs_baseline"] > 0
-        if r["mode"] in ("pr", "policy"):
-            assert r["rel_err"] <= 1e-5
-        assert (r["comm_share"] is not None) == (r["mode"] == "baseline")
-    by = {(r["M"], r["mode"]): r for r in rows}
+    assert [(r.M, r.strategy) for r in records] == [(m, mode) for m in (64, 100) for mode in model.MODES]
+    for r in records:
+        assert (r.kind, r.shape, r.K, r.N, r.dtype, r.world, r.backend) == \
+            ("model", "tiny", 0, PRESETS["tiny"].hidden, "float32", 2, "gloo")
+        assert (r.extra["tp"], r.extra["layers"], r.label) == (2, 2, r.strategy)
+        assert r.ok and r.status == "ok", r
+        assert r.t_ms > 0 and r.tokens_per_s == pytest.approx(r.M / r.t_ms * 1e3)
+        assert r.speedup > 0 and (r.warmup, r.reps) == (1, 2)
+        assert f"--tokens {r.M} --mode {r.strategy}" in r.repro and "--policy" in r.repro
+        if r.strategy in ("pr", "policy"):
+            assert r.rel_err <= 1e-5
+        assert ("comm_share" in r.extra) == (r.strategy == "baseline")
+    by = _by(records)
     chunked = "chunked:chunks=3,comm=stream"
-    assert by[64, "policy"]["choices"] == {"o_proj": chunked, "down_proj": "baseline"}
-    assert "below the smallest bucket" in by[64, "policy"]["choice_reasons"]["down_proj"]
-    assert by[100, "policy"]["choices"] == {"o_proj": chunked, "down_proj": chunked}
-    assert by[100, "baseline"]["choices"] == {"o_proj": "baseline", "down_proj": "baseline"}
-    assert by[100, "baseline"]["speedup_vs_baseline"] == 1.0
-    assert by[100, "baseline"]["rel_err"] == 0.0 and by[100, "nocomm"]["rel_err"] is None
+    assert by[64, "policy"].extra["choices"] == {"o_proj": chunked, "down_proj": "baseline"}
+    assert "below the smallest bucket" in by[64, "policy"].extra["choice_reasons"]["down_proj"]
+    assert by[100, "policy"].extra["choices"] == {"o_proj": chunked, "down_proj": chunked}
+    assert by[100, "baseline"].extra["choices"] == {"o_proj": "baseline", "down_proj": "baseline"}
+    assert by[100, "baseline"].speedup == 1.0
+    assert by[100, "baseline"].rel_err == 0.0 and math.isnan(by[100, "nocomm"].rel_err)
     base, nocomm = by[100, "baseline"], by[100, "nocomm"]
-    assert base["comm_share"] == pytest.approx((base["t_ms"] - nocomm["t_ms"]) / base["t_ms"])
-    for r in rows:  # against the same M's baseline, never another M's or another mode's
-        assert r["speedup_vs_baseline"] == pytest.approx(by[r["M"], "baseline"]["t_ms"] / r["t_ms"])
-    text = _render(model.model_table(rows))
+    assert base.extra["comm_share"] == pytest.approx((base.t_ms - nocomm.t_ms) / base.t_ms)
+    text = _render(model.model_table(records))
     assert "speedup vs baseline" in text and "comm share" in text and "chunked:chunks=3" in text
 
 
+def test_speedup_and_eta_are_the_one_definitions_and_records_round_trip(tmp_path):
+    """Each record's speedup and eta are metrics.speedup / metrics.model_eta of its own times, and those times
+    are the same M's baseline and nocomm modes (not another M's, not another mode's); model.jsonl holds
+    exactly the returned records, one strict-JSON line each."""
+    records = model.model_main("tiny", 2, [48, 96], 1, None, "float32", 0, 3, tmp_path, backend="gloo",
+                               modes=("pr",))
+    by = _by(records)
+    for r in records:
+        base, nocomm = by[r.M, "baseline"], by[r.M, "nocomm"]
+        assert r.t_base_ms == base.t_ms and r.t_base_iqr_ms == base.t_iqr_ms
+        assert r.extra["t_nocomm_ms"] == nocomm.t_ms
+        assert r.speedup == metrics.speedup(r.t_base_ms, r.t_ms)
+        eta = metrics.model_eta(r.t_base_ms, r.t_ms, r.extra["t_nocomm_ms"], max(base.t_iqr_ms, nocomm.t_iqr_ms))
+        assert r.eta == eta or (math.isnan(r.eta) and math.isnan(eta)), (r.strategy, r.M, r.eta, eta)
+    assert by[48, "baseline"].t_ms != by[96, "baseline"].t_ms  # a wrong M's reference would show
+    lines = (tmp_path / runfolder.MODEL).read_text().splitlines()
+    assert lines == [r.to_json() for r in records]
+    assert runfolder.RunFolder(tmp_path).load(runfolder.MODEL).records == records
+    for line in lines:
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+
+
 def test_without_policy_the_policy_mode_is_skipped_and_says_so(tmp_path):
-    rows = model.model_main("tiny", 2, [16], 1, None, "float32", 0, 1, tmp_path, backend="gloo")
-    by = {r["mode"]: r for r in rows}
+    records = model.model_main("tiny", 2, [16], 1, None, "float32", 0, 1, tmp_path, backend="gloo")
+    by = {r.strategy: r for r in records}
     assert set(by) == set(model.MODES)
-    assert by["policy"]["status"] == "skipped" and not by["policy"]["ok"]
-    assert "no policy file" in by["policy"]["reason"] and by["policy"]["t_ms"] is None
-    assert by["policy"]["speedup_vs_baseline"] is None
-    assert all(by[m]["ok"] for m in ("baseline", "pr", "nocomm"))
-    assert "skipped" in _render(model.model_table(rows))
+    assert by["policy"].status == "skipped" and not by["policy"].ok
+    assert "no policy file" in by["policy"].reason and math.isnan(by["policy"].t_ms)
+    assert math.isnan(by["policy"].speedup) and math.isnan(by["policy"].eta)
+    assert all(by[m].ok for m in ("baseline", "pr", "nocomm"))
+    assert "skipped" in _render(model.model_table(records))
 
 
 def _render(table) -> str:
@@ -147,3 +170,20 @@ def test_bad_inputs_are_user_errors(tmp_path):
     bad.write_text(yaml.safe_dump({"meta": {"device": "cpu", "world_size": 4, "dtype": "float32"}, "shapes": {}}))
     with pytest.raises(UserError, match="world_size is 4, expected 2"):
         model.model_main("tiny", 2, [64], 1, bad, "float32", 0, 1, tmp_path / "o", backend="gloo")
+
+
+def test_cli_json_prints_the_records_as_strict_json(tmp_path):
+    from typer.testing import CliRunner
+
+    from overlap_bench.cli import app
+
+    res = CliRunner().invoke(app, ["model", "--preset", "tiny", "--backend", "gloo", "--nproc", "2", "--tokens", "8",
+                                   "--layers", "1", "--dtype", "float32", "--warmup", "0", "--reps", "1",
+                                   "--mode", "baseline", "--out", str(tmp_path), "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    saved = runfolder.RunFolder(tmp_path).load(runfolder.MODEL).records
+    assert doc == [json.loads(r.to_json()) for r in saved]
+    want = [("model", "baseline", True), ("model", "nocomm", True)]
+    assert [(d["kind"], d["strategy"], d["ok"]) for d in doc] == want
+    assert doc[1]["rel_err"] is None and doc[0]["speedup"] == 1.0  # nocomm is not checked: NaN prints as null

@@ -206,31 +206,33 @@ def test_model_runs_nanobatch_modes_and_reports_eta(tmp_path):
     from tests.test_model import _policy_file
 
     nano = nanobatch.NanoSettings(3, "async")
-    rows = model.model_main("tiny", 2, [50], 1, _policy_file(tmp_path), "float32", 0, 2, tmp_path / "run",
-                            backend="gloo", modes=("nanobatch", "nanobatch+policy"), nano=nano)
-    by = {r["mode"]: r for r in rows}
+    records = model.model_main("tiny", 2, [50], 1, _policy_file(tmp_path), "float32", 0, 2, tmp_path / "run",
+                               backend="gloo", modes=("nanobatch", "nanobatch+policy"), nano=nano)
+    by = {r.strategy: r for r in records}
     assert list(by) == ["baseline", "nanobatch", "nanobatch+policy", "nocomm"]
     for mode in ("nanobatch", "nanobatch+policy"):
         r = by[mode]
-        assert r["status"] == "ok" and r["rel_err"] <= 1e-5, r
-        assert r["nanobatch"] == {"nanobatches": 3, "comm": "async", "priority": False, "attention": "split",
-                                  "rows": [16, 17, 17]}
-        t_b, t_n = by["baseline"]["t_ms"], by["nocomm"]["t_ms"]
-        want = metrics.model_eta(t_b, r["t_ms"], t_n, max(by["baseline"]["t_iqr_ms"], by["nocomm"]["t_iqr_ms"]))
-        assert r["eta_model"] == (None if math.isnan(want) else pytest.approx(want))
-    assert by["nanobatch+policy"]["choices"]["o_proj"] == "chunked:chunks=3,comm=stream"
-    assert "nanobatch" not in by["baseline"]
+        assert r.status == "ok" and r.rel_err <= 1e-5, r
+        assert r.settings == {"nanobatches": 3, "comm": "async", "priority": False, "attention": "split"}
+        assert r.extra["nanobatch"] == {**r.settings, "rows": [16, 17, 17]}
+        assert "--nanobatches 3 --nano-comm async --nano-attention split" in r.repro
+        t_b, t_n = by["baseline"].t_ms, by["nocomm"].t_ms
+        want = metrics.model_eta(t_b, r.t_ms, t_n, max(by["baseline"].t_iqr_ms, by["nocomm"].t_iqr_ms))
+        assert r.eta == want or (math.isnan(r.eta) and math.isnan(want))
+    assert by["nanobatch+policy"].extra["choices"]["o_proj"] == "chunked:chunks=3,comm=stream"
+    assert "nanobatch" not in by["baseline"].extra and by["baseline"].settings == {}
 
 
 def test_one_rank_with_tp2_shapes_measures_the_schedule_alone(tmp_path):
     """--shapes-tp: one rank runs tp=2 per-rank shapes; the modes still match baseline, no model eta at world 1."""
-    rows = model.model_main("tiny", None, [19], 2, None, "float32", 0, 1, tmp_path, backend="gloo", nproc=1,
-                            modes=("nanobatch",), nano=nanobatch.NanoSettings(2), shapes_tp=2)
-    by = {r["mode"]: r for r in rows}
-    assert by["nanobatch"]["status"] == "ok" and by["nanobatch"]["rel_err"] <= 1e-5
-    assert all((r["tp"], r["world"]) == (2, 1) for r in rows)
-    assert by["nanobatch"]["shapes"] == {"o_proj": [128, 256], "down_proj": [256, 256]}
-    assert all(r["eta_model"] is None for r in rows)
+    records = model.model_main("tiny", None, [19], 2, None, "float32", 0, 1, tmp_path, backend="gloo", nproc=1,
+                               modes=("nanobatch",), nano=nanobatch.NanoSettings(2), shapes_tp=2)
+    by = {r.strategy: r for r in records}
+    assert by["nanobatch"].status == "ok" and by["nanobatch"].rel_err <= 1e-5
+    assert all((r.extra["tp"], r.world) == (2, 1) for r in records)
+    assert all("--nproc 1" in r.repro and "--shapes-tp 2" in r.repro for r in records)
+    assert by["nanobatch"].extra["shapes"] == {"o_proj": [128, 256], "down_proj": [256, 256]}
+    assert all(math.isnan(r.eta) for r in records)
     with pytest.raises(UserError, match="--shapes-tp 1 is less than the 2 ranks"):
         model.model_main("tiny", 2, [19], 1, None, "float32", 0, 1, tmp_path, backend="gloo", shapes_tp=1)
 
