@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import groupby
 from typing import Any, Callable
 
@@ -20,7 +20,7 @@ from overlap_bench import metrics, strategies
 from overlap_bench.launch import RankContext
 from overlap_bench.numerics import TOLERANCE, rel_err, within_tolerance
 from overlap_bench.records import Record
-from overlap_bench.runfolder import RunFolder
+from overlap_bench.runfolder import RECORDS, RunFolder
 from overlap_bench.spec import Case
 from overlap_bench.strategies.pipeline import comm_stream, matmul_into
 from overlap_bench.timing import REPS, WARMUP, Timing, allreduce_max, time_region
@@ -287,41 +287,53 @@ class _Progress:
 
 
 
-def run_ab(ctx: RankContext, cases: list[Case], labels: tuple[str, str], repeats: int, opts: BenchOptions,
-           out_path: str) -> None:
+Side = tuple[str, Any]
+"""One side of an A/B measurement: a strategy's name and its typed settings (``strategies.make_settings``)."""
+
+
+def run_ab(ctx: RankContext, cases: list[Case], sides: tuple[Side, Side], repeats: int, opts: BenchOptions,
+           name: str = RECORDS, kind: str = "compare", extra: dict[str, Any] | None = None) -> None:
     """``compare``'s rank function: A and B timed interleaved (A B A B ...) ``repeats`` times per case.
 
     Each repeat is a full timed region (warm-up, ``reps`` calls, median, max over ranks), so the samples
     are independent measurements of the same two settings on the same inputs, side by side in time.
-    Both outputs are checked against the baseline first; a failing side is reported, not timed.
+    Both outputs are checked against the baseline first; a side that fails (or cannot run here) is one
+    record with that status, and nothing of that case is timed. Rank 0 appends one :class:`Record` of
+    ``kind`` per timed region and side to the log ``name`` of ``opts.out_dir``; ``extra`` holds ``side``
+    (``a``/``b``), ``repeat``, ``repeats`` and ``pair`` (both labels), plus the caller's ``extra``.
     """
-    import json
-
     cases = same_cases(cases, ctx)
-    parsed = [strategies.parse(lab) for lab in labels]
-    rows = []
+    device_name = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
+    folder = RunFolder(opts.out_dir) if ctx.rank == 0 else None
+    pair = [strategies.label(*side) for side in sides]
     for case in cases:
         x, w, b = inputs(case, ctx, opts.seed)
         y_base = strategies.run("baseline", x, w, b, None, strategies.make_settings("baseline"))
-        row: dict[str, Any] = {"shape": case.shape, "K": case.K, "N": case.N, "M": case.M, "dtype": case.dtype,
-                               "a_label": labels[0], "b_label": labels[1], "samples_a": [], "samples_b": [],
-                               "t_ms_a": [], "t_ms_b": []}
-        errs = []
-        for side, lab, (name, settings) in zip("ab", labels, parsed):
-            checked = check_against_baseline(name, settings, x, w, b, y_base, case.dtype, ctx)
-            row[f"rel_err_{side}"] = checked.rel_err
-            if checked.status != "ok":
-                errs.append(f"{lab}: {checked.status}: {checked.reason}")
-        if errs:
-            row["error"] = "; ".join(errs)
+        both = [replace(case, strategy=n, settings=s) for n, s in sides]
+        checks, said = [], []
+        for c in both:
+            strategies.take_report()
+            checks.append(check_against_baseline(c.strategy, c.settings, x, w, b, y_base, case.dtype, ctx))
+            said.append(strategies.take_report())  # how its first call ran (e.g. the NCCL kernel)
+
+        def emit(i: int, repeat: int | None = None, **values: Any) -> None:
+            if folder:
+                c = both[i]
+                tags = {**said[i], **(extra or {}), "side": "ab"[i], "pair": pair, "repeats": repeats}
+                if repeat is not None:
+                    tags["repeat"] = repeat
+                folder.append(_record(c, ctx, opts, device_name, kind=kind, rel_err=checks[i].rel_err,
+                                      note=strategies.backend_note(c.strategy, c.settings, ctx.backend),
+                                      extra=tags, **values), name)
+
+        if any(ch.status != "ok" for ch in checks):
+            for i, ch in enumerate(checks):
+                if ch.status != "ok":
+                    emit(i, status=ch.status, reason=ch.reason)
         else:
-            for _ in range(repeats):
-                for side, (name, settings) in zip("ab", parsed):
-                    t = _time(lambda: strategies.run(name, x, w, b, None, settings), ctx, opts)
-                    row[f"t_ms_{side}"].append(t.median_ms)
-                    row[f"samples_{side}"].append(metrics.tokens_per_s(case.M, t.median_ms))
-        rows.append(row)
+            for rep in range(repeats):
+                for i, c in enumerate(both):
+                    t = _time(lambda: strategies.run(c.strategy, x, w, b, None, c.settings), ctx, opts)
+                    emit(i, rep, t_ms=t.median_ms, t_iqr_ms=t.iqr_ms,
+                         tokens_per_s=metrics.tokens_per_s(case.M, t.median_ms))
         del x, w, b, y_base
-    if ctx.rank == 0:
-        with open(out_path, "w", encoding="utf-8") as fh:
-            json.dump(rows, fh)

@@ -260,8 +260,9 @@ def sweep(
 
 
 def _compare_cases(spec_path: Optional[Path], preset: Optional[str], tokens: Optional[str], dtype: Optional[str],
-                   nproc: Optional[int], backend: str):
-    """The cases and the job shape of a strategy comparison (spec, preset, or the machine's default)."""
+                   nproc: Optional[int], backend: str, env: dict[str, str]):
+    """The cases and the job shape of a strategy comparison (spec, preset, or the machine's default); ``env``:
+    the variables the job runs with (part of each case)."""
     from overlap_bench.spec import load_spec, parse_spec
 
     if spec_path is not None:
@@ -292,8 +293,8 @@ def _compare_cases(spec_path: Optional[Path], preset: Optional[str], tokens: Opt
     from overlap_bench.spec import Case
 
     base = strategies.make_settings("baseline")
-    cases = [Case(s.name, s.K, s.N, m, d, spec.bias, "baseline", base, ()) for d in spec.dtypes for s in spec.shapes
-             for m in spec.tokens]
+    cases = [Case(s.name, s.K, s.N, m, d, spec.bias, "baseline", base, tuple(sorted(env.items())))
+             for d in spec.dtypes for s in spec.shapes for m in spec.tokens]
     return spec, cases
 
 
@@ -317,63 +318,70 @@ def compare(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Compare two strategies side by side (interleaved repeats; ratio of medians, its bootstrap CI) or two runs."""
-    import json as _json
+    from contextlib import nullcontext
 
     from overlap_bench import compare as cmp
-    from overlap_bench import envinfo, runfolder
-    from overlap_bench.runfolder import write_atomic
 
     def body() -> None:
-        unmatched: list[str] = []
+        folder = None
         if out is not None:  # a folder that cannot be written is refused before anything is measured
-            runfolder.ensure_folder(out, "--out")
-        if Path(a).is_dir() and Path(b).is_dir():
-            df, unmatched = cmp.compare_run_dirs(a, b, min_effect=min_effect)
-            title = f"{b} vs {a}"
-        else:
-            from overlap_bench.bench import BenchOptions, run_ab
-            from overlap_bench.launch import JobConfig, launch
-            from overlap_bench.spec import check_memory
-
-            labels = []
-            for side in (a, b):
-                try:
-                    labels.append(strategies.label(*strategies.parse(side)))
-                except ValueError as exc:
-                    from overlap_bench.spec import SpecError
-
-                    raise SpecError(f"A/B: '{side}' is neither a run directory nor a strategy: {exc}") from None
-            spec, cases = _compare_cases(spec_path, preset, tokens, dtype, nproc, backend)
-            refuse_world_one(spec.world_size, "a comparison of two strategies")
-            check_memory(spec)
-            tmp = Path(tempfile.mkdtemp(prefix="overlap-bench-compare-")) / "rows.json"
-            opts = BenchOptions(str(tmp.parent), warmup, reps, 0, 0, 0, False)
-            job_env = _env_raw(env)
-            launch(run_ab, (cases, tuple(labels), repeats, opts, str(tmp)),
-                   JobConfig(spec.world_size, spec.backend, spec.timeout_s, job_env))
-            if not _rank0():
-                return
-            rows = _json.loads(tmp.read_text())
-            unmatched = [f"{r['shape']} M={r['M']}: {r['error']}" for r in rows if r.get("error")]
-            df = cmp.build_table([r for r in rows if not r.get("error")], min_effect=min_effect)
-            title = f"{labels[1]} vs {labels[0]}, {spec.world_size} ranks ({spec.backend}), {repeats} repeats"
-            if job_env:
-                title += ", " + " ".join(f"{k}={v}" for k, v in job_env.items())
-        summ = cmp.summary(df)
-        md = cmp.to_markdown(df, summ, title)
-        if out is not None:
-            with runfolder.lock(out):
-                write_atomic(out / runfolder.COMPARE_JSON, cmp.to_json(df, summ) + "\n")
-                write_atomic(out / runfolder.COMPARE_MD, md)
-                write_atomic(out / runfolder.ENV, _json.dumps(envinfo.collect(), indent=2) + "\n")
+            folder = runfolder.RunFolder(runfolder.ensure_folder(out, "--out"))
+        with folder.lock() if folder is not None and _rank0() else nullcontext():
+            if Path(a).is_dir() and Path(b).is_dir():
+                df, unmatched = cmp.compare_run_dirs(a, b, min_effect=min_effect)
+                title = f"{b} vs {a}"
+            else:
+                measured = _compare_strategies(folder)
+                if measured is None:
+                    return
+                df, unmatched, title = measured
+            summ = cmp.summary(df)
+            md = cmp.to_markdown(df, summ, title)
+            if folder is not None:
+                folder.write_text(runfolder.COMPARE_JSON, cmp.to_json(df, summ) + "\n")
+                folder.write_text(runfolder.COMPARE_MD, md)
+                folder.write_env()
         if markdown is not None:
-            write_atomic(markdown, md)
+            runfolder.write_atomic(markdown, md)
         if as_json:
             print(cmp.to_json(df, summ))
         else:
             out_console.print(cmp.rich_table(df, summ, title))
         for line in unmatched:
             err_console.print(f"[yellow]not compared:[/] {escape(line)}", highlight=False)
+
+    def _compare_strategies(folder: "runfolder.RunFolder | None"):
+        """A against B measured by ``bench.run_ab`` into the folder's records.jsonl (a temp folder without
+        --out), then judged from those records; None on a rank other than 0."""
+        from overlap_bench.bench import BenchOptions, run_ab
+        from overlap_bench.launch import JobConfig, launch
+        from overlap_bench.spec import SpecError, check_memory
+
+        sides = []
+        for side in (a, b):
+            try:
+                sides.append(strategies.parse(side))
+            except ValueError as exc:
+                raise SpecError(f"A/B: '{side}' is neither a run directory nor a strategy: {exc}") from None
+        job_env = _env_raw(env)
+        spec, cases = _compare_cases(spec_path, preset, tokens, dtype, nproc, backend, job_env)
+        refuse_world_one(spec.world_size, "a comparison of two strategies")
+        check_memory(spec)
+        folder = folder or runfolder.RunFolder(tempfile.mkdtemp(prefix="overlap-bench-compare-"))
+        if _rank0() and (folder / runfolder.RECORDS).exists():
+            raise SpecError(f"--out: {folder.path} already holds {runfolder.RECORDS} (another comparison); "
+                            "choose a new --out")
+        opts = BenchOptions(str(folder.path), warmup, reps, 0, 0, 0, False)
+        launch(run_ab, (cases, tuple(sides), repeats, opts),
+               JobConfig(spec.world_size, spec.backend, spec.timeout_s, job_env))
+        if not _rank0():
+            return None
+        df, unmatched = cmp.compare_ab_run(folder.path, min_effect=min_effect)
+        labels = [strategies.label(*side) for side in sides]
+        title = f"{labels[1]} vs {labels[0]}, {spec.world_size} ranks ({spec.backend}), {repeats} repeats"
+        if job_env:
+            title += ", " + " ".join(f"{k}={v}" for k, v in job_env.items())
+        return df, unmatched, title
 
     _guard(body)
 

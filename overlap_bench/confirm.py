@@ -10,21 +10,21 @@ as ``pr``) are measured again against the baseline, interleaved, with repeats, e
 where the confirmed CI's lower bound exceeds ``1 + min_effect``.
 
 The decision logic (:func:`leaders`, :func:`decide`) is pure: it takes numbers, so it is tested with
-injected samples (the null test) and times nothing. The measured rows live in the run folder's
-``confirm.jsonl`` (:data:`overlap_bench.runfolder.CONFIRM`), one line per (group, M, candidate).
+injected samples (the null test) and times nothing. The measurements are :class:`Record` lines (``kind``
+confirm) in the run folder's ``confirm.jsonl`` (:data:`overlap_bench.runfolder.CONFIRM`), one per timed region
+and side, written by ``run_ab`` as ``compare``'s are.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from overlap_bench import runfolder
+from overlap_bench.records import Record
 from overlap_bench.stats import compare_samples
 
 TOP = 3
@@ -97,47 +97,51 @@ def decide(samples: Mapping[str, tuple[list[float], list[float]]], order: list[s
     return Decision(win, c.speedup, c.ci_low, c.ci_high, reps, len(results), *lead_fields)
 
 
-# ---- the stored rows -----------------------------------------------------------------------------------
+# ---- the stored records ---------------------------------------------------------------------------------
 
 BUCKET_FIELDS = ("shape", "K", "N", "dtype", "bias", "world", "backend", "device", "env_key", "M")
-"""What identifies a bucket in ``confirm.jsonl`` (the analysis group and M)."""
+"""What identifies a bucket (the analysis group and M), in the order of :func:`bucket_of`."""
 
 
-def row_key(row: Mapping[str, Any]) -> tuple:
-    """``(bucket, label)`` of a stored confirmation row (resume skips the keys already stored)."""
-    return tuple(row.get(f) for f in BUCKET_FIELDS) + (row.get("label"),)
+def bucket_of(r: Any) -> tuple:
+    """The bucket of a record (first pass or confirmation): :data:`BUCKET_FIELDS` values."""
+    from overlap_bench.analysis import env_key
+
+    return (r.shape, r.K, r.N, r.dtype, bool(r.bias), r.world, r.backend, r.device, env_key(r.env), r.M)
 
 
-def load(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The rows of ``confirm.jsonl`` (the last row per key; torn lines skipped), or [] when there is none."""
-    path = Path(run_dir) / runfolder.CONFIRM
-    if not path.exists():
-        return []
-    rows: dict[tuple, dict[str, Any]] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:  # a line torn by a killed run: that candidate is confirmed again on resume
-            continue
-        if isinstance(row, dict) and isinstance(row.get("samples_a"), list):
-            rows[row_key(row)] = row
-    return list(rows.values())
+def candidate_key(r: Record) -> tuple:
+    """``(bucket..., candidate label)`` of a confirmation record, either side (resume skips stored keys)."""
+    return bucket_of(r) + (r.extra["pair"][1],)
 
 
-def append(run_dir: str | os.PathLike, row: Mapping[str, Any]) -> None:
-    """Append one confirmation row to ``confirm.jsonl``, fsync'd, never glued onto a torn last line."""
-    runfolder.RunFolder(run_dir).append_line(json.dumps(row, allow_nan=True), runfolder.CONFIRM)
+def load(run_dir: str | os.PathLike) -> list[Record]:
+    """The confirmation records of ``confirm.jsonl`` (torn lines skipped): per candidate of a bucket the
+    last ``repeats`` records of each side, or, where its check failed, that record. A candidate with fewer
+    (a run killed while measuring it) is left out, so a resumed sweep measures it again."""
+    groups: dict[tuple, list[Record]] = {}
+    for r in runfolder.RunFolder(run_dir).load(runfolder.CONFIRM).records:
+        groups.setdefault(candidate_key(r), []).append(r)
+    out: list[Record] = []
+    for recs in groups.values():
+        n = int(recs[-1].extra["repeats"])
+        sides = [[r for r in recs if r.ok and r.extra["side"] == s] for s in "ab"]
+        if all(len(side) >= n for side in sides):
+            out += sides[0][-n:] + sides[1][-n:]
+        else:
+            out += [r for r in recs if not r.ok][-1:]
+    return out
 
 
-def by_bucket(rows: Iterable[Mapping[str, Any]]) -> dict[tuple, dict[str, tuple[list[float], list[float]]]]:
-    """``bucket -> {label: (baseline samples, candidate samples)}`` of the rows that were measured (a row
-    whose candidate failed its numerics check holds an ``error`` and no samples)."""
+def by_bucket(records: Iterable[Record]) -> dict[tuple, dict[str, tuple[list[float], list[float]]]]:
+    """``bucket -> {label: (baseline tokens/s, candidate tokens/s)}`` of the measured records, in repeat
+    order (a candidate whose check failed has none)."""
     out: dict[tuple, dict[str, tuple[list[float], list[float]]]] = {}
-    for r in rows:
-        if r.get("error") or not r.get("samples_a") or not r.get("samples_b"):
-            continue
-        out.setdefault(row_key(r)[:-1], {})[r["label"]] = ([float(x) for x in r["samples_a"]],
-                                                           [float(x) for x in r["samples_b"]])
+    for r in records:
+        if r.ok:
+            key = candidate_key(r)
+            pair = out.setdefault(key[:-1], {}).setdefault(key[-1], ([], []))
+            pair[r.extra["side"] == "b"].append(float(r.tokens_per_s))
     return out
 
 
@@ -147,9 +151,10 @@ def by_bucket(rows: Iterable[Mapping[str, Any]]) -> dict[tuple, dict[str, tuple[
 class Job:
     """One candidate of one bucket to re-measure against the baseline."""
 
-    bucket: dict[str, Any]
-    """:data:`BUCKET_FIELDS` values, plus ``env`` (the variables) for the job that measures it."""
-    label: str
+    case: Any
+    """The bucket's baseline ``spec.Case`` (shape, M, dtype, bias, env: the job's variables)."""
+    candidate: tuple[str, Any]
+    """The candidate's strategy and typed settings, from its first-pass record."""
     first_pass_speedup: float
     candidates: int
     """Settings the first pass timed in this bucket."""
@@ -160,68 +165,55 @@ def plan(records: Iterable[Any], done: set[tuple], *, top: int = TOP, world: int
     """The candidates to confirm, from a run's records (:func:`analysis.score`), bucket by bucket, leaving
     out the keys in ``done`` (stored already: a resumed sweep does not measure them again)."""
     from overlap_bench import analysis, strategies
+    from overlap_bench.spec import Case
 
     at: dict[tuple, list[Any]] = {}
     for r in analysis.score(records):
         if (world is None or r.world == world) and (backend is None or r.backend == backend):
-            at.setdefault(_bucket_of(r), []).append(r)
+            at.setdefault(bucket_of(r), []).append(r)
     jobs = []
+    base = strategies.make_settings("baseline")
     for bucket, g in sorted(at.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        first = {r.label: r.speedup for r in g if r.ok and math.isfinite(r.t_ms)}
-        for lab in leaders(first, strategies.peers(), top):
+        first = {r.label: r for r in g if r.ok and math.isfinite(r.t_ms)}
+        for lab in leaders({lab: r.speedup for lab, r in first.items()}, strategies.peers(), top):
             if bucket + (lab,) not in done:
-                fields = dict(zip(BUCKET_FIELDS, bucket))
-                jobs.append(Job({**fields, "env": dict(g[0].env)}, lab, float(first[lab]), len(first)))
+                r = first[lab]
+                case = Case(r.shape, r.K, r.N, r.M, r.dtype, bool(r.bias), "baseline", base,
+                            tuple(sorted(r.env.items())))
+                jobs.append(Job(case, (r.strategy, strategies.make_settings(r.strategy, r.settings)),
+                                float(r.speedup), len(first)))
     return jobs
-
-
-def _bucket_of(r: Any) -> tuple:
-    from overlap_bench.analysis import env_key
-
-    return (r.shape, r.K, r.N, r.dtype, bool(r.bias), r.world, r.backend, r.device, env_key(r.env), r.M)
 
 
 def measure(ctx: Any, jobs: list[Job], repeats: int, opts: Any) -> None:
     """Every rank's function of the confirmation job: each candidate against the baseline with
-    :func:`overlap_bench.bench.run_ab` (``compare``'s interleaved repeats); rank 0 appends the rows."""
-    from overlap_bench import strategies
+    :func:`overlap_bench.bench.run_ab` (``compare``'s interleaved repeats); rank 0 appends the records
+    (``kind`` confirm) to ``confirm.jsonl``."""
     from overlap_bench.bench import run_ab, same_cases
-    from overlap_bench.spec import Case
 
-    jobs = same_cases(jobs, ctx)
-    tmp = Path(opts.out_dir) / ".confirm-row.json"
-    for job in jobs:
-        b = job.bucket
-        case = Case(b["shape"], b["K"], b["N"], b["M"], b["dtype"], b["bias"], "baseline",
-                    strategies.make_settings("baseline"), tuple(sorted(b["env"].items())))
-        run_ab(ctx, [case], ("baseline", job.label), repeats, opts, str(tmp))
-        if ctx.rank == 0:
-            (ab,) = json.loads(tmp.read_text(encoding="utf-8"))
-            row = {f: b[f] for f in BUCKET_FIELDS}
-            row.update(label=job.label, env=b["env"], first_pass_speedup=job.first_pass_speedup,
-                       candidates=job.candidates, repeats=repeats, warmup=opts.warmup, reps=opts.reps,
-                       samples_a=ab["samples_a"], samples_b=ab["samples_b"], t_ms_a=ab["t_ms_a"],
-                       t_ms_b=ab["t_ms_b"], rel_err=ab.get("rel_err_b"), error=ab.get("error"))
-            append(opts.out_dir, row)
-    if ctx.rank == 0 and tmp.exists():
-        tmp.unlink()
+    for job in same_cases(jobs, ctx):
+        run_ab(ctx, [job.case], (("baseline", job.case.settings), job.candidate), repeats, opts,
+               runfolder.CONFIRM, "confirm",
+               {"first_pass_speedup": job.first_pass_speedup, "candidates": job.candidates})
 
 
 # ---- what a run ships ------------------------------------------------------------------------------------
 
-def ship(best: "Any", rows: list[dict[str, Any]], *, unconfirmed: bool = False,
+def ship(best: "Any", records: list[Record], *, unconfirmed: bool = False,
          min_effect: float = MIN_EFFECT) -> "Any":
-    """The export's rule on :func:`analysis.best_settings` rows: where confirmation rows exist for a bucket,
-    :func:`decide` picks what ships (a confirmed setting or the baseline) and the row gains a
-    ``confirmation`` mapping (confirmed speedup, CI, repeats, candidates tried, the leader's first-pass
-    and confirmed speedup). A bucket without them ships the baseline, unless ``unconfirmed`` (then the
-    first pass's pick, labelled by the caller)."""
-    from overlap_bench import metrics, strategies
+    """The export's rule on :func:`analysis.best_settings` rows: where confirmation records (:func:`load`)
+    exist for a bucket, :func:`decide` picks what ships (a confirmed setting, its strategy and settings
+    taken from its records, or the baseline) and the row gains a ``confirmation`` mapping (confirmed
+    speedup, CI, repeats, candidates tried, the leader's first-pass and confirmed speedup). A bucket
+    without them ships the baseline, unless ``unconfirmed`` (then the first pass's pick, labelled by the
+    caller)."""
+    from overlap_bench import metrics
 
-    samples = by_bucket(rows)
-    info: dict[tuple, dict[tuple, dict[str, Any]]] = {}
-    for r in rows:
-        info.setdefault(row_key(r)[:-1], {})[r["label"]] = r
+    samples = by_bucket(records)
+    info: dict[tuple, dict[str, list[Record]]] = {}
+    for r in records:
+        key = candidate_key(r)
+        info.setdefault(key[:-1], {}).setdefault(key[-1], []).append(r)
     best = best.copy()
     best["confirmation"] = None
     for i, r in best.iterrows():
@@ -234,21 +226,21 @@ def ship(best: "Any", rows: list[dict[str, Any]], *, unconfirmed: bool = False,
                 best.at[i, "eta"] = metrics.eta(r["t_base_ms"], r["t_base_ms"], r["t_gemm_ms"], r["t_comm_ms"],
                                                 r["t_base_iqr_ms"])
             continue
-        order = sorted(got, key=lambda lab: -float(got[lab].get("first_pass_speedup") or -math.inf))
+        first_pass = {lab: recs[0].extra.get("first_pass_speedup") for lab, recs in got.items()}
+        order = sorted(got, key=lambda lab: -float(first_pass[lab] or -math.inf))
         d = decide(samples.get(bucket, {}), order, min_effect=min_effect)
-        lead = got.get(d.leader) if d.leader else None
-        name, settings = strategies.parse(d.label)
         if d.label == "baseline":
-            t_a = t_b = r["t_base_ms"]
+            name, settings, t_a, t_b = "baseline", {}, r["t_base_ms"], r["t_base_ms"]
         else:
-            t_a, t_b = (float(statistics.median(got[d.label][k])) for k in ("t_ms_a", "t_ms_b"))
+            side = {s: [x for x in got[d.label] if x.extra["side"] == s] for s in "ab"}
+            name, settings = side["b"][0].strategy, dict(side["b"][0].settings)
+            t_a, t_b = (float(statistics.median(x.t_ms for x in side[s])) for s in "ab")
         best.loc[i, ["strategy", "label", "speedup"]] = [name, d.label, d.speedup]
-        best.at[i, "settings"] = strategies.settings_dict(settings)
+        best.at[i, "settings"] = settings
         best.at[i, "eta"] = metrics.eta(t_a, t_b, r["t_gemm_ms"], r["t_comm_ms"], r["t_base_iqr_ms"])
         best.at[i, "confirmation"] = {
             "speedup": d.speedup, "ci": [d.ci_low, d.ci_high], "repeats": d.repeats,
             "confirmed": d.confirmed, "candidates": int(r["candidates"]), "min_effect": min_effect,
-            "leader": d.leader, "leader_first_pass_speedup": lead.get("first_pass_speedup") if lead else None,
+            "leader": d.leader, "leader_first_pass_speedup": first_pass[d.leader] if d.leader else None,
             "leader_speedup": d.leader_speedup, "leader_ci": list(d.leader_ci)}
     return best
-

@@ -46,8 +46,11 @@ class Record:
     env: dict[str, str]
     """The process environment variant the job was started with."""
     kind: str = "sweep"
-    """What produced it: ``sweep`` (one case of a sweep or ``run``), ``compare`` (one timed region of an A/B
-    comparison; ``extra`` has ``side`` and ``repeat``), ``model`` (one mode of the model benchmark at M;
+    """What produced it: ``sweep`` (one case of a sweep or ``run``), ``compare`` (one timed region of one side
+    of an A/B comparison, ``bench.run_ab``: ``extra`` has ``side`` a/b, ``repeat``, ``repeats`` and ``pair``, both
+    labels; a side that failed its check is one record without ``repeat``), ``confirm`` (the same, measured by
+    a sweep's confirmation stage into ``confirm.jsonl``: side a is the baseline, b the candidate; ``extra``
+    adds ``first_pass_speedup`` and ``candidates``), ``model`` (one mode of the model benchmark at M;
     ``shape`` is the preset, ``strategy`` and ``label`` the mode, ``settings`` its nano-batch settings or
     ``{}``, ``t_base_ms`` the baseline mode at that M, ``eta`` the model eta ``metrics.model_eta``; ``extra``
     has ``tp``, ``layers``, ``shapes``, ``t_nocomm_ms``, ``comm_share`` (baseline), ``choices``, ...) or

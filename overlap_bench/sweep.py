@@ -156,14 +156,13 @@ def _run_jobs(spec: SweepSpec, out: Path, done: set, torn: list[int], seed: int,
 
 def _confirm(spec: SweepSpec, out: Path, seed: int, repeats: int, top: int, result: SweepResult) -> None:
     """The confirmation stage: one job per environment variant (the variables must be set before CUDA
-    starts), each re-measuring its buckets' leaders; rows already in ``confirm.jsonl`` are not redone."""
-    stored = confirm.load(out)
-    done = {confirm.row_key(r) for r in stored}
+    starts), each re-measuring its buckets' leaders; candidates already in ``confirm.jsonl`` are not redone."""
+    done = {confirm.candidate_key(r) for r in confirm.load(out)}
     jobs = confirm.plan(load_records(out).records, done, top=top, world=spec.world_size, backend=spec.backend)
-    result.confirmed_before = len(stored)
+    result.confirmed_before = len(done)
     for env in spec.env:
         key = analysis_env_key(env)
-        mine = [j for j in jobs if j.bucket["env_key"] == key]
+        mine = [j for j in jobs if analysis_env_key(j.case.env_dict) == key]
         if not mine and not in_torchrun():
             continue
         if in_torchrun() and any(os.environ.get(k) != v for k, v in env.items()):

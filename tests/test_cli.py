@@ -70,10 +70,10 @@ def test_sweep_resume_export_report(tmp_path):
     for name in ["records.jsonl", "env.json", "spec.yaml", "tables.csv", "tables.md", "summary.md"]:
         assert (out / name).stat().st_size > 0, name
     # the confirmation stage ran: every bucket's leaders re-measured against the baseline, 5 repeats a side
-    rows = confirm.load(out)
-    buckets = {confirm.row_key(r)[:-1] for r in rows}
-    assert len(buckets) == 4 and all(len(r["samples_a"]) == len(r["samples_b"]) == 5 for r in rows)
-    assert {r["label"] for r in rows} >= {"pr"} and "baseline" not in {r["label"] for r in rows}
+    samples = confirm.by_bucket(confirm.load(out))
+    assert len(samples) == 4 and all(len(a) == len(b) == 5 for per in samples.values() for a, b in per.values())
+    assert {lab for per in samples.values() for lab in per} >= {"pr"} and all("baseline" not in per
+                                                                              for per in samples.values())
     lines = (out / "confirm.jsonl").read_text()
     _bad(["sweep", "--out", str(out)], "--resume")           # never mixes runs silently
     res = _ok(["sweep", "--out", str(out), "--resume"])     # nothing left: nothing re-measured

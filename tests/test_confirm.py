@@ -136,14 +136,19 @@ def test_ship_follows_the_confirmed_ci(tmp_path) -> None:
     best = analysis.best_settings(recs)
     assert list(best["strategy"]) == ["pr", "pr"]  # the first pass says 2x
 
-    def row(M, fast):
+    def series(M, fast):  # confirm records as run_ab writes them: A B A B ..., 8 repeats
         base = [100.0 + i % 3 for i in range(8)]
-        return {"shape": "s", "K": 64, "N": 64, "dtype": "float32", "bias": False, "world": 2, "backend": "gloo",
-                "device": "cpu", "env_key": "default", "M": M, "label": "pr", "first_pass_speedup": 2.0,
-                "samples_a": base, "samples_b": [x * fast for x in base], "t_ms_a": [1.0] * 8,
-                "t_ms_b": [1.0 / fast] * 8}
+        out = []
+        for i, tps in enumerate(base):
+            for side, label, t, x in (("a", "baseline", 1.0, tps), ("b", "pr", 1.0 / fast, tps * fast)):
+                r = rec(M, label, t)
+                r.kind, r.tokens_per_s = "confirm", x
+                r.extra = {"side": side, "repeat": i, "repeats": 8, "pair": ["baseline", "pr"],
+                           "first_pass_speedup": 2.0, "candidates": 2}
+                out.append(r)
+        return out
 
-    shipped = confirm.ship(best, [row(32, 1.10), row(64, 1.0)]).set_index("M")
+    shipped = confirm.ship(best, series(32, 1.10) + series(64, 1.0)).set_index("M")
     assert shipped.loc[32, "strategy"] == "pr" and shipped.loc[32, "speedup"] == pytest.approx(1.10)
     c = shipped.loc[32, "confirmation"]
     assert c["ci"][0] > 1.01 and c["repeats"] == 8 and c["leader_first_pass_speedup"] == 2.0
