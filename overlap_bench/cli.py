@@ -323,6 +323,8 @@ def compare(
     from overlap_bench import compare as cmp
 
     def body() -> None:
+        from overlap_bench.spec import SpecError
+
         folder = None
         if out is not None:  # a folder that cannot be written is refused before anything is measured
             folder = runfolder.RunFolder(runfolder.ensure_folder(out, "--out"))
@@ -330,14 +332,38 @@ def compare(
             if Path(a).is_dir() and Path(b).is_dir():
                 df, unmatched = cmp.compare_run_dirs(a, b, min_effect=min_effect)
                 title = f"{b} vs {a}"
-            else:
-                measured = _compare_strategies(folder)
-                if measured is None:
+            else:  # measured into the folder's records.jsonl (a temp folder without --out), judged from them
+                from overlap_bench.bench import BenchOptions, run_ab
+                from overlap_bench.launch import JobConfig, launch
+                from overlap_bench.spec import check_memory
+
+                sides = []
+                for side in (a, b):
+                    try:
+                        sides.append(strategies.parse(side))
+                    except ValueError as exc:
+                        raise SpecError(f"A/B: '{side}' is neither a run directory nor a strategy: {exc}") from None
+                job_env = _env_raw(env)
+                spec, cases = _compare_cases(spec_path, preset, tokens, dtype, nproc, backend, job_env)
+                refuse_world_one(spec.world_size, "a comparison of two strategies")
+                check_memory(spec)
+                folder = folder or runfolder.RunFolder(tempfile.mkdtemp(prefix="overlap-bench-compare-"))
+                if _rank0() and (folder / runfolder.RECORDS).exists():
+                    raise SpecError(f"--out: {folder.path} already holds {runfolder.RECORDS} (another "
+                                    "comparison); choose a new --out")
+                opts = BenchOptions(str(folder.path), warmup, reps, 0, 0, 0, False)
+                launch(run_ab, (cases, tuple(sides), repeats, opts),
+                       JobConfig(spec.world_size, spec.backend, spec.timeout_s, job_env))
+                if not _rank0():
                     return
-                df, unmatched, title = measured
+                df, unmatched = cmp.compare_run_dirs(folder.path, min_effect=min_effect)
+                labels = [strategies.label(*side) for side in sides]
+                title = f"{labels[1]} vs {labels[0]}, {spec.world_size} ranks ({spec.backend}), {repeats} repeats"
+                if job_env:
+                    title += ", " + " ".join(f"{k}={v}" for k, v in job_env.items())
             summ = cmp.summary(df)
             md = cmp.to_markdown(df, summ, title)
-            if folder is not None:
+            if out is not None:
                 folder.write_text(runfolder.COMPARE_JSON, cmp.to_json(df, summ) + "\n")
                 folder.write_text(runfolder.COMPARE_MD, md)
                 folder.write_env()
@@ -349,39 +375,6 @@ def compare(
             out_console.print(cmp.rich_table(df, summ, title))
         for line in unmatched:
             err_console.print(f"[yellow]not compared:[/] {escape(line)}", highlight=False)
-
-    def _compare_strategies(folder: "runfolder.RunFolder | None"):
-        """A against B measured by ``bench.run_ab`` into the folder's records.jsonl (a temp folder without
-        --out), then judged from those records; None on a rank other than 0."""
-        from overlap_bench.bench import BenchOptions, run_ab
-        from overlap_bench.launch import JobConfig, launch
-        from overlap_bench.spec import SpecError, check_memory
-
-        sides = []
-        for side in (a, b):
-            try:
-                sides.append(strategies.parse(side))
-            except ValueError as exc:
-                raise SpecError(f"A/B: '{side}' is neither a run directory nor a strategy: {exc}") from None
-        job_env = _env_raw(env)
-        spec, cases = _compare_cases(spec_path, preset, tokens, dtype, nproc, backend, job_env)
-        refuse_world_one(spec.world_size, "a comparison of two strategies")
-        check_memory(spec)
-        folder = folder or runfolder.RunFolder(tempfile.mkdtemp(prefix="overlap-bench-compare-"))
-        if _rank0() and (folder / runfolder.RECORDS).exists():
-            raise SpecError(f"--out: {folder.path} already holds {runfolder.RECORDS} (another comparison); "
-                            "choose a new --out")
-        opts = BenchOptions(str(folder.path), warmup, reps, 0, 0, 0, False)
-        launch(run_ab, (cases, tuple(sides), repeats, opts),
-               JobConfig(spec.world_size, spec.backend, spec.timeout_s, job_env))
-        if not _rank0():
-            return None
-        df, unmatched = cmp.compare_ab_run(folder.path, min_effect=min_effect)
-        labels = [strategies.label(*side) for side in sides]
-        title = f"{labels[1]} vs {labels[0]}, {spec.world_size} ranks ({spec.backend}), {repeats} repeats"
-        if job_env:
-            title += ", " + " ".join(f"{k}={v}" for k, v in job_env.items())
-        return df, unmatched, title
 
     _guard(body)
 

@@ -55,12 +55,6 @@ def _case(r: Record) -> tuple:
     return (r.shape, r.K, r.N, r.M, r.dtype, bool(r.bias), r.label, tuple(sorted(r.env.items())))
 
 
-def _pair_case(r: Record) -> tuple:
-    """The case of one A/B run's record: the sides' labels differ, so it is named by the pair (``a → b``)."""
-    a, b = r.extra.get("pair") or (r.label, r.label)
-    return _case(r)[:6] + (f"{a} → {b}",) + _case(r)[7:]
-
-
 def _describe(case: tuple) -> str:
     shape, _K, _N, M, dtype, bias, label, env = case
     text = f"{shape} M={M} {label} ({dtype})"
@@ -76,22 +70,19 @@ def _usable(r: Record) -> bool:
         and r.tokens_per_s > 0
 
 
-def _worst(recs: list[Record]) -> float:
-    return max((r.rel_err for r in recs if math.isfinite(r.rel_err)), default=math.nan)
-
-
 def _why(r: Record) -> str:
     return f"{r.status}" + (f": {r.reason}" if r.reason else "")
 
 
 def table_from_records(a: Iterable[Record], b: Iterable[Record], *, one_run: bool = False, min_effect: float = 0.01,
                        alpha: float = 0.05, n_boot: int = 10000, seed: int = 0) -> tuple[ComparisonTable, list[str]]:
-    """The comparison of records ``b`` against records ``a``, case by case: every ``ok`` record of a case is
-    one sample (its tokens/s). Two runs: a case is the same shape, sizes, dtype, bias, label and env on
-    both sides. ``one_run``: ``a`` and ``b`` are the two sides of one A/B run (``bench.run_ab``), whose labels
-    differ: a case is the same without the label, and a case a side failed in (nothing timed) is named.
-    Returns the table (``t_ms``, ``rel_err`` of each side kept) and one line per case not compared."""
-    key = _pair_case if one_run else _case
+    """Records ``b`` against records ``a``, case by case (each ``ok`` record is one sample, its tokens/s): the
+    one builder of the comparison table. Two runs: a case is the same shape, sizes, dtype, bias, label and env
+    on both sides. ``one_run``: the sides of one A/B run (``bench.run_ab``), whose labels differ: the same
+    without the label; a case a side failed in (nothing timed) is named. Returns the table and one line per
+    case not compared."""
+    # one A/B run: the sides' labels differ, so a case is named by the pair ("baseline → pr")
+    key = (lambda r: _case(r)[:6] + (" → ".join(r.extra["pair"]),) + _case(r)[7:]) if one_run else _case
     ok: dict[str, dict[tuple, list[Record]]] = {"A": {}, "B": {}}
     failed: dict[str, dict[tuple, Record]] = {"A": {}, "B": {}}
     for side, recs in (("A", a), ("B", b)):
@@ -110,7 +101,7 @@ def table_from_records(a: Iterable[Record], b: Iterable[Record], *, one_run: boo
                              samples_a=[float(r.tokens_per_s) for r in ra],
                              samples_b=[float(r.tokens_per_s) for r in rb], bias=bias, env=dict(env),
                              t_ms_a=[r.t_ms for r in ra], t_ms_b=[r.t_ms for r in rb],
-                             rel_err_a=_worst(ra), rel_err_b=_worst(rb)))
+                             rel_err_a=max(r.rel_err for r in ra), rel_err_b=max(r.rel_err for r in rb)))
     for side, other in (("A", "B"), ("B", "A")):
         for case in ok[side]:
             if case not in ok[other]:
@@ -124,22 +115,18 @@ def table_from_records(a: Iterable[Record], b: Iterable[Record], *, one_run: boo
     return build_table(rows, min_effect=min_effect, alpha=alpha, n_boot=n_boot, seed=seed), unmatched
 
 
-def compare_run_dirs(dir_a: str | os.PathLike, dir_b: str | os.PathLike, **stat: Any,
+def compare_run_dirs(dir_a: str | os.PathLike, dir_b: str | os.PathLike | None = None, **stat: Any,
                      ) -> tuple[ComparisonTable, list[str]]:
-    """Compare the records of run B against run A (:func:`table_from_records`; ``stat``: its statistics
-    options). Torn lines skipped while loading are listed in ``df.attrs["torn_lines"]``."""
-    loaded = {"A": load_records(dir_a), "B": load_records(dir_b)}
-    df, unmatched = table_from_records(loaded["A"].records, loaded["B"].records, **stat)
+    """Run B's records against run A's, or without ``dir_b`` side b against side a of the one A/B run in
+    ``dir_a`` (:func:`table_from_records`; ``stat``: its statistics options). Torn lines skipped while
+    loading are listed in ``df.attrs["torn_lines"]``."""
+    loaded = {"A": load_records(dir_a)} | ({"B": load_records(dir_b)} if dir_b is not None else {})
+    if dir_b is None:
+        a, b = ([r for r in loaded["A"].records if r.extra.get("side") == s] for s in "ab")
+    else:
+        a, b = loaded["A"].records, loaded["B"].records
+    df, unmatched = table_from_records(a, b, one_run=dir_b is None, **stat)
     df.attrs["torn_lines"] = {side: list(ld.torn_lines) for side, ld in loaded.items()}
-    return df, unmatched
-
-
-def compare_ab_run(run_dir: str | os.PathLike, **stat: Any) -> tuple[ComparisonTable, list[str]]:
-    """Side b against side a of one A/B run's records (``compare A B``: :func:`table_from_records`)."""
-    loaded = load_records(run_dir)
-    sides = {s: [r for r in loaded.records if r.extra.get("side") == s] for s in "ab"}
-    df, unmatched = table_from_records(sides["a"], sides["b"], one_run=True, **stat)
-    df.attrs["torn_lines"] = {"A/B": list(loaded.torn_lines)}
     return df, unmatched
 
 

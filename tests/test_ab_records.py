@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from overlap_bench import analysis, confirm, runfolder, strategies
 from overlap_bench.bench import BenchOptions, run_ab
 from overlap_bench.cli import app
-from overlap_bench.compare import compare_ab_run
+from overlap_bench.compare import compare_run_dirs
 from overlap_bench.launch import JobConfig, launch
 from overlap_bench.records import Record
 from overlap_bench.spec import Case
@@ -126,7 +126,7 @@ def test_side_failing_numerics_is_one_failed_record_per_case(tmp_path):
     assert [(r["M"], r["status"], r["extra"]["side"], r["label"]) for r in recs] == [
         (16, "failed", "b", "test_wrong:factor=1.01,rank=1"), (24, "failed", "b", "test_wrong:factor=1.01,rank=1")]
     assert all("tolerance" in r["reason"] and r["t_ms"] is None for r in recs)
-    df, unmatched = compare_ab_run(tmp_path)
+    df, unmatched = compare_run_dirs(tmp_path)
     assert len(df) == 0 and len(unmatched) == 2 and all("test_wrong" in u and "failed" in u for u in unmatched)
 
 
