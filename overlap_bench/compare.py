@@ -1,4 +1,4 @@
-"""``overlap-bench compare``: the statistics and the reports, for two runs or two sample sets (no GPU here)."""
+"""``overlap-bench compare``: statistics and reports from the records of two runs or of one A/B run (no GPU)."""
 
 from __future__ import annotations
 

@@ -53,7 +53,7 @@ def plot_name(kind: str, slug: str) -> str:
 
 
 CONFIRM = "confirm.jsonl"
-"""The confirmation stage's rows (``confirm``): one JSON line per (group, M, candidate), interleaved samples."""
+"""The confirmation stage's records (``kind`` confirm, ``bench.run_ab``): one per timed region and side."""
 
 
 @contextmanager
@@ -136,18 +136,14 @@ class RunFolder:
         return env
 
     def append(self, record: Any, name: str = RECORDS) -> None:
-        """Append one record (anything with ``to_json()``) to the log ``name``, durably."""
-        self.append_line(record.to_json(), name)
-
-    def append_line(self, text: str, name: str = RECORDS) -> None:
-        """Append one line (JSON text without a newline) to the log ``name``, fsync'd."""
+        """Append one record (anything with ``to_json()``) to the log ``name`` as one fsync'd line."""
         path = self.path / name
         if name not in self._ended:
             path.parent.mkdir(parents=True, exist_ok=True)
             _end_torn_line(path)
             self._ended.add(name)
         with open(path, "a", encoding="utf-8") as fh:
-            fh.write(text + "\n")
+            fh.write(record.to_json() + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 

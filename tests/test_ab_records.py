@@ -67,8 +67,8 @@ def test_compare_writes_one_record_per_region_and_side_and_is_judged_from_them(t
     assert len(rows) == len(cases)
     for row in rows:
         for side in "ab":
-            mine = sorted((r for r in recs if (r["shape"], r["M"], r["extra"]["side"]) == (row["shape"], row["M"], side)),
-                          key=lambda r: r["extra"]["repeat"])
+            mine = sorted((r for r in recs if (r["shape"], r["M"], r["extra"]["side"]) ==
+                           (row["shape"], row["M"], side)), key=lambda r: r["extra"]["repeat"])
             tps = [r["tokens_per_s"] for r in mine]
             assert row[f"samples_{side}"] == pytest.approx(tps)
             assert row[f"median_{side}"] == pytest.approx(statistics.median(tps))
@@ -144,7 +144,7 @@ def confirmed(tmp_path_factory) -> Path:
     return root / "run"
 
 
-def test_confirmation_records_load_back_and_ship_follows_decide(confirmed):
+def test_confirmation_records_load_back_and_ship_follows_decide(confirmed, tmp_path):
     lines = _lines(confirmed / runfolder.CONFIRM)
     assert lines and all(r["kind"] == "confirm" and r["ok"] for r in lines)
     # what was measured, straight from the lines: bucket M -> candidate -> (baseline, candidate) tokens/s
@@ -161,6 +161,8 @@ def test_confirmation_records_load_back_and_ship_follows_decide(confirmed):
     assert len(recs) == len(lines)
     best = analysis.best_settings(confirmed)
     shipped = confirm.ship(best, recs).set_index("M")
+    _ok(["export", confirmed, "-o", tmp_path / "p.yaml"])
+    policy = yaml.safe_load((tmp_path / "p.yaml").read_text())
     for M, per in raw.items():
         order = sorted(per, key=lambda lab: -first[M, lab])
         d = confirm.decide(per, order)
@@ -168,6 +170,13 @@ def test_confirmation_records_load_back_and_ship_follows_decide(confirmed):
         c = shipped.loc[M, "confirmation"]
         assert c["leader"] == order[0] and c["leader_first_pass_speedup"] == first[M, order[0]]
         assert c["leader_speedup"] == pytest.approx(d.leader_speedup) and c["repeats"] == 3
+        # summary.md's confirmation table and the exported policy render the same decision
+        summary = (confirmed / runfolder.SUMMARY).read_text().split("## Confirmation")[1]
+        row = next(ln for ln in summary.splitlines() if ln.startswith(f"| t/o | {M} |"))
+        assert f"`{d.label}`" in row and f"{d.speedup:.3f}" in row and f"{d.leader_speedup:.3f}" in row
+        bucket = policy["shapes"]["64,64"]["buckets"][M]
+        assert bucket["strategy"] == shipped.loc[M, "strategy"]
+        assert bucket["confirmation"]["speedup"] == pytest.approx(d.speedup, abs=1e-4)
         if d.label != "baseline":  # strategy and settings come from the candidate's records
             cand = next(r for r in lines if r["M"] == M and r["label"] == d.label)
             assert shipped.loc[M, "strategy"] == cand["strategy"] and shipped.loc[M, "settings"] == cand["settings"]
