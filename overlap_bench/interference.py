@@ -512,7 +512,8 @@ def _progress(total: int):
 def _record(shape: Shape, m: int, cfg: InterferenceConfig, c: Condition, blocks: list[tuple[Block, Block, Block]],
             err: float, unavailable: str | None, device: str, bench: _Bench, tol: float, ok_fn: Any) -> Record:
     rec = Record(shape=shape.name, K=shape.K, N=shape.N, M=m, dtype=cfg.dtype, world=1, backend="cuda", device=device,
-                 strategy=STRATEGY, settings=c.settings, label=c.label, env={}, warmup=cfg.warmup, reps=cfg.reps,
+                 strategy=STRATEGY, settings=c.settings, label=c.label, env={}, kind="interference",
+                 warmup=cfg.warmup, reps=cfg.reps,
                  repro=_repro(shape, m, cfg, c), tol=tol, rel_err=err,
                  time=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     if unavailable or not blocks:

@@ -165,6 +165,16 @@ def test_record_schema_round_trip(tmp_path):
     assert json.loads(r.to_json())["label"] == "ctas:k=8,gbps=14"
 
 
+def test_a_measured_condition_is_a_record_of_kind_interference():
+    # Built by the measuring code itself (an unavailable green context needs no GPU); the kind tells an
+    # interference folder's records from a sweep's.
+    cfg = itf.InterferenceConfig([Shape("a", 8, 8)], [64], ctas=[8], cta_gbps=[14.0], copies=[], sms=["all-8"])
+    rec = itf._record(cfg.shapes[0], 64, cfg, itf.Condition("green", 124), [], math.nan, "no green contexts here",
+                      "cpu", None, 0.02, None)
+    assert rec.kind == "interference" and rec.status == "unavailable"
+    assert Record.from_json(json.loads(rec.to_json())).kind == "interference"
+
+
 def test_predictions_from_runs_match_hand_computation(tmp_path):
     run, multi = _fake_run(tmp_path)
     recs = load_records(run).records
