@@ -4,7 +4,6 @@ ratio of medians, its bootstrap CI and p-value from the same bootstrap, and a ve
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -41,20 +40,6 @@ def bootstrap_ratio_ci(a: Iterable[float], b: Iterable[float], *, n_boot: int = 
     """Percentile bootstrap ``1 - alpha`` CI of ``median(b) / median(a)``, each side resampled independently."""
     a, b = _sample(a, "a"), _sample(b, "b")
     return _bootstrap(a, b, n_boot, alpha, seed)[1:]
-
-
-def mann_whitney_p(a: Iterable[float], b: Iterable[float]) -> float:
-    """Two-sided Mann-Whitney U p-value (scipy: exact for small tie-free samples); 1.0 if all values are equal."""
-    from scipy.stats import mannwhitneyu
-
-    a, b = _sample(a, "a"), _sample(b, "b")
-    both = np.concatenate([a, b])
-    if np.all(both == both[0]):
-        return 1.0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        p = float(mannwhitneyu(a, b, alternative="two-sided").pvalue)
-    return 1.0 if math.isnan(p) else min(p, 1.0)
 
 
 @dataclass(frozen=True)

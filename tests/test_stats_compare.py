@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 
@@ -13,47 +12,10 @@ from overlap_bench.compare import (build_table, compare_run_dirs, rich_table, su
                                    to_markdown)
 from overlap_bench.records import Record
 from overlap_bench.runfolder import RunFolder
-from overlap_bench.stats import bootstrap_ratio_ci, compare_samples, geomean, mann_whitney_p
+from overlap_bench.stats import bootstrap_ratio_ci, compare_samples, geomean
 
 
 # ---- Mann-Whitney ------------------------------------------------------------------------------------------
-
-def _u(a, b) -> float:
-    return sum((x > y) + 0.5 * (x == y) for x in a for y in b)
-
-
-def _exact_p(a, b) -> float:
-    """Two-sided exact p: the U of every assignment of the pooled values to the two groups (no ties)."""
-    pooled = list(a) + list(b)
-    u_obs = _u(a, b)
-    us = []
-    for idx in itertools.combinations(range(len(pooled)), len(a)):
-        ga = [pooled[i] for i in idx]
-        gb = [pooled[i] for i in range(len(pooled)) if i not in idx]
-        us.append(_u(ga, gb))
-    us = np.array(us)
-    lo, hi = np.mean(us <= u_obs), np.mean(us >= u_obs)
-    return min(1.0, 2 * min(lo, hi))
-
-
-@pytest.mark.parametrize("a,b", [
-    ([1.0, 2.5, 3.1, 7.0], [4.0, 5.5, 6.2, 8.0]),
-    ([1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]),        # fully separated: p = 2/70
-    ([10.0, 3.0, 6.5, 1.5], [2.0, 7.5, 4.0, 9.0]),
-    ([5.0, 6.0, 7.0, 8.0], [1.0, 2.0, 3.0, 4.0]),
-])
-def test_mann_whitney_matches_enumeration(a, b):
-    assert mann_whitney_p(a, b) == pytest.approx(_exact_p(a, b), abs=1e-12)
-
-
-def test_mann_whitney_separated_value():
-    assert mann_whitney_p([1, 2, 3, 4], [5, 6, 7, 8]) == pytest.approx(2 / 70)
-
-
-def test_mann_whitney_all_equal_is_one():
-    assert mann_whitney_p([3.0] * 5, [3.0] * 6) == 1.0
-    assert mann_whitney_p([3.0], [3.0]) == 1.0
-
 
 # ---- bootstrap -----------------------------------------------------------------------------------------------
 
