@@ -325,28 +325,30 @@ def compare(
     def body() -> None:
         from overlap_bench.spec import SpecError
 
+        live = not (Path(a).is_dir() and Path(b).is_dir())
+        if live:  # every input checked before a folder is made or a rank started
+            from overlap_bench.bench import BenchOptions, run_ab
+            from overlap_bench.launch import JobConfig, launch
+            from overlap_bench.spec import check_memory
+
+            sides = []
+            for side in (a, b):
+                try:
+                    sides.append(strategies.parse(side))
+                except ValueError as exc:
+                    raise SpecError(f"A/B: '{side}' is neither a run directory nor a strategy: {exc}") from None
+            job_env = _env_raw(env)
+            spec, cases = _compare_cases(spec_path, preset, tokens, dtype, nproc, backend, job_env)
+            refuse_world_one(spec.world_size, "a comparison of two strategies")
+            check_memory(spec)
         folder = None
         if out is not None:  # a folder that cannot be written is refused before anything is measured
             folder = runfolder.RunFolder(runfolder.ensure_folder(out, "--out"))
         with folder.lock() if folder is not None and _rank0() else nullcontext():
-            if Path(a).is_dir() and Path(b).is_dir():
+            if not live:
                 df, unmatched = cmp.compare_run_dirs(a, b, min_effect=min_effect)
                 title = f"{b} vs {a}"
             else:  # measured into the folder's records.jsonl (a temp folder without --out), judged from them
-                from overlap_bench.bench import BenchOptions, run_ab
-                from overlap_bench.launch import JobConfig, launch
-                from overlap_bench.spec import check_memory
-
-                sides = []
-                for side in (a, b):
-                    try:
-                        sides.append(strategies.parse(side))
-                    except ValueError as exc:
-                        raise SpecError(f"A/B: '{side}' is neither a run directory nor a strategy: {exc}") from None
-                job_env = _env_raw(env)
-                spec, cases = _compare_cases(spec_path, preset, tokens, dtype, nproc, backend, job_env)
-                refuse_world_one(spec.world_size, "a comparison of two strategies")
-                check_memory(spec)
                 folder = folder or runfolder.RunFolder(tempfile.mkdtemp(prefix="overlap-bench-compare-"))
                 if _rank0() and (folder / runfolder.RECORDS).exists():
                     raise SpecError(f"--out: {folder.path} already holds {runfolder.RECORDS} (another "

@@ -21,6 +21,17 @@ def test_world_one_sweep_and_compare_are_refused_in_one_line(args):
     assert "Traceback" not in res.stderr
 
 
+def test_a_refused_compare_leaves_no_out_folder(tmp_path):
+    # Every input is checked before --out is made: a refusal leaves nothing to clean up.
+    from typer.testing import CliRunner
+
+    from overlap_bench.cli import app
+
+    res = CliRunner().invoke(app, ["compare", "baseline", "pr", "--nproc", "1", "--out", str(tmp_path / "cmp")])
+    assert res.exit_code == 2 and "nothing to overlap" in res.output
+    assert not (tmp_path / "cmp").exists()
+
+
 def test_no_policy_from_a_world_one_run(tmp_path):
     w = RunFolder(tmp_path)
     for strategy, t in (("baseline", 1.0), ("chunked", 0.9)):
