@@ -17,8 +17,11 @@ from rich.table import Table
 
 import overlap_bench
 from overlap_bench import runfolder, strategies
+from overlap_bench import interference as itf
 from overlap_bench.confirm import REPEATS as CONFIRM_REPEATS
 from overlap_bench.confirm import TOP as CONFIRM_TOP
+from overlap_bench.nanobatch import NanoSettings
+from overlap_bench.stats import MIN_EFFECT
 from overlap_bench.timing import REPS, WARMUP
 from overlap_bench.world import refuse_world_one
 
@@ -307,7 +310,7 @@ def compare(
     tokens: Optional[str] = typer.Option(None, "--tokens", "-m", help="Token counts, comma-separated."),
     dtype: Optional[str] = typer.Option(None, help="Element type (default bfloat16 on GPU, float32 on CPU)."),
     repeats: int = typer.Option(5, min=1, help="Interleaved repeats per side (A B A B ...)."),
-    min_effect: float = typer.Option(0.01, help="Smallest relative change called faster/slower (noise floor)."),
+    min_effect: float = typer.Option(MIN_EFFECT, help="Smallest relative change called faster/slower (noise floor)."),
     nproc: Optional[int] = typer.Option(None, help="Ranks (default: every GPU, or 2 on CPU)."),
     backend: str = typer.Option("auto", help="auto, nccl or gloo."),
     warmup: int = typer.Option(WARMUP, help="Untimed calls before each timed region."),
@@ -441,11 +444,14 @@ def model(
     as_json: bool = typer.Option(False, "--json", help="Print the records as a JSON array instead of a table."),
     mode: str = typer.Option("all", "--mode", help="Modes, comma-separated: baseline, pr, policy, nanobatch, "
                              "nanobatch+policy, nocomm, or all (baseline and nocomm always run)."),
-    nanobatches: int = typer.Option(2, help="Nano-batches (token ranges) of the nanobatch modes."),
-    nano_comm: str = typer.Option("stream", help="The nanobatch modes' all-reduce path: stream or async."),
-    nano_priority: bool = typer.Option(False, help="The nanobatch modes' all-reduce on a high-priority NCCL stream."),
-    nano_attention: str = typer.Option("split", help="How a later nano-batch attends to the earlier ones' keys: "
-                                       "split (two calls merged by log-sum-exp) or lower-right (one masked call)."),
+    nanobatches: int = typer.Option(NanoSettings.nanobatches,
+                                    help="Nano-batches (token ranges) of the nanobatch modes."),
+    nano_comm: str = typer.Option(NanoSettings.comm, help="The nanobatch modes' all-reduce path: stream or async."),
+    nano_priority: bool = typer.Option(NanoSettings.priority,
+                                       help="The nanobatch modes' all-reduce on a high-priority NCCL stream."),
+    nano_attention: str = typer.Option(NanoSettings.attention,
+                                       help="How a later nano-batch attends to the earlier ones' keys: split "
+                                            "(two calls merged by log-sum-exp) or lower-right (one masked call)."),
     shapes_tp: Optional[int] = typer.Option(None, help="Per-rank shapes of this tensor-parallel size on fewer ranks "
                                             "(e.g. tp=4 shapes on 1 GPU: a schedule's overhead alone)."),
 ) -> None:
@@ -453,7 +459,6 @@ def model(
     communication share and how much of it each mode hid."""
     from overlap_bench.errors import UserError
     from overlap_bench.model import MODES, model_main, model_table
-    from overlap_bench.nanobatch import NanoSettings
 
     def body() -> None:
         modes = MODES if mode.strip() == "all" else tuple(m.strip() for m in mode.split(",") if m.strip())
@@ -482,28 +487,31 @@ def interference(
     shape: List[str] = typer.Option([], "--shape", "-s", help="K,N (K per rank), repeatable."),
     tokens: Optional[str] = typer.Option(None, "--tokens", "-m", help="Token counts (default 4096,8192,16384,32768)."),
     dtype: Optional[str] = typer.Option(None, help="bfloat16 (default), float16 or float32."),
-    ctas: str = typer.Option("1,4,8,16,24,32", help="CTA counts of the communication-like kernel (none: skip)."),
-    cta_gbps: str = typer.Option("14", help="GB/s each CTA reads and writes (0 = full speed); comma-separated."),
-    copy: str = typer.Option("d2d,h2d,d2h", help="Full-speed copies beside the GEMM: d2d (same device), h2d, d2h "
-                                                 "(pinned host); each record says if it waited for SMs (none: skip)."),
-    sms: str = typer.Option("all,all-8,all-16,all-32", help="Green-context sizes for the GEMM alone (none: skip)."),
-    rounds: int = typer.Option(2, help="Passes over the conditions, each bracketed by references."),
-    warmup: int = typer.Option(3, help="Untimed repetitions per block."),
-    reps: int = typer.Option(15, help="Timed repetitions per block."),
+    ctas: str = typer.Option(",".join(map(str, itf.DEFAULT_CTAS)),
+                             help="CTA counts of the communication-like kernel (none: skip)."),
+    cta_gbps: str = typer.Option(f"{itf.DEFAULT_CTA_GBPS:g}",
+                                 help="GB/s each CTA reads and writes (0 = full speed); comma-separated."),
+    copy: str = typer.Option(",".join(itf.COPY_PATHS),
+                             help="Full-speed copies beside the GEMM: d2d (same device), h2d, d2h "
+                                  "(pinned host); each record says if it waited for SMs (none: skip)."),
+    sms: str = typer.Option(",".join(itf.DEFAULT_SMS), help="Green-context sizes for the GEMM alone (none: skip)."),
+    rounds: int = typer.Option(itf.ROUNDS, help="Passes over the conditions, each bracketed by references."),
+    warmup: int = typer.Option(itf.WARMUP, help="Untimed repetitions per block."),
+    reps: int = typer.Option(itf.REPS, help="Timed repetitions per block."),
     pace: bool = typer.Option(True, help="Give every repetition the side work's wall period, so references do not "
                                          "run hotter (power-limited) than interfered GEMMs."),
     comm_from: List[Path] = typer.Option([], "--comm-from", help="Multi-GPU run dir: predict its t_joint from its "
                                                                   "t_gemm, t_comm and this run's s(k) (repeatable)."),
     busbw: Optional[float] = typer.Option(None, help="Predict with t_comm from this all-reduce busbw (GB/s)..."),
     world: Optional[int] = typer.Option(None, help="...over this many ranks (nccl-tests' formula)."),
-    comm_ctas: float = typer.Option(24.0, help="CTAs the all-reduce holds (NCCL channels), for s(k) in predictions."),
+    comm_ctas: float = typer.Option(itf.DEFAULT_COMM_CTAS,
+                                    help="CTAs the all-reduce holds (NCCL channels), for s(k) in predictions."),
     from_dir: Optional[Path] = typer.Option(None, "--from", help="Predict from this interference run; no GPU needed."),
     out: Optional[Path] = typer.Option(None, help="Run folder (default runs/interference, or --from's)."),
     as_json: bool = typer.Option(False, "--json", help="Print records and predictions as JSON."),
 ) -> None:
     """On one GPU: the GEMM's slowdown beside communication-like CTAs, copy-engine traffic and green contexts;
     and the joint time and eta a multi-GPU run could reach."""
-    from overlap_bench import interference as itf
     from overlap_bench import interference_report as rep
     from overlap_bench import runfolder
     from overlap_bench.records import json_safe

@@ -13,7 +13,7 @@ import pandas as pd
 
 from overlap_bench.markdown import cell, table
 from overlap_bench.records import Record, json_safe, load_records
-from overlap_bench.stats import VERDICTS, Comparison, compare_samples, geomean
+from overlap_bench.stats import MIN_EFFECT, VERDICTS, Comparison, compare_samples, geomean
 
 CASE_COLUMNS = ["shape", "K", "N", "M", "dtype", "a_label", "b_label", "samples_a", "samples_b"]
 COLUMNS = CASE_COLUMNS + [f.name for f in fields(Comparison)]
@@ -22,7 +22,7 @@ ComparisonTable = pd.DataFrame
 """One row per case: :data:`CASE_COLUMNS`, then every :class:`~overlap_bench.stats.Comparison` field."""
 
 
-def build_table(rows: list[dict[str, Any]], *, min_effect: float = 0.01, alpha: float = 0.05,
+def build_table(rows: list[dict[str, Any]], *, min_effect: float = MIN_EFFECT, alpha: float = 0.05,
                 n_boot: int = 10000, seed: int = 0) -> ComparisonTable:
     """Compare ``samples_b`` against ``samples_a`` (tokens/s) for each row; extra keys are kept as columns."""
     out = []
@@ -74,8 +74,9 @@ def _why(r: Record) -> str:
     return f"{r.status}" + (f": {r.reason}" if r.reason else "")
 
 
-def table_from_records(a: Iterable[Record], b: Iterable[Record], *, one_run: bool = False, min_effect: float = 0.01,
-                       alpha: float = 0.05, n_boot: int = 10000, seed: int = 0) -> tuple[ComparisonTable, list[str]]:
+def table_from_records(a: Iterable[Record], b: Iterable[Record], *, one_run: bool = False,
+                       min_effect: float = MIN_EFFECT, alpha: float = 0.05, n_boot: int = 10000,
+                       seed: int = 0) -> tuple[ComparisonTable, list[str]]:
     """Records ``b`` against records ``a``, case by case (each ``ok`` record is one sample, its tokens/s): the
     one builder of the comparison table. Two runs: a case is the same shape, sizes, dtype, bias, label and env
     on both sides. ``one_run``: the sides of one A/B run (``bench.run_ab``), whose labels differ: the same

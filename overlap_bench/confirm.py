@@ -25,15 +25,13 @@ from typing import Any, Iterable, Mapping
 
 from overlap_bench import runfolder
 from overlap_bench.records import Record
-from overlap_bench.stats import compare_samples
+from overlap_bench.stats import MIN_EFFECT, compare_samples
 
 TOP = 3
 """Candidates confirmed per group and M besides the peers: the best this many by first-pass speedup."""
 REPEATS = 20
 """Interleaved repeats per side (baseline, candidate) in the confirmation: with a region-to-region noise
 of about 1% this finds a 3% gain in at least 95% of buckets (``tests/test_confirm.py``)."""
-MIN_EFFECT = 0.01
-"""A setting ships only where the confirmed speedup's CI lower bound exceeds ``1 + MIN_EFFECT``."""
 
 
 def leaders(first_pass: Mapping[str, float], peers: Iterable[str] = (), top: int = TOP) -> list[str]:

@@ -47,6 +47,8 @@ DEFAULT_SMS = ("all", "all-8", "all-16", "all-32")
 DEFAULT_CTA_GBPS = 14.0
 """GB/s each CTA reads (and writes): what one NCCL ring channel sends over NVLink, busbw / channels, from the
 committed 4x H100 tp=4 records (busbw about 330 GB/s for the 256 MiB all-reduce) over about 24 channels."""
+ROUNDS, WARMUP, REPS = 2, 3, 15
+"""Defaults of :class:`InterferenceConfig`'s ``rounds``, ``warmup`` and ``reps`` (and of the command's options)."""
 DEFAULT_COMM_CTAS = 24.0
 """CTAs an NCCL ring all-reduce is assumed to hold when predicting (its channel count; ``--comm-ctas``)."""
 SLICE_ELEMS = 8 * 1024 * 1024
@@ -106,11 +108,11 @@ class InterferenceConfig:
     """Copy-engine paths: ``d2d``, ``h2d``."""
     sms: list[str] = field(default_factory=lambda: list(DEFAULT_SMS))
     """Green-context sizes: ``all``, ``all-N`` or a count."""
-    rounds: int = 2
+    rounds: int = ROUNDS
     """Passes over the conditions (order reversed every other pass)."""
-    warmup: int = 3
+    warmup: int = WARMUP
     """Untimed repetitions at the start of every block."""
-    reps: int = 15
+    reps: int = REPS
     """Timed repetitions per block (one condition, or one reference, in one round)."""
     seed: int = 0
     pace: bool = True

@@ -14,7 +14,8 @@ from overlap_bench.errors import UserError
 from overlap_bench.interference import COVERED_MIN, STRATEGY
 from overlap_bench.markdown import cell, table
 from overlap_bench.records import Record, json_safe, load_records, records_frame
-from overlap_bench.runfolder import INTERFERENCE_CSV, INTERFERENCE_MD, PREDICTION_JSON, PREDICTION_MD, RunFolder, plot_name
+from overlap_bench.runfolder import (INTERFERENCE_CSV, INTERFERENCE_MD, PREDICTION_JSON, PREDICTION_MD, RunFolder,
+                                     plot_name)
 
 
 # ------------------------------------------------------------------------------------------ predictions

@@ -9,6 +9,10 @@ from typing import Iterable
 
 import numpy as np
 
+MIN_EFFECT = 0.01
+"""Smallest relative change called faster or slower (a noise floor): ``compare --min-effect``, and the
+confirmation stage's margin (a setting ships where its CI lower bound exceeds ``1 + MIN_EFFECT``)."""
+
 VERDICTS = ("faster", "slower", "no significant difference", "below min_effect")
 
 
@@ -66,7 +70,7 @@ def _std(x: np.ndarray) -> float:
     return float(x.std(ddof=1)) if x.size > 1 else 0.0
 
 
-def compare_samples(a: Iterable[float], b: Iterable[float], *, min_effect: float = 0.01, alpha: float = 0.05,
+def compare_samples(a: Iterable[float], b: Iterable[float], *, min_effect: float = MIN_EFFECT, alpha: float = 0.05,
                     n_boot: int = 10000, seed: int = 0) -> Comparison:
     """Compare throughput sample ``b`` against ``a`` with one robust statistic, the ratio of medians.
 

@@ -262,3 +262,23 @@ def test_pace_waits_out_the_period_and_never_sleeps_negative(monkeypatch):
     assert itf.pace(10.0, 0.01) == 10.004 and slept == [pytest.approx(0.006)]  # 4 ms gone of 10: sleep 6
     assert itf.pace(10.0, 0.01) == 20.0 and len(slept) == 1         # period long past: no sleep at all
     assert itf.pace(20.0, 0.0) == 30.0 and len(slept) == 1
+
+
+def test_command_defaults_are_the_configs_defaults():
+    # One source of defaults: the options a user gets without flags are the config dataclasses' own.
+    import typer.main
+
+    from overlap_bench.nanobatch import NanoSettings
+    from overlap_bench.stats import MIN_EFFECT
+
+    cmds = {c.name: c for c in typer.main.get_command(app).commands.values()}
+    opt = {name: {p.name: p.default for p in cmd.params} for name, cmd in cmds.items()}
+    i, cfg = opt["interference"], itf.InterferenceConfig([Shape("a", 8, 8)], [64])
+    assert (itf.parse_ctas(i["ctas"]), itf.parse_rates(i["cta_gbps"]), itf.parse_copies(i["copy"]),
+            itf.parse_sms(i["sms"])) == (cfg.ctas, cfg.cta_gbps, cfg.copies, cfg.sms)
+    assert (i["rounds"], i["warmup"], i["reps"], i["comm_ctas"]) == (cfg.rounds, cfg.warmup, cfg.reps,
+                                                                     itf.DEFAULT_COMM_CTAS)
+    m, nano = opt["model"], NanoSettings()
+    assert (m["nanobatches"], m["nano_comm"], m["nano_priority"], m["nano_attention"]) == \
+        (nano.nanobatches, nano.comm, nano.priority, nano.attention)
+    assert opt["compare"]["min_effect"] == MIN_EFFECT
