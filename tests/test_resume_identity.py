@@ -61,7 +61,8 @@ def _sweep(tmp_path, out, **changes):
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump({**SPEC, **changes}))
     # --force: these resumes change the spec on purpose (a folder's own spec resumes without it, issue 18).
-    res = CliRunner().invoke(app, ["sweep", str(path), "--out", str(out), "--resume", "--force"])
+    # --no-confirm: these tests are about which cases a resume measures; the confirmation stage has its own.
+    res = CliRunner().invoke(app, ["sweep", str(path), "--out", str(out), "--resume", "--force", "--no-confirm"])
     assert res.exit_code == 0, res.output
     return res
 
