@@ -1,4 +1,5 @@
-"""Every derived number of a record, defined once (see DESIGN.md: ideal, speedup, eta, tflops, busbw)."""
+"""Every derived number of a record, defined once: the reference, ideal, speedup, eta, TFLOP/s, busbw (README,
+*What a record holds*)."""
 
 from __future__ import annotations
 
