@@ -4,6 +4,7 @@ the top-level cli.py)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +66,17 @@ def test_top_level_cli_runs_the_same_app_without_install(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "cli.py"), "sweep", "--dry-run", "--tp", "0"],
                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
     assert bad.returncode == 2 and "--tp" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_readme_layout_names_every_module_and_nothing_points_outside_the_repository():
+    root = ROOT
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    layout = readme[readme.index("## Layout"):readme.index("## Tests")]
+    modules = sorted(p.name for p in (root / "overlap_bench").rglob("*.py"))
+    assert [m for m in modules if f"`{m}`" not in layout and f"/{m}`" not in layout] == []
+    # The design notes live beside the repository, not in it: nothing shipped may send a reader there.
+    shipped = [root / "README.md", root / "cli.py", *(root / "overlap_bench").rglob("*.py"),
+               *(root / "sweeps").glob("*.yaml")]
+    stale = [p.name for p in shipped
+             if re.search(r"DESIGN\.md|FINDINGS|\.\./shared", p.read_text(encoding="utf-8"))]
+    assert stale == []
