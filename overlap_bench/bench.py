@@ -6,7 +6,6 @@ Cases sharing a shape, M and dtype share their inputs and their reference times 
 
 from __future__ import annotations
 
-import datetime as _dt
 import math
 import shlex
 from dataclasses import dataclass, replace
@@ -20,7 +19,7 @@ from overlap_bench import metrics, strategies
 from overlap_bench.launch import RankContext
 from overlap_bench.numerics import TOLERANCE, rel_err, within_tolerance
 from overlap_bench.records import Record
-from overlap_bench.runfolder import RECORDS, RunFolder
+from overlap_bench.runfolder import RECORDS, RunFolder, utc_now
 from overlap_bench.spec import Case
 from overlap_bench.strategies.pipeline import comm_stream, matmul_into
 from overlap_bench.timing import REPS, WARMUP, Timing, allreduce_max, time_region
@@ -117,7 +116,7 @@ def _record(case: Case, ctx: RankContext, opts: BenchOptions, device_name: str, 
                   settings=strategies.settings_dict(case.settings), label=case.label, env=case.env_dict,
                   bias=case.bias, warmup=opts.warmup, reps=opts.reps, tol=TOLERANCE[case.dtype],
                   repro=repro(case, ctx.world, ctx.backend, opts.warmup, opts.reps),
-                  time=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **values)
+                  time=utc_now(), **values)
 
 
 def _group_key(c: Case) -> tuple:

@@ -9,12 +9,10 @@ are imported on first use, so this module imports on CPU).
   the chunks it moved, so the caller can check that the CTAs really ran at once, on distinct SMs, around the
   whole GEMM, at the rate asked for.
 - :func:`stamp`: one thread writes ``%globaltimer`` into a slot: a marker between kernels on a stream.
-- :func:`green_stream`: the stream of a green context of ``num_sms`` SMs (torch.cuda.green_contexts).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 THREADS_PER_CTA = 512
@@ -54,15 +52,3 @@ def chunk_bytes() -> int:
     """Bytes one CTA reads per chunk (and writes as many)."""
     return CHUNK_ELEMS * 4
 
-
-@functools.lru_cache(maxsize=None)
-def green_stream(num_sms: int, device_index: int) -> Any:
-    """The stream of a green context holding ``num_sms`` SMs (created once per count and device)."""
-    from torch.cuda.green_contexts import GreenContext
-
-    ctx = GreenContext.create(num_sms=num_sms, device_id=device_index)
-    _KEEP.append(ctx)  # the stream is only valid while its context lives
-    return ctx.Stream()
-
-
-_KEEP: list[Any] = []

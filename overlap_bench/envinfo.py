@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
 import platform
 import socket
@@ -14,6 +13,7 @@ from typing import Any
 import torch
 
 import overlap_bench
+from overlap_bench.runfolder import utc_now
 
 ENV_PREFIXES = ("NCCL_", "CUDA_", "TORCH_", "NVSHMEM_", "OMP_", "OVERLAP_BENCH_")
 
@@ -85,5 +85,5 @@ def collect(command: str | None = None) -> dict[str, Any]:
         "git_commit": git_commit(),
         "command": command or command_line(),
         "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)},
-        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "time": utc_now(),
     }

@@ -24,8 +24,6 @@ shape, M and condition, with the slowdown and the checks under ``extra``.
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import math
 import statistics
 import time
@@ -33,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from overlap_bench import eta_bound, metrics, runfolder, timing
+from overlap_bench import eta_bound, greenctx, metrics, runfolder, timing
 from overlap_bench.errors import UserError
 from overlap_bench.records import Record, load_records
 from overlap_bench.runfolder import RunFolder
@@ -310,7 +308,7 @@ class _Bench:
         for path in self.cfg.copies:
             alone = self._time_on(self.side, lambda: self._copy_once(path))
             self.copy_ms[path] = alone
-            stamps = torch.zeros(4 * self.total_sms, 4, dtype=torch.int64, device=self.dev)
+            stamps = torch.zeros(4 * self.total_sms, comm_like.STAMP_FIELDS, dtype=torch.int64, device=self.dev)
             hold_ns = int(max(5 * alone, 2.0) * 1e6)
             torch.cuda.synchronize(self.dev)
             with torch.cuda.stream(self.side):  # 4 spinning CTAs per SM: every SM slot taken (barely any traffic)
@@ -332,7 +330,7 @@ class _Bench:
         for spec in self.cfg.sms:
             n = resolve_sms(spec, self.total_sms)
             try:
-                stream = comm_like.green_stream(n, self.dev.index)
+                stream = greenctx.green_stream(n)
                 self.sms_seen[n] = self._count_sms(stream)
             except Exception as exc:  # noqa: BLE001 - recorded as unavailable, with the reason
                 self.sms_seen[n] = -1
@@ -357,7 +355,7 @@ class _Bench:
 
         torch = self.torch
         grid = 4 * self.total_sms
-        stamps = torch.zeros(grid, 4, dtype=torch.int64, device=self.dev)
+        stamps = torch.zeros(grid, comm_like.STAMP_FIELDS, dtype=torch.int64, device=self.dev)
         torch.cuda.synchronize(self.dev)
         with torch.cuda.stream(stream):
             comm_like.launch_ctas(grid, self.src, self.dst, stamps, slice_elems=SLICE_ELEMS, duration_ns=200_000,
@@ -379,8 +377,8 @@ class _Bench:
         g_st = torch.zeros(n, 2, dtype=torch.int64, device=self.dev)
         side_st = torch.zeros(n, 2, dtype=torch.int64, device=self.dev)
         k = cond.value if cond.kind == "ctas" else 0
-        c_st = torch.zeros(n, max(k, 1), 4, dtype=torch.int64, device=self.dev)
-        stream = comm_like.green_stream(cond.value, self.dev.index) if cond.kind == "green" else self.gemm_stream
+        c_st = torch.zeros(n, max(k, 1), comm_like.STAMP_FIELDS, dtype=torch.int64, device=self.dev)
+        stream = greenctx.green_stream(cond.value) if cond.kind == "green" else self.gemm_stream
         n_copies = 0
         if cond.kind == "copy":
             n_copies = max(1, math.ceil(duration_ns / 1e6 / self.copy_ms[cond.value]))
@@ -517,7 +515,7 @@ def _record(shape: Shape, m: int, cfg: InterferenceConfig, c: Condition, blocks:
                  strategy=STRATEGY, settings=c.settings, label=c.label, env={}, kind="interference",
                  warmup=cfg.warmup, reps=cfg.reps,
                  repro=_repro(shape, m, cfg, c), tol=tol, rel_err=err,
-                 time=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+                 time=runfolder.utc_now())
     if unavailable or not blocks:
         rec.status, rec.reason = "unavailable", f"green context of {c.value} SMs: {unavailable}"
         return rec
@@ -601,8 +599,6 @@ def run_interference(cfg: InterferenceConfig | None, *, out: Path, from_dir: Pat
                      busbw: float | None, world: int | None, comm_ctas: float,
                      progress: bool = True) -> tuple[list[Record], list[eta_bound.Prediction]]:
     """Measure (or load ``from_dir``'s records), predict, and write the run folder ``out``."""
-    from overlap_bench import envinfo
-
     if (busbw is None) != (world is None):
         raise UserError("--busbw/--world: give both (e.g. --busbw 330 --world 4) or neither")
     if world is not None and world < 2:

@@ -19,7 +19,6 @@ ends, however it ends (SIGKILL included).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import pickle

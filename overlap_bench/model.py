@@ -34,7 +34,6 @@ earlier ones. A record's ``speedup`` is ``metrics.speedup`` against the baseline
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import math
 import os
@@ -528,7 +527,7 @@ class _Job:
                       settings=asdict(self.nano) if nano else {},
                       repro=f"{self.command} --tokens {m} --mode {shlex.quote(mode)}"
                             + (self.nano_flags if nano else ""),
-                      time=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                      time=runfolder.utc_now(),
                       extra={**self.extra, **{k: v for k, v in (extra or {}).items() if v is not None}})
 
 

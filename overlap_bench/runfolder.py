@@ -177,7 +177,8 @@ class FolderMismatch(UserError):
     """``--resume`` into a folder made with another spec or other timing options."""
 
 
-def _now() -> str:
+def utc_now() -> str:
+    """The time stamp of records, ``env.json``, ``run.json`` and the lock: UTC, ISO 8601, to the second."""
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -248,7 +249,7 @@ def lock(folder: str | os.PathLike, flag: str = "--out", command: str = "") -> I
                                  f"cannot be checked from here; if that run has ended, delete {path}")
             log.warning("%s: stale lock of %s taken over (that process ended without releasing it)",
                         folder, _describe(old))
-        info = {"pid": os.getpid(), "host": host, "started": _now(), "command": command}
+        info = {"pid": os.getpid(), "host": host, "started": utc_now(), "command": command}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
         os.fsync(fd)
@@ -275,7 +276,7 @@ def grid_hash(grid: dict[str, Any]) -> str:
 def identity(grid: dict[str, Any], options: dict[str, Any], version: str) -> dict[str, Any]:
     """What ``run.json`` holds at creation: the grid's hash, the options, the tool version, the time."""
     return {"spec_sha256": grid_hash(grid), "options": dict(options), "overlap_bench": version,
-            "created": _now(), "host": socket.gethostname(), "resumes": []}
+            "created": utc_now(), "host": socket.gethostname(), "resumes": []}
 
 
 def read_identity(folder: str | os.PathLike) -> dict[str, Any] | None:
@@ -319,13 +320,13 @@ def check_identity(folder: Path, new: dict[str, Any], *, has_records: bool, forc
             if diffs:
                 why = f"its records were measured with other options ({', '.join(diffs)})"
                 break
-        old = dict(new, adopted=_now(), note="run.json added on resume; the folder had none")
+        old = dict(new, adopted=utc_now(), note="run.json added on resume; the folder had none")
     else:
         why = mismatch(old, new)
     if why and not force:
         raise FolderMismatch(f"--resume: {folder} cannot be resumed with this spec: {why}; use the spec and "
                              "options it was made with, a new --out, or --force to mix them knowingly")
-    old.setdefault("resumes", []).append({"time": _now(), "host": socket.gethostname(),
+    old.setdefault("resumes", []).append({"time": utc_now(), "host": socket.gethostname(),
                                           "spec_sha256": new["spec_sha256"], "options": new["options"],
                                           "overlap_bench": new["overlap_bench"], "forced": bool(why)})
     return old
