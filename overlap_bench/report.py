@@ -34,7 +34,7 @@ import pandas as pd
 
 from overlap_bench import analysis, strategies
 from overlap_bench.markdown import cell, table
-from overlap_bench.records import Record, load_records
+from overlap_bench.records import Loaded, Record, load_records
 from overlap_bench.runfolder import ENV, SPEC, SUMMARY, RunFolder, plot_name
 
 _ENV_KEYS = ("gpu_name", "gpu_count", "torch", "nccl", "cuda", "host", "git_commit", "command")
@@ -454,8 +454,9 @@ def _problems_section(records: list[Record], torn: list[int]) -> list[str]:
     return lines + [""]
 
 
-def write_report(run_dir: str | os.PathLike) -> list[Path]:
+def write_report(run_dir: str | os.PathLike, loaded: Loaded | None = None) -> list[Path]:
     """Write the plots and ``summary.md`` of ``run_dir`` into it; returns the written paths (summary last).
+    ``loaded``: its records when the caller has read them already (read here otherwise).
 
     Raises ``FileNotFoundError`` when ``run_dir`` is not a directory. A run with no ok records still gets
     a ``summary.md`` that says so.
@@ -463,7 +464,7 @@ def write_report(run_dir: str | os.PathLike) -> list[Path]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist")
-    loaded = load_records(run_dir)
+    loaded = loaded or load_records(run_dir)
     records = analysis.latest(loaded.records)
     ok = [r for r in records if r.ok]
     groups = _group_records(records)

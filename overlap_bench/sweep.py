@@ -14,11 +14,10 @@ import yaml
 
 import overlap_bench
 from overlap_bench import confirm, envinfo, runfolder
-from overlap_bench.analysis import env_key as analysis_env_key
 from overlap_bench.bench import BenchOptions, run_cases
 from overlap_bench.confirm import REPEATS, TOP
 from overlap_bench.launch import JobConfig, in_torchrun, launch
-from overlap_bench.records import case_key, load_records
+from overlap_bench.records import Loaded, case_key, load_records
 from overlap_bench.spec import Case, SpecError, SweepSpec, check_memory
 
 log = logging.getLogger("overlap_bench.sweep")
@@ -45,9 +44,10 @@ def _key(c: Case, spec: SweepSpec) -> tuple:
     return case_key(c.shape, c.K, c.N, c.M, c.dtype, c.bias, c.label, c.env_dict, spec.world_size, spec.backend)
 
 
-def prepare_out_dir(out_dir: Path, resume: bool) -> tuple[set, list[int]]:
-    """Keys of the cases already recorded, and torn lines found; refuses to mix runs without ``--resume``."""
-    loaded = load_records(out_dir)
+def prepare_out_dir(out_dir: Path, resume: bool, loaded: Loaded | None = None) -> tuple[set, list[int]]:
+    """Keys of the cases already recorded (``loaded``: the folder's records, read here if not given), and torn
+    lines found; refuses to mix runs without ``--resume``."""
+    loaded = loaded or load_records(out_dir)
     if (loaded.records or loaded.torn_lines) and not resume:
         raise SpecError(f"--out: {out_dir} already holds {len(loaded.records)} records; "
                         "pass --resume to continue that run or choose a new --out")
@@ -68,9 +68,9 @@ def open_run_folder(out: Path, spec: SweepSpec, raw: dict, *, resume: bool, forc
     """Check and write a run folder's identity, spec.yaml and env.json (the caller holds its lock); returns
     :func:`prepare_out_dir`'s answer. Nothing already there is overwritten on resume: the first spec.yaml and
     env.json stay, and the resume is appended to ``run.json`` (and its environment to ``env.json``)."""
-    done, torn = prepare_out_dir(out, resume)
-    folder = runfolder.RunFolder(out)
     loaded = load_records(out)
+    done, torn = prepare_out_dir(out, resume, loaded)
+    folder = runfolder.RunFolder(out)
     has_records = bool(loaded.records or loaded.torn_lines)
     new = run_identity(spec, seed)
     ident = runfolder.check_identity(
@@ -161,8 +161,7 @@ def _confirm(spec: SweepSpec, out: Path, seed: int, repeats: int, top: int, resu
     jobs = confirm.plan(load_records(out).records, done, top=top, world=spec.world_size, backend=spec.backend)
     result.confirmed_before = len(done)
     for env in spec.env:
-        key = analysis_env_key(env)
-        mine = [j for j in jobs if analysis_env_key(j.case.env_dict) == key]
+        mine = [j for j in jobs if j.case.env == tuple(sorted(env.items()))]  # Case.env: sorted items
         if not mine and not in_torchrun():
             continue
         if in_torchrun() and any(os.environ.get(k) != v for k, v in env.items()):
@@ -180,5 +179,5 @@ def finish_run(out: Path) -> None:
         return
     from overlap_bench import analysis, report
 
-    analysis.write_tables(analysis.frame(loaded.records), out)
-    report.write_report(out)
+    analysis.write_tables(loaded.records, out)
+    report.write_report(out, loaded)

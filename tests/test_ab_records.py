@@ -202,3 +202,18 @@ def test_a_candidate_cut_short_is_measured_again_on_resume(confirmed, tmp_path):
     assert "1 candidate(s) confirmed" in out
     again = confirm.load(run)
     assert len(again) == len(text) and sum(confirm.candidate_key(r) == key for r in again) == 6
+
+
+def test_every_environment_variant_gets_its_own_confirmation(tmp_path):
+    # The stage runs one job per variant (its variables are set before CUDA starts) with that variant's
+    # buckets: a variant whose buckets were not matched to its job would go unconfirmed without a word.
+    variant = {"OVERLAP_BENCH_TEST_VARIANT": "1"}
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "t", "backend": "gloo", "world_size": 2, "dtypes": ["float32"], "shapes": [{"name": "t/o", "K": 64,
+        "N": 64}], "tokens": [32], "warmup": 1, "reps": 2, "confirm_repeats": 2, "env": [{}, variant],
+        "strategies": [{"name": "baseline"}, {"name": "chunked", "chunks": 2}]}))
+    _ok(["sweep", spec, "--out", tmp_path / "run"])
+    recs = confirm.load(tmp_path / "run")
+    assert {tuple(sorted(r.env.items())) for r in recs} == {(), tuple(variant.items())}
+    assert all(len([r for r in recs if r.env == env]) == 2 * 2 for env in ({}, variant))  # 2 sides x 2 repeats
