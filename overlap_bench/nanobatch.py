@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from overlap_bench import strategies
-from overlap_bench.strategies.pipeline import (COMM_PATHS, PendingAllReduce, RowSplit, even_bounds,
+from overlap_bench.strategies.pipeline import (PendingAllReduce, RowSplit, even_bounds,
                                                high_priority_group, start_bounds)
 
 SplitFn = Callable[[str, int], RowSplit]
@@ -66,12 +66,16 @@ class NanoSettings:
     def __post_init__(self) -> None:
         if isinstance(self.nanobatches, bool) or not isinstance(self.nanobatches, int) or self.nanobatches < 1:
             raise ValueError(f"nanobatches must be an integer >= 1, got {self.nanobatches!r}")
-        if self.comm not in COMM_PATHS:
-            raise ValueError(f"comm must be one of {', '.join(COMM_PATHS)}, got {self.comm!r}")
+        if self.comm not in NANO_COMM:
+            raise ValueError(f"comm must be one of {', '.join(NANO_COMM)}, got {self.comm!r}")
         if self.attention not in ATTENTION:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
 
 
+NANO_COMM = ("stream", "async")
+"""The all-reduce paths of the schedule's own reductions: the plain ones. The window paths (``symm``, ``ce``)
+need their output in a registered window, which only the chunked strategy allocates; a strategy's own path
+runs inside ``nanobatch+policy``."""
 ATTENTION = ("split", "lower-right")
 """Chunked-prefill attention implementations (:attr:`NanoSettings.attention`)."""
 

@@ -276,3 +276,17 @@ def test_cli_bad_nano_setting_is_one_line_exit_2():
     res = CliRunner().invoke(app, ["model", "--preset", "tiny", "--nano-attention", "flash", "--backend", "gloo"])
     assert res.exit_code == 2, res.output
     assert "--nano-attention" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("comm", ["symm", "ce"])
+def test_window_paths_are_refused_for_the_schedules_own_reductions(comm):
+    # They need the output in a registered window, which only the chunked strategy allocates: accepted here they
+    # would run as the plain stream path while the record said symm/ce.
+    from typer.testing import CliRunner
+
+    from overlap_bench.cli import app
+
+    with pytest.raises(ValueError, match="comm must be one of stream, async"):
+        nanobatch.NanoSettings(comm=comm)
+    res = CliRunner().invoke(app, ["model", "--nano-comm", comm, "--nproc", "2", "--backend", "gloo"])
+    assert res.exit_code == 2 and "--nano-comm" in res.output
