@@ -35,8 +35,8 @@ import torch
 import torch.distributed as dist
 
 from overlap_bench import strategies
-from overlap_bench.strategies.pipeline import (PendingAllReduce, RowSplit, even_bounds,
-                                               high_priority_group, start_bounds)
+from overlap_bench.strategies.pipeline import (PendingAllReduce, RowSplit, even_bounds, gloo_note,
+                                               high_priority_group, priority_reason, start_bounds)
 
 SplitFn = Callable[[str, int], RowSplit]
 """``split(layer_name, rows) -> RowSplit``: how one nano-batch's row-parallel call splits its rows."""
@@ -223,16 +223,13 @@ def mode_plans(settings: NanoSettings, m: int, backend: str,
     """
     info = {"nanobatches": settings.nanobatches, "comm": settings.comm, "priority": settings.priority,
             "attention": settings.attention}
-    why_not = None
     if settings.nanobatches > m:
-        why_not = f"nanobatches={settings.nanobatches} is more than the {m} tokens"
-    elif settings.priority and backend != "nccl":
-        why_not = "priority=true needs NCCL (a high-priority CUDA stream); gloo has no stream priorities"
+        why_not: str | None = f"nanobatches={settings.nanobatches} is more than the {m} tokens"
+    else:
+        why_not = priority_reason(settings.priority, backend)
     sizes = [e - s for s, e in nano_bounds(m, settings.nanobatches)] if why_not is None else []
     info["rows"] = sizes
-    note = None
-    if backend == "gloo" and settings.comm == "stream":
-        note = "gloo has no CUDA streams: the stream path ran as async work handles"
+    note = gloo_note(settings.comm, backend)
     plans: dict[str, dict[str, Any]] = {}
     plans["nanobatch"] = {
         "forward": lambda weights, x, d: nanobatch_forward(weights, x, d, settings, baseline_split),

@@ -12,7 +12,7 @@ from overlap_bench import greenctx, nccl_log, strategies, symm
 from overlap_bench.strategies import StrategyUnavailable, register
 from overlap_bench.strategies.baseline import baseline_into
 from overlap_bench.strategies.pipeline import (COMM_PATHS, SPLITS, RowSplit, all_reduce_bounds, even_bounds,
-                                               gloo_note, high_priority_group)
+                                               gloo_note, high_priority_group, priority_reason)
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,9 @@ class ChunkedSettings:
 
 
 def _check(backend: str, s: ChunkedSettings) -> str | None:
-    if s.priority and backend != "nccl":
-        return "priority=true needs NCCL (a high-priority CUDA stream); gloo has no stream priorities"
+    why = priority_reason(s.priority, backend)
+    if why:
+        return why
     if s.comm in WINDOW_PATHS:
         reason = symm.window_reason(s.comm, backend)
         if reason:

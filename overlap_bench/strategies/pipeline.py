@@ -209,6 +209,13 @@ def high_priority_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
     return _HIGH_PRIORITY[key]
 
 
+def priority_reason(priority: bool, backend: str) -> str | None:
+    """Why a high-priority all-reduce stream cannot be had on ``backend``, or None."""
+    if priority and backend != "nccl":
+        return "priority=true needs NCCL (a high-priority CUDA stream); gloo has no stream priorities"
+    return None
+
+
 def gloo_note(comm: str, backend: str) -> str | None:
     """Record text for the gloo stand-in of the stream path."""
     if backend == "gloo" and comm == "stream":
