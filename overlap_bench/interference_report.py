@@ -185,14 +185,14 @@ def write_outputs(out_dir: Path, records: list[Record], preds: list[eta_bound.Pr
                  f"s(k) at k = {ctas:g} CTAs. Models: max = max(t_gemm (1 + s), t_comm); rate = the GEMM slowed "
                  "only while the all-reduce runs. err = (predicted - measured) / measured.", "",
                  table(PRED_HEADER, [[cell(c) for c in r] for r in prediction_rows(preds)], "llll" + "r" * 11), ""]
-        for env in sorted({p.env for p in preds}):
-            e = eta_bound.error_summary(p for p in preds if p.env == env)
+        summ = {env: eta_bound.error_summary(p for p in preds if p.env == env)
+                for env in sorted({p.env for p in preds})}
+        for env, e in summ.items():
             if math.isfinite(e["max_abs_err_rate"]):
                 lines.append(f"- {env}: median |err| max model {e['median_abs_err_max']:.1%}, rate model "
                              f"{e['median_abs_err_rate']:.1%}; largest {e['max_abs_err_max']:.1%} / "
                              f"{e['max_abs_err_rate']:.1%}.")
         written.append(folder.write_text(PREDICTION_MD, "\n".join(lines) + "\n"))
-        summ = {env: eta_bound.error_summary(p for p in preds if p.env == env) for env in sorted({p.env for p in preds})}
         doc = json_safe({"ctas": ctas, "summary_by_env": summ, "rows": [p.to_dict() for p in preds]})
         written.append(folder.write_text(PREDICTION_JSON, json.dumps(doc, indent=1, allow_nan=False) + "\n"))
     if plots and records:

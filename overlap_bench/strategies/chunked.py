@@ -91,21 +91,15 @@ def chunked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             group: dist.ProcessGroup | None, settings: ChunkedSettings) -> torch.Tensor:
     """Chunked GEMM + all-reduce overlap."""
     m = x.shape[0]
-    if m >= settings.threshold and (settings.comm in WINDOW_PATHS or settings.gemm_sms):
-        bounds = even_bounds(m, settings.chunks, settings.align, settings.split, settings.ratio)
-        gemm_stream = greenctx.green_stream(settings.gemm_sms) if settings.gemm_sms else None
-        if settings.comm in WINDOW_PATHS:
-            return window_chunks(x, weight, bias, group, settings, bounds, gemm_stream)
-    out = torch.empty(m, weight.shape[0], dtype=x.dtype, device=x.device)
     if m < settings.threshold:
-        return baseline_into(out, x, weight, bias, group)
-    if settings.gemm_sms:
-        comm_group = high_priority_group(group) if settings.priority else group
-        return all_reduce_bounds(out, x, weight, bias, group, bounds, settings.comm, comm_group,
-                                 gemm_stream=gemm_stream)
-    sp = chunked_split(m, settings)
-    comm_group = high_priority_group(group) if sp.priority else group
-    return all_reduce_bounds(out, x, weight, bias, group, sp.bounds, sp.comm, comm_group)
+        return baseline_into(torch.empty(m, weight.shape[0], dtype=x.dtype, device=x.device), x, weight, bias, group)
+    bounds = even_bounds(m, settings.chunks, settings.align, settings.split, settings.ratio)
+    gemm_stream = greenctx.green_stream(settings.gemm_sms) if settings.gemm_sms else None
+    if settings.comm in WINDOW_PATHS:
+        return window_chunks(x, weight, bias, group, settings, bounds, gemm_stream)
+    out = torch.empty(m, weight.shape[0], dtype=x.dtype, device=x.device)
+    comm_group = high_priority_group(group) if settings.priority else group
+    return all_reduce_bounds(out, x, weight, bias, group, bounds, settings.comm, comm_group, gemm_stream=gemm_stream)
 
 
 WINDOW_PATHS = ("symm", "ce")
