@@ -278,7 +278,8 @@ def _markdown(t: pd.DataFrame) -> str:
 
 RULE = ("t_base is the reference: the fastest baseline measurement at that M (the one taken before the "
         "strategies, or the baseline strategy's own record); speedup = t_base / t; eta = (t_base − t) / "
-        "(t_base − max(t_gemm, t_comm)), n/a where that hideable time is below 5% of t_base or 3× the spread. "
+        f"(t_base − max(t_gemm, t_comm)), n/a where that hideable time is below {metrics.ETA_MIN_ROOM:.0%} of t_base "
+        f"or {metrics.ETA_MIN_SPREADS:g}× the spread. "
         "The best setting is the fastest ok one if it beats t_base beyond the measured spread (t + iqr/2 < "
         "t_base − iqr_base/2) and the references are consistent, else the baseline.")
 """The rule, stated once for tables.md and summary.md."""

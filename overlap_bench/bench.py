@@ -126,7 +126,7 @@ def _group_key(c: Case) -> tuple:
 def run_cases(ctx: RankContext, cases: list[Case], opts: BenchOptions) -> None:
     """Entry point of every rank of a sweep job (``launch`` calls it)."""
     cases = same_cases(cases, ctx)
-    device_name = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
+    device_name = ctx.device_name
     progress = _Progress(opts) if ctx.rank == 0 and opts.progress else None
     cursor = _Cursor()
     try:
@@ -165,12 +165,12 @@ def measure_group(ctx: RankContext, group: list[Case], opts: BenchOptions, devic
             emit(_record(case, ctx, opts, device_name, status="failed", reason=f"inputs: {err}"))
         return out
     x, w, b = made
-    y_base = strategies.run("baseline", x, w, b, None, strategies.make_settings("baseline"))
+    base_settings = strategies.make_settings("baseline")
+    y_base = strategies.run("baseline", x, w, b, None, base_settings)
     scratch = torch.empty_like(y_base)
     comm_buf = torch.randn_like(y_base.float()).to(y_base.dtype)
     t_gemm = _time(lambda: matmul_into(scratch, x, w, None), ctx, opts)
     t_comm = _time(lambda: dist.all_reduce(comm_buf), ctx, opts)
-    base_settings = strategies.make_settings("baseline")
     t_base = _time(lambda: strategies.run("baseline", x, w, b, None, base_settings), ctx, opts)
     extra: dict[str, float] = {}
     if ctx.device.type == "cuda":
@@ -302,7 +302,7 @@ def run_ab(ctx: RankContext, cases: list[Case], sides: tuple[Side, Side], repeat
     (``a``/``b``), ``repeat``, ``repeats`` and ``pair`` (both labels), plus the caller's ``extra``.
     """
     cases = same_cases(cases, ctx)
-    device_name = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
+    device_name = ctx.device_name
     folder = RunFolder(opts.out_dir) if ctx.rank == 0 else None
     pair = [strategies.label(*side) for side in sides]
     for case in cases:

@@ -108,6 +108,14 @@ def _strategies_raw(labels: list[str]) -> list[dict]:
     return out
 
 
+def _need_records(run_dir: Path) -> None:
+    """Refuse (exit 2) a RUN_DIR that holds no records."""
+    if not (run_dir / runfolder.RECORDS).exists():
+        from overlap_bench.spec import SpecError
+
+        raise SpecError(f"RUN_DIR: {run_dir} has no {runfolder.RECORDS}; give a sweep's --out directory")
+
+
 def _ints(text: str, flag: str) -> list[int]:
     from overlap_bench.spec import SpecError
 
@@ -398,10 +406,7 @@ def export(
     from overlap_bench.export import export_policy
 
     def body() -> None:
-        if not (run_dir / runfolder.RECORDS).exists():
-            from overlap_bench.spec import SpecError
-
-            raise SpecError(f"RUN_DIR: {run_dir} has no records.jsonl; give a sweep's --out directory")
+        _need_records(run_dir)
         paths = export_policy(run_dir, out, env=_env_raw(env) if env else None, dtype=dtype,
                               unconfirmed=unconfirmed)
         for p in paths:
@@ -413,14 +418,10 @@ def export(
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="A sweep's run directory.")) -> None:
     """Write plots (PNG) and summary.md for a run directory (also done at the end of every sweep)."""
-    from overlap_bench import runfolder
     from overlap_bench.sweep import finish_run
 
     def body() -> None:
-        if not (run_dir / runfolder.RECORDS).exists():
-            from overlap_bench.spec import SpecError
-
-            raise SpecError(f"RUN_DIR: {run_dir} has no records.jsonl; give a sweep's --out directory")
+        _need_records(run_dir)
         with runfolder.lock(run_dir, "RUN_DIR"):
             finish_run(run_dir)
         out_console.print(escape(f"wrote {run_dir}/summary.md, tables and plots"))
@@ -513,7 +514,6 @@ def interference(
     """On one GPU: the GEMM's slowdown beside communication-like CTAs, copy-engine traffic and green contexts;
     and the joint time and eta a multi-GPU run could reach."""
     from overlap_bench import interference_report as rep
-    from overlap_bench import runfolder
     from overlap_bench.records import json_safe
 
     def body() -> None:

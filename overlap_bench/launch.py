@@ -76,6 +76,11 @@ class RankContext:
     backend: str
     device: torch.device
 
+    @property
+    def device_name(self) -> str:
+        """The GPU's name, or ``cpu`` (as records name their device)."""
+        return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+
 
 # The first statements of every rank: standard library only (importing torch takes seconds, during which a
 # killed launcher would otherwise leave the rank running). PR_SET_PDEATHSIG = 1; SIGINT and SIGTERM unblocked

@@ -329,7 +329,7 @@ def run_model(ctx: RankContext, preset: str, tokens: list[int], layers: int, pol
     d = Dims.of(p, tp)
     dt = DTYPES[dtype]
     tol = TOLERANCE[dtype]
-    device_name = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
+    device_name = ctx.device_name
     policy = load_policy(policy_path, expect_world=tp) if policy_path else None
     policy_notes = _policy_meta_notes(policy, dtype, device_name) if policy is not None else []
     base_choice = {layer: ("baseline", strategies.make_settings("baseline")) for layer in ROW_LAYERS}

@@ -25,8 +25,9 @@ def _sample(x: Iterable[float], name: str) -> np.ndarray:
     return arr
 
 
-def _median_ratio(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
-    return np.median(b, axis=axis) / np.median(a, axis=axis)
+def _median_ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``median(b) / median(a)`` along the last axis (one sample, or a batch of resamples)."""
+    return np.median(b, axis=-1) / np.median(a, axis=-1)
 
 
 def _bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int, alpha: float, seed: int) -> tuple[np.ndarray, float, float]:
@@ -81,7 +82,7 @@ def compare_samples(a: Iterable[float], b: Iterable[float], *, min_effect: float
     quantiles' interpolation), never against it.
     """
     a, b = _sample(a, "a"), _sample(b, "b")
-    speedup = float(np.median(b) / np.median(a))
+    speedup = float(_median_ratio(a, b))
     if min(a.size, b.size) < 2:  # one measurement has no spread: no CI, nothing significant
         lo = hi = math.nan
         p = 1.0

@@ -91,7 +91,7 @@ def open_run_folder(out: Path, spec: SweepSpec, raw: dict, *, resume: bool, forc
         env = None
     folder.write_text(runfolder.IDENTITY, json.dumps(ident, indent=2, default=str) + "\n")
     if env is not None:
-        folder.write_text(runfolder.ENV, json.dumps(env, indent=2) + "\n")
+        folder.write_json(runfolder.ENV, env)
     return done, torn
 
 
