@@ -87,8 +87,8 @@ def capture(fn: Callable[[], object], sync: Callable[[], None]) -> Captured:
 
 
 def classify(lines: tuple[str, ...] | list[str]) -> list[str]:
-    """One verdict per collective call in ``lines``, in order: ``"AllReduce 6291456 B: symmetric kernel
-    AllReduce_RSxLD_AGxST on 16 CTAs"``, ``"... SM kernel RING/SIMPLE on 24 channels"``, ``"... copy
+    """One verdict per collective call in ``lines``, in order: ``"AllReduce count=3145728: symmetric kernel
+    AllReduce_RSxLD_AGxST on 16 CTAs"`` (``count``: elements, as NCCL logs it), ``"... SM kernel RING/SIMPLE on 24 channels"``, ``"... copy
     engine"``, ``"... one-rank local copy"`` (world 1: NCCL short-cuts a one-rank collective), or
     ``"... no path line"``.
 
