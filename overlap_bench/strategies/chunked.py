@@ -77,12 +77,21 @@ def chunked_split(m: int, s: ChunkedSettings) -> RowSplit:
 
     The SM-light settings (``comm=symm``/``ce``, ``gemm_sms``) have no split of this kind: their buffers and
     streams are their own, so a schedule that issues the all-reduces itself (nano-batches) refuses them."""
-    if m < s.threshold:
+    bounds = _bounds(m, s)
+    if bounds is None:
         return RowSplit(((0, m),))
     if s.comm in WINDOW_PATHS or s.gemm_sms:
         raise StrategyUnavailable(f"chunked with comm={s.comm}, gemm_sms={s.gemm_sms} has no plain row split "
                                   "(its buffers live in NCCL windows or its products in a green context)")
-    return RowSplit(tuple(even_bounds(m, s.chunks, s.align, s.split, s.ratio)), s.comm, s.priority)
+    return RowSplit(tuple(bounds), s.comm, s.priority)
+
+
+def _bounds(m: int, s: ChunkedSettings) -> list[tuple[int, int]] | None:
+    """The chunk row ranges for ``m`` rows, or None below the threshold (the baseline path): decided here
+    for both the strategy and its split."""
+    if m < s.threshold:
+        return None
+    return even_bounds(m, s.chunks, s.align, s.split, s.ratio)
 
 
 @register("chunked", ChunkedSettings, "row chunks, each all-reduced while the next multiplies",
@@ -91,9 +100,9 @@ def chunked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             group: dist.ProcessGroup | None, settings: ChunkedSettings) -> torch.Tensor:
     """Chunked GEMM + all-reduce overlap."""
     m = x.shape[0]
-    if m < settings.threshold:
+    bounds = _bounds(m, settings)
+    if bounds is None:
         return baseline_into(torch.empty(m, weight.shape[0], dtype=x.dtype, device=x.device), x, weight, bias, group)
-    bounds = even_bounds(m, settings.chunks, settings.align, settings.split, settings.ratio)
     gemm_stream = greenctx.green_stream(settings.gemm_sms) if settings.gemm_sms else None
     if settings.comm in WINDOW_PATHS:
         return window_chunks(x, weight, bias, group, settings, bounds, gemm_stream)
