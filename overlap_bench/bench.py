@@ -232,7 +232,8 @@ def check_against_baseline(name: str, settings: Any, x: torch.Tensor, w: torch.T
     reason = strategies.unavailable_reason(name, settings, ctx.backend)
     if reason:
         return Checked("unavailable", reason, math.nan)
-    y, err = try_case(lambda: strategies.run(name, x, w, b, None, settings))
+    with strategies.diagnose():  # the checked call may say how it ran (e.g. the NCCL kernel)
+        y, err = try_case(lambda: strategies.run(name, x, w, b, None, settings))
     err = agree_failure(err, ctx)
     if err:
         return Checked("failed", err, math.nan)

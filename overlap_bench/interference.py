@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from overlap_bench import eta_bound, greenctx, metrics, runfolder, timing
+from overlap_bench import eta_bound, metrics, runfolder, timing
+from overlap_bench.strategies import greenctx
 from overlap_bench.errors import UserError
 from overlap_bench.records import Record, load_records
 from overlap_bench.runfolder import RunFolder

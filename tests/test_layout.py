@@ -1,4 +1,4 @@
-"""Issue 12: the package's structure as behaviour (what the serving path imports, how strategies are found,
+"""The package's structure as behaviour (what the serving path imports, how strategies are found,
 the top-level cli.py)."""
 
 from __future__ import annotations
@@ -26,6 +26,29 @@ def test_the_serving_path_imports_no_analysis_stack():
                "print(heavy)")
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
+
+
+def test_importing_the_layer_loads_no_tooling_and_leaves_nccl_logging_alone():
+    # Every strategy registers on import; none may pull in the analysis or CLI stack, and NCCL's log is
+    # switched on only by a benchmark's diagnose(), never by importing or serving. torch itself imports
+    # unittest(.mock), so for unittest the check is that the layer adds none of it beyond torch's own.
+    res = _run("import os, sys, torch, torch.distributed\n"
+               "torch_mods = set(sys.modules)\n"
+               "before = {k: v for k, v in os.environ.items() if k.startswith('NCCL_')}\n"
+               "import overlap_bench.layer\n"
+               "from overlap_bench import strategies\n"
+               "strategies.get('chunked')\n"
+               "heavy = ('pandas', 'rich', 'typer', 'scipy', 'matplotlib', 'unittest')\n"
+               "bad = sorted(m for m in set(sys.modules) - torch_mods if m.split('.')[0] in heavy)\n"
+               "bad += [m for m in heavy[:-1] if m in sys.modules]\n"
+               "after = {k: v for k, v in os.environ.items() if k.startswith('NCCL_')}\n"
+               "print(bad, before == after, strategies.diagnosing(), 'overlap_bench.research' in sys.modules)",
+               NCCL_DEBUG="WARN")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[] True False False"
+    own = [p.name for p in (ROOT / "overlap_bench").rglob("*.py")
+           if re.search(r"^\s*(from|import) unittest", p.read_text(encoding="utf-8"), re.M)]
+    assert own == []
 
 
 def test_validating_a_spec_does_not_load_the_launcher():

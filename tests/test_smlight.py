@@ -1,4 +1,4 @@
-"""Issue 14's paths on CPU/gloo: comm=symm, comm=ce, gemm_sms, asynctp.
+"""The SM-light paths on CPU/gloo: comm=symm, comm=ce, gemm_sms, asynctp.
 
 What can be checked without GPUs: settings and the registry, the unavailable records on gloo (the sweep goes
 on), the copy-engine exchange's slicing (pure, and its gloo stand-in made of plain collectives against the
@@ -6,16 +6,18 @@ baseline), and the reading of NCCL's log.
 """
 
 import json
+import os
 
 import pytest
 import torch
 import torch.distributed as dist
 from typer.testing import CliRunner
 
-from overlap_bench import nccl_log, strategies, symm
+from overlap_bench import strategies
 from overlap_bench.cli import app
 from overlap_bench.launch import JobConfig, launch
 from overlap_bench.spec import load_spec
+from overlap_bench.strategies import nccl_log, symm
 from overlap_bench.strategies.asynctp import rows_per_rank
 from overlap_bench.strategies.pipeline import all_reduce_bounds, even_bounds
 
@@ -178,6 +180,42 @@ def test_capture_without_libnccl_runs_once_and_says_why():
     got = nccl_log.capture(lambda: calls.append(1), lambda: None)
     assert calls == [1]
     assert got.lines == () and "not captured" in got.why
+
+
+def test_capture_switches_the_log_on_for_one_call_and_restores_the_environment(monkeypatch):
+    resets = []
+
+    class FakeNccl:
+        def ncclResetDebugInit(self):  # noqa: N802 - libnccl's symbol
+            resets.append(1)
+
+    monkeypatch.setattr(nccl_log, "_libnccl", lambda: FakeNccl())
+    monkeypatch.setenv("NCCL_DEBUG", "WARN")
+    monkeypatch.delenv("NCCL_DEBUG_SUBSYS", raising=False)
+    monkeypatch.delenv("NCCL_DEBUG_FILE", raising=False)
+    seen = {}
+
+    def call():
+        seen.update(debug=os.environ["NCCL_DEBUG"], subsys=os.environ["NCCL_DEBUG_SUBSYS"])
+        with open(os.environ["NCCL_DEBUG_FILE"].replace("%p", "1"), "w") as fh:
+            fh.write("h:1:1 [0] NCCL INFO AllReduce: opCount 0 sendbuff 0x1 recvbuff 0x1 count 8 datatype 0 "
+                     "op 0 root 0 comm 0x2 [nranks=2] stream 0x3\nh:1:1 [0] NCCL INFO unrelated line\n")
+
+    got = nccl_log.capture(call, lambda: None)
+    assert seen == {"debug": "INFO", "subsys": "INIT,COLL,TUNING,P2P"} and len(resets) == 2
+    assert os.environ["NCCL_DEBUG"] == "WARN" and "NCCL_DEBUG_SUBSYS" not in os.environ
+    assert "NCCL_DEBUG_FILE" not in os.environ
+    assert len(got.lines) == 1 and nccl_log.classify(got.lines) == ["AllReduce count=8: no path line"]
+
+
+def test_diagnose_is_on_only_inside_its_block():
+    assert not strategies.diagnosing()
+    with strategies.diagnose():
+        assert strategies.diagnosing()
+        with strategies.diagnose():
+            assert strategies.diagnosing()
+        assert strategies.diagnosing()
+    assert not strategies.diagnosing()
 
 
 def test_asynctp_op_is_found_in_a_fresh_process():

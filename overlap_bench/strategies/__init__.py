@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -193,6 +194,23 @@ def _load_builtin() -> None:
 
 
 _REPORT: dict[str, Any] = {}
+_DIAGNOSE = [False]
+
+
+@contextmanager
+def diagnose() -> Iterator[None]:
+    """Within it, strategies may also find out how their call ran (e.g. NCCL's log of the kernel it took) and
+    :func:`report` it. Benchmarks turn it on for a case's checked first call; the drop-in layer never does."""
+    before, _DIAGNOSE[0] = _DIAGNOSE[0], True
+    try:
+        yield
+    finally:
+        _DIAGNOSE[0] = before
+
+
+def diagnosing() -> bool:
+    """Whether the current call runs inside :func:`diagnose`."""
+    return _DIAGNOSE[0]
 
 
 def report(**items: Any) -> None:

@@ -10,8 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from overlap_bench import symm
-from overlap_bench.strategies import register
+from overlap_bench.strategies import register, symm
 
 
 @dataclass(frozen=True)

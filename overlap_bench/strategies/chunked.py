@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from overlap_bench import greenctx, nccl_log, strategies, symm
-from overlap_bench.strategies import StrategyUnavailable, register
+from overlap_bench import strategies
+from overlap_bench.strategies import StrategyUnavailable, greenctx, nccl_log, register, symm
 from overlap_bench.strategies.baseline import baseline_into
 from overlap_bench.strategies.pipeline import (COMM_PATHS, SPLITS, RowSplit, all_reduce_bounds, even_bounds,
                                                gloo_note, high_priority_group, priority_reason)
@@ -122,9 +122,8 @@ def window_chunks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   gemm_stream: torch.cuda.Stream | None) -> torch.Tensor:
     """``comm=symm`` / ``comm=ce``: the chunk pipeline on buffers in NCCL symmetric windows.
 
-    The first call of each (settings, shape) in a process runs with NCCL's INFO log on, and the path NCCL took
-    (symmetric kernel and its CTAs, copy engine, or a fallback to SM kernels) goes into the case's record.
-    """
+    Under :func:`strategies.diagnose` the first call of each (settings, shape) runs with NCCL's INFO log on and
+    reports the path NCCL took (symmetric kernel, copy engine, or a fallback to SM kernels)."""
     m, n = x.shape[0], weight.shape[0]
     if settings.comm == "ce":
         symm.check_chunks(bounds, n, dist.get_world_size(group))  # before any collective, alike on every rank
@@ -144,7 +143,7 @@ def window_chunks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
     symm.ensure_comm(comm_group, x.device)  # outside the logged call: only the path's own collectives are logged
     key = (settings, m, n, x.dtype, id(comm_group))
-    if key in _LOGGED:
+    if not strategies.diagnosing() or key in _LOGGED:
         return call()
     _LOGGED.add(key)
     box: list[torch.Tensor] = []

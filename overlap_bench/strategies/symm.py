@@ -1,17 +1,8 @@
-"""NCCL symmetric-memory windows and the copy-engine all-reduce (``comm=symm`` and ``comm=ce`` of ``chunked``).
-
-``symm``: the output lives in an NCCL window (torch's symmetric-memory pool with the NCCL backend, registered
-on the communicator by ``rendezvous``), so NCCL may run its symmetric all-reduce kernel, which holds few CTAs
-(``NCCL_SYM_CTAS`` pins the count).
-
-``ce``: NCCL 2.28 moves AllGather and AlltoAll (not AllReduce) with the copy engines, holding no SM, when the
-communicator has the zero-CTA policy and both buffers are in symmetric windows, on one node. The all-reduce of
-a chunk is built from those: all-to-all (each rank receives its 1/world slice of the chunk from every peer),
-a local sum of the received slices (a small SM kernel), and an in-place all-gather of the summed slices.
-
-torch has one symmetric-memory backend per process, chosen by ``TORCH_SYMMMEM`` before the first allocation:
-these paths need ``NCCL``, torch's async-TP op (``asynctp``) needs the default ``CUDA``. A sweep gives each its
-own job through an environment variant; the other is recorded unavailable there.
+"""NCCL symmetric-memory windows (``comm=symm`` of ``chunked``: NCCL's few-CTA symmetric kernel) and the
+copy-engine all-reduce (``comm=ce``: all-to-all + local sum + all-gather, which NCCL >= 2.28 runs on the copy
+engines with the zero-CTA policy). Both need torch's ``NCCL`` symmetric-memory backend (``TORCH_SYMMMEM=NCCL``,
+set before the first allocation), while ``asynctp`` needs the default ``CUDA`` one: a sweep runs each in its
+own environment variant.
 """
 
 from __future__ import annotations
@@ -89,10 +80,8 @@ def window_empty(rows: int, cols: int, dtype: torch.dtype, device: torch.device,
                  group: dist.ProcessGroup) -> torch.Tensor:
     """A ``[rows, cols]`` tensor in an NCCL symmetric window registered on ``group``'s communicator.
 
-    Allocated from torch's symmetric-memory pool each call; the pool hands freed blocks back out, and a block's
-    registration is kept, so only a new block costs a (collective) registration. Every rank allocates the same
-    sizes in the same order, which the registration needs.
-    """
+    From torch's symmetric-memory pool, whose reused blocks keep their registration; every rank must allocate
+    the same sizes in the same order (the registration is collective)."""
     from torch.distributed import _symmetric_memory as sm
 
     ensure_comm(group, device)
@@ -106,10 +95,8 @@ _ZERO_CTA: dict[tuple[int, bool], dist.ProcessGroup] = {}
 
 
 def zero_cta_group(group: dist.ProcessGroup | None, high_priority: bool) -> dist.ProcessGroup:
-    """A process group over the same ranks whose NCCL communicator has the zero-CTA policy (copy engines).
-
-    Created once per (group, priority); every rank must reach the first call (it is collective).
-    """
+    """A process group over the same ranks with the zero-CTA policy (copy engines); created once per
+    (group, priority), collectively."""
     key = (id(group), high_priority)
     if key not in _ZERO_CTA:
         opts = dist.ProcessGroupNCCL.Options()
@@ -138,12 +125,8 @@ def check_chunks(bounds: list[tuple[int, int]], n: int, world: int) -> None:
 
 
 def ce_all_reduce(chunk: torch.Tensor, group: dist.ProcessGroup, scratch: torch.Tensor) -> None:
-    """Sum ``chunk`` over ``group`` in place: all-to-all, local sum of the received slices, all-gather.
-
-    ``chunk`` must be contiguous; ``scratch`` holds at least ``chunk.numel()`` elements. On NCCL with the
-    zero-CTA policy and both in symmetric windows, the two transfers run on the copy engines; on gloo the same
-    calls are plain collectives (the stand-in the tests compare with the baseline).
-    """
+    """Sum the contiguous ``chunk`` over ``group`` in place: all-to-all, local sum, all-gather. ``scratch``
+    holds at least ``chunk.numel()`` elements; on gloo these are plain collectives (the tests' stand-in)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     flat = chunk.view(-1)
     size = slice_len(flat.numel(), world)
@@ -155,8 +138,7 @@ def ce_all_reduce(chunk: torch.Tensor, group: dist.ProcessGroup, scratch: torch.
 
 
 def simulate_ce(parts: list[torch.Tensor]) -> list[torch.Tensor]:
-    """What :func:`ce_all_reduce` leaves on each rank, computed without a process group from every rank's
-    chunk (the pure slicing, for tests): each rank ends with the sum of all chunks."""
+    """What :func:`ce_all_reduce` leaves on each rank, from every rank's chunk without a process group (tests)."""
     world = len(parts)
     size = slice_len(parts[0].numel(), world)
     flats = [p.reshape(-1) for p in parts]

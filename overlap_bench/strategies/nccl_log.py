@@ -1,12 +1,8 @@
-"""Which NCCL path a call really took, from NCCL's own INFO log of that one call.
+"""Which path NCCL took for one call (symmetric kernel, copy engine, SM kernel), from its own INFO log.
 
-NCCL decides per call whether a collective runs as a symmetric-memory kernel, a copy-engine transfer or an
-ordinary SM kernel (ring/tree), and falls back silently when a condition is not met. It says which in its
-INFO log (subsystems COLL and TUNING, and INIT for the copy-engine set-up), which is normally off because
-logging every call costs time. :func:`capture` turns it on for one call only: NCCL re-reads ``NCCL_DEBUG*``
-from the environment after ``ncclResetDebugInit`` (an exported symbol of libnccl), so the log is switched on
-around the call and off again, and timed calls never log. :func:`classify` turns the lines into one verdict
-per collective. NCCL writes the TUNING lines on rank 0 only, which is the rank that writes the records.
+:func:`capture` switches the log on for one call only (NCCL re-reads ``NCCL_DEBUG*`` after
+``ncclResetDebugInit``); :func:`classify` turns the lines into one verdict per collective. Benchmarks use it
+through :func:`overlap_bench.strategies.diagnose`; a production call never logs.
 """
 
 from __future__ import annotations
@@ -18,7 +14,6 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from typing import Callable
-from unittest import mock
 
 KEEP = ("NCCL INFO",)
 """Only NCCL's INFO lines are kept; of those, :data:`_RELEVANT` picks the ones about the path taken."""
@@ -57,11 +52,8 @@ class Captured:
 
 
 def capture(fn: Callable[[], object], sync: Callable[[], None]) -> Captured:
-    """Run ``fn`` once with NCCL's INFO log on (COLL, TUNING, INIT, P2P) and return the relevant lines.
-
-    ``sync`` waits for the GPU (NCCL logs while enqueuing, but the copy-engine set-up happens at the end of
-    the call's group). The previous ``NCCL_DEBUG*`` values are restored whatever happens.
-    """
+    """Run ``fn`` once with NCCL's INFO log on and return the relevant lines; ``sync`` waits for the GPU
+    (the copy-engine set-up is logged at the end of the call's group). ``NCCL_DEBUG*`` are restored after."""
     lib = _libnccl()
     if lib is None:
         fn()
@@ -69,15 +61,19 @@ def capture(fn: Callable[[], object], sync: Callable[[], None]) -> Captured:
     tmp = tempfile.mkdtemp(prefix="ob-nccl-")
     on = {"NCCL_DEBUG": "INFO", "NCCL_DEBUG_SUBSYS": "INIT,COLL,TUNING,P2P",
           "NCCL_DEBUG_FILE": os.path.join(tmp, "nccl.%p.log")}
+    saved = {k: os.environ.get(k) for k in on}
     try:
-        with mock.patch.dict(os.environ, on):  # restores the previous values on the way out
-            lib.ncclResetDebugInit()
-            fn()
-            sync()
-    finally:
-        # NCCL re-reads the (restored) environment at its next log call and closes the file then; the file is
-        # line-buffered, so everything of this call is on disk already.
+        os.environ.update(on)
         lib.ncclResetDebugInit()
+        fn()
+        sync()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        lib.ncclResetDebugInit()  # NCCL re-reads the restored environment at its next log call
     lines: list[str] = []
     for name in sorted(os.listdir(tmp)):
         with open(os.path.join(tmp, name), encoding="utf-8", errors="replace") as fh:
@@ -87,15 +83,10 @@ def capture(fn: Callable[[], object], sync: Callable[[], None]) -> Captured:
 
 
 def classify(lines: tuple[str, ...] | list[str]) -> list[str]:
-    """One verdict per collective call in ``lines``, in order: ``"AllReduce count=3145728: symmetric kernel
-    AllReduce_RSxLD_AGxST on 16 CTAs"`` (``count``: elements, as NCCL logs it), ``"... SM kernel RING/SIMPLE on 24 channels"``, ``"... copy
-    engine"``, ``"... one-rank local copy"`` (world 1: NCCL short-cuts a one-rank collective), or
-    ``"... no path line"``.
-
-    Each collective's lines are those between its ``opCount`` line and the next one. A collective NCCL
-    enqueued on the copy engines writes no kernel line; the first one on a communicator sets the copy
-    engines up (``Init CE``), so a call with neither a kernel line nor ``Init CE`` is reported as such, not
-    guessed.
+    """One verdict per collective in ``lines``, in order, e.g. ``"AllReduce count=3145728: symmetric kernel
+    AllReduce_RSxLD_AGxST on 16 CTAs"``, ``"... SM kernel RING/SIMPLE on 24 channels"``, ``"... copy engine"``,
+    ``"... one-rank local copy"`` or ``"... no path line"``. A collective's lines run from its ``opCount``
+    line to the next; a copy-engine call logs no kernel line, only the first one on a communicator ``Init CE``.
     """
     calls: list[tuple[str, int, int, list[str]]] = []
     for ln in lines:

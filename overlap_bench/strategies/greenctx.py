@@ -1,9 +1,5 @@
-"""``gemm_sms=N``: run the chunk products in a CUDA green context of N SMs, leaving the rest to communication.
-
-A green context's stream only reaches its own SMs, so the products cannot take the SMs NCCL's kernels need;
-the price is a GEMM tiled for the whole device running on fewer SMs, which can cost more than the SMs' share,
-so it has to earn its place in a sweep. The driver rounds the count up to its SM-group granularity.
-"""
+"""``gemm_sms=N``: the chunk products in a CUDA green context of N SMs, leaving the rest to communication (the
+driver rounds N up to its SM-group size; a GEMM tiled for the whole device may lose more than the SMs' share)."""
 
 from __future__ import annotations
 
