@@ -17,10 +17,13 @@ from rich.table import Table
 
 import overlap_bench
 from overlap_bench import runfolder, strategies
-from overlap_bench import interference as itf
 from overlap_bench.confirm import REPEATS as CONFIRM_REPEATS
 from overlap_bench.confirm import TOP as CONFIRM_TOP
-from overlap_bench.nanobatch import NanoSettings
+from overlap_bench.research import interference as itf
+from overlap_bench.research import interference_report as itf_report
+from overlap_bench.research.model import MODES as MODEL_MODES
+from overlap_bench.research.model import model_main, model_table
+from overlap_bench.research.nanobatch import NanoSettings
 from overlap_bench.stats import MIN_EFFECT
 from overlap_bench.timing import REPS, WARMUP
 from overlap_bench.world import refuse_world_one
@@ -459,10 +462,9 @@ def model(
     """Prefill a synthetic TP decoder stack: tokens/s per mode (baseline, pr, policy, nano-batches), the
     communication share and how much of it each mode hid."""
     from overlap_bench.errors import UserError
-    from overlap_bench.model import MODES, model_main, model_table
 
     def body() -> None:
-        modes = MODES if mode.strip() == "all" else tuple(m.strip() for m in mode.split(",") if m.strip())
+        modes = MODEL_MODES if mode.strip() == "all" else tuple(m.strip() for m in mode.split(",") if m.strip())
         try:
             nano = NanoSettings(nanobatches, nano_comm, nano_priority, nano_attention)
         except ValueError as e:
@@ -513,7 +515,6 @@ def interference(
 ) -> None:
     """On one GPU: the GEMM's slowdown beside communication-like CTAs, copy-engine traffic and green contexts;
     and the joint time and eta a multi-GPU run could reach."""
-    from overlap_bench import interference_report as rep
     from overlap_bench.records import json_safe
 
     def body() -> None:
@@ -538,7 +539,7 @@ def interference(
             print(json.dumps(json_safe({"records": [json.loads(r.to_json()) for r in records],
                                         "predictions": [p.to_dict() for p in preds]})))
             return
-        header, rows = rep.slowdown_table(records)
+        header, rows = itf_report.slowdown_table(records)
         t = Table(title=f"GEMM slowdown, {records[0].device if records else '?'} ({run_dir})")
         for c in header:
             t.add_column(c, justify="left" if c == "shape" else "right")
@@ -547,9 +548,9 @@ def interference(
         out_console.print(t)
         if preds:
             t = Table(title=f"predicted joint time and eta (s at {comm_ctas:g} CTAs)")
-            for c in rep.PRED_HEADER:
+            for c in itf_report.PRED_HEADER:
                 t.add_column(c, justify="left" if c in ("shape", "env", "t_comm from") else "right")
-            for r in rep.prediction_rows(preds):
+            for r in itf_report.prediction_rows(preds):
                 t.add_row(*[escape(c) for c in r])
             out_console.print(t)
 

@@ -1,5 +1,5 @@
 """Plant realistic one-line bugs, one at a time, in a scratch copy of the tree and run the tests that should catch
-each (issue 19). Not collected by pytest; run by hand: ``python tests/planted_bugs.py [ID ...]``.
+each. Not collected by pytest; run by hand: ``python tests/planted_bugs.py [ID ...]``.
 
 Each bug in ``planted_bugs.yaml`` is ``(bug, file, old, new, tests)``: ``old`` must occur exactly once in ``file``
 (else the bug is reported ``stale``: the code moved and the entry needs updating). The table printed at the end says, per bug, whether the

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from overlap_bench import eta_bound, interference as itf, interference_report as rep, metrics
+from overlap_bench import metrics
+from overlap_bench.research import eta_bound, interference as itf, interference_report as rep
 from overlap_bench.cli import app
 from overlap_bench.errors import UserError
 from overlap_bench.records import Record, load_records
@@ -170,7 +171,7 @@ def test_a_measured_condition_is_a_record_of_kind_interference():
     # interference folder's records from a sweep's.
     cfg = itf.InterferenceConfig([Shape("a", 8, 8)], [64], ctas=[8], cta_gbps=[14.0], copies=[], sms=["all-8"])
     rec = itf._record(cfg.shapes[0], 64, cfg, itf.Condition("green", 124), [], math.nan, "no green contexts here",
-                      "cpu", None, 0.02, None)
+                      "cpu", None)
     assert rec.kind == "interference" and rec.status == "unavailable"
     assert Record.from_json(json.loads(rec.to_json())).kind == "interference"
 
@@ -268,7 +269,7 @@ def test_command_defaults_are_the_configs_defaults():
     # One source of defaults: the options a user gets without flags are the config dataclasses' own.
     import typer.main
 
-    from overlap_bench.nanobatch import NanoSettings
+    from overlap_bench.research.nanobatch import NanoSettings
     from overlap_bench.stats import MIN_EFFECT
 
     cmds = {c.name: c for c in typer.main.get_command(app).commands.values()}

@@ -10,15 +10,16 @@ import torch
 import yaml
 from rich.console import Console
 
-from overlap_bench import metrics, model, runfolder
+from overlap_bench import metrics, runfolder
 from overlap_bench.errors import UserError
 from overlap_bench.presets import PRESETS, ModelPreset
+from overlap_bench.research import decoder, model
 
 
 def test_attention_matches_explicit_grouped_query_softmax():
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 4, 7, 8), torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8)
-    got = model.attention(q, k, v)
+    got = decoder.attention(q, k, v)
     mask = torch.ones(7, 7).tril().bool()
     for h in range(4):
         s = (q[0, h] @ k[0, h // 2].T) / math.sqrt(8)
@@ -30,15 +31,15 @@ def test_sharded_stack_equals_the_dense_model():
     """Simulate tp=2 (sum the row-parallel partials) and compare with one dense model made of the shards."""
     p, tp, layers, m = PRESETS["tiny"], 2, 2, 24
     kw = dict(dtype=torch.float64, device=torch.device("cpu"), seed=3)
-    shards = [model.build_stack(p, tp, r, layers, **kw) for r in range(tp)]
-    d, dense_d = model.Dims.of(p, tp), model.Dims.of(p, 1)
-    x = model.hidden_states(m, p.hidden, **kw)
+    shards = [decoder.build_stack(p, tp, r, layers, **kw) for r in range(tp)]
+    d, dense_d = decoder.Dims.of(p, tp), decoder.Dims.of(p, 1)
+    x = decoder.hidden_states(m, p.hidden, **kw)
 
     y = x
     for i in range(layers):
         ws = [s[i] for s in shards]
-        h = y + sum(model.attention_input(w, y, d) @ w.o_proj.T for w in ws)
-        y = h + sum(model.mlp_input(w, h, d) @ w.down.T for w in ws)
+        h = y + sum(decoder.attention_input(w, y, d) @ w.o_proj.T for w in ws)
+        y = h + sum(decoder.mlp_input(w, h, d) @ w.down.T for w in ws)
 
     qw, kvw = d.heads * d.head_dim, d.kv_heads * d.head_dim
     dense = []
@@ -47,16 +48,16 @@ def test_sharded_stack_equals_the_dense_model():
         qkv = torch.cat([w.qkv[:qw] for w in ws] + [w.qkv[qw:qw + kvw] for w in ws]
                         + [w.qkv[qw + kvw:] for w in ws])
         gate_up = torch.cat([w.gate_up[:d.intermediate] for w in ws] + [w.gate_up[d.intermediate:] for w in ws])
-        dense.append(model.LayerWeights(ws[0].attn_norm, qkv, torch.cat([w.o_proj for w in ws], 1),
+        dense.append(decoder.LayerWeights(ws[0].attn_norm, qkv, torch.cat([w.o_proj for w in ws], 1),
                                         ws[0].mlp_norm, gate_up, torch.cat([w.down for w in ws], 1)))
-    want = model.stack_forward(dense, x, dense_d, model.nocomm_row)  # tp=1: no all-reduce needed
+    want = decoder.stack_forward(dense, x, dense_d, model.nocomm_row)  # tp=1: no all-reduce needed
     torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-10)
     assert y.abs().max() < 100 and y.std() > 0.5  # scaled weights keep unit-order activations
 
 
 def _policy_file(tmp_path, tp=2):
     """o_proj: chunked:chunks=3 from M=1; down_proj: chunked:chunks=3 from M=100 only (baseline below)."""
-    d = model.Dims.of(PRESETS["tiny"], tp)
+    d = decoder.Dims.of(PRESETS["tiny"], tp)
     (ko, n), (kd, _) = d.row_shape("o_proj"), d.row_shape("down_proj")
     entry = {"strategy": "chunked", "settings": {"chunks": 3}, "speedup": 1.1, "eta": 0.5}
     doc = {"meta": {"device": "cpu", "world_size": tp, "dtype": "float32", "backend": "gloo", "required_env": {}},

@@ -1,4 +1,4 @@
-"""The nano-batch schedule (issue 16): exact chunked-prefill attention, the order of its operations, every
+"""The nano-batch schedule: exact chunked-prefill attention, the order of its operations, every
 row-parallel all-reduce issued exactly once per nano-batch and layer (seen by a counting hook on the real
 collective), outputs equal to the baseline's for 1, 2 and 3 nano-batches and uneven token counts, and the
 model-level eta."""
@@ -10,12 +10,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from overlap_bench import metrics, model, nanobatch, strategies
+from overlap_bench import metrics, strategies
 from overlap_bench.errors import UserError
 from overlap_bench.launch import JobConfig, launch
 from overlap_bench.numerics import rel_err
 from overlap_bench.policy import Choice
 from overlap_bench.presets import PRESETS
+from overlap_bench.research import decoder, model, nanobatch
 
 LAYERS = 2
 CASES = [(24, 1), (24, 2), (37, 2), (37, 3), (5, 3)]
@@ -24,19 +25,19 @@ CHUNKED_O = "chunked:chunks=2,comm=async"
 """nanobatch+policy stand-in: o_proj split in two chunks inside each nano-batch, down_proj one range."""
 
 
-@pytest.mark.parametrize("attend", [model.attention, nanobatch.split_attention], ids=["lower-right", "split"])
+@pytest.mark.parametrize("attend", [decoder.attention, decoder.split_attention], ids=["lower-right", "split"])
 def test_chunked_attention_equals_whole_sequence(attend):
     """Token ranges attending to the earlier ranges' keys/values give the whole-sequence attention (a
     top-left causal mask, the SDPA default for Lq < Lk, would let early queries miss their own keys; a
     log-sum-exp merge with a wrong base or sign would weight the two parts wrongly)."""
     p = PRESETS["tiny"]
-    d = model.Dims.of(p, 2)
+    d = decoder.Dims.of(p, 2)
     kw = dict(dtype=torch.float64, device=torch.device("cpu"), seed=5)
-    w = model.build_layer(p, 2, 1, 0, **kw)
-    x = model.hidden_states(29, p.hidden, **kw)
-    whole = model.attention_input(w, x, d)
+    w = decoder.build_layer(p, 2, 1, 0, **kw)
+    x = decoder.hidden_states(29, p.hidden, **kw)
+    whole = decoder.attention_input(w, x, d)
     kv = torch.full((29, 2 * d.kv_heads * d.head_dim), float("nan"), dtype=torch.float64)
-    parts = [model.attention_input(w, x[s:e], d, kv=kv, start=s, attend=attend)
+    parts = [decoder.attention_input(w, x[s:e], d, kv=kv, start=s, attend=attend)
              for s, e in [(0, 7), (7, 8), (8, 20), (20, 29)]]
     torch.testing.assert_close(torch.cat(parts), whole, rtol=1e-12, atol=1e-12)
     assert not kv.isnan().any()  # every row's keys and values were written once
@@ -56,11 +57,11 @@ class _CountedWork:
 def _ranks(ctx, out_path):
     """Every rank: baseline vs nanobatch forwards, with a counting hook on dist.all_reduce."""
     p = PRESETS["tiny"]
-    d = model.Dims.of(p, ctx.world)
+    d = decoder.Dims.of(p, ctx.world)
     kw = dict(dtype=torch.float32, device=ctx.device, seed=11)
-    weights = model.build_stack(p, ctx.world, ctx.rank, LAYERS, **kw)
+    weights = decoder.build_stack(p, ctx.world, ctx.rank, LAYERS, **kw)
     base_row = model.strategy_row({layer: ("baseline", strategies.make_settings("baseline"))
-                                   for layer in model.ROW_LAYERS})
+                                   for layer in decoder.ROW_LAYERS})
     chunked = strategies.parse(CHUNKED_O)
     policy_split = nanobatch.strategy_split(  # a policy's answer: chunks only where there are rows for them
         lambda layer, rows: chunked if (layer == "o_proj" and rows >= 2) else
@@ -68,8 +69,8 @@ def _ranks(ctx, out_path):
     real = dist.all_reduce
     results = []
     for m, n in CASES:
-        x = model.hidden_states(m, p.hidden, **kw)
-        y_base = model.stack_forward(weights, x, d, base_row)
+        x = decoder.hidden_states(m, p.hidden, **kw)
+        y_base = decoder.stack_forward(weights, x, d, base_row)
         for label, split, nano in (("nanobatch", nanobatch.baseline_split, nanobatch.NanoSettings(n)),
                                    ("nanobatch-async", nanobatch.baseline_split,
                                     nanobatch.NanoSettings(n, "async", attention="lower-right")),
@@ -122,7 +123,7 @@ def test_every_all_reduce_issued_exactly_once_per_nanobatch_and_layer(runs):
         bounds = nanobatch.nano_bounds(r["m"], r["n"])
         ev = _events(r["trace"])
         issues = [e for e in ev if e[0] == "issue"]
-        want = {(name, li, i) for name in model.ROW_LAYERS for li in range(LAYERS) for i in range(len(bounds))}
+        want = {(name, li, i) for name in decoder.ROW_LAYERS for li in range(LAYERS) for i in range(len(bounds))}
         assert sorted(e[1:] for e in issues) == sorted(want), r["label"]
         waits = [e[1:] for e in ev if e[0] == "wait"]
         assert sorted(waits) == sorted(want), r["label"]
@@ -178,7 +179,7 @@ def test_every_all_reduce_but_the_last_has_other_compute_behind_it(runs):
         ev = _events(r["trace"], hook=False)
         pos = {e: k for k, e in enumerate(ev)}
         n = len(nanobatch.nano_bounds(r["m"], r["n"]))
-        for name in model.ROW_LAYERS:
+        for name in decoder.ROW_LAYERS:
             for li in range(LAYERS):
                 for i in range(n):
                     a, b = pos["issue", name, li, i], pos["wait", name, li, i]

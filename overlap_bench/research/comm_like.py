@@ -1,14 +1,9 @@
-"""Work placed beside a GEMM on one GPU to imitate what an all-reduce costs it (CUDA only; Triton and CUDA
-are imported on first use, so this module imports on CPU).
+"""Work placed beside a GEMM on one GPU to imitate what an all-reduce costs it (CUDA and Triton only).
 
-- :func:`launch_ctas`: a Triton kernel of ``k`` CTAs x 512 threads (an NCCL ring channel is one CTA of up to
-  512 threads). Each CTA copies its own slice of a large buffer in 64 KiB chunks and, after each chunk, spins
-  on ``%globaltimer`` until ``chunk_bytes / rate`` has passed: it reads ``rate`` bytes/s and writes as many,
-  holds its SM slot while it waits (as a channel does while it polls its peers' flags), and stops after
-  ``duration_ns``. ``rate == 0`` copies at full speed. Each CTA writes its start and end time, its SM id and
-  the chunks it moved, so the caller can check that the CTAs really ran at once, on distinct SMs, around the
-  whole GEMM, at the rate asked for.
-- :func:`stamp`: one thread writes ``%globaltimer`` into a slot: a marker between kernels on a stream.
+:func:`launch_ctas`: ``k`` CTAs of 512 threads (one NCCL ring channel each) that each copy their own slice of a
+large buffer in 64 KiB chunks at ``rate`` bytes/s, spinning on ``%globaltimer`` between chunks (holding the SM
+slot, as a channel does while it polls), and stamp their start, end, SM id and chunks moved.
+:func:`stamp`: one thread writes ``%globaltimer`` into a slot, a marker between kernels on a stream.
 """
 
 from __future__ import annotations
@@ -23,7 +18,7 @@ STAMP_FIELDS = 4
 
 
 def _kernels() -> tuple[Any, Any]:
-    from overlap_bench import _triton_kernels as k  # imports triton: GPU hosts only
+    from overlap_bench.research import _triton_kernels as k  # imports triton, present on GPU hosts only
 
     return k.ctas_kernel, k.stamp_kernel
 

@@ -1,5 +1,5 @@
-"""Reading ``overlap-bench interference`` records: slowdown curves, eta-bound predictions against multi-GPU
-runs or a bus bandwidth (:mod:`overlap_bench.eta_bound`), the slowdown table and the plots."""
+"""Reading ``overlap-bench interference`` records: slowdown curves, eta-bound predictions (:mod:`.eta_bound`)
+from multi-GPU runs or a bus bandwidth, the slowdown table and the plots."""
 
 from __future__ import annotations
 
@@ -9,13 +9,18 @@ import statistics
 from pathlib import Path
 from typing import Any, Iterable
 
-from overlap_bench import eta_bound, metrics
+from overlap_bench import metrics
 from overlap_bench.errors import UserError
-from overlap_bench.interference import COVERED_MIN, STRATEGY
 from overlap_bench.markdown import cell, table
 from overlap_bench.records import Record, json_safe, load_records, records_frame
+from overlap_bench.research import eta_bound
 from overlap_bench.runfolder import (INTERFERENCE_CSV, INTERFERENCE_MD, PREDICTION_JSON, PREDICTION_MD, RunFolder,
                                      plot_name)
+
+STRATEGY = "interference"
+"""``Record.strategy`` of every interference record."""
+COVERED_MIN = 0.9
+"""A condition whose side work covered the GEMM in fewer of its repetitions is marked in the table."""
 
 
 # ------------------------------------------------------------------------------------------ predictions

@@ -1,29 +1,16 @@
 """Nano-batched prefill: hide each row-parallel all-reduce of one nano-batch behind another's compute.
 
-The token rows of one prefill are split into ``n`` contiguous ranges (nano-batches). Per-token work
-(norms, projections, MLP) is unchanged by the split; attention stays exact because range ``i`` attends to
-the keys and values of ranges ``0 .. i`` of the same layer (chunked prefill), which the ranges before it have
-already written (:attr:`NanoSettings.attention` says how). Per decoder layer the schedule is::
+The token rows split into ``n`` contiguous ranges; attention stays exact because range ``i`` attends to the
+keys and values ranges ``0 .. i`` wrote before it (chunked prefill). Per decoder layer::
 
     attention phase, i = 0 .. n-1:  wait down_proj all-reduce of i (previous layer); add its residual;
                                     attention of i; o_proj product of i; issue its all-reduce
     MLP phase,       i = 0 .. n-1:  wait o_proj all-reduce of i; add its residual;
                                     gate/up, SiLU; down_proj product of i; issue its all-reduce
 
-so the all-reduce of nano-batch ``i`` runs while nano-batches ``i+1 ..`` compute in the same phase and
-``.. i-1`` compute in the next. Only the first attention (nothing issued yet) and the last down_proj
-all-reduce (nothing left to compute) are exposed.
-
-Launch order, for ``CUDA_DEVICE_MAX_CONNECTIONS=1`` (one hardware queue: an entry that waits blocks every
-entry behind it): each all-reduce is enqueued right behind the product it reduces, before the next
-nano-batch's compute, and the wait for an all-reduce is enqueued only just before the compute that needs
-it, after the all-reduces issued since. So the queue never holds a wait in front of compute that could run,
-and the all-reduce starts before the kernels it overlaps (it gets its SMs first).
-
-The row-parallel call of each nano-batch runs a strategy's :class:`RowSplit` (``baseline``: one range;
-with a policy, its choice for the nano-batch's row count, e.g. chunks inside the nano-batch) through
-:func:`start_bounds`, which issues the all-reduces and leaves the wait to this schedule. On gloo there are
-no streams: the all-reduces are async work handles.
+Each all-reduce is enqueued right behind its product and each wait just before the compute that needs it, so
+with ``CUDA_DEVICE_MAX_CONNECTIONS=1`` no wait blocks compute that could run. A nano-batch's row-parallel call
+runs a strategy's :class:`RowSplit` through :func:`start_bounds` (baseline: one range; with a policy, its choice).
 """
 
 from __future__ import annotations
@@ -35,6 +22,8 @@ import torch
 import torch.distributed as dist
 
 from overlap_bench import strategies
+from overlap_bench.research.decoder import (ROW_LAYERS, Dims, LayerWeights, attention, attention_input, mlp_input,
+                                            split_attention)
 from overlap_bench.strategies.pipeline import (PendingAllReduce, RowSplit, even_bounds, gloo_note,
                                                high_priority_group, priority_reason, start_bounds)
 
@@ -42,26 +31,21 @@ SplitFn = Callable[[str, int], RowSplit]
 """``split(layer_name, rows) -> RowSplit``: how one nano-batch's row-parallel call splits its rows."""
 
 Trace = list
-"""Events appended by :func:`nanobatch_forward` when given one (tests check the schedule with it):
-``("attn", layer, i)``, ``("issue", name, layer, i)``, ``("wait", name, layer, i)``, ``("mlp", layer, i)``."""
+"""Events :func:`nanobatch_forward` appends (tests check the schedule): ``("attn", layer, i)``,
+``("issue", name, layer, i)``, ``("wait", name, layer, i)``, ``("mlp", layer, i)``."""
 
 
 @dataclass(frozen=True)
 class NanoSettings:
-    """Settings of the nano-batch schedule."""
+    """Settings of the nano-batch schedule: ``nanobatches`` token ranges (1: the schedule's overhead alone);
+    ``comm``: the all-reduce path where the strategy has none of its own (``stream`` or ``async``); ``priority``:
+    a high-priority NCCL stream; ``attention``: ``split`` (:func:`split_attention`, the whole-sequence kernel
+    family) or ``lower-right`` (one SDPA call with a bottom-right causal mask)."""
 
     nanobatches: int = 2
-    """Contiguous token ranges the prefill is split into (>= 1; 1 = no overlap, the schedule's overhead)."""
     comm: str = "stream"
-    """All-reduce path where the strategy has none of its own: ``stream`` (side stream after a CUDA event)
-    or ``async`` (async work handles from the compute stream). Both are work handles on gloo."""
     priority: bool = False
-    """All-reduce on a high-priority NCCL stream (a process group created for it; NCCL only)."""
     attention: str = "split"
-    """How a later range attends to the earlier ranges: ``split``: one call over the earlier ranges' keys
-    (no mask) and one causal call over its own, merged by their log-sum-exp (:func:`split_attention`; the
-    same kernel family as the whole-sequence call); ``lower-right``: one SDPA call with a bottom-right causal
-    mask (torch sends that to its flash or memory-efficient kernel, not to cuDNN)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.nanobatches, bool) or not isinstance(self.nanobatches, int) or self.nanobatches < 1:
@@ -73,46 +57,8 @@ class NanoSettings:
 
 
 NANO_COMM = ("stream", "async")
-"""The all-reduce paths of the schedule's own reductions: the plain ones. The window paths (``symm``, ``ce``)
-need their output in a registered window, which only the chunked strategy allocates; a strategy's own path
-runs inside ``nanobatch+policy``."""
+"""The schedule's own all-reduce paths (the window paths need buffers only ``chunked`` allocates)."""
 ATTENTION = ("split", "lower-right")
-"""Chunked-prefill attention implementations (:attr:`NanoSettings.attention`)."""
-
-
-def _attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDPA output and its log-sum-exp ``[B, H, Lq, 1]`` (fp32, or fp64 for fp64 inputs) for equal head counts.
-
-    CUDA: cuDNN's attention (the kernel torch picks for the whole-sequence call on Hopper); CPU: torch's flash
-    kernel for CPU. Both are torch-internal ops (the public SDPA does not return the log-sum-exp).
-    """
-    if q.is_cuda:
-        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False)[:2]
-    else:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)[:2]
-    return out, lse.to(torch.promote_types(q.dtype, torch.float32)).reshape(*q.shape[:3], 1)
-
-
-def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention of the last ``Lq`` of ``Lk`` positions, exact: the queries over the first
-    ``Lk - Lq`` keys (nothing masked) and over their own ``Lq`` keys (square causal), the two softmaxes merged
-    through their log-sum-exp in fp32. Same shapes and meaning as :func:`overlap_bench.model.attention`."""
-    from overlap_bench.model import attention
-
-    lq, lk = q.shape[2], k.shape[2]
-    if lq == lk:
-        return attention(q, k, v)
-    rep = q.shape[1] // k.shape[1]
-    if rep > 1:  # the kv heads repeated: 2 * Lk * Hq * D copied elements, small beside the attention
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-    p = lk - lq
-    o1, l1 = _attention_lse(q, k[:, :, :p], v[:, :, :p], causal=False)
-    o2, l2 = _attention_lse(q, k[:, :, p:], v[:, :, p:], causal=True)
-    lse = torch.logaddexp(l1, l2)
-    acc = lse.dtype
-    out = o1.to(acc).mul_((l1 - lse).exp_()).add_(o2.to(acc).mul_((l2 - lse).exp_()))
-    return out.to(q.dtype)
 
 
 def nano_bounds(m: int, n: int) -> list[tuple[int, int]]:
@@ -155,15 +101,10 @@ def _issue(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, sp: RowSpli
     return start_bounds(out, x, weight, None, group, sp.bounds, comm, comm_group)
 
 
-def nanobatch_forward(weights: list, x: torch.Tensor, d: Any, settings: NanoSettings,
+def nanobatch_forward(weights: list[LayerWeights], x: torch.Tensor, d: Dims, settings: NanoSettings,
                       split: SplitFn = baseline_split, group: dist.ProcessGroup | None = None,
                       trace: Trace | None = None) -> torch.Tensor:
-    """The stack's prefill forward on nano-batches (see the module docstring); ``x`` is not modified.
-
-    ``weights`` and ``d`` are :mod:`overlap_bench.model`'s layer weights and dims. Returns ``[M, hidden]``.
-    """
-    from overlap_bench.model import attention, attention_input, mlp_input
-
+    """The stack's prefill forward on nano-batches (see the module docstring): ``[M, hidden]``; ``x`` is kept."""
     attend = split_attention if settings.attention == "split" else attention
     m = x.shape[0]
     bounds = nano_bounds(m, settings.nanobatches)
@@ -214,13 +155,9 @@ def nanobatch_forward(weights: list, x: torch.Tensor, d: Any, settings: NanoSett
 def mode_plans(settings: NanoSettings, m: int, backend: str,
                policy_choose: Callable[[str, int], Any] | None = None,
                policy_notes: list[str] | tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
-    """What the ``nanobatch`` and ``nanobatch+policy`` model modes run at ``M = m``, as
-    :func:`overlap_bench.model.run_model` plans them: ``forward(weights, x, d)``, per-layer ``choices``
-    text, a ``note``, and ``skip`` / ``unavailable`` reasons where a mode cannot run.
-
-    ``policy_choose(layer, rows)`` answers a policy's choice (``Choice``) for one nano-batch's row count;
-    without it ``nanobatch+policy`` is skipped.
-    """
+    """The ``nanobatch`` and ``nanobatch+policy`` model modes' plans at ``M = m`` (``forward``, ``choices``,
+    ``note``, ``skip`` / ``unavailable``). ``policy_choose(layer, rows)``: a policy's ``Choice`` for one
+    nano-batch's rows; without it ``nanobatch+policy`` is skipped."""
     info = {"nanobatches": settings.nanobatches, "comm": settings.comm, "priority": settings.priority,
             "attention": settings.attention}
     if settings.nanobatches > m:
@@ -233,7 +170,7 @@ def mode_plans(settings: NanoSettings, m: int, backend: str,
     plans: dict[str, dict[str, Any]] = {}
     plans["nanobatch"] = {
         "forward": lambda weights, x, d: nanobatch_forward(weights, x, d, settings, baseline_split),
-        "choices": {layer: "baseline" for layer in ("o_proj", "down_proj")}, "note": note, "nanobatch": info}
+        "choices": {layer: "baseline" for layer in ROW_LAYERS}, "note": note, "nanobatch": info}
     if why_not:
         plans["nanobatch"]["unavailable"] = why_not
     if policy_choose is None:
@@ -241,7 +178,7 @@ def mode_plans(settings: NanoSettings, m: int, backend: str,
                                      "choices": None, "note": None}
         return plans
     picked = {layer: {rows: policy_choose(layer, rows) for rows in sorted(set(sizes))}
-              for layer in ("o_proj", "down_proj")}
+              for layer in ROW_LAYERS}
     notes = list(policy_notes) + ([note] if note else [])
     problems = []
     for layer, by_rows in picked.items():

@@ -1,25 +1,12 @@
 """``overlap-bench interference``: what communication costs the GEMM, measured on one GPU.
 
-For each shape and M, the row-parallel GEMM (``x [M, K] @ w[N, K]^T``) is timed alone (the reference) and
-
-- beside ``k`` CTAs of a communication-like kernel (:mod:`overlap_bench.comm_like`) on a high-priority
-  stream, launched first and running longer than the GEMM, each CTA reading and writing ``cta_gbps`` GB/s;
-- beside full-speed copies on a side stream (``d2d``: same-device ``copy_``; ``h2d``/``d2h``: to or from
-  pinned host memory), also launched first and longer than the GEMM. Whether a path runs on a copy engine is
-  checked, not assumed: its time alone is compared with its time while spinning CTAs hold every SM (a copy
-  engine does not wait for them; a copy the driver runs as a kernel does);
-- alone inside a green context of N SMs.
-
-Every repetition of every block (references included) lasts the same wall time, the side work's length,
-so the GPU's power and clock state is the same for all of them. Every condition is bracketed by references (``ref, c1, ref, c2, ..., ref``; the order reverses every round),
-so a slowdown is ``t_condition / mean(ref before, ref after) - 1``; over rounds the median is reported with
-its range, and a reference drift (``|after - before| / mean``) larger than that range (or than the
-references' own IQR) is flagged. Each side-work launch is checked from GPU timestamps: its CTAs started
-before the GEMM and ended after it, on distinct SMs, at the asked rate; the green context's SMs are counted
-by launching the kernel on its stream. Each condition's GEMM output is checked against the reference's.
-
-Records (:class:`overlap_bench.records.Record`, strategy ``interference``) go to ``records.jsonl``, one per
-shape, M and condition, with the slowdown and the checks under ``extra``.
+Per shape and M, the row-parallel GEMM is timed alone and beside ``k`` communication-like CTAs
+(:mod:`.comm_like`) on a high-priority stream, beside full-speed copies (``d2d``, ``h2d``, ``d2h``; whether a
+path waited for SMs is measured), and alone inside a green context of N SMs. The side work starts first and
+outlasts the GEMM; every repetition gets the same wall period (:func:`pace`), and every condition is
+bracketed by references (order reversed every round), so a slowdown is ``t / mean(ref before, after) - 1``
+(:func:`bracketed`). GPU timestamps check that the side work covered the GEMM. One ``Record`` (strategy
+``interference``) per shape, M and condition goes to ``records.jsonl``.
 """
 
 from __future__ import annotations
@@ -31,42 +18,45 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from overlap_bench import eta_bound, metrics, runfolder, timing
-from overlap_bench.strategies import greenctx
-from overlap_bench.errors import UserError
-from overlap_bench.records import Record, load_records
-from overlap_bench.runfolder import RunFolder
-from overlap_bench.spec import Shape
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-STRATEGY = "interference"
-"""``Record.strategy`` of every interference record."""
+from overlap_bench import metrics, runfolder, timing
+from overlap_bench.errors import UserError
+from overlap_bench.numerics import TOLERANCE, rel_err, within_tolerance
+from overlap_bench.presets import row_parallel_shapes
+from overlap_bench.records import Record, load_records
+from overlap_bench.research import comm_like, eta_bound
+from overlap_bench.research import interference_report as report
+from overlap_bench.research.interference_report import COVERED_MIN, STRATEGY
+from overlap_bench.runfolder import RunFolder
+from overlap_bench.spec import Shape, load_spec
+from overlap_bench.strategies import greenctx
+from overlap_bench.strategies.pipeline import matmul_into
+
 COPY_PATHS = ("d2d", "h2d", "d2h")
 DEFAULT_CTAS = (1, 4, 8, 16, 24, 32)
 DEFAULT_SMS = ("all", "all-8", "all-16", "all-32")
 DEFAULT_CTA_GBPS = 14.0
-"""GB/s each CTA reads (and writes): what one NCCL ring channel sends over NVLink, busbw / channels, from the
-committed 4x H100 tp=4 records (busbw about 330 GB/s for the 256 MiB all-reduce) over about 24 channels."""
+"""GB/s each CTA reads (and writes): one NCCL ring channel's share of the committed 4x H100 tp=4 busbw
+(about 330 GB/s over about 24 channels)."""
 ROUNDS, WARMUP, REPS = 2, 3, 15
-"""Defaults of :class:`InterferenceConfig`'s ``rounds``, ``warmup`` and ``reps`` (and of the command's options)."""
 DEFAULT_COMM_CTAS = 24.0
 """CTAs an NCCL ring all-reduce is assumed to hold when predicting (its channel count; ``--comm-ctas``)."""
 SLICE_ELEMS = 8 * 1024 * 1024
 """float32 elements of each CTA's own slice (32 MiB): the CTAs stream through HBM, not through L2."""
 COPY_BYTES = 256 * 1024 * 1024
-COVERED_MIN = 0.9
-"""A condition whose side work covered the GEMM in fewer of its repetitions is marked in the table."""
 
 
 @dataclass(frozen=True)
 class Condition:
-    """One thing placed beside (or around) the GEMM."""
+    """One thing placed beside (or around) the GEMM: ``kind`` ``ref`` (alone), ``ctas`` (``value`` CTAs at
+    ``rate`` GB/s each, 0 = full speed), ``copy`` (``value``: the path) or ``green`` (``value`` SMs)."""
 
     kind: str
-    """``ref`` (alone), ``ctas``, ``copy`` or ``green``."""
     value: Any = None
-    """CTAs (``ctas``), path (``copy``: d2d, h2d) or SMs given to the GEMM (``green``)."""
     rate: float = 0.0
-    """GB/s per CTA (``ctas`` only; 0 = full speed)."""
 
     @property
     def label(self) -> str:
@@ -91,31 +81,23 @@ class Condition:
 
 @dataclass
 class InterferenceConfig:
-    """What one ``overlap-bench interference`` run measures."""
+    """What one ``overlap-bench interference`` run measures: row-parallel shapes (K per rank, N) at token
+    counts M; CTA counts at every per-CTA rate, copy paths, green-context sizes (``all``, ``all-N`` or a
+    count); ``rounds`` passes over the conditions of ``warmup`` + ``reps`` repetitions per block."""
 
     shapes: list[Shape]
-    """Row-parallel GEMM shapes (K per rank, N)."""
     tokens: list[int]
-    """Token counts M."""
     dtype: str = "bfloat16"
-    """Element type of the GEMM's inputs and output."""
     ctas: list[int] = field(default_factory=lambda: list(DEFAULT_CTAS))
-    """CTA counts of the communication-like kernel."""
     cta_gbps: list[float] = field(default_factory=lambda: [DEFAULT_CTA_GBPS])
-    """Per-CTA rates (GB/s read and as much written); 0 = full speed. Every k runs at every rate."""
     copies: list[str] = field(default_factory=lambda: list(COPY_PATHS))
-    """Copy-engine paths: ``d2d``, ``h2d``."""
     sms: list[str] = field(default_factory=lambda: list(DEFAULT_SMS))
-    """Green-context sizes: ``all``, ``all-N`` or a count."""
     rounds: int = ROUNDS
-    """Passes over the conditions (order reversed every other pass)."""
     warmup: int = WARMUP
-    """Untimed repetitions at the start of every block."""
     reps: int = REPS
-    """Timed repetitions per block (one condition, or one reference, in one round)."""
     seed: int = 0
     pace: bool = True
-    """Give every repetition the side work's wall period (the GEMM alone then idles the rest), see :func:`pace`."""
+    """Give every repetition the side work's wall period (see :func:`pace`)."""
 
     def conditions(self, total_sms: int) -> list[Condition]:
         """The conditions in measurement order (green sizes resolved against the device's SM count)."""
@@ -158,7 +140,7 @@ def parse_rates(text: str) -> list[float]:
 
 
 def parse_copies(text: str) -> list[str]:
-    """``--copy``: any of d2d, h2d (``none``: skip)."""
+    """``--copy``: any of d2d, h2d, d2h (``none``: skip)."""
     out = _items(text)
     for t in out:
         if t not in COPY_PATHS:
@@ -167,8 +149,8 @@ def parse_copies(text: str) -> list[str]:
 
 
 def parse_sms(text: str) -> list[str]:
-    """``--sms``: ``all``, ``all-N`` or a count, comma-separated (``none``: skip); checked for syntax here and
-    against the device's SM count by :func:`resolve_sms`."""
+    """``--sms``: ``all``, ``all-N`` or a count, comma-separated (``none``: skip); :func:`resolve_sms` checks
+    them against the device."""
     out = _items(text)
     for t in out:
         rest = t[3:] if t.startswith("all") else t
@@ -189,21 +171,17 @@ def resolve_sms(text: str, total: int) -> int:
 
 @dataclass(frozen=True)
 class Bracketed:
-    """A condition's slowdown over rounds, each against the references measured just before and after."""
+    """A condition's slowdown: the median over rounds of ``t / mean(ref_before, ref_after) - 1`` and its range
+    ``lo..hi``; ``drift``: the largest ``|after - before| / mean``; ``noise``: the references' median relative
+    IQR; ``drift_flag``: drift above both the range and the noise; ``t_ref_ms``: median bracket mean."""
 
     slowdown: float
-    """Median over rounds of ``t / mean(ref_before, ref_after) - 1``."""
     lo: float
     hi: float
-    """Range of the per-round slowdowns (equal to ``slowdown`` with one round)."""
     drift: float
-    """Largest ``|ref_after - ref_before| / mean`` over rounds."""
     noise: float
-    """Median relative IQR of the bracketing references (their own repetition noise)."""
     drift_flag: bool
-    """The references moved more than the slowdown's range and more than their own noise."""
     t_ref_ms: float
-    """Median over rounds of the bracket means."""
 
 
 def bracketed(t_cond: list[float], ref_before: list[float], ref_after: list[float],
@@ -225,25 +203,21 @@ def bracketed(t_cond: list[float], ref_before: list[float], ref_after: list[floa
 
 @dataclass
 class Block:
-    """One block of repetitions: the GEMM's times and what the checks saw."""
+    """One block of repetitions: the GEMM's median and IQR, the repetitions the side work ``covered`` (started
+    before the GEMM, ended after) out of ``n``, the checks, and each repetition's wall period."""
 
     median_ms: float
-    """Median GEMM time over the block's timed repetitions."""
     iqr_ms: float
-    """Their interquartile range."""
     covered: int = 0
-    """Repetitions where the side work started before the GEMM and ended after it."""
     n: int = 0
     checks: dict[str, float] = field(default_factory=dict)
     period_ms: float = 0.0
-    """Wall period of each repetition (side work's length; the GEMM alone idles the rest)."""
 
 
 def pace(last: float | None, period_s: float) -> float:
-    """Sleep until ``period_s`` has passed since ``last`` (a ``perf_counter`` value; None: no wait) and return
-    the new start. Every repetition of every condition gets the same wall period (the side work's length):
-    a GEMM repeated back to back heats the GPU into its power limit and runs slower than one followed by
-    side work, which would let the reference, not the interference, set the slowdown."""
+    """Sleep until ``period_s`` has passed since ``last`` (``perf_counter``; None: no wait); the new start.
+    Equal periods keep a GEMM repeated back to back from running hotter (power-limited) than one beside side
+    work, which would let the reference, not the interference, set the slowdown."""
     if last is not None:
         rest = period_s - (time.perf_counter() - last)
         if rest > 0:
@@ -255,9 +229,6 @@ class _Bench:
     """GPU state for one run: streams, buffers, kernels (CUDA only)."""
 
     def __init__(self, cfg: InterferenceConfig):
-        import torch
-
-        self.torch = torch
         self.cfg = cfg
         self.dev = torch.device("cuda", torch.cuda.current_device())
         self.total_sms = torch.cuda.get_device_properties(self.dev).multi_processor_count
@@ -287,7 +258,6 @@ class _Bench:
             self.host.copy_(self.copy_src, non_blocking=True)
 
     def _time_on(self, stream: Any, fn: Any, n: int = 3) -> float:
-        torch = self.torch
         out = []
         for _ in range(n):
             torch.cuda.synchronize(self.dev)
@@ -303,18 +273,11 @@ class _Bench:
     def calibrate(self) -> None:
         """Copy times alone and beside every SM held by spinning CTAs (a copy engine does not wait for SMs;
         a kernel-based copy would), and the SMs each green context really runs on."""
-        from overlap_bench import comm_like
-
-        torch = self.torch
         for path in self.cfg.copies:
             alone = self._time_on(self.side, lambda: self._copy_once(path))
             self.copy_ms[path] = alone
-            stamps = torch.zeros(4 * self.total_sms, comm_like.STAMP_FIELDS, dtype=torch.int64, device=self.dev)
             hold_ns = int(max(5 * alone, 2.0) * 1e6)
-            torch.cuda.synchronize(self.dev)
-            with torch.cuda.stream(self.side):  # 4 spinning CTAs per SM: every SM slot taken (barely any traffic)
-                comm_like.launch_ctas(4 * self.total_sms, self.src, self.dst, stamps, slice_elems=SLICE_ELEMS,
-                                      duration_ns=hold_ns, rate_gbps=1e-3)
+            stamps = self._spin(self.side, hold_ns, 1e-3)  # barely any traffic
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             with torch.cuda.stream(self.gemm_stream):  # no synchronize in between: the CTAs hold the SMs now
                 s.record()
@@ -340,9 +303,6 @@ class _Bench:
 
     def warm_up(self, seconds: float = 3.0) -> None:
         """Run GEMMs for a few seconds first: an idle GPU starts at low clocks and would bias the first case."""
-        import time
-
-        torch = self.torch
         x = torch.randn(8192, 8192, device=self.dev, dtype=torch.bfloat16)
         t_end = time.perf_counter() + seconds
         while time.perf_counter() < t_end:
@@ -351,16 +311,18 @@ class _Bench:
             torch.cuda.synchronize(self.dev)
         del x
 
-    def _count_sms(self, stream: Any) -> int:
-        from overlap_bench import comm_like
-
-        torch = self.torch
-        grid = 4 * self.total_sms
-        stamps = torch.zeros(grid, comm_like.STAMP_FIELDS, dtype=torch.int64, device=self.dev)
+    def _spin(self, stream: Any, duration_ns: int, rate_gbps: float) -> torch.Tensor:
+        """4 CTAs per SM on ``stream`` (every SM slot taken), launched after a sync; their stamps."""
+        stamps = torch.zeros(4 * self.total_sms, comm_like.STAMP_FIELDS, dtype=torch.int64, device=self.dev)
         torch.cuda.synchronize(self.dev)
         with torch.cuda.stream(stream):
-            comm_like.launch_ctas(grid, self.src, self.dst, stamps, slice_elems=SLICE_ELEMS, duration_ns=200_000,
-                                  rate_gbps=0)
+            comm_like.launch_ctas(4 * self.total_sms, self.src, self.dst, stamps, slice_elems=SLICE_ELEMS,
+                                  duration_ns=duration_ns, rate_gbps=rate_gbps)
+        return stamps
+
+    def _count_sms(self, stream: Any) -> int:
+        """The distinct SMs a kernel launched on ``stream`` runs on."""
+        stamps = self._spin(stream, 200_000, 0)
         torch.cuda.synchronize(self.dev)
         return len(set(stamps[:, 2].tolist()))
 
@@ -368,10 +330,6 @@ class _Bench:
     def block(self, cond: Condition, x: Any, w: Any, out: Any, duration_ns: int) -> Block:
         """``warmup + reps`` repetitions of the GEMM under ``cond``, host-synchronised between repetitions
         (so each starts on an idle GPU, the side work first)."""
-        from overlap_bench import comm_like
-        from overlap_bench.strategies.pipeline import matmul_into
-
-        torch = self.torch
         cfg = self.cfg
         n = cfg.warmup + cfg.reps
         evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
@@ -447,10 +405,6 @@ def _repro(shape: Shape, m: int, cfg: InterferenceConfig, cond: Condition) -> st
 def measure(cfg: InterferenceConfig, out_dir: Path, *, progress: bool = True) -> list[Record]:
     """Measure every shape, M and condition on the current GPU; append each record to ``out_dir`` as soon as
     its shape and M are done. Needs CUDA (and Triton)."""
-    import torch
-
-    from overlap_bench.numerics import TOLERANCE, rel_err, within_tolerance
-
     bench = _Bench(cfg)
     bench.calibrate()
     conds = cfg.conditions(bench.total_sms)
@@ -489,8 +443,7 @@ def measure(cfg: InterferenceConfig, out_dir: Path, *, progress: bool = True) ->
                 if bar:
                     bar[0].update(bar[1], advance=1, description=f"{shape.name} M={m}")
             for c in conds:
-                rec = _record(shape, m, cfg, c, per[c], errs.get(c, math.nan), unavailable.get(c), device_name,
-                              bench, TOLERANCE[cfg.dtype], within_tolerance)
+                rec = _record(shape, m, cfg, c, per[c], errs.get(c, math.nan), unavailable.get(c), device_name, bench)
                 writer.append(rec)
                 records.append(rec)
             del x, w, out, y_ref
@@ -501,9 +454,6 @@ def measure(cfg: InterferenceConfig, out_dir: Path, *, progress: bool = True) ->
 
 
 def _progress(total: int):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     p = Progress(TextColumn("[bold]interference"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                  TextColumn("{task.description}"), console=Console(stderr=True))
     p.start()
@@ -511,7 +461,9 @@ def _progress(total: int):
 
 
 def _record(shape: Shape, m: int, cfg: InterferenceConfig, c: Condition, blocks: list[tuple[Block, Block, Block]],
-            err: float, unavailable: str | None, device: str, bench: _Bench, tol: float, ok_fn: Any) -> Record:
+            err: float, unavailable: str | None, device: str, bench: _Bench) -> Record:
+    """One condition's record from its bracketed blocks (``unavailable``: why it could not run)."""
+    tol = TOLERANCE[cfg.dtype]
     rec = Record(shape=shape.name, K=shape.K, N=shape.N, M=m, dtype=cfg.dtype, world=1, backend="cuda", device=device,
                  strategy=STRATEGY, settings=c.settings, label=c.label, env={}, kind="interference",
                  warmup=cfg.warmup, reps=cfg.reps,
@@ -548,7 +500,7 @@ def _record(shape: Shape, m: int, cfg: InterferenceConfig, c: Condition, blocks:
         extra["sms_device"] = bench.total_sms
         extra["sms_seen_default_stream"] = bench.sms_default
     rec.extra = extra
-    if not ok_fn(err, cfg.dtype):
+    if not within_tolerance(err, cfg.dtype):
         rec.status, rec.reason = "failed", f"rel_err {err:.3g} above the {cfg.dtype} tolerance {tol:g}"
     elif c.kind in ("ctas", "copy") and extra["covered"] < COVERED_MIN:
         rec.note = f"side work covered the GEMM in only {extra['covered']:.0%} of the repetitions"
@@ -560,15 +512,11 @@ def _record(shape: Shape, m: int, cfg: InterferenceConfig, c: Condition, blocks:
 def shapes_for(spec: Path | None, preset: str | None, tp: int, shapes: list[str]) -> tuple[list[Shape], list[int] | None,
                                                                                    str | None]:
     """The shapes to measure (and a spec's tokens and first dtype): SPEC, ``--shape K,N``, or a preset at tp."""
-    from overlap_bench.presets import row_parallel_shapes
-
     if tp < 1:
         raise UserError(f"--tp: must be >= 1, got {tp}")
     if spec is not None:
         if shapes or preset:
             raise UserError("SPEC: give either a sweep spec or --preset/--shape, not both")
-        from overlap_bench.spec import load_spec
-
         # gloo only to validate the spec's world size without GPUs: nothing is launched.
         s, _ = load_spec(spec, tp=tp, backend="gloo")
         return list(s.shapes), list(s.tokens), s.dtypes[0]
@@ -585,15 +533,6 @@ def shapes_for(spec: Path | None, preset: str | None, tp: int, shapes: list[str]
         except ValueError as exc:
             raise UserError(f"--preset: {exc}") from None
     return out, None, None
-
-
-def needs_gpu() -> None:
-    """Raise the one-line user error when no CUDA GPU is visible."""
-    import torch
-
-    if not torch.cuda.is_available():
-        raise UserError("interference needs one CUDA GPU and none is visible here "
-                        "(give --from RUN_DIR to predict from a run measured elsewhere)")
 
 
 def run_interference(cfg: InterferenceConfig | None, *, out: Path, from_dir: Path | None, comm_from: list[Path],
@@ -617,7 +556,9 @@ def run_interference(cfg: InterferenceConfig | None, *, out: Path, from_dir: Pat
         if not records:
             raise UserError(f"--from: {from_dir} has no interference records; give an interference run directory")
     else:
-        needs_gpu()
+        if not torch.cuda.is_available():
+            raise UserError("interference needs one CUDA GPU and none is visible here "
+                            "(give --from RUN_DIR to predict from a run measured elsewhere)")
         assert cfg is not None
         if cfg.rounds < 1 or cfg.reps < 1 or cfg.warmup < 0:
             raise UserError("--rounds/--reps: must be >= 1 (--warmup >= 0)")
@@ -628,8 +569,6 @@ def run_interference(cfg: InterferenceConfig | None, *, out: Path, from_dir: Pat
             raise UserError(f"--out: {out} already has records.jsonl; give a new folder")
         RunFolder(out).write_env()
         records = measure(cfg, out, progress=progress)
-    from overlap_bench import interference_report as report
-
     preds: list[eta_bound.Prediction] = []
     if comm_from:
         preds += report.predict_from_runs(records, comm_from, comm_ctas)

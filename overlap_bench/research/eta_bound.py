@@ -1,22 +1,8 @@
 """Bound eta before renting a multi-GPU node: the joint time of a GEMM and an all-reduce launched together,
-predicted from the GEMM's slowdown beside k communication-like CTAs (measured on one GPU by
-``overlap-bench interference``) and a communication time.
-
-The model (pure functions, no GPU):
-
-- ``s`` = the GEMM's slowdown beside the CTAs the all-reduce holds (``s(k)``, interpolated in k);
-- ``max`` model: ``t_joint = max(t_gemm * (1 + s), t_comm)``: the GEMM is slowed for its whole length;
-- ``rate`` model: the GEMM runs at ``1 / (1 + s)`` of its speed only while the all-reduce runs, at full
-  speed after: ``t_joint = t_comm`` if ``t_comm >= t_gemm * (1 + s)``, else ``t_gemm + t_comm * s / (1 + s)``.
-  It is never above the ``max`` model and equals it when the all-reduce outlasts the slowed GEMM;
-- the eta it implies: ``eta = (t_base - t_joint) / (t_base - max(t_gemm, t_comm))`` (:func:`metrics.eta`),
-  with ``t_base = t_gemm + t_comm`` unless a measured one is given. A joint launch is the floor of any
-  schedule of these two kernels, so this eta bounds what chunked schedules can reach.
-
-Limits (stated in the README too): the all-reduce is assumed not to slow down beside the GEMM; ``s`` comes
-from a kernel that imitates the all-reduce's CTAs and memory traffic, not from NCCL; and the joint launch
-must actually overlap (with the default ``CUDA_DEVICE_MAX_CONNECTIONS`` NCCL waits for the GEMM, which no
-slowdown curve can predict).
+from the GEMM's slowdown ``s(k)`` beside k communication-like CTAs (``overlap-bench interference``) and a
+communication time. ``max`` model: ``max(t_gemm (1 + s), t_comm)``; ``rate`` model: the GEMM slowed only while
+the all-reduce runs. A joint launch is the floor of any schedule of the two kernels, so its eta bounds what
+chunked schedules reach. Assumes the all-reduce itself is not slowed and that the launch really overlaps.
 """
 
 from __future__ import annotations
@@ -29,13 +15,11 @@ from typing import Iterable, Mapping
 from overlap_bench import metrics
 
 MODELS = ("max", "rate")
-"""The two joint-time models, see the module docstring."""
 
 
 def interp_slowdown(curve: Mapping[float, float], k: float) -> float:
-    """``s(k)`` by linear interpolation of a measured ``{ctas: slowdown}`` curve, with ``s(0) = 0``.
-
-    NaN outside the measured range (no extrapolation: the curve bends, see the committed runs)."""
+    """``s(k)`` by linear interpolation of a measured ``{ctas: slowdown}`` curve, with ``s(0) = 0``; NaN outside
+    the measured range (the curve bends: no extrapolation)."""
     pts = sorted((float(x), float(y)) for x, y in curve.items() if math.isfinite(y))
     if not pts or k < 0:
         return math.nan
@@ -68,35 +52,28 @@ def eta_of_joint(t_gemm: float, t_comm: float, t_joint: float, t_base: float | N
 
 @dataclass(frozen=True)
 class Prediction:
-    """One shape and M: the inputs of the model and what it predicts."""
+    """One shape and M: the model's inputs (``env``: the multi-GPU record's variant, ``-`` for ``--busbw``;
+    ``comm_from``: a record's card or ``busbw=G,world=W``; ``slowdown``: ``s(ctas)``), both models' joint
+    times and etas, and against a measured joint launch (``extra.t_joint_ms``) their relative errors."""
 
     shape: str
     K: int
     N: int
     M: int
     env: str
-    """The multi-GPU record's process environment (``-`` for ``--busbw`` predictions)."""
     t_gemm_ms: float
     t_comm_ms: float
     comm_from: str
-    """Where ``t_comm`` came from: a record's card, or ``busbw=G,world=W``."""
     ctas: float
-    """CTAs the all-reduce is assumed to hold."""
     slowdown: float
-    """``s(ctas)`` from the interference run."""
     t_joint_max_ms: float
     t_joint_rate_ms: float
     eta_max: float
-    """eta implied by the ``max`` model."""
     eta_rate: float
-    """eta implied by the ``rate`` model (the upper bound of the two)."""
     t_joint_measured_ms: float = math.nan
-    """A measured joint launch (``extra.t_joint_ms`` of the multi-GPU record), when there is one."""
     err_max: float = math.nan
-    """``(predicted - measured) / measured`` of the ``max`` model."""
     err_rate: float = math.nan
     eta_measured: float = math.nan
-    """eta of the measured joint launch."""
 
     def to_dict(self) -> dict:
         """Plain dict (a JSON row)."""

@@ -1,4 +1,4 @@
-"""The Triton kernels of :mod:`overlap_bench.comm_like` (imported only there, on first use: needs triton)."""
+"""The Triton kernels of :mod:`.comm_like` (imported only there, on first use: needs triton)."""
 
 import triton
 import triton.language as tl
