@@ -12,7 +12,8 @@ from typing import Any
 
 THREADS_PER_CTA = 512
 CHUNK_ELEMS = 16384
-"""float32 elements per chunk (64 KiB): the unit between two rate checks."""
+CHUNK_BYTES = CHUNK_ELEMS * 4
+"""float32 elements (bytes) per chunk, 64 KiB: what a CTA reads (and writes) between two rate checks."""
 STAMP_FIELDS = 4
 """Per CTA: start ns, end ns, SM id, chunks copied."""
 
@@ -25,13 +26,10 @@ def _kernels() -> tuple[Any, Any]:
 
 def launch_ctas(k: int, src: Any, dst: Any, stamps: Any, *, slice_elems: int, duration_ns: int,
                 rate_gbps: float) -> None:
-    """Launch the communication-like kernel with ``k`` CTAs on the current stream.
-
-    ``src``/``dst``: float32 buffers of ``n_slices * slice_elems``; ``stamps``: int64 ``[k, 4]``.
-    ``rate_gbps``: bytes per second each CTA reads (and writes), in GB/s; 0 = as fast as it can."""
+    """Launch the communication-like kernel with ``k`` CTAs on the current stream: ``src``/``dst`` float32
+    buffers of ``n_slices * slice_elems``, ``stamps`` int64 ``[k, 4]``, ``rate_gbps`` per CTA (0: full speed)."""
     kernel, _ = _kernels()
-    chunk_bytes = CHUNK_ELEMS * src.element_size()
-    period_ns = 0 if rate_gbps <= 0 else max(1, round(chunk_bytes / rate_gbps))  # bytes / (GB/s) = ns
+    period_ns = 0 if rate_gbps <= 0 else max(1, round(CHUNK_BYTES / rate_gbps))  # bytes / (GB/s) = ns
     n_slices = src.numel() // slice_elems
     kernel[(k,)](src, dst, stamps, n_slices, slice_elems, int(duration_ns), int(period_ns),
                  CHUNK=CHUNK_ELEMS, BLOCK=CHUNK_ELEMS, num_warps=THREADS_PER_CTA // 32)
@@ -41,9 +39,3 @@ def stamp(out: Any, idx: int) -> None:
     """Write the GPU's ``%globaltimer`` (ns) into ``out[idx]`` (int64) when the current stream gets here."""
     _, kernel = _kernels()
     kernel[(1,)](out, idx, num_warps=1)
-
-
-def chunk_bytes() -> int:
-    """Bytes one CTA reads per chunk (and writes as many)."""
-    return CHUNK_ELEMS * 4
-

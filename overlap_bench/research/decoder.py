@@ -45,10 +45,6 @@ class Dims:
         return cls(preset.hidden, preset.heads // tp, preset.kv_heads // tp, preset.head_dim,
                    preset.intermediate // tp, tp)
 
-    @property
-    def qkv_out(self) -> int:
-        return (self.heads + 2 * self.kv_heads) * self.head_dim
-
     def row_shape(self, layer: str) -> tuple[int, int]:
         """``(K per rank, N)`` of a row-parallel layer, as policies key it."""
         k = self.heads * self.head_dim if layer == "o_proj" else self.intermediate
@@ -88,16 +84,13 @@ def build_layer(preset: ModelPreset, tp: int, rank: int, layer: int, *, dtype: t
     (seed, layer, weight, rank): the rank-major concatenation of all shards is one dense model (tests use it)."""
     d = Dims.of(preset, tp)
     ones = torch.ones(d.hidden, device=device, dtype=dtype)
-    return LayerWeights(
-        attn_norm=ones,
-        qkv=_rand((d.qkv_out, d.hidden), d.hidden, _gen(device, seed, layer, 1, rank), device, dtype),
-        o_proj=_rand((d.hidden, d.heads * d.head_dim), preset.heads * preset.head_dim,
-                     _gen(device, seed, layer, 2, rank), device, dtype),
-        mlp_norm=ones.clone(),
-        gate_up=_rand((2 * d.intermediate, d.hidden), d.hidden, _gen(device, seed, layer, 3, rank), device, dtype),
-        down=_rand((d.hidden, d.intermediate), preset.intermediate, _gen(device, seed, layer, 4, rank), device,
-                   dtype),
-    )
+    shapes = {"qkv": ((d.heads + 2 * d.kv_heads) * d.head_dim, d.hidden, d.hidden),  # (out, in, full fan-in)
+              "o_proj": (d.hidden, d.heads * d.head_dim, preset.heads * preset.head_dim),
+              "gate_up": (2 * d.intermediate, d.hidden, d.hidden),
+              "down": (d.hidden, d.intermediate, preset.intermediate)}
+    return LayerWeights(attn_norm=ones, mlp_norm=ones.clone(), **{
+        name: _rand((out, inp), fan_in, _gen(device, seed, layer, i, rank), device, dtype)
+        for i, (name, (out, inp, fan_in)) in enumerate(shapes.items(), 1)})
 
 
 def build_stack(preset: ModelPreset, tp: int, rank: int, layers: int, *, dtype: torch.dtype,
@@ -118,26 +111,30 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = RMS_EPS) -> tor
     return xf.to(x.dtype) * weight
 
 
+def _repeat_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k``, ``v`` with their heads repeated to ``q``'s (grouped-query attention on kernels without it)."""
+    rep = q.shape[1] // k.shape[1]
+    return (k, v) if rep == 1 else (k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1))
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal SDPA of ``q [1, Hq, Lq, D]`` over ``k, v [1, Hkv, Lk, D]`` (grouped-query when ``Hkv < Hq``).
 
     ``Lq < Lk`` is chunked prefill: the queries are the last ``Lq`` positions (bottom-right causal mask).
     ``enable_gqa`` where flash attention takes it (CUDA, half precision); elsewhere the kv heads are repeated,
     which keeps the memory-efficient kernel usable instead of the math kernel's ``M x M`` scores."""
-    rep = q.shape[1] // k.shape[1]
     gqa = {}
-    if rep > 1:
-        if GQA_NATIVE and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-            gqa = {"enable_gqa": True}
-        else:
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
+    if GQA_NATIVE and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        gqa = {"enable_gqa": q.shape[1] != k.shape[1]}
+    else:
+        k, v = _repeat_kv(q, k, v)
     if q.shape[2] == k.shape[2]:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]), **gqa)
 
 
-def _attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """SDPA output and its log-sum-exp ``[B, H, Lq, 1]`` (at least fp32) for equal head counts: cuDNN's
     kernel on CUDA (torch's pick for the whole-sequence call on Hopper), the CPU flash kernel elsewhere."""
     if q.is_cuda:
@@ -153,10 +150,7 @@ def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     lq, lk = q.shape[2], k.shape[2]
     if lq == lk:
         return attention(q, k, v)
-    rep = q.shape[1] // k.shape[1]
-    if rep > 1:
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
+    k, v = _repeat_kv(q, k, v)
     p = lk - lq
     o1, l1 = _attention_lse(q, k[:, :, :p], v[:, :, :p], causal=False)
     o2, l2 = _attention_lse(q, k[:, :, p:], v[:, :, p:], causal=True)

@@ -12,11 +12,12 @@ bracketed by references (order reversed every round), so a slowdown is ``t / mea
 from __future__ import annotations
 
 import math
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from rich.console import Console
@@ -61,13 +62,8 @@ class Condition:
     @property
     def label(self) -> str:
         """Canonical text, e.g. ``ctas:k=8,gbps=14``, ``copy:d2d``, ``green:sms=124``."""
-        if self.kind == "ctas":
-            return f"ctas:k={self.value},gbps={self.rate:g}"
-        if self.kind == "copy":
-            return f"copy:{self.value}"
-        if self.kind == "green":
-            return f"green:sms={self.value}"
-        return "alone"
+        return {"ctas": f"ctas:k={self.value},gbps={self.rate:g}", "copy": f"copy:{self.value}",
+                "green": f"green:sms={self.value}"}.get(self.kind, "alone")
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -109,31 +105,32 @@ class InterferenceConfig:
 
 # ------------------------------------------------------------------------------------------ input parsing
 
-def _items(text: str) -> list[str]:
-    return [] if text.strip().lower() in ("", "none") else [t.strip() for t in text.split(",") if t.strip()]
+def _parse(text: str, flag: str, ok: Callable[[str], bool], hint: str) -> list[str]:
+    """The comma-separated items of ``flag`` (``none``: no items), each checked by ``ok``; repeats dropped."""
+    items = [] if text.strip().lower() in ("", "none") else [t.strip() for t in text.split(",") if t.strip()]
+    for t in items:
+        if not ok(t):
+            raise UserError(f"{flag}: '{t}' {hint}")
+    return list(dict.fromkeys(items))
+
+
+def _is_rate(t: str) -> bool:
+    try:
+        return math.isfinite(float(t)) and float(t) >= 0
+    except ValueError:
+        return False
 
 
 def parse_ctas(text: str) -> list[int]:
-    """``--ctas``: comma-separated CTA counts >= 1 (``none``: skip)."""
-    out = []
-    for t in _items(text):
-        if not t.isdigit() or int(t) < 1:
-            raise UserError(f"--ctas: '{t}' must be an integer >= 1, e.g. --ctas 1,4,8,16,24,32")
-        out.append(int(t))
-    return sorted(set(out))
+    """``--ctas``: CTA counts >= 1 (``none``: skip)."""
+    return sorted({int(t) for t in _parse(text, "--ctas", lambda t: t.isdigit() and int(t) >= 1,
+                                          "must be an integer >= 1, e.g. --ctas 1,4,8,16,24,32")})
 
 
 def parse_rates(text: str) -> list[float]:
-    """``--cta-gbps``: comma-separated GB/s per CTA, >= 0 (0 = full speed)."""
-    out = []
-    for t in _items(text):
-        try:
-            v = float(t)
-        except ValueError:
-            v = -1.0
-        if not math.isfinite(v) or v < 0:
-            raise UserError(f"--cta-gbps: '{t}' must be a number >= 0 (GB/s per CTA; 0 = full speed)")
-        out.append(v)
+    """``--cta-gbps``: GB/s per CTA, >= 0 (0 = full speed); at least one."""
+    out = [float(t) for t in _parse(text, "--cta-gbps", _is_rate,
+                                    "must be a number >= 0 (GB/s per CTA; 0 = full speed)")]
     if not out:
         raise UserError("--cta-gbps: give at least one rate, e.g. --cta-gbps 14")
     return out
@@ -141,22 +138,13 @@ def parse_rates(text: str) -> list[float]:
 
 def parse_copies(text: str) -> list[str]:
     """``--copy``: any of d2d, h2d, d2h (``none``: skip)."""
-    out = _items(text)
-    for t in out:
-        if t not in COPY_PATHS:
-            raise UserError(f"--copy: '{t}' is not one of {', '.join(COPY_PATHS)} (or none)")
-    return list(dict.fromkeys(out))
+    return _parse(text, "--copy", lambda t: t in COPY_PATHS, f"is not one of {', '.join(COPY_PATHS)} (or none)")
 
 
 def parse_sms(text: str) -> list[str]:
-    """``--sms``: ``all``, ``all-N`` or a count, comma-separated (``none``: skip); :func:`resolve_sms` checks
-    them against the device."""
-    out = _items(text)
-    for t in out:
-        rest = t[3:] if t.startswith("all") else t
-        if t != "all" and not (rest.startswith("-") and rest[1:].isdigit()) and not t.isdigit():
-            raise UserError(f"--sms: '{t}' must be all, all-N or a count, e.g. --sms all,all-8,all-16,all-32")
-    return list(dict.fromkeys(out))
+    """``--sms``: ``all``, ``all-N`` or a count (``none``: skip); :func:`resolve_sms` checks them on the device."""
+    return _parse(text, "--sms", lambda t: re.fullmatch(r"all(-\d+)?|\d+", t) is not None,
+                  "must be all, all-N or a count, e.g. --sms all,all-8,all-16,all-32")
 
 
 def resolve_sms(text: str, total: int) -> int:
@@ -247,6 +235,7 @@ class _Bench:
         self.copy_ms: dict[str, float] = {}
         self.copy_checks: dict[str, dict[str, float]] = {}
         self.sms_seen: dict[int, int] = {}
+        self.green_error: dict[int, str] = {}
 
     # -- side work
     def _copy_once(self, path: str) -> None:
@@ -257,34 +246,28 @@ class _Bench:
         else:
             self.host.copy_(self.copy_src, non_blocking=True)
 
-    def _time_on(self, stream: Any, fn: Any, n: int = 3) -> float:
-        out = []
-        for _ in range(n):
+    def _elapsed(self, stream: Any, fn: Any, sync: bool = True) -> float:
+        """GPU milliseconds of ``fn`` on ``stream``, after a synchronize unless ``sync`` is false."""
+        if sync:
             torch.cuda.synchronize(self.dev)
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            with torch.cuda.stream(stream):
-                s.record()
-                fn()
-                e.record()
-            torch.cuda.synchronize(self.dev)
-            out.append(s.elapsed_time(e))
-        return statistics.median(out)
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(stream):
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize(self.dev)
+        return s.elapsed_time(e)
 
     def calibrate(self) -> None:
         """Copy times alone and beside every SM held by spinning CTAs (a copy engine does not wait for SMs;
         a kernel-based copy would), and the SMs each green context really runs on."""
         for path in self.cfg.copies:
-            alone = self._time_on(self.side, lambda: self._copy_once(path))
+            alone = statistics.median(self._elapsed(self.side, lambda: self._copy_once(path)) for _ in range(3))
             self.copy_ms[path] = alone
             hold_ns = int(max(5 * alone, 2.0) * 1e6)
             stamps = self._spin(self.side, hold_ns, 1e-3)  # barely any traffic
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            with torch.cuda.stream(self.gemm_stream):  # no synchronize in between: the CTAs hold the SMs now
-                s.record()
-                self._copy_once(path)
-                e.record()
-            torch.cuda.synchronize(self.dev)
-            beside = s.elapsed_time(e)
+            # No synchronize in between: the CTAs hold the SMs now.
+            beside = self._elapsed(self.gemm_stream, lambda: self._copy_once(path), sync=False)
             held = len(set(stamps[:, 2].tolist()))
             self.copy_checks[path] = {"copy_ms_alone": alone, "copy_ms_sms_held": beside,
                                       "copy_sms_held_ms": hold_ns / 1e6, "copy_sms_held": held,
@@ -294,11 +277,9 @@ class _Bench:
         for spec in self.cfg.sms:
             n = resolve_sms(spec, self.total_sms)
             try:
-                stream = greenctx.green_stream(n)
-                self.sms_seen[n] = self._count_sms(stream)
+                self.sms_seen[n] = self._count_sms(greenctx.green_stream(n))
             except Exception as exc:  # noqa: BLE001 - recorded as unavailable, with the reason
-                self.sms_seen[n] = -1
-                self.copy_checks[f"green:{n}"] = {"error": f"{type(exc).__name__}: {exc}"}  # type: ignore[dict-item]
+                self.green_error[n] = f"{type(exc).__name__}: {exc}"
         self.sms_default = self._count_sms(self.gemm_stream)
 
     def warm_up(self, seconds: float = 3.0) -> None:
@@ -372,7 +353,7 @@ class _Bench:
             starts = [max(cta[0] for cta in rep) for rep in c]
             ends = [min(cta[1] for cta in rep) for rep in c]
             blk.covered = sum(s <= gs and e >= ge for s, e, (gs, ge) in zip(starts, ends, g))
-            rates = [cta[3] * comm_like.chunk_bytes() / max(cta[1] - cta[0], 1) for rep in c for cta in rep]
+            rates = [cta[3] * comm_like.CHUNK_BYTES / max(cta[1] - cta[0], 1) for rep in c for cta in rep]
             blk.checks = {
                 "distinct_sms_min": min(len({cta[2] for cta in rep}) for rep in c),
                 "cta_gbps_achieved": statistics.median(rates),
@@ -390,14 +371,10 @@ class _Bench:
 
 def _repro(shape: Shape, m: int, cfg: InterferenceConfig, cond: Condition) -> str:
     base = f"overlap-bench interference --shape {shape.K},{shape.N} --tokens {m} --dtype {cfg.dtype}"
-    none = {"ctas": "--ctas none", "copy": "--copy none", "green": "--sms none"}
-    parts = [base] + [v for kind, v in none.items() if kind != cond.kind]
-    if cond.kind == "ctas":
-        parts.append(f"--ctas {cond.value} --cta-gbps {cond.rate:g}")
-    elif cond.kind == "copy":
-        parts.append(f"--copy {cond.value}")
-    else:
-        parts.append(f"--sms {cond.value}")
+    flag = {"ctas": "--ctas", "copy": "--copy", "green": "--sms"}
+    parts = [base] + [f"{v} none" for kind, v in flag.items() if kind != cond.kind]
+    parts += [f"{flag[cond.kind]} {cond.value}"]
+    parts += [f"--cta-gbps {cond.rate:g}"] if cond.kind == "ctas" else []
     return " ".join(parts) + f" --rounds {cfg.rounds} --warmup {cfg.warmup} --reps {cfg.reps}" + (
         "" if cfg.pace else " --no-pace")
 
@@ -432,8 +409,8 @@ def measure(cfg: InterferenceConfig, out_dir: Path, *, progress: bool = True) ->
                 order = conds if r % 2 == 0 else conds[::-1]
                 before = bench.block(Condition("ref"), x, w, out, duration_ns)
                 for c in order:
-                    if c.kind == "green" and bench.sms_seen.get(c.value, 0) < 0:
-                        unavailable[c] = str(bench.copy_checks.get(f"green:{c.value}", {}).get("error", "failed"))
+                    if c.kind == "green" and c.value in bench.green_error:
+                        unavailable[c] = bench.green_error[c.value]
                         continue
                     blk = bench.block(c, x, w, out, duration_ns)
                     errs[c] = max(errs.get(c, 0.0), rel_err(out, y_ref))
@@ -509,8 +486,8 @@ def _record(shape: Shape, m: int, cfg: InterferenceConfig, c: Condition, blocks:
 
 # ------------------------------------------------------------------------------------------ the command
 
-def shapes_for(spec: Path | None, preset: str | None, tp: int, shapes: list[str]) -> tuple[list[Shape], list[int] | None,
-                                                                                   str | None]:
+def shapes_for(spec: Path | None, preset: str | None, tp: int,
+               shapes: list[str]) -> tuple[list[Shape], list[int] | None, str | None]:
     """The shapes to measure (and a spec's tokens and first dtype): SPEC, ``--shape K,N``, or a preset at tp."""
     if tp < 1:
         raise UserError(f"--tp: must be >= 1, got {tp}")

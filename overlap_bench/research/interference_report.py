@@ -23,26 +23,17 @@ COVERED_MIN = 0.9
 """A condition whose side work covered the GEMM in fewer of its repetitions is marked in the table."""
 
 
-# ------------------------------------------------------------------------------------------ predictions
+def _ctas_ok(records: Iterable[Record]) -> list[Record]:
+    return [r for r in records if r.strategy == STRATEGY and r.ok and r.settings.get("beside") == "ctas"]
 
-def slowdown_curves(records: Iterable[Record], rate: float | None = None) -> dict[tuple, dict[int, float]]:
-    """``{(K, N, M, dtype): {ctas: slowdown}}`` from ok ``ctas`` records at ``rate`` (default: the first rate
-    found)."""
-    recs = [r for r in records if r.strategy == STRATEGY and r.ok and r.settings.get("beside") == "ctas"]
-    if rate is None and recs:
-        rate = recs[0].settings["cta_gbps"]
+
+def slowdown_curves(records: Iterable[Record]) -> dict[tuple, dict[int, float]]:
+    """``{(K, N, M, dtype): {ctas: slowdown}}`` from the ok ``ctas`` records at the first rate found."""
+    recs = _ctas_ok(records)
     out: dict[tuple, dict[int, float]] = {}
     for r in recs:
-        if r.settings["cta_gbps"] == rate:
+        if r.settings["cta_gbps"] == recs[0].settings["cta_gbps"]:
             out.setdefault((r.K, r.N, r.M, r.dtype), {})[r.settings["ctas"]] = r.extra["slowdown"]
-    return out
-
-
-def _ref_times(records: Iterable[Record]) -> dict[tuple, tuple[str, float]]:
-    out: dict[tuple, tuple[str, float]] = {}
-    for r in records:
-        if r.strategy == STRATEGY and r.ok and r.settings.get("beside") == "ctas":
-            out.setdefault((r.K, r.N, r.M, r.dtype), (r.shape, r.t_base_ms))
     return out
 
 
@@ -79,7 +70,8 @@ def predict_from_runs(records: list[Record], comm_dirs: list[Path], ctas: float)
 def predict_from_busbw(records: list[Record], busbw: float, world: int, ctas: float) -> list[eta_bound.Prediction]:
     """Predictions with ``t_comm`` from nccl-tests' all-reduce formula at ``busbw`` GB/s over ``world`` ranks
     and ``t_gemm`` from the interference run's references."""
-    curves, refs = slowdown_curves(records), _ref_times(records)
+    curves = slowdown_curves(records)
+    refs = {(r.K, r.N, r.M, r.dtype): (r.shape, r.t_base_ms) for r in reversed(_ctas_ok(records))}  # first wins
     out = []
     for (k, n, m, dtype), curve in sorted(curves.items()):
         shape, t_gemm = refs[(k, n, m, dtype)]
@@ -89,20 +81,12 @@ def predict_from_busbw(records: list[Record], busbw: float, world: int, ctas: fl
     return out
 
 
-# ------------------------------------------------------------------------------------------ output
+def _num(x: Any, spec: str) -> str:
+    return "-" if x is None or not isinstance(x, (int, float)) or not math.isfinite(x) else format(x, spec)
+
 
 def _pct(x: Any) -> str:
-    return "-" if x is None or not isinstance(x, (int, float)) or not math.isfinite(x) else f"{100 * x:+.1f}%"
-
-
-def _columns(records: list[Record]) -> list[str]:
-    rates = {r.settings.get("cta_gbps") for r in records if r.settings.get("beside") == "ctas"}
-    seen: dict[str, None] = {}
-    for r in sorted(records, key=lambda r: (["ctas", "copy", "green"].index(r.settings["beside"]),
-                                           r.settings.get("cta_gbps", 0), -r.settings.get("sms", 0),
-                                           r.settings.get("ctas", 0))):
-        seen[_column(r, len(rates) > 1)] = None
-    return list(seen)
+    return "-" if _num(x, "g") == "-" else f"{100 * x:+.1f}%"
 
 
 def _column(r: Record, many_rates: bool) -> str:
@@ -117,13 +101,14 @@ def _column(r: Record, many_rates: bool) -> str:
 
 
 def slowdown_table(records: list[Record]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: per shape and M, the GEMM alone and each condition's slowdown with its range.
-
-    A cell ends with ``!`` when the references drifted more than the range, ``?`` when the side work did not
-    cover the GEMM in most repetitions, and reads ``n/a`` (unavailable) or ``failed``."""
+    """Header and rows: per shape and M, the GEMM alone and each condition's slowdown [range], ``!`` when the
+    references drifted beyond the range, ``?`` when the side work did not cover the GEMM; ``n/a``, ``failed``."""
     recs = [r for r in records if r.strategy == STRATEGY]
-    cols = _columns(recs)
     many = len({r.settings.get("cta_gbps") for r in recs if r.settings.get("beside") == "ctas"}) > 1
+    order = sorted(recs, key=lambda r: (["ctas", "copy", "green"].index(r.settings["beside"]),
+                                        r.settings.get("cta_gbps", 0), -r.settings.get("sms", 0),
+                                        r.settings.get("ctas", 0)))
+    cols = list(dict.fromkeys(_column(r, many) for r in order))
     header = ["shape", "M", "GEMM alone ms"] + cols
     rows = []
     for key in sorted({(r.shape, r.M) for r in recs}):
@@ -158,15 +143,9 @@ PRED_HEADER = ["shape", "M", "env", "t_comm from", "t_gemm", "t_comm", "s(k)", "
 
 def prediction_rows(preds: list[eta_bound.Prediction]) -> list[list[str]]:
     """Rows of :data:`PRED_HEADER`."""
-    def ms(x: float) -> str:
-        return f"{x:.3f}" if math.isfinite(x) else "-"
-
-    def eta(x: float) -> str:
-        return f"{x:.2f}" if math.isfinite(x) else "-"
-
-    return [[p.shape, str(p.M), p.env, p.comm_from, ms(p.t_gemm_ms), ms(p.t_comm_ms), _pct(p.slowdown),
-             ms(p.t_joint_max_ms), ms(p.t_joint_rate_ms), ms(p.t_joint_measured_ms), _pct(p.err_max),
-             _pct(p.err_rate), eta(p.eta_max), eta(p.eta_rate), eta(p.eta_measured)]
+    return [[p.shape, str(p.M), p.env, p.comm_from, *(_num(x, ".3f") for x in (p.t_gemm_ms, p.t_comm_ms)),
+             _pct(p.slowdown), *(_num(x, ".3f") for x in (p.t_joint_max_ms, p.t_joint_rate_ms, p.t_joint_measured_ms)),
+             _pct(p.err_max), _pct(p.err_rate), *(_num(x, ".2f") for x in (p.eta_max, p.eta_rate, p.eta_measured))]
             for p in sorted(preds, key=lambda p: (p.env, p.shape, p.M))]
 
 
@@ -179,7 +158,8 @@ def write_outputs(out_dir: Path, records: list[Record], preds: list[eta_bound.Pr
     md = ["# GEMM slowdown beside communication-like work (one GPU)", "",
           f"Device: {records[0].device if records else '?'}. Slowdown = t / mean(reference before, after) - 1, "
           "median over rounds [range]; `!` reference drift beyond the range; `?` side work did not cover the "
-          "GEMM; `n/a` unavailable.", "", table(header, [[cell(c) for c in r] for r in rows], "llr" + "r" * (len(header) - 3)), ""]
+          "GEMM; `n/a` unavailable.", "",
+          table(header, [[cell(c) for c in r] for r in rows], "llr" + "r" * (len(header) - 3)), ""]
     written.append(folder.write_text(INTERFERENCE_MD, "\n".join(md)))
     frame = records_frame(records)
     if not frame.empty:
@@ -214,7 +194,7 @@ def _x(r: Record, key: str) -> int:
 def plot(out_dir: Path, records: list[Record]) -> list[Path]:
     """``slowdown_ctas.png`` (slowdown vs CTAs, one panel per shape, one line per M and rate) and
     ``slowdown_sms.png`` (slowdown vs SMs left to the GEMM in a green context, with the SM-share line)."""
-    import matplotlib
+    import matplotlib  # heavy, and sets the process's backend: only when plotting
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -232,12 +212,11 @@ def plot(out_dir: Path, records: list[Record]) -> list[Path]:
             mine = [r for r in sel if r.shape == shape]
             series = sorted({(r.M, r.settings.get("cta_gbps")) for r in mine})
             for m, rate in series:
-                pts = sorted(((_x(r, xkey), r) for r in mine if r.M == m and r.settings.get("cta_gbps") == rate),
+                pts = sorted(((_x(r, xkey), r.extra) for r in mine if r.M == m and r.settings.get("cta_gbps") == rate),
                              key=lambda p: p[0])
-                xs = [p[0] for p in pts]
-                ys = [100 * p[1].extra["slowdown"] for p in pts]
-                lo = [100 * (p[1].extra["slowdown"] - p[1].extra["slowdown_lo"]) for p in pts]
-                hi = [100 * (p[1].extra["slowdown_hi"] - p[1].extra["slowdown"]) for p in pts]
+                xs, ys = [x for x, _ in pts], [100 * e["slowdown"] for _, e in pts]
+                lo = [100 * (e["slowdown"] - e["slowdown_lo"]) for _, e in pts]
+                hi = [100 * (e["slowdown_hi"] - e["slowdown"]) for _, e in pts]
                 label = f"M={m}" + ("" if rate is None else (" full speed" if rate == 0 else f" {rate:g} GB/s/CTA"))
                 color = f"C{sorted({r.M for r in mine}).index(m)}"  # one colour per M; full speed dashed
                 ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=label, color=color,

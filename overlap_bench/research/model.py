@@ -367,10 +367,7 @@ def model_main(preset: str, tp_world: int | None, tokens: list[int], layers: int
     """Run the model benchmark as a job of ``tp`` ranks (None: every rank); returns rank 0's records as read
     back from ``model.jsonl`` (empty on other ranks). A policy's ``meta.required_env`` is set in every rank;
     under torchrun it must already be set. ``shapes_tp``: see :func:`run_model`."""
-    if preset not in PRESETS:
-        raise UserError(f"--preset: unknown preset '{preset}' (known: {', '.join(PRESETS)})")
-    if tp_world is not None:
-        validate(preset, tp_world, list(tokens), layers, dtype, warmup, reps, modes, nano)  # before resolve
+    validate(preset, tp_world or 1, list(tokens), layers, dtype, warmup, reps, modes, nano)  # before resolve
     if tp_world is not None and nproc is not None and tp_world != nproc:
         raise UserError(f"--tp {tp_world} and --nproc {nproc} differ: the model runs one rank per tensor-parallel "
                         "shard; give one of them")
@@ -409,14 +406,11 @@ def model_main(preset: str, tp_world: int | None, tokens: list[int], layers: int
 # ---------------------------------------------------------------------------------------------- table
 
 def _fmt(v: Any, spec: str) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    return format(v, spec)
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
 def model_table(records: list[Record], title: str | None = None) -> Table:
-    """A rich table, one row per (M, mode): time, tokens/s, speedup vs baseline, comm share, model eta,
-    rel_err."""
+    """A rich table, one row per (M, mode): time, tokens/s, speedup, comm share, model eta, rel_err."""
     if title is None and records:
         r, x = records[0], records[0].extra
         ranks = f" shapes on {r.world} rank(s)" if r.world != x.get("tp", r.world) else ""

@@ -15,7 +15,7 @@ runs a strategy's :class:`RowSplit` through :func:`start_bounds` (baseline: one 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
@@ -87,12 +87,6 @@ def strategy_split(choose: Callable[[str, int], tuple[str, Any]]) -> SplitFn:
     return split
 
 
-def unsplittable(names: list[str]) -> str | None:
-    """Why some of these strategies cannot run inside a nano-batch (None when all can)."""
-    bad = sorted({n for n in names if strategies.get(n).split is None})
-    return f"no row split for {', '.join(bad)}: cannot run inside a nano-batch" if bad else None
-
-
 def _issue(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, sp: RowSplit, settings: NanoSettings,
            group: dist.ProcessGroup | None) -> PendingAllReduce:
     comm = sp.comm or settings.comm
@@ -158,8 +152,7 @@ def mode_plans(settings: NanoSettings, m: int, backend: str,
     """The ``nanobatch`` and ``nanobatch+policy`` model modes' plans at ``M = m`` (``forward``, ``choices``,
     ``note``, ``skip`` / ``unavailable``). ``policy_choose(layer, rows)``: a policy's ``Choice`` for one
     nano-batch's rows; without it ``nanobatch+policy`` is skipped."""
-    info = {"nanobatches": settings.nanobatches, "comm": settings.comm, "priority": settings.priority,
-            "attention": settings.attention}
+    info: dict[str, Any] = asdict(settings)
     if settings.nanobatches > m:
         why_not: str | None = f"nanobatches={settings.nanobatches} is more than the {m} tokens"
     else:
@@ -183,7 +176,9 @@ def mode_plans(settings: NanoSettings, m: int, backend: str,
     problems = []
     for layer, by_rows in picked.items():
         for c in by_rows.values():
-            why = strategies.unavailable_reason(c.strategy, c.settings, backend) or unsplittable([c.strategy])
+            why = strategies.unavailable_reason(c.strategy, c.settings, backend)
+            if why is None and strategies.get(c.strategy).split is None:
+                why = f"no row split for {c.strategy}: cannot run inside a nano-batch"
             if why:
                 problems.append(f"{layer} {c.label}: {why}")
     split = strategy_split(lambda layer, rows: (picked[layer][rows].strategy, picked[layer][rows].settings))
