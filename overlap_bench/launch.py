@@ -8,7 +8,6 @@ caused it and the cause in one line. A rank dies with the launcher, however the 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -24,10 +23,8 @@ import torch.multiprocessing as mp
 
 from overlap_bench.world import LaunchError, in_torchrun, resolve  # noqa: F401  (re-exported)
 
-# NVLink multicast stays off in every process we start: a program using it can take a shared host's GPUs
-# out of service. Kept when already set, set when missing.
+# NVLink multicast off in every process we start (set when missing): it can take a shared host's GPUs out of service.
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-STOP = {signal.SIGINT, signal.SIGTERM}
 
 
 class RankFailed(RuntimeError):
@@ -42,14 +39,10 @@ class RankFailed(RuntimeError):
 class JobConfig:
     """How to start the job."""
 
-    nproc: int
-    """Ranks to start on this machine (ignored under torchrun, which sets WORLD_SIZE)."""
-    backend: str
-    """``nccl`` or ``gloo``."""
-    timeout_s: float = 300.0
-    """Collective timeout: a rank stuck in a collective fails after this long, which ends the job."""
-    env: dict[str, str] = field(default_factory=dict)
-    """Extra process environment (e.g. CUDA_DEVICE_MAX_CONNECTIONS), set before CUDA starts in each rank."""
+    nproc: int  # ranks to start on this machine (under torchrun, WORLD_SIZE decides)
+    backend: str  # nccl or gloo
+    timeout_s: float = 300.0  # collective timeout: a rank stuck in one fails after this long, ending the job
+    env: dict[str, str] = field(default_factory=dict)  # extra environment of every rank, from its start
 
 
 @dataclass(frozen=True)
@@ -69,19 +62,15 @@ class RankContext:
 
 
 def _init(rank: int, world: int, local_rank: int, cfg: JobConfig, store: dist.Store | None) -> RankContext:
-    if cfg.backend == "nccl":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-        # Ranks share this machine's cores: without this each one starts a thread per core and they thrash.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, cfg.nproc)))
-    kwargs: dict[str, Any] = {"timeout": timedelta(seconds=cfg.timeout_s)}
+    device = torch.device("cuda", local_rank) if cfg.backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
-        kwargs["device_id"] = device  # binds the rank to its GPU (barriers and object collectives use it)
-    if store is not None:
-        kwargs.update(store=store, rank=rank, world_size=world)
-    dist.init_process_group(cfg.backend, **kwargs)
+        torch.cuda.set_device(device)
+    else:  # ranks share this machine's cores: without this each one starts a thread per core and they thrash
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, cfg.nproc)))
+    joined = {"store": store, "rank": rank, "world_size": world} if store is not None else {}  # else env://
+    # device_id binds the rank to its GPU (barriers and object collectives use it).
+    dist.init_process_group(cfg.backend, timeout=timedelta(seconds=cfg.timeout_s),
+                            device_id=device if device.type == "cuda" else None, **joined)
     return RankContext(rank, world, local_rank, cfg.backend, device)
 
 
@@ -91,7 +80,7 @@ def _rank(rank: int, launcher: int, port: int, fn: Callable[..., Any], args: tup
     mp._prctl_pr_set_pdeathsig(signal.SIGKILL)
     if os.getppid() != launcher:  # the launcher died before that took effect: run nothing
         os._exit(70)
-    store, code = None, 1
+    store = None
     try:
         store = dist.TCPStore("127.0.0.1", port, is_master=False)  # its own timeout: 300 s
         # All ranks up before the collective timeout counts: one slower to import torch is not a hang.
@@ -99,17 +88,14 @@ def _rank(rank: int, launcher: int, port: int, fn: Callable[..., Any], args: tup
         store.wait([f"up/{i}" for i in range(cfg.nproc)])
         fn(_init(rank, cfg.nproc, rank, cfg, store), *args)
         dist.destroy_process_group()
-        code = 0
     except BaseException as exc:  # noqa: BLE001  (every failure reaches the launcher with its rank)
         # Reported before the group is torn down (at exit), which makes the peers fail: the cause comes first.
         cause = f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
-        if store is not None:
-            store.set(f"failure/{rank}", json.dumps({"rank": rank, "order": store.add("failures", 1),
-                                                     "cause": cause}))
-    finally:
+        if store is not None:  # with its place in the order of failures
+            store.set(f"failure/{rank}", f"{store.add('failures', 1)} {cause}")
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(code)  # no interpreter teardown: a broken process group can hang in it
+        os._exit(1)  # no interpreter teardown: a broken process group can hang in it
 
 
 def launch(fn: Callable[..., Any], args: tuple, cfg: JobConfig, grace_s: float = 5.0) -> None:
@@ -128,13 +114,14 @@ def launch(fn: Callable[..., Any], args: tuple, cfg: JobConfig, grace_s: float =
         finally:
             dist.destroy_process_group()
         return
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # port 0: a free one
+    # Held by the launcher on a port the kernel picks: no port to race for, nothing left on disk.
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     saved = {k: os.environ.get(k) for k in cfg.env}
     procs: list[Any] = []
     try:
         # A rank's environment is the launcher's when it starts (before anything in it reads a variable);
         # Ctrl-C / SIGTERM wait until every started rank is in procs, so that all of them are stopped.
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP)
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         os.environ.update(cfg.env)
         try:
             procs = mp.start_processes(_rank, (os.getpid(), store.port, fn, args, cfg), cfg.nproc,
@@ -155,12 +142,14 @@ def launch(fn: Callable[..., Any], args: tuple, cfg: JobConfig, grace_s: float =
         _stop_all(procs, grace_s)
         raise
     _stop_all(procs, grace_s)
-    failures = {i: json.loads(store.get(f"failure/{i}")) for i in range(cfg.nproc) if store.check([f"failure/{i}"])}
+    failures = {i: store.get(f"failure/{i}").decode().split(" ", 1) for i in range(cfg.nproc)
+                if store.check([f"failure/{i}"])}
     raise _cause(failures, first, ended, cfg.nproc) from None
 
 
 def _first_failure(procs: list) -> int | None:
-    """Wait until every rank has exited (None) or one has exited with a non-zero code (its index)."""
+    """Wait until every rank has exited (None) or one has exited with a non-zero code (its index).
+    (ProcessContext.join would stop the others at once and blame the first exit it notices.)"""
     left = {p.sentinel: i for i, p in enumerate(procs)}
     while left:
         for s in wait(list(left)):
@@ -178,8 +167,7 @@ def _join_all(procs: list, timeout_s: float) -> None:
 
 
 def _stop_all(procs: list, grace_s: float) -> None:
-    """SIGTERM every live rank, SIGKILL what is left after ``grace_s``; however many there are, this takes
-    at most ``grace_s`` plus the moment SIGKILL needs."""
+    """SIGTERM every live rank, SIGKILL what is left after ``grace_s``: at most ``grace_s`` + 2 s in all."""
     for p in procs:
         if p.is_alive():
             p.terminate()
@@ -190,30 +178,23 @@ def _stop_all(procs: list, grace_s: float) -> None:
     _join_all(procs, 2.0)
 
 
-def _how(exitcode: int) -> str:
-    if exitcode < 0:
-        try:
-            return f"process killed by {signal.Signals(-exitcode).name}"
-        except ValueError:
-            return f"process killed by signal {-exitcode}"
-    return f"process exited with code {exitcode}"
+def _how(code: int) -> str:
+    if code >= 0:
+        return f"process exited with code {code}"
+    return f"process killed by {next((s.name for s in signal.Signals if s == -code), f'signal {-code}')}"
 
 
-def _cause(failures: dict[int, dict], first: int, ended: dict[int, int], nproc: int) -> RankFailed:
-    """The failure that ended the job, from what had ``ended`` (rank -> exit code) before any rank was signalled.
-
-    A rank that ended abnormally without reporting why (killed by a signal, a crash in C++) is the cause: its
-    peers' errors (a closed connection, a timed-out collective) follow from it and are added as context.
-    Otherwise the first reported failure is the cause; ranks still running then (one hung outside the
-    collective its peers timed out in) are named too.
-    """
-    earliest = min(failures.values(), key=lambda f: f["order"], default=None)
+def _cause(failures: dict[int, list[str]], first: int, ended: dict[int, int], nproc: int) -> RankFailed:
+    """The failure that ended the job, from what had ``ended`` (rank -> exit code) before any rank was signalled:
+    a rank that died without reporting why (a signal, a crash in C++) caused its peers' errors, which follow
+    as context; else the first reported failure, naming the ranks still running then (hung elsewhere)."""
+    earliest = min(failures, key=lambda i: int(failures[i][0]), default=None)  # rank -> [order, cause]
     silent = sorted((i for i, code in ended.items() if code != 0 and i not in failures), key=lambda i: i != first)
     if silent:
-        then = f" (then rank {earliest['rank']}: {earliest['cause']})" if earliest else ""
+        then = f" (then rank {earliest}: {failures[earliest][1]})" if earliest is not None else ""
         return RankFailed(silent[0], _how(ended[silent[0]]) + then)
-    if earliest:
+    if earliest is not None:
         running = [str(i) for i in range(nproc) if i not in ended]
         still = f" (rank {', '.join(running)} was still running)" if running else ""
-        return RankFailed(earliest["rank"], earliest["cause"] + still)
+        return RankFailed(earliest, failures[earliest][1] + still)
     return RankFailed(first, _how(ended.get(first, 1)))  # it could not start (its stderr says why)
