@@ -183,6 +183,27 @@ def test_sigterm_ends_every_rank_of_a_larger_job(tmp_path):
     assert os.listdir(tmp_path / "tmp") == []
 
 
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_torchrun_of_another_world_size_is_said_once_and_every_rank_exits_2(tmp_path, monkeypatch, rank):
+    # What each torchrun worker sees (RANK, LOCAL_RANK, WORLD_SIZE set): only local rank 0 prints the one line.
+    from typer.testing import CliRunner
+
+    from overlap_bench.cli import app
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({**SPEC, "world_size": 3}))
+    for k, v in {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)
+    res = CliRunner().invoke(app, ["sweep", str(spec), "--out", str(tmp_path / "run")])
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit), (res.output, res.exception)
+    lines = res.output.strip().splitlines()
+    if rank == "0":
+        assert len(lines) == 1 and lines[0].startswith("error: world_size") and "WORLD_SIZE=2" in lines[0], lines
+    else:
+        assert lines == []
+    assert not (tmp_path / "run").exists()
+
+
 # ------------------------------------------------------------------- issue 18: no more ranks than the machine
 
 
