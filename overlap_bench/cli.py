@@ -55,6 +55,8 @@ def _guard(fn: Callable[[], Any], out_dir: Path | None = None) -> Any:
 
     # escape(): messages carry paths like "[/__w/...]" that rich would read as markup tags.
     kept = escape(f" Records so far are kept in {out_dir}; add --resume to continue.") if out_dir else ""
+    # Under torchrun every rank meets the same input and signals: one rank per machine says so, all exit alike.
+    says = os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) == "0"
     try:
         return fn()
     except RankFailed as exc:
@@ -62,10 +64,12 @@ def _guard(fn: Callable[[], Any], out_dir: Path | None = None) -> Any:
         raise typer.Exit(1)
     except KeyboardInterrupt as exc:
         word, code = ("terminated.", 143) if isinstance(exc, Terminated) else ("interrupted.", 130)
-        err_console.print(f"[yellow]{word}[/]{kept}", highlight=False, soft_wrap=True)
+        if says:
+            err_console.print(f"[yellow]{word}[/]{kept}", highlight=False, soft_wrap=True)
         raise typer.Exit(code)
     except UserError as exc:  # SpecError, LaunchError, PolicyError, bad flags
-        err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        if says:
+            err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
     except OSError as exc:  # exists, permission, name too long, is a directory; disk full
         msg, code = os_error_exit(exc)

@@ -94,7 +94,8 @@ def cli_env(marker: str | None = None, **extra: str) -> dict[str, str]:
     return env
 
 
-def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess; ``timeout`` only keeps a hung job from hanging the suite."""
     return subprocess.run([sys.executable, "-m", "overlap_bench", *args], env=env or cli_env(),
                           capture_output=True, text=True, timeout=timeout)
 
@@ -114,8 +115,9 @@ def marked_processes(marker: str) -> list[int]:
     return found
 
 
-def assert_none_left(marker: str, within_s: float = 10.0) -> None:
-    deadline = time.monotonic() + within_s
+def assert_none_left(marker: str, safety_s: float = 120.0) -> None:
+    """Wait until no marked process is left (they end on their own); ``safety_s`` only bounds a failure."""
+    deadline = time.monotonic() + safety_s
     while marked_processes(marker) and time.monotonic() < deadline:
         time.sleep(0.2)
     left = marked_processes(marker)
@@ -137,9 +139,7 @@ def one_line(text: str) -> str:
 @pytest.mark.parametrize("rank", [1, 0])  # 0 is the rank that writes the records
 def test_killed_rank_ends_job_records_intact_and_resume_completes(tmp_path, rank):
     spec, out, marker = write_spec(tmp_path / "spec.yaml"), tmp_path / "run", uuid.uuid4().hex
-    # timeout=90 only keeps a hung job from hanging the suite; no test asserts a wall-clock time.
-    res = cli("sweep", str(spec), "--out", str(out),
-              env=cli_env(marker, **{FAULT_ENV: f"kill:rank={rank}:after=3"}), timeout=90)
+    res = cli("sweep", str(spec), "--out", str(out), env=cli_env(marker, **{FAULT_ENV: f"kill:rank={rank}:after=3"}))
     assert res.returncode == 1, res.stderr
     err = one_line(res.stderr)
     assert f"error: rank {rank} failed: process killed by SIGKILL" in err, res.stderr
@@ -164,8 +164,7 @@ def test_killed_rank_ends_job_records_intact_and_resume_completes(tmp_path, rank
 
 def test_hung_rank_ends_job_through_collective_timeout_naming_the_case(tmp_path):
     spec, out, marker = write_spec(tmp_path / "spec.yaml", timeout_s=5), tmp_path / "run", uuid.uuid4().hex
-    res = cli("sweep", str(spec), "--out", str(out),
-              env=cli_env(marker, **{FAULT_ENV: "hang:rank=1:after=3"}), timeout=90)  # hang guard only
+    res = cli("sweep", str(spec), "--out", str(out), env=cli_env(marker, **{FAULT_ENV: "hang:rank=1:after=3"}))
     assert res.returncode == 1, res.stderr
     # Rank 1 stopped after its 3rd case; rank 0 timed out in the 4th, which the message names.
     c = in_run_order(spec)[3]
@@ -201,20 +200,19 @@ def test_ctrl_c_stops_every_rank_and_keeps_records(tmp_path, target):
                             env=cli_env(marker, **{FAULT_ENV: "hang:rank=1:after=2"}), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            if (out / RECORDS).exists() and len((out / RECORDS).read_text().splitlines()) >= 2:
-                break
+        # Waits for events (2 records written), not for a time: the deadline is a hang guard only.
+        deadline = time.monotonic() + 600
+        while not ((out / RECORDS).exists() and len((out / RECORDS).read_text().splitlines()) >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.2)
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.5)  # rank 0 is now waiting in a collective
+        time.sleep(0.5)  # rank 0 is now waiting in a collective (either way no third record can come)
         if target == "launcher":
             proc.send_signal(signal.SIGINT)
         elif target == "sigterm":
             proc.send_signal(signal.SIGTERM)
         else:  # what a terminal's Ctrl-C does: every process of the foreground group gets it
             os.killpg(proc.pid, signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=60)  # hang guard only
+        stdout, stderr = proc.communicate(timeout=600)  # hang guard only
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
