@@ -35,9 +35,15 @@ def _sample(x: Iterable[float], name: str) -> np.ndarray:
     return arr
 
 
+def _median(x: np.ndarray) -> np.ndarray:
+    """``np.median`` along the last axis, by a sort (several times faster on a batch of short resamples)."""
+    s = np.sort(x, axis=-1)
+    return (s[..., (x.shape[-1] - 1) // 2] + s[..., x.shape[-1] // 2]) / 2
+
+
 def _median_ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``median(b) / median(a)`` along the last axis (one sample, or a batch of resamples)."""
-    return np.median(b, axis=-1) / np.median(a, axis=-1)
+    return _median(b) / _median(a)
 
 
 def _distribution(a: np.ndarray, b: np.ndarray, n_boot: int, seed: int, paired: bool,
@@ -87,8 +93,7 @@ class Comparison:
     p_value: float
     verdict: str
     confidence: float
-    """Level of the central interval ``[ci_low, ci_high]``; one-sided only ``ci_low`` is read, a ``1 -
-    alpha / family`` lower bound (each tail holds ``alpha / family``)."""
+    """``1 - alpha / family``: the level of the interval (two-sided) or of its lower bound (one-sided)."""
     paired: bool
     """Resampled by pair index (asked for, equal lengths, enough pairs), else each side on its own."""
 
@@ -146,7 +151,7 @@ def judge(a: Iterable[float], b: Iterable[float], *, min_effect: float = MIN_EFF
         median_a=float(np.median(a)), median_b=float(np.median(b)),
         std_a=_std(a), std_b=_std(b),
         speedup=speedup, ci_low=lo, ci_high=hi, p_value=p, verdict=verdict,
-        confidence=1 - tail * (1 if one_sided else 2), paired=bool(used_pairs),
+        confidence=1 - alpha / family, paired=bool(used_pairs),
     )
 
 
@@ -171,12 +176,10 @@ def format_ci(lo: float, hi: float, thresholds: Iterable[float] = (1.0,), digits
 
 
 def geomean(values: Iterable[float]) -> float:
-    """Geometric mean of positive values (``scipy.stats.gmean``; NaN for an empty input)."""
-    from scipy.stats import gmean
-
+    """Geometric mean of positive values (NaN for an empty input)."""
     arr = np.asarray(list(values), dtype=float)
     if arr.size == 0:
         return math.nan
     if np.any(arr <= 0) or not np.all(np.isfinite(arr)):
         raise ValueError("geomean needs finite positive values")
-    return float(gmean(arr))
+    return float(np.exp(np.log(arr).mean()))
