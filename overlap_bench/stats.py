@@ -60,18 +60,17 @@ def _distribution(a: np.ndarray, b: np.ndarray, n_boot: int, seed: int, paired: 
     return np.sort(_median_ratio(a[ia], b[ib])), paired
 
 
-def _rank(tail: float, n: int) -> int:
-    """The bounds are the ``ceil(tail * n)``-th smallest and largest resampled ratios: the lower one is
-    above 1 exactly when fewer than ``tail * n`` resamples are at or below 1 (the p-value's count)."""
-    return max(1, math.ceil(round(tail * n, 9)))
+def _bounds(dist: np.ndarray, tail: float) -> tuple[float, float]:
+    """The ``ceil(tail * n)``-th smallest and largest of ``n`` sorted resampled ratios: the lower one is above
+    1 exactly when fewer than ``tail * n`` resamples are at or below 1 (the p-value's count)."""
+    k = max(1, math.ceil(round(tail * dist.size, 9)))
+    return float(dist[k - 1]), float(dist[-k])
 
 
 def bootstrap_ratio_ci(a: Iterable[float], b: Iterable[float], *, n_boot: int = 10000, alpha: float = 0.05,
                        seed: int = 0, paired: bool = False) -> tuple[float, float]:
     """Percentile bootstrap ``1 - alpha`` CI of ``median(b) / median(a)`` (no floor on the sample sizes)."""
-    dist, _ = _distribution(_sample(a, "a"), _sample(b, "b"), n_boot, seed, paired, alpha / 2)
-    k = _rank(alpha / 2, n_boot)
-    return float(dist[k - 1]), float(dist[-k])
+    return _bounds(_distribution(_sample(a, "a"), _sample(b, "b"), n_boot, seed, paired, alpha / 2)[0], alpha / 2)
 
 
 @dataclass(frozen=True)
@@ -132,8 +131,7 @@ def judge(a: Iterable[float], b: Iterable[float], *, min_effect: float = MIN_EFF
         verdict = "too few samples"
     else:
         dist, used_pairs = _distribution(a, b, n_boot, seed, paired, tail)
-        k = _rank(tail, n_boot)
-        lo, hi = float(dist[k - 1]), float(dist[-k])
+        lo, hi = _bounds(dist, tail)
         at_or_below = int(np.searchsorted(dist, 1.0, side="right"))
         at_or_above = n_boot - int(np.searchsorted(dist, 1.0, side="left"))
         p = at_or_below / n_boot if one_sided else min(1.0, 2 * min(at_or_below, at_or_above) / n_boot)
