@@ -170,8 +170,9 @@ def _ci_header(df: ComparisonTable) -> str:
 
 
 def _report_rows(df: ComparisonTable) -> list[list[str]]:
+    m = df.attrs.get("min_effect", MIN_EFFECT)
     return [[str(r["shape"]), str(r["M"]), _setting(r), _fmt_tps(r["median_a"]), _fmt_tps(r["median_b"]),
-             _fmt_speedup(r, df.attrs.get("min_effect", MIN_EFFECT)), _fmt_p(r["p_value"]), str(r["verdict"])] for _, r in df.iterrows()]
+             _fmt_speedup(r, m), _fmt_p(r["p_value"]), str(r["verdict"])] for _, r in df.iterrows()]
 
 
 def _headers(df: ComparisonTable) -> list[str]:
