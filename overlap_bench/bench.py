@@ -293,14 +293,16 @@ Side = tuple[str, Any]
 
 def run_ab(ctx: RankContext, cases: list[Case], sides: tuple[Side, Side], repeats: int, opts: BenchOptions,
            name: str = RECORDS, kind: str = "compare", extra: dict[str, Any] | None = None) -> None:
-    """``compare``'s rank function: A and B timed interleaved (A B A B ...) ``repeats`` times per case.
+    """``compare``'s rank function: A and B timed interleaved in pairs, ``repeats`` times per case, the
+    order alternating (A B, B A, ...) so neither side always runs first.
 
     Each repeat is a full timed region (warm-up, ``reps`` calls, median, max over ranks), so the samples
     are independent measurements of the same two settings on the same inputs, side by side in time.
     Both outputs are checked against the baseline first; a side that fails (or cannot run here) is one
     record with that status, and nothing of that case is timed. Rank 0 appends one :class:`Record` of
     ``kind`` per timed region and side to the log ``name`` of ``opts.out_dir``; ``extra`` holds ``side``
-    (``a``/``b``), ``repeat``, ``repeats`` and ``pair`` (both labels), plus the caller's ``extra``.
+    (``a``/``b``), ``repeat``, ``first`` (the side run first in that repeat), ``repeats`` and ``pair`` (both
+    labels), plus the caller's ``extra``.
     """
     cases = same_cases(cases, ctx)
     device_name = ctx.device_name
@@ -321,7 +323,7 @@ def run_ab(ctx: RankContext, cases: list[Case], sides: tuple[Side, Side], repeat
                 c = both[i]
                 tags = {**said[i], **(extra or {}), "side": "ab"[i], "pair": pair, "repeats": repeats}
                 if repeat is not None:
-                    tags["repeat"] = repeat
+                    tags["repeat"], tags["first"] = repeat, "ab"[repeat % 2]
                 folder.append(_record(c, ctx, opts, device_name, kind=kind, rel_err=checks[i].rel_err,
                                       note=strategies.backend_note(c.strategy, c.settings, ctx.backend),
                                       extra=tags, **values), name)
@@ -332,7 +334,8 @@ def run_ab(ctx: RankContext, cases: list[Case], sides: tuple[Side, Side], repeat
                     emit(i, status=ch.status, reason=ch.reason)
         else:
             for rep in range(repeats):
-                for i, c in enumerate(both):
+                for i in ((0, 1), (1, 0))[rep % 2]:  # A B, B A, ...: the first side is "ab"[rep % 2]
+                    c = both[i]
                     t = _time(lambda: strategies.run(c.strategy, x, w, b, None, c.settings), ctx, opts)
                     emit(i, rep, t_ms=t.median_ms, t_iqr_ms=t.iqr_ms,
                          tokens_per_s=metrics.tokens_per_s(case.M, t.median_ms))

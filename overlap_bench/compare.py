@@ -13,7 +13,7 @@ import pandas as pd
 
 from overlap_bench.markdown import cell, table
 from overlap_bench.records import Record, json_safe, load_records
-from overlap_bench.stats import MIN_EFFECT, VERDICTS, Comparison, compare_samples, geomean
+from overlap_bench.stats import MIN_EFFECT, VERDICTS, Comparison, format_ci, geomean, judge
 
 CASE_COLUMNS = ["shape", "K", "N", "M", "dtype", "a_label", "b_label", "samples_a", "samples_b"]
 COLUMNS = CASE_COLUMNS + [f.name for f in fields(Comparison)]
@@ -24,14 +24,16 @@ ComparisonTable = pd.DataFrame
 
 def build_table(rows: list[dict[str, Any]], *, min_effect: float = MIN_EFFECT, alpha: float = 0.05,
                 n_boot: int = 10000, seed: int = 0) -> ComparisonTable:
-    """Compare ``samples_b`` against ``samples_a`` (tokens/s) for each row; extra keys are kept as columns."""
+    """Judge ``samples_b`` against ``samples_a`` (tokens/s) for each row (resampled as pairs where the row says
+    ``paired``); extra keys are kept as columns."""
     out = []
     for row in rows:
         missing = [c for c in CASE_COLUMNS if c not in row]
         if missing:
             raise ValueError(f"comparison row lacks {missing}")
         a, b = [float(x) for x in row["samples_a"]], [float(x) for x in row["samples_b"]]
-        cmp = compare_samples(a, b, min_effect=min_effect, alpha=alpha, n_boot=n_boot, seed=seed)
+        cmp = judge(a, b, min_effect=min_effect, alpha=alpha, paired=bool(row.get("paired")), n_boot=n_boot,
+                    seed=seed)
         out.append({**row, "samples_a": a, "samples_b": b, **asdict(cmp)})
     extra = [k for r in rows for k in r if k not in COLUMNS]
     df = pd.DataFrame(out, columns=COLUMNS + list(dict.fromkeys(extra)))
@@ -40,11 +42,13 @@ def build_table(rows: list[dict[str, Any]], *, min_effect: float = MIN_EFFECT, a
 
 
 def summary(df: ComparisonTable) -> dict[str, Any]:
-    """Geometric-mean speedup over the rows and the count of each verdict."""
-    speedups = [s for s in df["speedup"] if math.isfinite(s) and s > 0] if len(df) else []
+    """Geometric-mean speedup over the rows with a verdict (NaN if none has one) and the count of each verdict."""
+    judged = df[df["verdict"] != "too few samples"] if len(df) else df
+    speedups = [s for s in judged["speedup"] if math.isfinite(s) and s > 0] if len(judged) else []
     counts = df["verdict"].value_counts().to_dict() if len(df) else {}
     return {
         "rows": int(len(df)),
+        "judged": len(speedups),
         "geomean_speedup": geomean(speedups),
         "verdicts": {v: int(counts.get(v, 0)) for v in VERDICTS},
     }
@@ -102,7 +106,8 @@ def table_from_records(a: Iterable[Record], b: Iterable[Record], *, one_run: boo
                              samples_a=[float(r.tokens_per_s) for r in ra],
                              samples_b=[float(r.tokens_per_s) for r in rb], bias=bias, env=dict(env),
                              t_ms_a=[r.t_ms for r in ra], t_ms_b=[r.t_ms for r in rb],
-                             rel_err_a=max(r.rel_err for r in ra), rel_err_b=max(r.rel_err for r in rb)))
+                             rel_err_a=max(r.rel_err for r in ra), rel_err_b=max(r.rel_err for r in rb),
+                             paired=one_run))
     for side, other in (("A", "B"), ("B", "A")):
         for case in ok[side]:
             if case not in ok[other]:
@@ -149,9 +154,9 @@ def _fmt_tps(x: float) -> str:
     return f"{x:,.0f}" if math.isfinite(x) else "n/a"
 
 
-def _fmt_speedup(row: pd.Series) -> str:
-    ci = f"{row['ci_low']:.3f}, {row['ci_high']:.3f}" if math.isfinite(row["ci_low"]) else "n/a: one sample"
-    return f"{row['speedup']:.3f}× [{ci}]"
+def _fmt_speedup(row: pd.Series, min_effect: float) -> str:
+    ci = format_ci(row["ci_low"], row["ci_high"], (1 - min_effect, 1.0, 1 + min_effect))
+    return f"{row['speedup']:.3f}× [{ci if ci != 'n/a' else 'n/a: ' + str(row['verdict'])}]"
 
 
 def _fmt_p(p: float) -> str:
@@ -165,8 +170,9 @@ def _ci_header(df: ComparisonTable) -> str:
 
 
 def _report_rows(df: ComparisonTable) -> list[list[str]]:
+    m = df.attrs.get("min_effect", MIN_EFFECT)
     return [[str(r["shape"]), str(r["M"]), _setting(r), _fmt_tps(r["median_a"]), _fmt_tps(r["median_b"]),
-             _fmt_speedup(r), _fmt_p(r["p_value"]), str(r["verdict"])] for _, r in df.iterrows()]
+             _fmt_speedup(r, m), _fmt_p(r["p_value"]), str(r["verdict"])] for _, r in df.iterrows()]
 
 
 def _headers(df: ComparisonTable) -> list[str]:
@@ -177,7 +183,7 @@ def _summary_line(summ: dict[str, Any]) -> str:
     g = summ["geomean_speedup"]
     counts = ", ".join(f"{n} {v}" for v, n in summ["verdicts"].items())
     gm = f"{g:.3f}×" if math.isfinite(g) else "n/a"
-    return f"Geometric-mean speedup (B/A) over {summ['rows']} case(s): {gm} ({counts})"
+    return f"Geometric-mean speedup (B/A) over {summ['judged']} of {summ['rows']} case(s): {gm} ({counts})"
 
 
 def to_markdown(df: ComparisonTable, summ: dict[str, Any], title: str) -> str:

@@ -6,7 +6,7 @@ speedup is biased upwards (the winner's curse). After the first pass, for every 
 bias, env, world) the leading candidates (the best :data:`TOP` by first-pass speedup, and every peer such
 as ``pr``) are measured again against the baseline, interleaved, with repeats, exactly as ``compare`` does
 (:func:`overlap_bench.bench.run_ab`), and judged with ``compare``'s one statistic
-(:func:`overlap_bench.stats.compare_samples`: ratio of medians, its bootstrap CI). A setting is shipped only
+(:func:`overlap_bench.stats.judge`: ratio of medians, its bootstrap CI). A setting is shipped only
 where the confirmed CI's lower bound exceeds ``1 + min_effect``.
 
 The decision logic (:func:`leaders`, :func:`decide`) is pure: it takes numbers, so it is tested with
@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping
 
 from overlap_bench import runfolder
 from overlap_bench.records import Record
-from overlap_bench.stats import MIN_EFFECT, compare_samples
+from overlap_bench.stats import MIN_EFFECT, SHIP_ALPHA, judge
 
 TOP = 3
 """Candidates confirmed per group and M besides the peers: the best this many by first-pass speedup."""
@@ -71,20 +71,21 @@ class Decision:
 
 
 def decide(samples: Mapping[str, tuple[list[float], list[float]]], order: list[str] | None = None, *,
-           min_effect: float = MIN_EFFECT, alpha: float = 0.05, n_boot: int = 10000, seed: int = 0) -> Decision:
+           min_effect: float = MIN_EFFECT, alpha: float = SHIP_ALPHA, n_boot: int = 10000, seed: int = 0) -> Decision:
     """Decide one bucket from its confirmation samples: ``label -> (baseline tokens/s, candidate tokens/s)``,
     interleaved repeats. ``order`` lists the labels by first-pass rank (its first is the leader).
 
-    A candidate passes when :func:`compare_samples`'s CI lower bound exceeds ``1 + min_effect``; of those
-    the one with the highest lower bound ships (the least doubtful gain), else the baseline. With ``k``
-    candidates each CI is a ``1 - alpha / k`` interval (Bonferroni): ``k`` chances to pass by luck would
-    otherwise ship a tie ``k`` times as often as ``alpha`` says."""
+    A candidate passes when :func:`stats.judge`'s one-sided verdict, over the ``k`` candidates confirmed
+    (Bonferroni: its lower bound is a ``1 - alpha / k`` bound) with the repeats resampled as pairs, is
+    ``faster``; of those the one with the highest lower bound ships (the least doubtful gain), else the
+    baseline."""
     order = [lab for lab in (order or sorted(samples)) if lab in samples]
     k = max(1, sum(1 for a, b in samples.values() if len(a) and len(b)))
-    results = {lab: compare_samples(a, b, min_effect=min_effect, alpha=alpha / k, n_boot=n_boot, seed=seed)
+    results = {lab: judge(a, b, min_effect=min_effect, alpha=alpha, one_sided=True, family=k, paired=True,
+                          n_boot=n_boot, seed=seed)
                for lab, (a, b) in samples.items() if len(a) and len(b)}
     reps = min((min(c.n_a, c.n_b) for c in results.values()), default=0)
-    passing = [lab for lab, c in results.items() if math.isfinite(c.ci_low) and c.ci_low > 1 + min_effect]
+    passing = [lab for lab, c in results.items() if c.verdict == "faster"]
     lead = next((lab for lab in order if lab in results), None)
     lc = results.get(lead) if lead else None
     lead_fields = (lead, lc.speedup if lc else math.nan, (lc.ci_low, lc.ci_high) if lc else (math.nan, math.nan))

@@ -1,19 +1,29 @@
-"""Statistics for comparing two samples of throughput (tokens/s: higher is better): one robust statistic, the
-ratio of medians, its bootstrap CI and p-value from the same bootstrap, and a verdict that follows the CI."""
+"""Statistics for comparing two samples of throughput (tokens/s: higher is better): the ratio of medians, its
+bootstrap distribution, and the one decision rule (:func:`judge`) that ``compare`` and the confirmation use."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import ClassVar, Iterable, Mapping, Sequence
 
 import numpy as np
 
 MIN_EFFECT = 0.01
 """Smallest relative change called faster or slower (a noise floor): ``compare --min-effect``, and the
-confirmation stage's margin (a setting ships where its CI lower bound exceeds ``1 + MIN_EFFECT``)."""
+confirmation's margin (a setting ships where its lower bound exceeds ``1 + MIN_EFFECT``)."""
+SHIP_ALPHA = 0.01
+"""The ship rule's one-sided family-wise error: where nothing beats the baseline, at most this share of buckets
+ships a setting, at any noise (Bonferroni over the candidates confirmed)."""
+MIN_SAMPLES = 5
+"""Fewer samples than this on a side: no CI, no verdict, no headline (a bootstrap of two covers ~68%)."""
+SCREEN_TOP = 10
+"""Second stage: the best this many first-pass settings (and the peers) are screened before confirmation ..."""
+SCREEN_REPEATS = 3
+"""... each measured this many times interleaved with the baseline; the best ``confirm.TOP`` of the screen's
+ratios of medians (:func:`screen_speedups`, then ``confirm.leaders``) go on to the confirmation."""
 
-VERDICTS = ("faster", "slower", "no significant difference", "below min_effect")
+VERDICTS = ("faster", "slower", "no significant difference", "below min_effect", "too few samples")
 
 
 def _sample(x: Iterable[float], name: str) -> np.ndarray:
@@ -25,32 +35,48 @@ def _sample(x: Iterable[float], name: str) -> np.ndarray:
     return arr
 
 
+def _median(x: np.ndarray) -> np.ndarray:
+    """``np.median`` along the last axis, by a sort (several times faster on a batch of short resamples)."""
+    s = np.sort(x, axis=-1)
+    return (s[..., (x.shape[-1] - 1) // 2] + s[..., x.shape[-1] // 2]) / 2
+
+
 def _median_ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``median(b) / median(a)`` along the last axis (one sample, or a batch of resamples)."""
-    return np.median(b, axis=-1) / np.median(a, axis=-1)
+    return _median(b) / _median(a)
 
 
-def _bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int, alpha: float, seed: int) -> tuple[np.ndarray, float, float]:
-    """The bootstrap distribution of ``median(b) / median(a)`` (each side resampled independently) and its
-    percentile CI. Not ``scipy.stats.bootstrap``: it refuses one-observation samples (``--repeats 1``)."""
+def _distribution(a: np.ndarray, b: np.ndarray, n_boot: int, seed: int, paired: bool,
+                  tail: float) -> tuple[np.ndarray, bool]:
+    """The sorted bootstrap distribution of the ratio of medians, and whether it was paired: samples of equal
+    length taken as pairs (``a[i]``, ``b[i]``: one interleaved repeat) are resampled by pair index, so drift
+    they share cancels. Unequal lengths fall back to resampling each side on its own, and so do fewer pairs
+    than resolve ``tail``: ``n`` pairs cannot show a tail below ``2 ** -n`` (the chance that every pair
+    favours one side), and their bootstrap would claim one."""
     rng = np.random.default_rng(seed)
-    dist = _median_ratio(a[rng.integers(0, a.size, size=(n_boot, a.size))],
-                         b[rng.integers(0, b.size, size=(n_boot, b.size))])
-    lo, hi = np.quantile(dist, [alpha / 2, 1 - alpha / 2])
-    return dist, float(lo), float(hi)
+    paired = paired and a.size == b.size and 0.5 ** a.size <= tail
+    ia = rng.integers(0, a.size, size=(n_boot, a.size))
+    ib = ia if paired else rng.integers(0, b.size, size=(n_boot, b.size))
+    return np.sort(_median_ratio(a[ia], b[ib])), paired
+
+
+def _bounds(dist: np.ndarray, tail: float) -> tuple[float, float]:
+    """The ``ceil(tail * n)``-th smallest and largest of ``n`` sorted resampled ratios: the lower one is above
+    1 exactly when fewer than ``tail * n`` resamples are at or below 1 (the p-value's count)."""
+    k = max(1, math.ceil(round(tail * dist.size, 9)))
+    return float(dist[k - 1]), float(dist[-k])
 
 
 def bootstrap_ratio_ci(a: Iterable[float], b: Iterable[float], *, n_boot: int = 10000, alpha: float = 0.05,
-                       seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap ``1 - alpha`` CI of ``median(b) / median(a)``, each side resampled independently."""
-    a, b = _sample(a, "a"), _sample(b, "b")
-    return _bootstrap(a, b, n_boot, alpha, seed)[1:]
+                       seed: int = 0, paired: bool = False) -> tuple[float, float]:
+    """Percentile bootstrap ``1 - alpha`` CI of ``median(b) / median(a)`` (no floor on the sample sizes)."""
+    return _bounds(_distribution(_sample(a, "a"), _sample(b, "b"), n_boot, seed, paired, alpha / 2)[0], alpha / 2)
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """B against A: ``speedup = median_b / median_a`` with the bootstrap CI of that same ratio, the p-value
-    read off the same bootstrap distribution, and a verdict that follows the CI."""
+    """B against A by :func:`judge`: ``speedup = median_b / median_a``, the bootstrap CI of that ratio, the
+    p-value counted off the same bootstrap distribution, and the verdict the CI gives."""
 
     n_a: int
     n_b: int
@@ -65,54 +91,93 @@ class Comparison:
     ci_high: float
     p_value: float
     verdict: str
+    confidence: float
+    """``1 - alpha / family``: the level of the interval (two-sided) or of its lower bound (one-sided)."""
+    paired: bool
+    """Resampled by pair index (asked for, equal lengths, enough pairs), else each side on its own."""
+
+    expected_from: ClassVar[str] = "ci_low"
+
+    @property
+    def expected(self) -> float:
+        """The speedup to expect, unbiased by picking the best of many: the CI's lower bound."""
+        return self.ci_low
 
 
 def _std(x: np.ndarray) -> float:
     return float(x.std(ddof=1)) if x.size > 1 else 0.0
 
 
-def compare_samples(a: Iterable[float], b: Iterable[float], *, min_effect: float = MIN_EFFECT, alpha: float = 0.05,
-                    n_boot: int = 10000, seed: int = 0) -> Comparison:
-    """Compare throughput sample ``b`` against ``a`` with one robust statistic, the ratio of medians.
+def judge(a: Iterable[float], b: Iterable[float], *, min_effect: float = MIN_EFFECT, alpha: float = 0.05,
+          one_sided: bool = False, family: int = 1, paired: bool = False, n_boot: int = 10000,
+          seed: int = 0) -> Comparison:
+    """THE decision rule: throughput ``b`` against ``a`` by the ratio of medians and its bootstrap.
 
-    ``faster``/``slower``: the CI excludes 1 on that side and the speedup is beyond ``min_effect`` (a
-    relative change, 0.01 = 1%); ``below min_effect``: the CI excludes 1 but the change is smaller;
-    ``no significant difference``: the CI holds 1. The two-sided p-value is the bootstrap's
-    ``2 * min(P(ratio <= 1), P(ratio >= 1))``, so ``p < alpha`` exactly when the CI leaves 1 out (up to the
-    quantiles' interpolation), never against it.
+    ``t = alpha / family`` (Bonferroni over ``family`` comparisons made together), halved when two-sided.
+    The CI is ``[lo, hi]``, the ``ceil(t * n_boot)``-th smallest and largest resampled ratios; the p-value is
+    the share of resamples at or beyond 1 (doubled when two-sided), so ``p < alpha / family`` exactly when
+    the CI leaves 1 out. Verdict: ``faster`` iff ``lo > 1 + min_effect``; two-sided only, ``slower`` iff
+    ``hi < 1 - min_effect``; ``below min_effect`` iff the CI leaves 1 out on a side it may report but not
+    the threshold; else ``no significant difference``. Fewer than :data:`MIN_SAMPLES` on a side: ``too
+    few samples`` (no CI, no p). ``compare`` asks the two-sided question; the confirmation ships a candidate
+    iff its one-sided verdict (``family`` = candidates confirmed) is ``faster``.
     """
     a, b = _sample(a, "a"), _sample(b, "b")
     speedup = float(_median_ratio(a, b))
-    if min(a.size, b.size) < 2:  # one measurement has no spread: no CI, nothing significant
-        lo = hi = math.nan
-        p = 1.0
+    tail = alpha / family / (1 if one_sided else 2)
+    lo = hi = p = math.nan
+    used_pairs = False
+    if min(a.size, b.size) < MIN_SAMPLES:
+        verdict = "too few samples"
     else:
-        dist, lo, hi = _bootstrap(a, b, n_boot, alpha, seed)
-        p = min(1.0, 2 * float(min(np.mean(dist <= 1), np.mean(dist >= 1))))
-    if lo > 1 and speedup - 1 > min_effect:
-        verdict = "faster"
-    elif hi < 1 and 1 - speedup > min_effect:
-        verdict = "slower"
-    elif not lo > 1 and not hi < 1:  # the CI holds 1 (or there is none)
-        verdict = "no significant difference"
-    else:
-        verdict = "below min_effect"
+        dist, used_pairs = _distribution(a, b, n_boot, seed, paired, tail)
+        lo, hi = _bounds(dist, tail)
+        at_or_below = int(np.searchsorted(dist, 1.0, side="right"))
+        at_or_above = n_boot - int(np.searchsorted(dist, 1.0, side="left"))
+        p = at_or_below / n_boot if one_sided else min(1.0, 2 * min(at_or_below, at_or_above) / n_boot)
+        if lo > 1 + min_effect:
+            verdict = "faster"
+        elif not one_sided and hi < 1 - min_effect:
+            verdict = "slower"
+        elif lo > 1 or (not one_sided and hi < 1):
+            verdict = "below min_effect"
+        else:
+            verdict = "no significant difference"
     return Comparison(
         n_a=int(a.size), n_b=int(b.size),
         mean_a=float(a.mean()), mean_b=float(b.mean()),
         median_a=float(np.median(a)), median_b=float(np.median(b)),
         std_a=_std(a), std_b=_std(b),
         speedup=speedup, ci_low=lo, ci_high=hi, p_value=p, verdict=verdict,
+        confidence=1 - alpha / family, paired=bool(used_pairs),
     )
 
 
-def geomean(values: Iterable[float]) -> float:
-    """Geometric mean of positive values (``scipy.stats.gmean``; NaN for an empty input)."""
-    from scipy.stats import gmean
+def screen_speedups(samples: Mapping[str, tuple[Sequence[float], Sequence[float]]]) -> dict[str, float]:
+    """``label -> median(candidate) / median(baseline)`` of the screen's samples (``label -> (baseline,
+    candidate)`` tokens/s), for ``confirm.leaders`` to pick the candidates the confirmation re-measures."""
+    return {lab: float(_median_ratio(_sample(a, "a"), _sample(b, "b"))) for lab, (a, b) in samples.items()}
 
+
+def format_ci(lo: float, hi: float, thresholds: Iterable[float] = (1.0,), digits: int = 3) -> str:
+    """``"lo, hi"`` with ``digits`` decimals, more where fewer would round a bound onto or across one of
+    the ``thresholds`` a verdict reads (a bound above 1 never prints as 1.000); ``n/a`` without a CI."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "n/a"
+    marks = list(thresholds)
+
+    def keeps(d: int) -> bool:
+        return all(np.sign(float(f"{x:.{d}f}") - t) == np.sign(x - t) for x in (lo, hi) for t in marks)
+
+    d = next((d for d in range(digits, 17) if keeps(d)), 17)
+    return f"{lo:.{d}f}, {hi:.{d}f}"
+
+
+def geomean(values: Iterable[float]) -> float:
+    """Geometric mean of positive values (NaN for an empty input)."""
     arr = np.asarray(list(values), dtype=float)
     if arr.size == 0:
         return math.nan
     if np.any(arr <= 0) or not np.all(np.isfinite(arr)):
         raise ValueError("geomean needs finite positive values")
-    return float(gmean(arr))
+    return float(np.exp(np.log(arr).mean()))

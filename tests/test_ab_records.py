@@ -56,6 +56,9 @@ def test_compare_writes_one_record_per_region_and_side_and_is_judged_from_them(t
         mine = [r for r in recs if (r["shape"], r["M"]) == (shape, M)]
         assert sorted((r["extra"]["side"], r["extra"]["repeat"]) for r in mine) == [("a", 0), ("a", 1), ("b", 0),
                                                                                     ("b", 1)]
+        # the order alternates per pair (A B, then B A), and each record says which side ran first
+        assert [(r["extra"]["side"], r["extra"]["first"]) for r in mine] == [("a", "a"), ("b", "a"), ("b", "b"),
+                                                                             ("a", "b")]
         assert {(r["extra"]["side"], r["label"], r["strategy"]) for r in mine} == {("a", "baseline", "baseline"),
                                                                                  ("b", "pr", "pr")}
         assert all(r["extra"]["pair"] == ["baseline", "pr"] and r["rel_err"] <= r["tol"] and r["t_ms"] > 0

@@ -12,7 +12,7 @@ from overlap_bench.compare import (build_table, compare_run_dirs, rich_table, su
                                    to_markdown)
 from overlap_bench.records import Record
 from overlap_bench.runfolder import RunFolder
-from overlap_bench.stats import bootstrap_ratio_ci, compare_samples, geomean
+from overlap_bench.stats import bootstrap_ratio_ci, judge, geomean
 
 
 # ---- Mann-Whitney ------------------------------------------------------------------------------------------
@@ -72,11 +72,12 @@ def test_bootstrap_rejects_bad_samples():
 # ---- verdicts --------------------------------------------------------------------------------------------------
 
 def test_identical_samples_no_difference():
-    for a in ([100.0] * 5, [1.0, 2.0, 3.0, 4.0]):
-        c = compare_samples(a, list(a))
+    for a in ([100.0] * 5, [1.0, 2.0, 3.0, 4.0, 5.0]):
+        c = judge(a, list(a))
         assert c.verdict == "no significant difference"
         assert c.p_value == 1.0
         assert c.speedup == 1.0
+    assert judge([1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]).verdict == "too few samples"  # below the floor
 
 
 def _shifted(factor: float, noise: float, seed: int = 11):
@@ -88,34 +89,34 @@ def _shifted(factor: float, noise: float, seed: int = 11):
 
 def test_ten_percent_shift_detected_both_ways():
     a, b = _shifted(1.10, 0.01)
-    c = compare_samples(a, b)
+    c = judge(a, b)
     assert c.verdict == "faster"
     assert c.speedup == pytest.approx(1.10, rel=0.01)
     assert c.ci_low > 1 and c.p_value < 0.001
-    r = compare_samples(b, a)
+    r = judge(b, a)
     assert r.verdict == "slower"
     assert r.ci_high < 1
 
 
 def test_min_effect_suppresses_tiny_shift():
     a, b = _shifted(1.005, 1e-4)
-    tiny = compare_samples(a, b, min_effect=0.01)
+    tiny = judge(a, b, min_effect=0.01)
     assert tiny.p_value < 0.05 and tiny.ci_low > 1        # real...
     assert tiny.verdict == "below min_effect"             # ...but below the threshold (issue 13: never "no
-    assert compare_samples(a, b, min_effect=0.001).verdict == "faster"  # significant difference" beside such a CI)
-    assert compare_samples(b, a, min_effect=0.01).verdict == "below min_effect"
+    assert judge(a, b, min_effect=0.001).verdict == "faster"  # significant difference" beside such a CI)
+    assert judge(b, a, min_effect=0.01).verdict == "below min_effect"
 
 
 def test_single_samples_are_honest():
-    c = compare_samples([1000.0], [1200.0])
+    c = judge([1000.0], [1200.0])
     assert (c.n_a, c.n_b, c.std_a, c.std_b) == (1, 1, 0.0, 0.0)
     assert math.isnan(c.ci_low) and math.isnan(c.ci_high)  # one measurement has no spread, hence no CI
     assert c.speedup == pytest.approx(1.2)
-    assert c.p_value == 1.0 and c.verdict == "no significant difference"
+    assert math.isnan(c.p_value) and c.verdict == "too few samples"
 
 
 def test_summary_fields():
-    c = compare_samples([1.0, 2.0, 3.0], [2.0, 4.0, 9.0])
+    c = judge([1.0, 2.0, 3.0], [2.0, 4.0, 9.0])
     assert (c.mean_a, c.median_b) == (2.0, 4.0)
     assert c.std_a == pytest.approx(1.0) and c.std_b == pytest.approx(np.std([2, 4, 9], ddof=1))
     assert c.speedup == pytest.approx(4.0 / 2.0)  # issue 13: the ratio of medians
@@ -175,7 +176,7 @@ def test_compare_single_records_per_case(tmp_path):
     assert unmatched == []
     row = df.iloc[0]
     assert math.isnan(row["ci_low"]) and math.isnan(row["ci_high"]) and row["speedup"] == pytest.approx(1.5)
-    assert row["p_value"] == 1.0 and row["verdict"] == "no significant difference"
+    assert math.isnan(row["p_value"]) and row["verdict"] == "too few samples"
 
 
 def _table():
@@ -183,7 +184,7 @@ def _table():
     rows = [dict(shape="m/o_proj", K=1024, N=2048, M=4096, dtype="bfloat16", a_label="baseline",
                  b_label="chunked:chunks=4", samples_a=list(a), samples_b=list(b)),
             dict(shape="m/down|proj", K=512, N=2048, M=128, dtype="bfloat16", a_label="baseline",
-                 b_label="baseline", samples_a=[100.0, 100.0], samples_b=[100.0, 100.0])]
+                 b_label="baseline", samples_a=[100.0] * 5, samples_b=[100.0] * 5)]
     return build_table(rows), a, b
 
 
@@ -194,7 +195,8 @@ def test_build_table_and_summary():
     s = summary(df)
     assert s["rows"] == 2
     assert s["geomean_speedup"] == pytest.approx(math.sqrt(np.median(b) / np.median(a)))
-    assert s["verdicts"] == {"faster": 1, "slower": 0, "no significant difference": 1, "below min_effect": 0}
+    assert s["verdicts"] == {"faster": 1, "slower": 0, "no significant difference": 1, "below min_effect": 0,
+                             "too few samples": 0}
     empty = build_table([])
     assert len(empty) == 0 and "verdict" in empty.columns
     assert summary(empty)["rows"] == 0 and math.isnan(summary(empty)["geomean_speedup"])
