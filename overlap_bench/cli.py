@@ -530,6 +530,7 @@ def interference(
             cfg = itf.InterferenceConfig(shapes, toks, d, itf.parse_ctas(ctas), itf.parse_rates(cta_gbps),
                                          itf.parse_copies(copy), itf.parse_sms(sms), rounds, warmup, reps,
                                          pace=pace)
+        itf.check_inputs(cfg, from_dir, comm_from, busbw, world, comm_ctas)  # before a folder is made
         run_dir = out or from_dir or Path("runs/interference")
         with runfolder.lock(run_dir):  # one writer per run folder
             records, preds = itf.run_interference(cfg, out=run_dir, from_dir=from_dir, comm_from=comm_from,
