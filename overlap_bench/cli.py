@@ -438,17 +438,21 @@ def report(run_dir: Path = typer.Argument(..., help="A sweep's run directory."))
 
 @app.command()
 def model(
-    preset: str = typer.Option("qwen2.5-72b", help="Model preset (qwen2.5-72b, llama-3.1-70b, llama-3.1-405b, tiny)."),
+    preset: Optional[str] = typer.Option(None, help="Model preset (qwen2.5-72b, llama-3.1-70b, llama-3.1-405b, tiny; "
+                                         "default: qwen2.5-72b on GPUs, tiny on CPU)."),
     tp: Optional[int] = typer.Option(None, help="Tensor-parallel size (default: every rank)."),
     policy: Optional[Path] = typer.Option(None, help="Policy YAML from `overlap-bench export` (adds the policy mode)."),
-    tokens: str = typer.Option("8192,16384,32768", "--tokens", "-m", help="Prefill token counts, comma-separated."),
+    tokens: Optional[str] = typer.Option(None, "--tokens", "-m", help="Prefill token counts, comma-separated "
+                                         "(default: 8192,16384,32768 on GPUs, 64,256 on CPU)."),
     layers: int = typer.Option(4, help="Decoder layers in the synthetic stack."),
-    dtype: str = typer.Option("bfloat16", help="bfloat16, float16 or float32."),
+    dtype: Optional[str] = typer.Option(None, help="bfloat16, float16 or float32 (default: bfloat16 on GPUs, "
+                                        "float32 on CPU)."),
     warmup: int = typer.Option(2, help="Untimed forwards per mode before timing."),
     reps: int = typer.Option(9, help="Timed forwards per mode (split into interleaved rounds)."),
     nproc: Optional[int] = typer.Option(None, help="Ranks (default: every GPU, or 2 on CPU)."),
     backend: Optional[str] = typer.Option(None, help="auto, nccl or gloo."),
-    out: Path = typer.Option(Path("runs/model"), help="Writes model.jsonl and env.json here."),
+    out: Path = typer.Option(Path("runs/model"), help="Appends to model.jsonl (and writes env.json) here."),
+    resume: bool = typer.Option(False, help="Continue the run in --out: record only the (M, mode) rows missing."),
     as_json: bool = typer.Option(False, "--json", help="Print the records as a JSON array instead of a table."),
     mode: str = typer.Option("all", "--mode", help="Modes, comma-separated: baseline, pr, policy, nanobatch, "
                              "nanobatch+policy, nocomm, or all (baseline and nocomm always run)."),
@@ -474,8 +478,9 @@ def model(
         except ValueError as e:
             flag = {"comm": "--nano-comm", "attention": "--nano-attention"}.get(str(e).split()[0], "--nanobatches")
             raise UserError(f"{flag}: {e}") from None
-        records = model_main(preset, tp, _ints(tokens, "--tokens"), layers, policy, dtype, warmup, reps, out,
-                             backend=backend, nproc=nproc, modes=modes, nano=nano, shapes_tp=shapes_tp)
+        records = model_main(preset, tp, _ints(tokens, "--tokens") if tokens else None, layers, policy, dtype, warmup,
+                             reps, out, backend=backend, nproc=nproc, modes=modes, nano=nano, shapes_tp=shapes_tp,
+                             resume=resume, progress=not as_json)
         if not _rank0():
             return
         if as_json:
@@ -534,6 +539,7 @@ def interference(
             cfg = itf.InterferenceConfig(shapes, toks, d, itf.parse_ctas(ctas), itf.parse_rates(cta_gbps),
                                          itf.parse_copies(copy), itf.parse_sms(sms), rounds, warmup, reps,
                                          pace=pace)
+        itf.check_inputs(cfg, from_dir, comm_from, busbw, world, comm_ctas)  # before a folder is made
         run_dir = out or from_dir or Path("runs/interference")
         with runfolder.lock(run_dir):  # one writer per run folder
             records, preds = itf.run_interference(cfg, out=run_dir, from_dir=from_dir, comm_from=comm_from,

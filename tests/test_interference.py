@@ -209,10 +209,16 @@ def test_slowdown_table_cells(tmp_path):
 
 # ---------------------------------------------------------------- the command line
 
-def test_cli_without_gpu_exits_2_with_one_line():
-    res = runner.invoke(app, ["interference", "--tokens", "4096"])
-    assert res.exit_code == 2
-    assert res.output.strip().count("\n") == 0 and "needs one CUDA GPU" in res.output
+def test_cli_without_gpu_exits_2_with_one_line_and_leaves_no_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    for args in (["--tokens", "4096"], ["--out", "o"]):
+        res = runner.invoke(app, ["interference", *args])
+        assert res.exit_code == 2
+        assert res.output.strip().count("\n") == 0 and "needs one CUDA GPU" in res.output
+    res = runner.invoke(app, ["interference", "--from", "missing"])
+    assert res.exit_code == 2 and res.output.startswith("error: --from: missing")
+    assert list(tmp_path.iterdir()) == []  # neither runs/interference, nor --out, nor --from's folder
 
 
 @pytest.mark.parametrize("args, word", [

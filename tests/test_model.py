@@ -13,6 +13,7 @@ from rich.console import Console
 from overlap_bench import metrics, runfolder
 from overlap_bench.errors import UserError
 from overlap_bench.presets import PRESETS, ModelPreset
+from overlap_bench.records import Record
 from overlap_bench.research import decoder, model
 
 
@@ -188,3 +189,76 @@ def test_cli_json_prints_the_records_as_strict_json(tmp_path):
     want = [("model", "baseline", True), ("model", "nocomm", True)]
     assert [(d["kind"], d["strategy"], d["ok"]) for d in doc] == want
     assert doc[1]["rel_err"] is None and doc[0]["speedup"] == 1.0  # nocomm is not checked: NaN prints as null
+
+
+def _model_cli(*args):
+    from typer.testing import CliRunner
+
+    from overlap_bench.cli import app
+
+    return CliRunner().invoke(app, ["model", *map(str, args)])
+
+
+def test_default_on_a_cpu_machine_is_the_tiny_preset_in_float32(tmp_path, monkeypatch):
+    monkeypatch.setattr("overlap_bench.world.gpu_count", lambda: 0)
+    monkeypatch.delitem(PRESETS, "qwen2.5-72b")  # the GPU default must not be what a CPU machine runs
+    res = _model_cli("--nproc", 2, "--layers", 1, "--warmup", 0, "--reps", 1, "--mode", "baseline", "--out", tmp_path)
+    assert res.exit_code == 0, res.output
+    records = runfolder.RunFolder(tmp_path).load(runfolder.MODEL).records
+    assert {(r.shape, r.dtype, r.backend) for r in records} == {("tiny", "float32", "gloo")}
+    assert sorted({r.M for r in records}) == [64, 256]
+
+
+def test_a_large_preset_on_cpu_gets_a_one_line_note_naming_the_small_run():
+    note = model.scale_note("qwen2.5-72b", 2, [8192, 32768], 4, "bfloat16")
+    assert "GiB" in note and "TFLOP" in note and "--preset tiny --dtype float32" in note and "\n" not in note
+    assert model.scale_note("tiny", 2, [64, 256], 4, "float32") is None
+
+
+def test_a_second_run_into_one_out_is_refused_and_resume_records_only_the_missing_rows(tmp_path):
+    model.model_main("tiny", 2, [8], 1, None, "float32", 0, 1, tmp_path, backend="gloo", modes=("baseline",))
+    first = (tmp_path / runfolder.MODEL).read_text().splitlines()
+    assert len(first) == 2
+    res = _model_cli("--preset", "tiny", "--backend", "gloo", "--nproc", 2, "--tokens", 8, "--layers", 1,
+                     "--dtype", "float32", "--mode", "baseline", "--out", tmp_path)
+    assert res.exit_code == 2 and "--resume" in res.output and res.output.strip().count("\n") == 0, res.output
+    assert (tmp_path / runfolder.MODEL).read_text().splitlines() == first
+    records = model.model_main("tiny", 2, [8, 16], 1, None, "float32", 0, 1, tmp_path, backend="gloo",
+                               modes=("pr",), resume=True, progress=True)
+    lines = (tmp_path / runfolder.MODEL).read_text().splitlines()
+    assert lines[:2] == first  # the first run's rows stay, and are not measured again
+    added = [json.loads(line) for line in lines[2:]]
+    assert sorted((d["M"], d["strategy"]) for d in added) == [(8, "pr"), (16, "baseline"), (16, "nocomm"),
+                                                              (16, "pr")]
+    assert [(r.M, r.strategy) for r in records] == [(m, mode) for m in (8, 16) for mode in ("baseline", "pr", "nocomm")]
+    again = model.model_main("tiny", 2, [16], 1, None, "float32", 0, 1, tmp_path, backend="gloo", modes=("pr",),
+                             resume=True)
+    assert again == records[3:] and (tmp_path / runfolder.MODEL).read_text().splitlines() == lines
+
+
+def test_policy_modes_without_a_policy_and_a_bad_shapes_tp_are_refused_by_their_flag(tmp_path):
+    for mode in ("nanobatch+policy", "policy,pr"):
+        res = _model_cli("--preset", "tiny", "--backend", "gloo", "--nproc", 2, "--tokens", 8, "--dtype", "float32",
+                         "--mode", mode, "--out", tmp_path / "o")
+        assert res.exit_code == 2 and "--policy" in res.output and res.output.strip().count("\n") == 0, res.output
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(UserError, match=r"^--shapes-tp 3: tiny heads=4 .* use a --shapes-tp that divides"):
+        model.model_main("tiny", None, [8], 1, None, "float32", 0, 1, tmp_path, backend="gloo", nproc=1,
+                         shapes_tp=3)
+
+
+def test_table_shows_each_time_with_its_spread_and_marks_speedups_within_it():
+    def rec(mode, t, iqr, rounds=()):
+        return Record(shape="tiny", K=0, N=256, M=64, dtype="float32", world=2, backend="gloo", device="cpu",
+                      strategy=mode, settings={}, label=mode, env={}, kind="model", t_ms=t, t_iqr_ms=iqr,
+                      t_base_ms=10.0, t_base_iqr_ms=0.1, speedup=metrics.speedup(10.0, t),
+                      extra={"t_rounds_ms": list(rounds)})
+
+    records = [rec("baseline", 10.0, 0.1, (9.8, 10.0, 10.3)), rec("pr", 9.7, 0.05, (9.7, 9.75)),
+               rec("nanobatch", 8.0, 0.2), rec("policy", math.nan, math.nan)]
+    text = _render(model.model_table(records))
+    rows = {line.split("│")[2].strip(): line for line in text.splitlines() if line.count("│") > 3}
+    # spread: the rounds' range where it is larger than the IQR (baseline, 0.5), else the IQR (pr, nanobatch)
+    assert "10.00 (0.50)" in rows["baseline"] and "9.70 (0.05)" in rows["pr"] and "8.00 (0.20)" in rows["nanobatch"]
+    assert "1.031 ~" in rows["pr"] and "1.250" in rows["nanobatch"] and "~" not in rows["nanobatch"]
+    assert "~" not in rows["baseline"] + rows["policy"] and "within spread" in text

@@ -20,15 +20,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from overlap_bench import metrics, runfolder, timing
 from overlap_bench.errors import UserError
 from overlap_bench.numerics import TOLERANCE, rel_err, within_tolerance
 from overlap_bench.presets import row_parallel_shapes
 from overlap_bench.records import Record, load_records
-from overlap_bench.research import comm_like, eta_bound
+from overlap_bench.research import comm_like, eta_bound, progress_bar
 from overlap_bench.research import interference_report as report
 from overlap_bench.research.interference_report import COVERED_MIN, STRATEGY
 from overlap_bench.runfolder import RunFolder
@@ -391,9 +389,8 @@ def measure(cfg: InterferenceConfig, out_dir: Path, *, progress: bool = True) ->
     gen = torch.Generator(device=bench.dev).manual_seed(cfg.seed)
     records: list[Record] = []
     cases = [(s, m) for s in cfg.shapes for m in cfg.tokens]
-    bar = _progress(len(cases) * cfg.rounds) if progress else None
     bench.warm_up()
-    try:
+    with progress_bar("interference", len(cases) * cfg.rounds, progress) as step:
         for shape, m in cases:
             x = torch.randn(m, shape.K, device=bench.dev, dtype=dt, generator=gen)
             w = (torch.randn(shape.N, shape.K, device=bench.dev, dtype=dt, generator=gen) / math.sqrt(shape.K))
@@ -417,24 +414,13 @@ def measure(cfg: InterferenceConfig, out_dir: Path, *, progress: bool = True) ->
                     after = bench.block(Condition("ref"), x, w, out, duration_ns)
                     per[c].append((before, blk, after))
                     before = after
-                if bar:
-                    bar[0].update(bar[1], advance=1, description=f"{shape.name} M={m}")
+                step(f"{shape.name} M={m}")
             for c in conds:
                 rec = _record(shape, m, cfg, c, per[c], errs.get(c, math.nan), unavailable.get(c), device_name, bench)
                 writer.append(rec)
                 records.append(rec)
             del x, w, out, y_ref
-    finally:
-        if bar:
-            bar[0].stop()
     return records
-
-
-def _progress(total: int):
-    p = Progress(TextColumn("[bold]interference"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                 TextColumn("{task.description}"), console=Console(stderr=True))
-    p.start()
-    return p, p.add_task("", total=total)
 
 
 def _record(shape: Shape, m: int, cfg: InterferenceConfig, c: Condition, blocks: list[tuple[Block, Block, Block]],
@@ -512,10 +498,9 @@ def shapes_for(spec: Path | None, preset: str | None, tp: int,
     return out, None, None
 
 
-def run_interference(cfg: InterferenceConfig | None, *, out: Path, from_dir: Path | None, comm_from: list[Path],
-                     busbw: float | None, world: int | None, comm_ctas: float,
-                     progress: bool = True) -> tuple[list[Record], list[eta_bound.Prediction]]:
-    """Measure (or load ``from_dir``'s records), predict, and write the run folder ``out``."""
+def check_inputs(cfg: InterferenceConfig | None, from_dir: Path | None, comm_from: list[Path],
+                 busbw: float | None, world: int | None, comm_ctas: float) -> None:
+    """Refuse bad input before any folder is made: a :class:`UserError` naming the flag."""
     if (busbw is None) != (world is None):
         raise UserError("--busbw/--world: give both (e.g. --busbw 330 --world 4) or neither")
     if world is not None and world < 2:
@@ -528,19 +513,33 @@ def run_interference(cfg: InterferenceConfig | None, *, out: Path, from_dir: Pat
         if not (d / runfolder.RECORDS).is_file():
             raise UserError(f"--comm-from: {d} has no records.jsonl; give a multi-GPU run directory")
     if from_dir is not None:
-        loaded = load_records(from_dir)
-        records = [r for r in loaded.records if r.strategy == STRATEGY]
-        if not records:
+        if not _records_of(from_dir):
             raise UserError(f"--from: {from_dir} has no interference records; give an interference run directory")
+        return
+    if not torch.cuda.is_available():
+        raise UserError("interference needs one CUDA GPU and none is visible here "
+                        "(give --from RUN_DIR to predict from a run measured elsewhere)")
+    assert cfg is not None
+    if cfg.rounds < 1 or cfg.reps < 1 or cfg.warmup < 0:
+        raise UserError("--rounds/--reps: must be >= 1 (--warmup >= 0)")
+    if not (cfg.ctas or cfg.copies or cfg.sms):
+        raise UserError("--ctas/--copy/--sms: all are none; give at least one condition")
+
+
+def _records_of(run_dir: Path) -> list[Record]:
+    return [r for r in load_records(run_dir).records if r.strategy == STRATEGY]
+
+
+def run_interference(cfg: InterferenceConfig | None, *, out: Path, from_dir: Path | None, comm_from: list[Path],
+                     busbw: float | None, world: int | None, comm_ctas: float,
+                     progress: bool = True) -> tuple[list[Record], list[eta_bound.Prediction]]:
+    """Measure (or load ``from_dir``'s records), predict, and write the run folder ``out`` (inputs checked
+    by :func:`check_inputs` first)."""
+    check_inputs(cfg, from_dir, comm_from, busbw, world, comm_ctas)
+    if from_dir is not None:
+        records = _records_of(from_dir)
     else:
-        if not torch.cuda.is_available():
-            raise UserError("interference needs one CUDA GPU and none is visible here "
-                            "(give --from RUN_DIR to predict from a run measured elsewhere)")
         assert cfg is not None
-        if cfg.rounds < 1 or cfg.reps < 1 or cfg.warmup < 0:
-            raise UserError("--rounds/--reps: must be >= 1 (--warmup >= 0)")
-        if not (cfg.ctas or cfg.copies or cfg.sms):
-            raise UserError("--ctas/--copy/--sms: all are none; give at least one condition")
         out.mkdir(parents=True, exist_ok=True)
         if (out / runfolder.RECORDS).exists():
             raise UserError(f"--out: {out} already has records.jsonl; give a new folder")

@@ -211,16 +211,17 @@ def plot(out_dir: Path, records: list[Record]) -> list[Path]:
         for ax, shape in zip(axes[0], shapes):
             mine = [r for r in sel if r.shape == shape]
             series = sorted({(r.M, r.settings.get("cta_gbps")) for r in mine})
-            for m, rate in series:
+            rates = sorted({rate for _, rate in series}, key=str)
+            for i, (m, rate) in enumerate(series):
                 pts = sorted(((_x(r, xkey), r.extra) for r in mine if r.M == m and r.settings.get("cta_gbps") == rate),
                              key=lambda p: p[0])
                 xs, ys = [x for x, _ in pts], [100 * e["slowdown"] for _, e in pts]
                 lo = [100 * (e["slowdown"] - e["slowdown_lo"]) for _, e in pts]
                 hi = [100 * (e["slowdown_hi"] - e["slowdown"]) for _, e in pts]
                 label = f"M={m}" + ("" if rate is None else (" full speed" if rate == 0 else f" {rate:g} GB/s/CTA"))
-                color = f"C{sorted({r.M for r in mine}).index(m)}"  # one colour per M; full speed dashed
-                ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=label, color=color,
-                            linestyle="--" if rate == 0 else "-")
+                # Each line its own colour; the rate also by marker and dashes (full speed dashed).
+                ax.errorbar(xs, ys, yerr=[lo, hi], marker="osD^v<>"[rates.index(rate) % 7], capsize=3, label=label,
+                            color=f"C{i % 10}", linestyle="--" if rate == 0 else "-")
             if kind == "green" and mine:
                 total = mine[0].extra.get("sms_device") or max(r.settings["sms"] for r in mine)
                 xs = sorted({_x(r, xkey) for r in mine})

@@ -4,8 +4,8 @@ The stack of :mod:`.decoder` at a preset's per-rank shapes runs in every mode of
 weights and inputs: ``baseline``, each peer strategy (``pr``), a policy's choice per layer (``policy``),
 nano-batches (:mod:`.nanobatch`, with or without the policy), and ``nocomm`` (no all-reduce: timing only,
 which gives the communication share ``(t_baseline - t_nocomm) / t_baseline`` and each mode's model eta).
-Every mode's output is checked against baseline's before it is timed; rank 0 writes one ``Record``
-(``kind: model``) per (M, mode) to ``model.jsonl``, rewritten atomically after each M.
+Every mode's output is checked against baseline's before it is timed; rank 0 appends one ``Record``
+(``kind: model``) per (M, mode) to ``model.jsonl`` after each M (a log, continued by ``--resume``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import statistics
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -33,6 +33,7 @@ from overlap_bench.numerics import TOLERANCE, rel_err, within_tolerance
 from overlap_bench.policy import PolicyError, load_policy
 from overlap_bench.presets import PRESETS, ModelPreset
 from overlap_bench.records import Record
+from overlap_bench.research import progress_bar
 from overlap_bench.research.decoder import (ROW_LAYERS, Dims, LayerWeights, RowFn, build_stack, hidden_states,
                                             stack_forward)
 from overlap_bench.research.nanobatch import NanoSettings, mode_plans
@@ -157,7 +158,7 @@ def _check_modes(plan: dict[str, dict], modes: tuple[str, ...], weights: list[La
 
 def _time_modes(plan: dict[str, dict], status: dict[str, dict[str, Any]], modes: tuple[str, ...],
                 weights: list[LayerWeights], x: torch.Tensor, d: Dims, warmup: int, reps: int,
-                ctx: RankContext) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+                ctx: RankContext, step: Callable[[str], None]) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """The modes that passed, interleaved in each round: per mode its medians and IQRs, one per round."""
     rounds = max(1, min(MAX_ROUNDS, reps))
     per_round = math.ceil(reps / rounds)
@@ -170,6 +171,7 @@ def _time_modes(plan: dict[str, dict], status: dict[str, dict[str, Any]], modes:
                                                   warmup=warmup if r == 0 else min(warmup, 1), reps=per_round,
                                                   group=None, device=ctx.device))
             err = agree_failure(err, ctx)
+            step(f"{mode}, round {r + 1}/{rounds}")
             if err:
                 status[mode] = {**status[mode], "status": "failed", "reason": f"timing: {err}"}
                 medians.pop(mode)
@@ -183,12 +185,14 @@ def _time_modes(plan: dict[str, dict], status: dict[str, dict[str, Any]], modes:
 def run_model(ctx: RankContext, preset: str, tokens: list[int], layers: int, policy_path: str | None,
               warmup: int, reps: int, out_dir: str, dtype: str = "bfloat16", seed: int = 0,
               modes: tuple[str, ...] = MODES, nano: NanoSettings | None = None,
-              shapes_tp: int | None = None, env: dict[str, str] | None = None) -> None:
-    """Every rank's part of the model benchmark (``launch`` calls it); rank 0 writes ``out_dir/model.jsonl``.
+              shapes_tp: int | None = None, env: dict[str, str] | None = None,
+              done: frozenset[tuple[int, str]] = frozenset(), command: str = "", progress: bool = False) -> None:
+    """Every rank's part of the model benchmark (``launch`` calls it); rank 0 appends to ``out_dir/model.jsonl``.
 
     Per M: inputs, the numerics check of every mode, then the timing of those that passed. ``shapes_tp``:
-    per-rank shapes of this tensor-parallel size on fewer ranks; ``env``: the job's variant (recorded)."""
-    modes = tuple(mode for mode in MODES if mode in modes or mode in REFERENCE_MODES)
+    per-rank shapes of this tensor-parallel size on fewer ranks; ``env``: the job's variant (recorded);
+    ``done``: the (M, mode) rows already recorded (not recorded again; the references still run beside the
+    others); ``command``: the job's command line (:func:`_command`)."""
     nano = nano or NanoSettings()
     p = PRESETS[preset]
     tp = shapes_tp or ctx.world
@@ -197,112 +201,133 @@ def run_model(ctx: RankContext, preset: str, tokens: list[int], layers: int, pol
     policy = load_policy(policy_path, expect_world=tp) if policy_path else None
     policy_notes = _policy_meta_notes(policy, dtype, ctx.device_name) if policy is not None else []
     shapes = {layer: list(d.row_shape(layer)) for layer in ROW_LAYERS}
-    job = _Job(preset, d.hidden, dtype, ctx, ctx.device_name, dict(env or {}), warmup, reps, nano,
-               {"tp": tp, "layers": layers, "shapes": shapes}, policy_path, shapes_tp)
+    job = _Job(preset, d.hidden, dtype, ctx, dict(env or {}), warmup, reps, nano,
+               {"tp": tp, "layers": layers, "shapes": shapes}, command)
     folder = runfolder.RunFolder(out_dir)
-    records: list[Record] = []
+    todo = {m: tuple(mode for mode in modes if (m, mode) not in done or mode in REFERENCE_MODES)
+            for m in tokens if any((m, mode) not in done for mode in modes)}
+    rounds = max(1, min(MAX_ROUNDS, reps))
 
-    def write() -> None:
-        if ctx.rank == 0:
-            folder.write_records(records, runfolder.MODEL)
+    def write(records: list[Record]) -> None:
+        for r in records:
+            if ctx.rank == 0 and (r.M, r.strategy) not in done:
+                folder.append(r, runfolder.MODEL)
 
     weights, err = try_case(lambda: build_stack(p, tp, ctx.rank, layers, dtype=dt, device=ctx.device, seed=seed))
     err = agree_failure(err, ctx)
     if err:  # nothing can be measured at any M: record why and stop
-        records += [job.record(m, mode, "failed", f"weights: {err}") for m in tokens for mode in modes]
-        return write()
+        return write([job.record(m, mode, "failed", f"weights: {err}") for m, run in todo.items() for mode in run])
 
-    for m in tokens:
-        plan = _plans(policy, d, m, ctx.backend, nano, policy_notes)
-        if ctx.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(ctx.device)
-        x, err = try_case(lambda: hidden_states(m, d.hidden, dtype=dt, device=ctx.device, seed=seed))
-        err = agree_failure(err, ctx)
-        y_base = None
-        if not err:
-            if ctx.world > 1:
-                dist.broadcast(x, src=0)  # identical on every rank whatever the RNG does on each device
-            y_base, err = try_case(lambda: _forward(plan["baseline"], weights, x, d))
+    finished = 0  # progress steps: one per mode and timing round
+    with progress_bar("model", sum(map(len, todo.values())) * rounds, progress and ctx.rank == 0) as step:
+        for m, run in todo.items():
+            step(f"M={m}", advance=0, completed=finished)  # modes that failed their check were not timed
+            finished += len(run) * rounds
+            plan = _plans(policy, d, m, ctx.backend, nano, policy_notes)
+            if ctx.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(ctx.device)
+            x, err = try_case(lambda: hidden_states(m, d.hidden, dtype=dt, device=ctx.device, seed=seed))
             err = agree_failure(err, ctx)
-            err = err and f"baseline forward: {err}"
-        else:
-            err = f"inputs: {err}"
-        if err:
-            records += [job.record(m, mode, "failed", err, {"choices": plan[mode].get("choices")}) for mode in modes]
-            del x, y_base
+            y_base = None
+            if not err:
+                if ctx.world > 1:
+                    dist.broadcast(x, src=0)  # identical on every rank whatever the RNG does on each device
+                y_base, err = try_case(lambda: _forward(plan["baseline"], weights, x, d))
+                err = agree_failure(err, ctx)
+                err = err and f"baseline forward: {err}"
+            else:
+                err = f"inputs: {err}"
+            if err:
+                write([job.record(m, mode, "failed", err, {"choices": plan[mode].get("choices")}) for mode in run])
+                del x, y_base
+                _free(ctx)
+                continue
+            status = _check_modes(plan, run, weights, x, d, y_base, dtype, ctx)
+            del y_base
+            medians, iqrs = _time_modes(plan, status, run, weights, x, d, warmup, reps, ctx,
+                                        lambda what: step(f"M={m} {what}"))
+            del x
             _free(ctx)
-            write()
-            continue
-        status = _check_modes(plan, modes, weights, x, d, y_base, dtype, ctx)
-        del y_base
-        medians, iqrs = _time_modes(plan, status, modes, weights, x, d, warmup, reps, ctx)
-        del x
-        _free(ctx)
+            write(_records_at(job, m, run, plan, status, medians, iqrs, ctx, policy_path))
+        step("done", advance=0, completed=finished)
 
-        peak_gib = None
-        if ctx.device.type == "cuda":
-            peak_gib = allreduce_max([torch.cuda.max_memory_allocated(ctx.device) / 2**30], None, ctx.device)[0]
-        t_ms = {mode: statistics.median(v) for mode, v in medians.items()}
-        t_base, t_nocomm = t_ms.get("baseline", math.nan), t_ms.get("nocomm", math.nan)
-        comm_share = None
-        if "baseline" in t_ms and "nocomm" in t_ms:
-            comm_share = (t_base - t_ms["nocomm"]) / t_base
-        # The share is hideable only above the spread of the two references' times; at world 1 nothing is
-        # communicated, so any difference is noise and there is no model eta.
-        noise = max(max(iqrs[k]) for k in REFERENCE_MODES) if all(t_ms.get(k) for k in REFERENCE_MODES) else 0.0
-        noise = math.inf if ctx.world == 1 else noise
-        for mode in modes:
-            st, info = status[mode], plan[mode]
-            t = t_ms.get(mode, math.nan)  # NaN unless it passed and was timed
-            records.append(job.record(
-                m, mode, st["status"], st.get("reason"), note=info.get("note"), rel_err=st.get("rel_err", math.nan),
-                t_ms=t,
-                t_iqr_ms=max(iqrs[mode]) if mode in t_ms else math.nan,
-                t_base_ms=t_base, t_base_iqr_ms=max(iqrs["baseline"]) if "baseline" in t_ms else math.nan,
-                tokens_per_s=metrics.tokens_per_s(m, t),
-                speedup=metrics.speedup(t_base, t),
-                eta=model_eta(t_base, t, t_nocomm, noise),
-                extra=dict(comm_share=comm_share if mode == "baseline" else None,
-                           t_nocomm_ms=t_ms.get("nocomm"), t_rounds_ms=medians.get(mode),
-                           nanobatch=info.get("nanobatch"),
-                           choices=info.get("choices"), choice_reasons=info.get("choice_reasons"),
-                           policy_path=str(policy_path) if (mode == "policy" and policy_path) else None,
-                           peak_mem_gib=peak_gib),
-            ))
-        write()
-        if ctx.rank == 0:
-            log.info("%s tp=%d M=%d: %s", preset, tp, m, ", ".join(f"{k}={v:.2f} ms" for k, v in t_ms.items()))
+
+def _records_at(job: "_Job", m: int, run: tuple[str, ...], plan: dict[str, dict], status: dict[str, dict[str, Any]],
+                medians: dict[str, list[float]], iqrs: dict[str, list[float]], ctx: RankContext,
+                policy_path: str | None) -> list[Record]:
+    """The records of the modes ``run`` at ``M = m`` from their checks and rounds' times."""
+    peak_gib = None
+    if ctx.device.type == "cuda":
+        peak_gib = allreduce_max([torch.cuda.max_memory_allocated(ctx.device) / 2**30], None, ctx.device)[0]
+    t_ms = {mode: statistics.median(v) for mode, v in medians.items()}
+    t_base, t_nocomm = t_ms.get("baseline", math.nan), t_ms.get("nocomm", math.nan)
+    comm_share = None
+    if "baseline" in t_ms and "nocomm" in t_ms:
+        comm_share = (t_base - t_ms["nocomm"]) / t_base
+    # The share is hideable only above the spread of the two references' times; at world 1 nothing is
+    # communicated, so any difference is noise and there is no model eta.
+    noise = max(max(iqrs[k]) for k in REFERENCE_MODES) if all(t_ms.get(k) for k in REFERENCE_MODES) else 0.0
+    noise = math.inf if ctx.world == 1 else noise
+    records = []
+    for mode in run:
+        st, info = status[mode], plan[mode]
+        t = t_ms.get(mode, math.nan)  # NaN unless it passed and was timed
+        records.append(job.record(
+            m, mode, st["status"], st.get("reason"), note=info.get("note"), rel_err=st.get("rel_err", math.nan),
+            t_ms=t,
+            t_iqr_ms=max(iqrs[mode]) if mode in t_ms else math.nan,
+            t_base_ms=t_base, t_base_iqr_ms=max(iqrs["baseline"]) if "baseline" in t_ms else math.nan,
+            tokens_per_s=metrics.tokens_per_s(m, t),
+            speedup=metrics.speedup(t_base, t),
+            eta=model_eta(t_base, t, t_nocomm, noise),
+            extra=dict(comm_share=comm_share if mode == "baseline" else None,
+                       t_nocomm_ms=t_ms.get("nocomm"), t_rounds_ms=medians.get(mode),
+                       nanobatch=info.get("nanobatch"),
+                       choices=info.get("choices"), choice_reasons=info.get("choice_reasons"),
+                       policy_path=str(policy_path) if (mode == "policy" and policy_path) else None,
+                       peak_mem_gib=peak_gib),
+        ))
+    if ctx.rank == 0:
+        log.info("%s tp=%s M=%d: %s", job.fields["shape"], job.extra["tp"], m,
+                 ", ".join(f"{k}={v:.2f} ms" for k, v in t_ms.items()))
+    return records
 
 
 class _Job:
     """What every record of one model job shares, and how a record of it is made."""
 
-    def __init__(self, preset: str, hidden: int, dtype: str, ctx: RankContext, device: str, env: dict[str, str],
-                 warmup: int, reps: int, nano: NanoSettings, extra: dict[str, Any],
-                 policy_path: str | None, shapes_tp: int | None):
+    def __init__(self, preset: str, hidden: int, dtype: str, ctx: RankContext, env: dict[str, str], warmup: int,
+                 reps: int, nano: NanoSettings, extra: dict[str, Any], command: str):
         self.fields = dict(kind="model", shape=preset, K=0, N=hidden, dtype=dtype, world=ctx.world,
-                           backend=ctx.backend, device=device, env=env, tol=TOLERANCE[dtype], warmup=warmup,
-                           reps=reps)
-        self.nano, self.extra = nano, extra
-        cmd = [*(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())), "overlap-bench model", "--preset",
-               preset, "--nproc", str(ctx.world), "--backend", ctx.backend, "--layers", str(extra["layers"]),
-               "--dtype", dtype, "--warmup", str(warmup), "--reps", str(reps)]
-        cmd += ["--shapes-tp", str(shapes_tp)] if shapes_tp else []
-        cmd += ["--policy", shlex.quote(str(policy_path))] if policy_path else []
-        self.command = " ".join(cmd)
-        self.nano_flags = (f" --nanobatches {nano.nanobatches} --nano-comm {nano.comm} "
-                           f"--nano-attention {nano.attention}" + (" --nano-priority" if nano.priority else ""))
+                           backend=ctx.backend, device=ctx.device_name, env=env, tol=TOLERANCE[dtype],
+                           warmup=warmup, reps=reps)
+        self.nano, self.extra, self.command = nano, extra, command
 
     def record(self, m: int, mode: str, status: str, reason: str | None = None, extra: dict[str, Any] | None = None,
                **fields: Any) -> Record:
         """Mode ``mode`` at ``M = m`` with these Record ``fields``; ``extra``'s non-None values join the job's."""
-        nano = mode.startswith("nanobatch")
         return Record(**self.fields, **fields, M=m, strategy=mode, label=mode, status=status, reason=reason,
-                      settings=asdict(self.nano) if nano else {},
-                      repro=f"{self.command} --tokens {m} --mode {shlex.quote(mode)}"
-                            + (self.nano_flags if nano else ""),
-                      time=runfolder.utc_now(),
+                      settings=asdict(self.nano) if mode.startswith("nanobatch") else {},
+                      repro=_repro(self.command, m, mode, self.nano), time=runfolder.utc_now(),
                       extra={**self.extra, **{k: v for k, v in (extra or {}).items() if v is not None}})
+
+
+def _command(preset: str, world: int, backend: str, layers: int, dtype: str, warmup: int, reps: int,
+             shapes_tp: int | None, policy_path: str | None, env: dict[str, str]) -> str:
+    """The ``overlap-bench model`` command of a job; :func:`_repro` adds a row's M and mode."""
+    cmd = [*(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())), "overlap-bench model", "--preset", preset,
+           "--nproc", str(world), "--backend", backend, "--layers", str(layers), "--dtype", dtype,
+           "--warmup", str(warmup), "--reps", str(reps)]
+    cmd += ["--shapes-tp", str(shapes_tp)] if shapes_tp else []
+    cmd += ["--policy", shlex.quote(str(policy_path))] if policy_path else []
+    return " ".join(cmd)
+
+
+def _repro(command: str, m: int, mode: str, nano: NanoSettings) -> str:
+    """The command that measures one (M, mode) row again; also the row's identity for ``--resume``."""
+    flags = (f" --nanobatches {nano.nanobatches} --nano-comm {nano.comm} --nano-attention {nano.attention}"
+             + (" --nano-priority" if nano.priority else "")) if mode.startswith("nanobatch") else ""
+    return f"{command} --tokens {m} --mode {shlex.quote(mode)}{flags}"
 
 
 def _forward(info: dict[str, Any], weights: list[LayerWeights], x: torch.Tensor, d: Dims) -> torch.Tensor:
@@ -315,19 +340,20 @@ def _forward(info: dict[str, Any], weights: list[LayerWeights], x: torch.Tensor,
 # ---------------------------------------------------------------------------------------------- launcher
 
 def validate(preset: str, tp: int, tokens: list[int], layers: int, dtype: str, warmup: int, reps: int,
-             modes: tuple[str, ...] = MODES, nano: NanoSettings | None = None) -> ModelPreset:
-    """Check the inputs; a :class:`UserError` names the field and the fix in one line."""
+             modes: tuple[str, ...] = MODES, nano: NanoSettings | None = None, tp_flag: str = "--tp") -> ModelPreset:
+    """Check the inputs; a :class:`UserError` names the field (``tp_flag``: the flag that set ``tp``) and the
+    fix in one line."""
     if preset not in PRESETS:
         raise UserError(f"--preset: unknown preset '{preset}' (known: {', '.join(PRESETS)})")
     p = PRESETS[preset]
-    check.integer(tp, "--tp", 1)
+    check.integer(tp, tp_flag, 1)
     for name in ("heads", "kv_heads", "intermediate"):
         value = getattr(p, name)
         if value % tp:
             fits = ", ".join(str(t) for t in range(1, 9) if p.heads % t == 0 and p.kv_heads % t == 0
                              and p.intermediate % t == 0)
-            raise UserError(f"--tp {tp}: {preset} {name}={value} is not divisible by tp={tp}; "
-                            f"use a --tp that divides heads, kv_heads and intermediate (e.g. {fits})")
+            raise UserError(f"{tp_flag} {tp}: {preset} {name}={value} is not divisible by tp={tp}; "
+                            f"use a {tp_flag} that divides heads, kv_heads and intermediate (e.g. {fits})")
     if not tokens:
         raise UserError("--tokens: give at least one token count, e.g. 8192,16384,32768")
     for t in tokens:
@@ -359,15 +385,36 @@ def _check_policy(path: str | os.PathLike, tp: int) -> dict[str, str]:
     return {str(k): str(v) for k, v in env.items()}
 
 
-def model_main(preset: str, tp_world: int | None, tokens: list[int], layers: int, policy: str | os.PathLike | None,
-               dtype: str, warmup: int, reps: int, out_dir: str | os.PathLike, backend: str | None = None,
-               nproc: int | None = None, *, seed: int = 0, timeout_s: float = 600.0,
-               modes: tuple[str, ...] = MODES, nano: NanoSettings | None = None,
-               shapes_tp: int | None = None) -> list[Record]:
-    """Run the model benchmark as a job of ``tp`` ranks (None: every rank); returns rank 0's records as read
-    back from ``model.jsonl`` (empty on other ranks). A policy's ``meta.required_env`` is set in every rank;
-    under torchrun it must already be set. ``shapes_tp``: see :func:`run_model`."""
-    validate(preset, tp_world or 1, list(tokens), layers, dtype, warmup, reps, modes, nano)  # before resolve
+def scale_note(preset: str, tp: int, tokens: list[int], layers: int, dtype: str) -> str | None:
+    """A one-line note when this job is far too large for CPUs (over a TFLOP of GEMMs per forward)."""
+    d = Dims.of(PRESETS[preset], tp)
+    params = layers * d.hidden * (2 * (d.heads + d.kv_heads) * d.head_dim + 3 * d.intermediate)
+    tflop = 2 * max(tokens) * params / 1e12
+    if tflop < 1:
+        return None
+    return (f"{preset} in {dtype} on CPU: {params * DTYPES[dtype].itemsize / 2**30:.1f} GiB of weights and "
+            f"{tflop:.0f} TFLOP per forward per rank at M={max(tokens)} (hours here); for a small run use "
+            "--preset tiny --dtype float32")
+
+
+def model_main(preset: str | None, tp_world: int | None, tokens: list[int] | None, layers: int,
+               policy: str | os.PathLike | None, dtype: str | None, warmup: int, reps: int,
+               out_dir: str | os.PathLike, backend: str | None = None, nproc: int | None = None, *, seed: int = 0,
+               timeout_s: float = 600.0, modes: tuple[str, ...] = MODES, nano: NanoSettings | None = None,
+               shapes_tp: int | None = None, resume: bool = False, progress: bool = False) -> list[Record]:
+    """Run the model benchmark as a job of ``tp`` ranks (None: every rank); returns rank 0's records of this
+    job as read back from ``model.jsonl`` (empty on other ranks). ``preset``, ``dtype``, ``tokens`` None:
+    the machine's default (GPUs: qwen2.5-72b in bfloat16 at 8k-32k tokens; CPU: tiny in float32, 64 and 256
+    tokens). A folder that holds records is refused unless ``resume``, which records only the (M, mode) rows
+    this job has not recorded yet. A policy's ``meta.required_env`` is set in every rank; under torchrun it
+    must already be set. ``shapes_tp``: see :func:`run_model`."""
+    gpu = resolve(backend, 1)[0] == "nccl"  # the backend only: the ranks are resolved below
+    preset, dtype = preset or ("qwen2.5-72b" if gpu else "tiny"), dtype or ("bfloat16" if gpu else "float32")
+    tokens = list(tokens or ((8192, 16384, 32768) if gpu else (64, 256)))
+    validate(preset, tp_world or 1, tokens, layers, dtype, warmup, reps, modes, nano)  # before resolve
+    if policy is None and modes != MODES and {"policy", "nanobatch+policy"} & set(modes):
+        raise UserError("--policy: the policy modes need a policy file; give --policy P.yaml (from "
+                        "`overlap-bench export`) or leave policy and nanobatch+policy out of --mode")
     if tp_world is not None and nproc is not None and tp_world != nproc:
         raise UserError(f"--tp {tp_world} and --nproc {nproc} differ: the model runs one rank per tensor-parallel "
                         "shard; give one of them")
@@ -379,7 +426,9 @@ def model_main(preset: str, tp_world: int | None, tokens: list[int], layers: int
         raise UserError(f"--shapes-tp {shapes_tp} is less than the {world} ranks; give --shapes-tp >= {world} "
                         "or leave it out")
     tp = shapes_tp or world
-    validate(preset, tp, list(tokens), layers, dtype, warmup, reps, modes, nano)
+    validate(preset, tp, tokens, layers, dtype, warmup, reps, modes, nano, "--shapes-tp" if shapes_tp else "--tp")
+    modes = tuple(mode for mode in MODES if mode in modes or mode in REFERENCE_MODES)
+    nano = nano or NanoSettings()
     env: dict[str, str] = {}
     policy_path = None
     if policy is not None:
@@ -391,16 +440,29 @@ def model_main(preset: str, tp_world: int | None, tokens: list[int], layers: int
                 want = " ".join(f"{k}={v}" for k, v in missing.items())
                 raise UserError(f"--policy: {policy_path} needs {want} set before CUDA starts; "
                                 "set it on the torchrun command")
+    note = scale_note(preset, tp, tokens, layers, dtype) if not gpu else None
+    if note:
+        log.warning("note: %s", note)
+    command = _command(preset, world, backend, layers, dtype, warmup, reps, shapes_tp, policy_path, env)
+    order = {_repro(command, m, mode, nano): i for i, (m, mode) in enumerate((m, x) for m in tokens for x in modes)}
     rank0 = not in_torchrun() or os.environ.get("RANK", "0") == "0"
     folder = runfolder.RunFolder(out_dir)
     with folder.lock() if rank0 else nullcontext():  # one writer per folder
-        if rank0:
-            (folder / runfolder.MODEL).unlink(missing_ok=True)
+        loaded = folder.load(runfolder.MODEL)
+        if (loaded.records or loaded.torn_lines) and not resume:
+            raise UserError(f"--out: {folder.path} already holds {len(loaded.records)} model records; pass --resume "
+                            "to continue that run or choose a new --out")
+        done = frozenset((r.M, r.strategy) for r in loaded.records if r.repro in order)
+        if rank0 and not loaded.records:
             folder.write_env()
-        args = (preset, list(tokens), layers, policy_path, warmup, reps, str(folder.path), dtype, seed,
-                tuple(modes), nano, shapes_tp, env)
-        launch(run_model, args, JobConfig(world, backend, timeout_s, env))
-        return folder.load(runfolder.MODEL).records if rank0 else []  # rewritten atomically: never torn
+        args = (preset, tokens, layers, policy_path, warmup, reps, str(folder.path), dtype, seed, modes, nano,
+                shapes_tp, env, done, command, progress)
+        if len(done) < len(order):  # else every row is recorded already
+            launch(run_model, args, JobConfig(world, backend, timeout_s, env))
+        if not rank0:
+            return []
+        mine = [r for r in folder.load(runfolder.MODEL).records if r.repro in order]
+        return sorted(mine, key=lambda r: order[r.repro])
 
 
 # ---------------------------------------------------------------------------------------------- table
@@ -409,15 +471,25 @@ def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
+def _spread(r: Record) -> float:
+    """A time's spread: the larger of its calls' IQR and the range of its rounds' medians (NaN if not timed)."""
+    rounds = r.extra.get("t_rounds_ms") or []
+    return max((v for v in (r.t_iqr_ms, max(rounds, default=0) - min(rounds, default=0)) if v >= 0),
+               default=math.nan)
+
+
 def model_table(records: list[Record], title: str | None = None) -> Table:
-    """A rich table, one row per (M, mode): time, tokens/s, speedup, comm share, model eta, rel_err."""
+    """A rich table, one row per (M, mode): time and its spread, tokens/s, speedup (``~``: the difference from
+    the baseline is inside the larger spread of the two times), comm share, model eta, rel_err."""
     if title is None and records:
         r, x = records[0], records[0].extra
         ranks = f" shapes on {r.world} rank(s)" if r.world != x.get("tp", r.world) else ""
         title = (f"{r.shape} x{x.get('layers', '?')} layers, tp={x.get('tp', r.world)}{ranks} "
                  f"({r.backend}, {r.device}), {r.dtype}")
-    t = Table(title=title)
-    for c in ("M", "mode", "ms", "tokens/s", "speedup vs baseline", "comm share", "eta (model)", "rel_err", "notes"):
+    t = Table(title=title, caption="(spread): the larger of the IQR and the rounds' range")
+    base = {r.M: _spread(r) for r in records if r.strategy == "baseline"}
+    for c in ("M", "mode", "ms (spread)", "tokens/s", "speedup vs baseline", "comm share", "eta (model)", "rel_err",
+              "notes"):
         t.add_column(c, justify="left" if c in ("mode", "notes") else "right")
     for r in records:
         notes, x = [], r.extra
@@ -432,7 +504,12 @@ def model_table(records: list[Record], title: str | None = None) -> Table:
             notes.append(f"{nb['nanobatches']} nano-batches ({'/'.join(map(str, nb['rows']))} rows), "
                          f"comm={nb['comm']}" + (", priority" if nb.get("priority") else ""))
         share = x.get("comm_share")
-        t.add_row(str(r.M), r.label, _fmt(r.t_ms, ".2f"), _fmt(r.tokens_per_s, ",.0f"), _fmt(r.speedup, ".3f"),
+        spread = _spread(r)
+        near = r.strategy != "baseline" and abs(r.t_base_ms - r.t_ms) <= max(spread, base.get(r.M, r.t_base_iqr_ms))
+        if near:
+            t.caption = "(spread): the larger of the IQR and the rounds' range; ~: speedup within spread"
+        t.add_row(str(r.M), r.label, _fmt(r.t_ms, ".2f") + (f" ({spread:.2f})" if spread >= 0 else ""),
+                  _fmt(r.tokens_per_s, ",.0f"), _fmt(r.speedup, ".3f") + (" ~" if near else ""),
                   "-" if share is None else _fmt(share * 100, ".1f") + "%", _fmt(r.eta, ".2f"),
                   _fmt(r.rel_err, ".1e"), "; ".join(notes))
     return t
