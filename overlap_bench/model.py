@@ -541,19 +541,21 @@ def _forward(info: dict[str, Any], weights: list[LayerWeights], x: torch.Tensor,
 # ---------------------------------------------------------------------------------------------- launcher
 
 def validate(preset: str, tp: int, tokens: list[int], layers: int, dtype: str, warmup: int, reps: int,
-             modes: tuple[str, ...] = MODES, nano: nanobatch.NanoSettings | None = None) -> ModelPreset:
-    """Check the inputs; a :class:`UserError` names the field and the fix in one line."""
+             modes: tuple[str, ...] = MODES, nano: nanobatch.NanoSettings | None = None,
+             tp_flag: str = "--tp") -> ModelPreset:
+    """Check the inputs; a :class:`UserError` names the field (``tp_flag``: the flag that gave ``tp``) and the
+    fix in one line."""
     if preset not in PRESETS:
         raise UserError(f"--preset: unknown preset '{preset}' (known: {', '.join(PRESETS)})")
     p = PRESETS[preset]
-    check.integer(tp, "--tp", 1)
+    check.integer(tp, tp_flag, 1)
     for name in ("heads", "kv_heads", "intermediate"):
         value = getattr(p, name)
         if value % tp:
             fits = ", ".join(str(t) for t in range(1, 9) if p.heads % t == 0 and p.kv_heads % t == 0
                              and p.intermediate % t == 0)
-            raise UserError(f"--tp {tp}: {preset} {name}={value} is not divisible by tp={tp}; "
-                            f"use a --tp that divides heads, kv_heads and intermediate (e.g. {fits})")
+            raise UserError(f"{tp_flag} {tp}: {preset} {name}={value} is not divisible by tp={tp}; "
+                            f"use a {tp_flag} that divides heads, kv_heads and intermediate (e.g. {fits})")
     if not tokens:
         raise UserError("--tokens: give at least one token count, e.g. 8192,16384,32768")
     for t in tokens:
@@ -619,7 +621,7 @@ def model_main(preset: str, tp_world: int | None, tokens: list[int], layers: int
         raise UserError(f"--shapes-tp {shapes_tp} is less than the {world} ranks; give --shapes-tp >= {world} "
                         "or leave it out")
     tp = shapes_tp or world
-    validate(preset, tp, list(tokens), layers, dtype, warmup, reps, modes, nano)
+    validate(preset, tp, list(tokens), layers, dtype, warmup, reps, modes, nano, "--shapes-tp" if shapes_tp else "--tp")
     env: dict[str, str] = {}
     policy_path = None
     if policy is not None:
