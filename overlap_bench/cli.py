@@ -97,9 +97,7 @@ def _strategies_raw(labels: list[str]) -> list[dict]:
 def _need_records(run_dir: Path) -> None:
     """Refuse (exit 2) a RUN_DIR that holds no records."""
     if not (run_dir / runfolder.RECORDS).exists():
-        from overlap_bench.spec import SpecError
-
-        raise SpecError(f"RUN_DIR: {run_dir} has no {runfolder.RECORDS}; give a sweep's --out directory")
+        raise check.FieldError(f"RUN_DIR: {run_dir} has no {runfolder.RECORDS}; give a sweep's --out directory")
 
 
 def _ints(text: str, flag: str, count: int | None = None) -> list[int]:
@@ -299,8 +297,6 @@ def compare(
     from overlap_bench import compare as cmp
 
     def body() -> None:
-        from overlap_bench.spec import SpecError
-
         check.validate(Annotated[float, Field(ge=0, allow_inf_nan=False)], min_effect, "--min-effect")
         live = not (Path(a).is_dir() and Path(b).is_dir())
         if live:  # every input checked before a folder is made or a rank started
@@ -313,7 +309,8 @@ def compare(
                 try:
                     sides.append(strategies.parse(side))
                 except ValueError as exc:
-                    raise SpecError(f"A/B: '{side}' is neither a run directory nor a strategy: {exc}") from None
+                    raise check.FieldError(f"A/B: '{side}' is neither a run directory nor a strategy: {exc}") \
+                        from None
             job_env = _env_raw(env)
             spec, cases = _compare_cases(spec_path, preset, tokens, dtype, nproc, backend, job_env)
             refuse_world_one(spec.world_size, "a comparison of two strategies")
@@ -328,8 +325,8 @@ def compare(
             else:  # measured into the folder's records.jsonl (a temp folder without --out), judged from them
                 folder = folder or runfolder.RunFolder(tempfile.mkdtemp(prefix="overlap-bench-compare-"))
                 if _rank0() and (folder / runfolder.RECORDS).exists():
-                    raise SpecError(f"--out: {folder.path} already holds {runfolder.RECORDS} (another "
-                                    "comparison); choose a new --out")
+                    raise check.FieldError(f"--out: {folder.path} already holds {runfolder.RECORDS} (another "
+                                           "comparison); choose a new --out")
                 opts = BenchOptions(str(folder.path), warmup, reps, 0, 0, 0, False)
                 launch(run_ab, (cases, tuple(sides), repeats, opts),
                        JobConfig(spec.world_size, spec.backend, spec.timeout_s, job_env))

@@ -56,11 +56,6 @@ class Entry(Config):
             raise ValueError(f"must be a mapping of the strategy's settings, got {values!r}")
         return strategies.make_settings(info.data["strategy"], values)
 
-    @property
-    def label(self) -> str:
-        """Display text (``strategies.label``), derived from the typed settings."""
-        return strategies.label(self.strategy, self.settings)
-
 
 @dataclass(frozen=True)
 class Choice:
@@ -184,13 +179,6 @@ def policy_filename(device: str, world: int, dtype: str) -> str:
 
 def _same_device(a: str, b: str) -> bool:
     return a.strip().replace(" ", "_").lower() == b.strip().replace(" ", "_").lower()
-
-
-def device_name() -> str:
-    """This machine's device name as policies spell it: the CUDA device's name, or ``cpu``."""
-    import torch
-
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 # ---------------------------------------------------------------------------------------------- load

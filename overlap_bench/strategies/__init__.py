@@ -2,8 +2,8 @@
 
 A strategy is ``fn(x, weight, bias, group, settings) -> y``: ``x`` is ``[M, K/tp]``, ``weight`` is
 ``[N, K/tp]`` (nn.Linear layout), ``bias`` is ``[N]`` or None, and ``y`` is the all-reduced ``[M, N]``.
-``settings`` is the strategy's own frozen dataclass; its ``__post_init__`` rejects bad values with a
-``ValueError`` that names the field.
+``settings`` is the strategy's own frozen dataclass: :func:`make_settings` types its values (pydantic) and its
+``__post_init__`` rejects values out of range, each with a ``ValueError`` that names the field.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+from pydantic import BaseModel, ValidationError, create_model
 
-from overlap_bench import check
+from overlap_bench.check import Config, problem
 
 
 class StrategyUnavailable(RuntimeError):
@@ -71,8 +71,7 @@ def _schema(settings_cls: type) -> type[BaseModel]:
     dataclass's ``__post_init__``."""
     hints = typing.get_type_hints(settings_cls)
     fields = {f.name: (hints[f.name], f.default) for f in dataclasses.fields(settings_cls)}
-    return create_model(settings_cls.__name__, __config__=ConfigDict(strict=True, extra="forbid",
-                                                                     allow_inf_nan=False), **fields)
+    return create_model(settings_cls.__name__, __base__=Config, **fields)
 
 
 def make_settings(name: str, values: dict[str, Any] | None = None, *, text: bool = False) -> Any:
@@ -87,7 +86,7 @@ def make_settings(name: str, values: dict[str, Any] | None = None, *, text: bool
         if err["type"] == "extra_forbidden":
             allowed = ", ".join(f.name for f in dataclasses.fields(strat.settings_cls)) or "none"
             raise ValueError(f"unknown setting '{key}' for strategy '{name}' (allowed: {allowed})") from None
-        raise ValueError(f"setting '{key}' {check.problem(err)}") from None
+        raise ValueError(f"setting '{key}' {problem(err)}") from None
     return strat.settings_cls(**dict(typed))
 
 
