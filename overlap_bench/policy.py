@@ -39,7 +39,9 @@ class Entry(Config):
     settings: Any = Field(None, validate_default=True)
     """The strategy's settings object (from ``strategies.make_settings``); YAML: a mapping of its fields."""
     speedup: float | None = Field(None, allow_inf_nan=True)
+    """Measured speedup over the baseline (information only)."""
     eta: float | None = Field(None, allow_inf_nan=True)
+    """Measured overlap efficiency (information only)."""
 
     @field_validator("strategy")
     @classmethod
@@ -79,6 +81,7 @@ class ShapePolicy(Config):
 
     model_config = ConfigDict(extra="ignore")
     name: str | None = None
+    """The shapes' names (``+``-joined when several share K, N)."""
     threshold: int | None = Field(None, ge=0)
     """Token count below which the baseline runs (informational: the buckets say what runs)."""
     buckets: Annotated[dict[Annotated[int, Field(ge=1)], Entry], Field(min_length=1),
@@ -119,14 +122,18 @@ class Meta(Config):
 
     model_config = ConfigDict(extra="allow")
     device: str
+    """GPU name (``torch.cuda.get_device_name``) or ``cpu``; compared ignoring case and spaces."""
     world_size: int = Field(ge=1)
+    """Ranks (tensor-parallel size) it was tuned at."""
     dtype: Dtype
+    """Element type it was tuned for."""
 
 
 class PolicyFile(Config):
     """A policy file as written by ``overlap-bench export``."""
 
     meta: Meta
+    """Where and how it was measured."""
     shapes: Annotated[dict[Annotated[tuple[int, int], BeforeValidator(_shape_key)], ShapePolicy],
                       BeforeValidator(_distinct_shapes)]
     """``"K,N": shape policy``; a shape given twice (``2048,8192`` and ``2048, 8192``) is refused."""

@@ -81,15 +81,20 @@ class PresetShape(Config):
     """YAML ``{preset, tp}``: a model's o_proj and down_proj, K per rank at ``tp`` (default: the world size)."""
 
     preset: str
+    """A model of :data:`presets.PRESETS`, e.g. ``qwen2.5-72b``."""
     tp: int | None = Field(None, ge=1)
+    """Tensor-parallel size; it must divide the model's K."""
 
 
 class ExplicitShape(Config):
     """YAML ``{name, K, N}``: K per rank; the name defaults to ``K<K>xN<N>``."""
 
     name: str | None = None
+    """Shape name in tables and file names."""
     K: Dim
+    """Inner dimension per rank."""
     N: Dim
+    """Output features."""
 
 
 _SHAPE_FORMS = TypeAdapter(list[Annotated[PresetShape | ExplicitShape, BeforeValidator(
@@ -115,9 +120,13 @@ class TokenRange(Config):
     """YAML ``{start, stop, mul}`` (geometric) or ``{start, stop, step}`` (linear), both ends included."""
 
     start: Dim
+    """The first M."""
     stop: Dim
+    """The last M at most."""
     mul: int | None = Field(None, ge=2)
+    """Each M is the previous one times this."""
     step: int | None = Field(None, ge=1)
+    """Each M is the previous one plus this."""
 
     @model_validator(mode="after")
     def _one_rule(self) -> "TokenRange":
