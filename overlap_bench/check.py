@@ -1,60 +1,132 @@
-"""Field checks shared by the config dataclasses (sweep specs, policy files): each returns the value in its
-type or raises :class:`FieldError` ``<field>: <problem>``; a loader that knows the file names it in front."""
+"""Config validation: pydantic models in, one line out. A :class:`pydantic.ValidationError` becomes a
+:class:`FieldError` ``<dotted field>: <problem>; <fix>`` (its first error, an unknown key first), and YAML is read
+with a loader that refuses a key given twice."""
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 
 from overlap_bench.errors import UserError
+from overlap_bench.metrics import DTYPES
 
 
 class FieldError(UserError):
     """A config field with a bad value; the one-line message is ``field: problem; fix``."""
 
 
-def integer(v: Any, where: str, lo: int | None = None, hi: int | None = None, *, text: bool = False) -> int:
-    """``v`` as an int within ``[lo, hi]``; ``text=True`` also takes its decimal text (a YAML mapping key)."""
-    if text and isinstance(v, str) and v.strip().lstrip("-").isdigit():
-        v = int(v)
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise FieldError(f"{where}: must be an integer, got {v!r}")
-    if lo is not None and v < lo:
-        raise FieldError(f"{where}: must be >= {lo}, got {v}")
-    if hi is not None and v > hi:
-        raise FieldError(f"{where}: must be <= {hi}, got {v}")
-    return v
+class Config(BaseModel):
+    """Base of the config models: strict types (``"5"`` is not 5, ``true`` is not 1), unknown keys refused,
+    finite numbers only; each field's docstring is its description."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True)
 
 
-def number(v: Any, where: str) -> float | None:
-    """``v`` as a float; None stays None (an optional figure)."""
-    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-        raise FieldError(f"{where}: must be a number, got {v!r}")
-    return None if v is None else float(v)
-
-
-def mapping(v: Any, where: str) -> dict:
-    """``v`` itself when it is a mapping."""
-    if not isinstance(v, dict):
-        raise FieldError(f"{where}: must be a mapping, got {type(v).__name__}")
-    return v
-
-
-def listed(v: Any, where: str) -> list:
+def listed(v: Any) -> list:
     """``v`` as a non-empty list (a single value becomes a list of one)."""
     if v == []:
-        raise FieldError(f"{where}: is empty; give at least one value")
+        raise ValueError("is empty; give at least one value")
     return v if isinstance(v, list) else [v]
 
 
-def known_keys(d: dict, allowed: set[str] | list[str], where: str, fix: str) -> None:
-    """Refuse the first key of ``d`` not in ``allowed`` (keys need not be strings: ``1: x`` in YAML)."""
-    unknown = set(d) - set(allowed)
-    if unknown:
-        raise FieldError(f"{where}{sorted(map(str, unknown))[0]}: unknown key; {fix}")
+Listed = BeforeValidator(listed)
+"""A non-empty list field that also takes a single value (``dtypes: float32`` is ``[float32]``)."""
 
 
-def required(d: dict, keys: list[str], where: str, fix: str = "") -> None:
-    """Refuse the first of ``keys`` missing from ``d``."""
-    for key in keys:
-        if key not in d:
-            raise FieldError(f"{where}{key}: missing" + (f"; {fix}" if fix else ""))
+def _dtype(v: str) -> str:
+    if v not in DTYPES:
+        raise ValueError(f"unknown dtype {v!r}; use one of {', '.join(DTYPES)}")
+    return v
+
+
+Dtype = Annotated[str, AfterValidator(_dtype)]
+"""An element type the strategies and the layer serve (:data:`metrics.DTYPES`)."""
+
+PROBLEMS = {"missing": "is missing; add it", "extra_forbidden": "unknown key; remove it or fix its spelling",
+            "invalid_key": "unknown key; keys are names", "int_type": "must be an integer", "float_type": "must be a "
+            "number", "finite_number": "must be a finite number", "bool_type": "must be true or false", "string_type":
+            "must be text", "dict_type": "must be a mapping", "model_type": "must be a mapping", "list_type": "must be "
+            "a list", "greater_than_equal": "must be >= {ge}", "greater_than": "must be > {gt}", "less_than_equal":
+            "must be <= {le}", "less_than": "must be < {lt}", "too_short": "must have at least {min_length} item(s)",
+            "too_long": "must have at most {max_length} item(s)"}
+"""pydantic's error types in our words (``int_parsing`` reads as ``int_type``: a value from text)."""
+FIRST = ("extra_forbidden", "invalid_key")
+"""Unknown keys are named before other errors: a misspelt key is also a missing one."""
+
+
+def problem(err: dict) -> str:
+    """The problem part of one pydantic error: a validator's own message, or the type's in our words."""
+    kind = err["type"].replace("_parsing", "_type").replace("int_from_float", "int_type")
+    if kind in ("value_error", "assertion_error"):
+        return str(err["ctx"]["error"])
+    text = PROBLEMS[kind].format(**err.get("ctx", {})) if kind in PROBLEMS else err["msg"]
+    shown = repr(err["input"])
+    return text if kind in FIRST + ("missing",) else f"{text}, got {shown if len(shown) <= 60 else shown[:57] + '...'}"
+
+
+def dotted(loc: tuple, root: str = "") -> str:
+    """``('shapes', 0, 'N')`` -> ``shapes[0].N`` (below ``root`` if given); a mapping's key that is not a name
+    is quoted (``shapes['8,6']``), and a bad key itself reads ``buckets key 'x'``."""
+    if loc and loc[-1] == "[key]":
+        return f"{dotted(loc[:-2], root)} key {loc[-2]!r}"
+    for part in loc:
+        if isinstance(part, str) and part.isidentifier():
+            root += f".{part}" if root else part
+        else:
+            root += (f"[{part}]" if isinstance(part, int) else f"[{part!r}]") if root else str(part)
+    return root
+
+
+def validate(kind: Any, raw: Any, where: str = "", rename: dict[str, str] | None = None,
+             strict: bool | None = None) -> Any:
+    """``raw`` as ``kind``, a :class:`Config` model (its fields named alone, ``where`` naming the whole value) or
+    any type (named below ``where``: ``--tokens[1]``); else a :class:`FieldError` naming the first bad field (an
+    unknown key first), ``rename`` giving a top-level field another name (the flag that set it)."""
+    model = isinstance(kind, type) and issubclass(kind, BaseModel)
+    try:
+        return (kind.model_validate if model else TypeAdapter(kind).validate_python)(raw, strict=strict)
+    except ValidationError as exc:
+        errs = exc.errors(include_url=False)
+        err = next((e for e in errs if e["type"] in FIRST), errs[0])
+        loc = tuple((rename or {}).get(p, p) if i == 0 else p for i, p in enumerate(err["loc"]))
+        raise FieldError(f"{dotted(loc, '' if model else where) or where}: {problem(err)}") from None
+
+
+def integer(v: Any, where: str, lo: int | None = None, hi: int | None = None) -> int:
+    """``v`` as an int within ``[lo, hi]`` (a bool is not an int)."""
+    return validate(Annotated[int, Field(ge=lo, le=hi, strict=True)], v, where)
+
+
+def fail(loc: tuple, message: str) -> NoReturn:
+    """Raise, from inside a validator, an error at ``loc`` below the field being validated."""
+    raise ValidationError.from_exception_data("config", [{"type": "value_error", "loc": loc, "input": None,
+                                                          "ctx": {"error": message}}])
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a mapping holding a key twice is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        keys = [(k, self.construct_object(k, deep=True)) for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"]
+        for i, (k, key) in enumerate(keys):
+            if any(key == other for _, other in keys[:i]):
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}; keep one", k.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML document in ``path``; a :class:`FieldError` saying why (not naming the path: the caller does)
+    when it cannot be read or parsed."""
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
+    except OSError as exc:
+        raise FieldError(f"cannot read: {exc.strerror or type(exc).__name__}") from None
+    except UnicodeDecodeError:
+        raise FieldError("cannot read as UTF-8 text") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)  # one line: str(exc) spans several, with a source excerpt
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise FieldError(f"malformed YAML{where}: {getattr(exc, 'problem', None) or type(exc).__name__}") from None

@@ -8,22 +8,23 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Annotated, Any, Callable, List, Optional
 
 import typer
+from pydantic import Field
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 import overlap_bench
-from overlap_bench import runfolder, strategies
-from overlap_bench.confirm import REPEATS as CONFIRM_REPEATS
+from overlap_bench import check, runfolder, strategies
 from overlap_bench.confirm import TOP as CONFIRM_TOP
 from overlap_bench.research import interference as itf
 from overlap_bench.research import interference_report as itf_report
 from overlap_bench.research.model import MODES as MODEL_MODES
 from overlap_bench.research.model import model_main, model_table
 from overlap_bench.research.nanobatch import NanoSettings
+from overlap_bench.spec import CONFIRM_REPEATS
 from overlap_bench.stats import MIN_EFFECT
 from overlap_bench.timing import REPS, WARMUP
 from overlap_bench.world import refuse_world_one
@@ -82,66 +83,42 @@ def _rank0() -> bool:
 
 
 def _shapes_raw(shapes: list[str]) -> list[dict]:
-    from overlap_bench.spec import SpecError
-
-    out = []
-    for text in shapes:
-        if "," in text:
-            parts = text.split(",")
-            if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-                raise SpecError(f"--shape: '{text}' must be K,N (K per rank) or a preset name such as qwen2.5-72b")
-            out.append({"name": f"K{parts[0].strip()}xN{parts[1].strip()}", "K": int(parts[0]), "N": int(parts[1])})
-        else:
-            out.append({"preset": text})
-    return out
+    """``--shape`` texts in the spec's form: ``K,N`` (K per rank) or a preset's name."""
+    return [dict(zip("KN", _ints(text, "--shape", 2))) if "," in text else {"preset": text} for text in shapes]
 
 
 def _strategies_raw(labels: list[str]) -> list[dict]:
     """``--strategy`` texts, parsed (and so checked) once, in the sweep YAML's form: ``run`` builds its spec
     from the same mapping a spec file gives, and keeps it as the run folder's ``spec.yaml``."""
-    from overlap_bench.spec import SpecError
-
     out: list[dict] = [{"name": "baseline"}]
     for text in labels:
         try:
             name, settings = strategies.parse(text)
         except ValueError as exc:
-            raise SpecError(f"--strategy: {exc}") from None
-        if name == "baseline":
-            continue
-        entry = {"name": name}
-        entry.update(strategies.settings_dict(settings))
-        out.append(entry)
+            raise check.FieldError(f"--strategy: {exc}") from None
+        if name != "baseline":
+            out.append({"name": name, **strategies.settings_dict(settings)})
     return out
 
 
 def _need_records(run_dir: Path) -> None:
     """Refuse (exit 2) a RUN_DIR that holds no records."""
     if not (run_dir / runfolder.RECORDS).exists():
-        from overlap_bench.spec import SpecError
-
-        raise SpecError(f"RUN_DIR: {run_dir} has no {runfolder.RECORDS}; give a sweep's --out directory")
+        raise check.FieldError(f"RUN_DIR: {run_dir} has no {runfolder.RECORDS}; give a sweep's --out directory")
 
 
-def _ints(text: str, flag: str) -> list[int]:
-    from overlap_bench.spec import SpecError
-
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise SpecError(f"{flag}: '{text}' must be comma-separated integers, e.g. 4096,16384") from None
+def _ints(text: str, flag: str, count: int | None = None) -> list[int]:
+    """Comma-separated integers (``--tokens 4096,16384``), ``count`` of them when given."""
+    return check.validate(Annotated[list[int], Field(min_length=count, max_length=count)],
+                          [t.strip() for t in text.split(",") if t.strip()], flag, strict=False)
 
 
 def _env_raw(items: list[str]) -> dict[str, str]:
-    from overlap_bench.spec import SpecError
-
-    env = {}
+    """``--env KEY=VALUE`` texts as a mapping."""
     for item in items:
-        k, eq, v = item.partition("=")
-        if not eq or not k:
-            raise SpecError(f"--env: '{item}' must be KEY=VALUE, e.g. CUDA_DEVICE_MAX_CONNECTIONS=1")
-        env[k] = v
-    return env
+        if not item.partition("=")[0] or "=" not in item:
+            raise check.FieldError(f"--env: '{item}' must be KEY=VALUE, e.g. CUDA_DEVICE_MAX_CONNECTIONS=1")
+    return dict(item.split("=", 1) for item in items)
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -232,7 +209,7 @@ def sweep(
     confirm: bool = typer.Option(True, "--confirm/--no-confirm",
                                  help="After the first pass, re-measure each bucket's leading candidates against "
                                       "the baseline, interleaved (what export ships needs it)."),
-    confirm_repeats: Optional[int] = typer.Option(None, min=2, help="Interleaved repeats per side in the "
+    confirm_repeats: Optional[int] = typer.Option(None, help="Interleaved repeats per side in the "
                                                                     "confirmation (default: the spec's "
                                                                     f"confirm_repeats, else {CONFIRM_REPEATS})."),
     confirm_top: int = typer.Option(CONFIRM_TOP, min=1, help="Candidates confirmed per bucket besides the peers "
@@ -244,7 +221,8 @@ def sweep(
     from overlap_bench.sweep import run_sweep
 
     def body() -> None:
-        spec, raw = load_spec(spec_path, world_size=world_size, backend=backend, timeout_s=timeout, tp=tp)
+        spec, raw = load_spec(spec_path, world_size=world_size, backend=backend, timeout_s=timeout, tp=tp,
+                              confirm_repeats=confirm_repeats)
         refuse_world_one(spec.world_size, "a sweep")
         cases = spec.cases()
         if dry_run:
@@ -254,7 +232,7 @@ def sweep(
                 env = " ".join(f"{k}={v}" for k, v in c.env)
                 print(f"{c.shape}\tK={c.K}\tN={c.N}\tM={c.M}\t{c.dtype}\t{c.label}\t{env}")
             return
-        repeats = confirm_repeats or spec.confirm_repeats
+        repeats = spec.confirm_repeats
         res = run_sweep(spec, raw, out, resume=resume, seed=seed, rank0=_rank0(), force=force, confirm=confirm,
                         confirm_repeats=repeats, confirm_top=confirm_top)
         if not _rank0():
@@ -281,35 +259,20 @@ def _compare_cases(spec_path: Optional[Path], preset: Optional[str], tokens: Opt
                    nproc: Optional[int], backend: str, env: dict[str, str]):
     """The cases and the job shape of a strategy comparison (spec, preset, or the machine's default); ``env``:
     the variables the job runs with (part of each case)."""
-    from overlap_bench.spec import load_spec, parse_spec
+    from overlap_bench.spec import SMOKE, Case, load_spec, parse_spec
+    from overlap_bench.world import resolve
 
     if spec_path is not None:
-        spec, _ = load_spec(spec_path, world_size=nproc, backend=None if backend == "auto" else backend)
-    else:
-        from overlap_bench.world import resolve
-
-        from overlap_bench.spec import SMOKE
-
+        be, world = None if backend == "auto" else backend, nproc
+        _, raw = load_spec(spec_path, world_size=world, backend=be)
+    else:  # Qwen2.5-72B at tp = ranks on GPUs; the smoke spec's tiny shapes on CPU
         be, world = resolve(backend, nproc)
         gpu = be == "nccl"
-        if preset:
-            shapes = [{"preset": preset}]
-        else:  # Qwen2.5-72B at tp = ranks on GPUs; the smoke spec's tiny shapes on CPU
-            shapes = [{"preset": "qwen2.5-72b"}] if gpu else SMOKE["shapes"]
-        raw = {
-            "name": "compare",
-            "dtypes": [dtype or ("bfloat16" if gpu else "float32")],
-            "shapes": shapes,
-            "tokens": _ints(tokens, "--tokens") if tokens else ([16384, 32768] if gpu else SMOKE["tokens"]),
-            "strategies": ["baseline"],
-        }
-        spec = parse_spec(raw, world_size=world, backend=be)
-    if tokens and spec_path is not None:
-        spec.tokens = _ints(tokens, "--tokens")
-    if dtype and spec_path is not None:
-        spec.dtypes = [dtype]
-    from overlap_bench.spec import Case
-
+        raw = {"name": "compare", "dtypes": ["bfloat16" if gpu else "float32"], "strategies": ["baseline"],
+               "shapes": [{"preset": preset or "qwen2.5-72b"}] if preset or gpu else SMOKE["shapes"],
+               "tokens": [16384, 32768] if gpu else SMOKE["tokens"]}
+    flags = {"tokens": _ints(tokens, "--tokens") if tokens else None, "dtypes": [dtype] if dtype else None}
+    spec = parse_spec({**raw, **{k: v for k, v in flags.items() if v}}, world_size=world, backend=be)
     base = strategies.make_settings("baseline")
     cases = [Case(s.name, s.K, s.N, m, d, spec.bias, "baseline", base, tuple(sorted(env.items())))
              for d in spec.dtypes for s in spec.shapes for m in spec.tokens]
@@ -341,8 +304,7 @@ def compare(
     from overlap_bench import compare as cmp
 
     def body() -> None:
-        from overlap_bench.spec import SpecError
-
+        check.validate(Annotated[float, Field(ge=0, allow_inf_nan=False)], min_effect, "--min-effect")
         live = not (Path(a).is_dir() and Path(b).is_dir())
         if live:  # every input checked before a folder is made or a rank started
             from overlap_bench.bench import BenchOptions, run_ab
@@ -354,7 +316,8 @@ def compare(
                 try:
                     sides.append(strategies.parse(side))
                 except ValueError as exc:
-                    raise SpecError(f"A/B: '{side}' is neither a run directory nor a strategy: {exc}") from None
+                    raise check.FieldError(f"A/B: '{side}' is neither a run directory nor a strategy: {exc}") \
+                        from None
             job_env = _env_raw(env)
             spec, cases = _compare_cases(spec_path, preset, tokens, dtype, nproc, backend, job_env)
             refuse_world_one(spec.world_size, "a comparison of two strategies")
@@ -369,8 +332,8 @@ def compare(
             else:  # measured into the folder's records.jsonl (a temp folder without --out), judged from them
                 folder = folder or runfolder.RunFolder(tempfile.mkdtemp(prefix="overlap-bench-compare-"))
                 if _rank0() and (folder / runfolder.RECORDS).exists():
-                    raise SpecError(f"--out: {folder.path} already holds {runfolder.RECORDS} (another "
-                                    "comparison); choose a new --out")
+                    raise check.FieldError(f"--out: {folder.path} already holds {runfolder.RECORDS} (another "
+                                           "comparison); choose a new --out")
                 opts = BenchOptions(str(folder.path), warmup, reps, 0, 0, 0, False)
                 launch(run_ab, (cases, tuple(sides), repeats, opts),
                        JobConfig(spec.world_size, spec.backend, spec.timeout_s, job_env))
@@ -530,11 +493,7 @@ def interference(
         cfg = None
         if from_dir is None:
             shapes, spec_tokens, spec_dtype = itf.shapes_for(spec_path, preset, tp, shape)
-            d = dtype or spec_dtype or "bfloat16"
-            if d not in ("bfloat16", "float16", "float32"):
-                from overlap_bench.errors import UserError
-
-                raise UserError(f"--dtype: '{d}' is not one of bfloat16, float16, float32")
+            d = check.validate(check.Dtype, dtype or spec_dtype or "bfloat16", "--dtype")
             toks = _ints(tokens, "--tokens") if tokens else (spec_tokens or [4096, 8192, 16384, 32768])
             cfg = itf.InterferenceConfig(shapes, toks, d, itf.parse_ctas(ctas), itf.parse_rates(cta_gbps),
                                          itf.parse_copies(copy), itf.parse_sms(sms), rounds, warmup, reps,

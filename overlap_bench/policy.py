@@ -1,31 +1,23 @@
-"""The policy at run time: one YAML per device, world size and dtype (vLLM tuned-config style), its loader
-and the lookup ``Policy.choose(K, N, M) -> Choice``. No pandas here (the serving path imports this); the
-files are written by :mod:`overlap_bench.export`.
-
-File layout::
-
-    meta: {device, world_size, dtype, backend, required_env, torch, nccl, cuda, git_commit, created,
-           source_run, overlap_bench_version}
-    shapes:
-      "K,N": {name, threshold, buckets: {M: {strategy, settings, speedup, eta}}}
-
-``K`` is the per-rank inner dimension. A bucket applies from its M up to the next bucket (floor lookup).
-"""
+"""The policy at run time: one YAML per device, world size and dtype (vLLM tuned-config style; its layout is
+:class:`PolicyFile`, written by :mod:`overlap_bench.export`), its loader and the lookup
+``Policy.choose(K, N, M) -> Choice``. No pandas here: the serving path imports this."""
 
 from __future__ import annotations
 
 import bisect
 import logging
+import operator
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-import yaml
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 
 from overlap_bench import check, strategies
-from overlap_bench.check import FieldError
-from overlap_bench.errors import UserError
+from overlap_bench.check import Config, Dtype, FieldError
+from overlap_bench.errors import UserError, describe_os_error
 
 log = logging.getLogger("overlap_bench.policy")
 
@@ -38,20 +30,33 @@ class PolicyError(UserError):
     """A policy file that cannot be used; the message names the file and the field."""
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(Config):
     """One bucket of one shape."""
 
+    model_config = ConfigDict(extra="ignore", frozen=True)
     strategy: str
-    settings: Any
-    """The strategy's settings object (from ``strategies.make_settings``)."""
-    speedup: float | None = None
-    eta: float | None = None
+    """A registered strategy's name."""
+    settings: Any = Field(None, validate_default=True)
+    """The strategy's settings object (from ``strategies.make_settings``); YAML: a mapping of its fields."""
+    speedup: float | None = Field(None, allow_inf_nan=True)
+    """Measured speedup over the baseline (information only)."""
+    eta: float | None = Field(None, allow_inf_nan=True)
+    """Measured overlap efficiency (information only)."""
 
-    @property
-    def label(self) -> str:
-        """Display text (``strategies.label``), derived from the typed settings."""
-        return strategies.label(self.strategy, self.settings)
+    @field_validator("strategy")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        strategies.get(name)
+        return name
+
+    @field_validator("settings", mode="before")
+    @classmethod
+    def _typed(cls, values: Any, info: ValidationInfo) -> Any:
+        if "strategy" not in info.data:
+            return values
+        if values is not None and not isinstance(values, dict):
+            raise ValueError(f"must be a mapping of the strategy's settings, got {values!r}")
+        return strategies.make_settings(info.data["strategy"], values)
 
 
 @dataclass(frozen=True)
@@ -71,35 +76,89 @@ class Choice:
         return strategies.label(self.strategy, self.settings)
 
 
-@dataclass
-class ShapePolicy:
-    """Buckets of one ``(K, N)``, sorted by M."""
+class ShapePolicy(Config):
+    """The buckets of one ``(K, N)``: each applies from its M up to the next one."""
 
-    name: str
-    threshold: int | None
-    buckets: list[tuple[int, Entry]]
+    model_config = ConfigDict(extra="ignore")
+    name: str | None = None
+    """The shapes' names (``+``-joined when several share K, N)."""
+    threshold: int | None = Field(None, ge=0)
+    """Token count below which the baseline runs (informational: the buckets say what runs)."""
+    buckets: Annotated[dict[Annotated[int, Field(ge=1)], Entry], Field(min_length=1),
+                       AfterValidator(lambda b: dict(sorted(b.items())))]
+    """``M: entry``, sorted by M on load (a file written by hand need not be)."""
 
-    def __post_init__(self) -> None:
-        self.buckets = sorted(self.buckets, key=lambda b: b[0])
-        self.ms = [m for m, _ in self.buckets]
+    @cached_property
+    def ms(self) -> list[int]:
+        return list(self.buckets)
+
+    @cached_property
+    def entries(self) -> list[tuple[int, Entry]]:
+        return list(self.buckets.items())
+
+
+def _shape_key(key: Any) -> tuple[int, int]:
+    parts = key.split(",") if isinstance(key, str) else []
+    if len(parts) != 2 or not all(p.strip().isdecimal() and int(p) > 0 for p in parts):
+        raise ValueError("must be 'K,N': K per rank and N, both integers >= 1 (e.g. '2048,8192')")
+    return int(parts[0]), int(parts[1])
+
+
+def _distinct_shapes(shapes: Any) -> Any:
+    seen: dict[tuple[int, int], Any] = {}
+    for key in shapes if isinstance(shapes, dict) else ():
+        try:
+            kn = _shape_key(key)
+        except ValueError:
+            continue
+        if kn in seen:
+            check.fail((key,), f"the same shape as {seen[kn]!r}; keep one")
+        seen[kn] = key
+    return shapes
+
+
+class Meta(Config):
+    """What a policy file was measured on (more provenance may follow: torch, nccl, created, ...)."""
+
+    model_config = ConfigDict(extra="allow")
+    device: str
+    """GPU name (``torch.cuda.get_device_name``) or ``cpu``; compared ignoring case and spaces."""
+    world_size: int = Field(ge=1)
+    """Ranks (tensor-parallel size) it was tuned at."""
+    dtype: Dtype
+    """Element type it was tuned for."""
+
+
+class PolicyFile(Config):
+    """A policy file as written by ``overlap-bench export``."""
+
+    meta: Meta
+    """Where and how it was measured."""
+    shapes: Annotated[dict[Annotated[tuple[int, int], BeforeValidator(_shape_key)], ShapePolicy],
+                      BeforeValidator(_distinct_shapes)]
+    """``"K,N": shape policy``; a shape given twice (``2048,8192`` and ``2048, 8192``) is refused."""
 
 
 @dataclass
 class Policy:
-    """A loaded policy; an empty one answers baseline for everything."""
+    """A loaded policy; an empty one (``Policy()``) answers baseline for everything."""
 
     meta: dict[str, Any] = field(default_factory=dict)
     shapes: dict[tuple[int, int], ShapePolicy] = field(default_factory=dict)
     path: Path | None = None
     _warned: set = field(default_factory=set, repr=False)
 
-    @classmethod
-    def baseline_only(cls) -> "Policy":
-        """A policy with no shapes: every lookup answers baseline."""
-        return cls()
-
     def choose(self, *, K: int, N: int, M: int) -> Choice:
-        """The strategy for an ``[M, K] x [K, N]`` layer: the largest bucket <= M, else baseline."""
+        """The strategy for an ``[M, K] x [K, N]`` layer: the largest bucket <= M, else baseline. A K, N or M that
+        is not an integer (a bool, a float, None) is a :class:`PolicyError`."""
+        for name, v, lo in (("K", K, 1), ("N", N, 1), ("M", M, 0)):
+            try:
+                ok = not isinstance(v, bool) and operator.index(v) >= lo
+            except TypeError:  # a float, None, text
+                ok = False
+            if not ok:
+                raise PolicyError(f"choose: {name} must be an integer >= {lo}, got {v!r}; pass the layer's per-rank "
+                                  "input width (K), output width (N) and token rows (M)")
         shape = self.shapes.get((K, N))
         if shape is None:
             if (K, N) not in self._warned:
@@ -109,7 +168,7 @@ class Policy:
         i = bisect.bisect_right(shape.ms, M) - 1
         if i < 0:
             return _baseline(None, f"M={M} below the smallest bucket {shape.ms[0]}")
-        bucket, e = shape.buckets[i]
+        bucket, e = shape.entries[i]
         return Choice(e.strategy, e.settings, bucket, f"bucket M={bucket} of {shape.name}")
 
 
@@ -129,29 +188,7 @@ def _same_device(a: str, b: str) -> bool:
     return a.strip().replace(" ", "_").lower() == b.strip().replace(" ", "_").lower()
 
 
-def device_name() -> str:
-    """This machine's device name as policies spell it: the CUDA device's name, or ``cpu``."""
-    import torch
-
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-
-
 # ---------------------------------------------------------------------------------------------- load
-
-def _entry(v: Any, where: str) -> Entry:
-    v = check.mapping(v, where)
-    check.required(v, ["strategy"], f"{where}.")
-    name = v["strategy"]
-    if not isinstance(name, str):
-        raise FieldError(f"{where}.strategy: must be a name, got {name!r}")
-    values = check.mapping(v.get("settings") or {}, f"{where}.settings")
-    try:
-        settings = strategies.make_settings(name, values)
-    except (ValueError, TypeError) as e:  # TypeError: a value of a type no setting takes
-        raise FieldError(f"{where}.{'strategy' if name not in strategies.REGISTRY else 'settings'}: {e}") from None
-    return Entry(name, settings, check.number(v.get("speedup"), f"{where}.speedup"),
-                 check.number(v.get("eta"), f"{where}.eta"))
-
 
 def load_policy(path: str | os.PathLike, expect_world: int | None = None, expect_device: str | None = None,
                 fallback: bool = False) -> Policy:
@@ -161,61 +198,19 @@ def load_policy(path: str | os.PathLike, expect_world: int | None = None, expect
     With ``fallback=True`` every such problem (a malformed file included) is instead a logged warning and
     a baseline-only policy: the caller asked to run, untuned, rather than stop.
     """
+    path = Path(path)
     try:
-        return _load_policy(Path(path), expect_world, expect_device)
-    except PolicyError as e:
-        if not fallback:
-            raise
-        log.warning("%s: using baseline for every shape", e)
-        return Policy(path=Path(path))
-
-
-def _load_policy(path: Path, expect_world: int | None, expect_device: str | None) -> Policy:
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise PolicyError(f"{path}: cannot read: {e}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)  # one line: str(e) spans several, with a source excerpt
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise PolicyError(f"{path}: malformed YAML{where}: {getattr(e, 'problem', None) or type(e).__name__}") from None
-    try:
-        return _policy(check.mapping(doc, "the top level"), path, expect_world, expect_device)
+        doc = check.validate(PolicyFile, check.read_yaml(path), "the top level")
+        if expect_world is not None and doc.meta.world_size != expect_world:
+            raise FieldError(f"meta.world_size is {doc.meta.world_size}, expected {expect_world}")
+        if expect_device is not None and not _same_device(doc.meta.device, expect_device):
+            raise FieldError(f"meta.device is {doc.meta.device!r}, expected {expect_device!r}")
     except FieldError as e:
-        raise PolicyError(f"{path}: {e}") from None
-
-
-def _policy(doc: dict, path: Path, expect_world: int | None, expect_device: str | None) -> Policy:
-    for key in ("meta", "shapes"):
-        if key not in doc:
-            raise FieldError(f"'{key}' is missing; a policy file has meta and shapes, as `overlap-bench export` writes")
-    meta = check.mapping(doc["meta"], "meta")
-    check.required(meta, ["device", "world_size", "dtype"], "meta.")
-    world = check.integer(meta["world_size"], "meta.world_size", text=True)
-    if expect_world is not None and world != expect_world:
-        raise FieldError(f"meta.world_size is {world}, expected {expect_world}")
-    if expect_device is not None and not _same_device(str(meta["device"]), expect_device):
-        raise FieldError(f"meta.device is {meta['device']!r}, expected {expect_device!r}")
-    shapes: dict[tuple[int, int], ShapePolicy] = {}
-    for key, sv in check.mapping(doc["shapes"] or {}, "shapes").items():
-        where = f"shapes[{key!r}]"
-        parts = str(key).split(",")
-        if len(parts) != 2:
-            raise FieldError(f"{where}: key must be 'K,N'")
-        k, n = (check.integer(p.strip(), f"{where} key", text=True) for p in parts)
-        sv = check.mapping(sv, where)
-        check.required(sv, ["buckets"], f"{where}.")
-        thr = None if sv.get("threshold") is None else check.integer(sv["threshold"], f"{where}.threshold", text=True)
-        buckets: list[tuple[int, Entry]] = []
-        for m, bv in check.mapping(sv["buckets"], f"{where}.buckets").items():
-            m_int = check.integer(m, f"{where}.buckets key {m!r}", text=True)
-            if m_int < 1 or m_int in (b[0] for b in buckets):
-                raise FieldError(f"{where}.buckets key {m!r}: must be a distinct M >= 1")
-            buckets.append((m_int, _entry(bv, f"{where}.buckets[{m_int}]")))
-        if not buckets:
-            raise FieldError(f"{where}.buckets: is empty")
-        shapes[(k, n)] = ShapePolicy(str(sv.get("name", key)), thr, buckets)
-    return Policy(meta=dict(meta), shapes=shapes, path=path)
+        if not fallback:
+            raise PolicyError(f"{path}: {e}") from None
+        log.warning("%s: %s: using baseline for every shape", path, e)
+        return Policy(path=path)
+    return Policy(meta=doc.meta.model_dump(), shapes=doc.shapes, path=path)
 
 
 # ---------------------------------------------------------------------------------------------- lookup
@@ -226,8 +221,12 @@ def find_policy(device: str, world: int, dtype: str) -> Path | None:
     name = policy_filename(device, world, dtype)
     folders = [Path(os.environ[ENV_DIR])] if os.environ.get(ENV_DIR) else []
     for folder in folders + [PACKAGE_DIR]:
-        if (folder / name).is_file():
-            return folder / name
+        try:
+            if (folder / name).is_file():
+                return folder / name
+        except OSError as exc:  # a name too long, a folder not readable
+            raise PolicyError(f"{ENV_DIR}: cannot look in {folder}: {describe_os_error(exc)}; set it to a readable "
+                              "folder of policy files, or unset it") from None
     return None
 
 
@@ -238,5 +237,5 @@ def load_policy_for(device: str, world: int, dtype: str) -> Policy:
         where = ", ".join(filter(None, [os.environ.get(ENV_DIR), str(PACKAGE_DIR)]))
         log.warning("no policy %s in %s: using baseline for every shape", policy_filename(device, world, dtype),
                     where)
-        return Policy.baseline_only()
+        return Policy()
     return load_policy(path, expect_world=world, expect_device=device, fallback=True)

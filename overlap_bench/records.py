@@ -8,13 +8,18 @@ on load and reported.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Annotated, Any, Iterable
 
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
+
+from overlap_bench import check
 from overlap_bench.errors import UserError
 from overlap_bench.runfolder import RECORDS  # re-exported: every file name lives in runfolder
 
@@ -123,53 +128,35 @@ class Record:
     def from_json(cls, d: Any) -> "Record":
         """A record read from a ``records.jsonl`` line, every field checked against its type: a missing field
         or a value of the wrong type raises :class:`MalformedRecord` naming the field."""
-        if not isinstance(d, dict):
-            raise MalformedRecord("is not a JSON object")
-        out = {}
-        for f in fields(cls):
-            if f.name not in d:
-                if f.default is MISSING and f.default_factory is MISSING:
-                    raise MalformedRecord(f"field '{f.name}' is missing")
-                continue
-            out[f.name] = _typed(f.name, str(f.type), d[f.name])
-        return cls(**out)
+        try:
+            return cls(**dict(_line_model().model_validate(d)))
+        except ValidationError as exc:
+            err = exc.errors(include_url=False)[0]
+            if not err["loc"]:
+                raise MalformedRecord("is not a JSON object") from None
+            raise MalformedRecord(f"field '{check.dotted(err['loc'])}' {check.problem(err)}") from None
 
 
 class MalformedRecord(ValueError):
     """A records.jsonl line that is JSON but not a record (a field missing or of the wrong type)."""
 
 
-def _typed(name: str, kind: str, v: Any) -> Any:
-    """``v`` checked against a Record field's annotation (a string under ``from __future__ import annotations``)."""
-    number = isinstance(v, (int, float)) and not isinstance(v, bool)
-    if kind == "float":
-        if v is None:
-            return math.nan
-        if number:
-            return float(v)
-    elif kind == "int":
-        if isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2 ** 53:  # what JSON and pandas hold
-            return v
-    elif kind == "bool":
-        if isinstance(v, bool):
-            return v
-    elif kind == "str":
-        if isinstance(v, str):
-            return v
-    elif kind == "str | None":
-        if v is None or isinstance(v, str):
-            return v
-    elif kind == "dict[str, str]":
-        if isinstance(v, dict) and all(isinstance(x, str) for x in v.values()):
-            return v
-    elif kind.startswith("dict"):
-        if isinstance(v, dict):
-            return v
-    else:
-        return v
-    want = {"float": "a number or null", "int": "an integer", "bool": "true or false", "str": "text",
-            "str | None": "text or null", "dict[str, str]": "an object of text values"}.get(kind, "an object")
-    raise MalformedRecord(f"field '{name}' must be {want}, got {json.dumps(v)[:40]}")
+JsonInt = Annotated[int, Field(gt=-2 ** 53, lt=2 ** 53)]
+"""An integer that JSON readers and pandas hold exactly."""
+NanFloat = Annotated[float, BeforeValidator(lambda v: math.nan if v is None else v)]
+"""A time or metric: null (how :meth:`Record.to_json` writes NaN) reads back as NaN."""
+
+
+@functools.cache
+def _line_model() -> type[BaseModel]:
+    """:class:`Record`'s fields as a strict pydantic model (ints exact in JSON, null floats NaN)."""
+    hints = typing.get_type_hints(Record)
+    kinds = {int: JsonInt, float: NanFloat}
+    default = {f.name: ... if f.default is MISSING else f.default for f in fields(Record)}
+    default.update({f.name: Field(default_factory=f.default_factory) for f in fields(Record)
+                    if f.default_factory is not MISSING})
+    return create_model("RecordLine", __config__=ConfigDict(strict=True, extra="ignore"),
+                        **{f.name: (kinds.get(hints[f.name], hints[f.name]), default[f.name]) for f in fields(Record)})
 
 
 def json_safe(x: Any) -> Any:

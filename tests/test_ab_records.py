@@ -141,7 +141,7 @@ def confirmed(tmp_path_factory) -> Path:
     spec = root / "s.yaml"
     spec.write_text(yaml.safe_dump({
         "name": "t", "backend": "gloo", "world_size": 2, "dtypes": ["float32"], "shapes": [{"name": "t/o", "K": 64,
-        "N": 64}], "tokens": [32, 48], "warmup": 1, "reps": 2, "confirm_repeats": 3,
+        "N": 64}], "tokens": [32, 48], "warmup": 1, "reps": 2, "confirm_repeats": 5,
         "strategies": [{"name": "baseline"}, {"name": "pr"}, {"name": "chunked", "chunks": [2, 3]}]}))
     _ok(["sweep", spec, "--out", root / "run"])
     return root / "run"
@@ -159,7 +159,7 @@ def test_confirmation_records_load_back_and_ship_follows_decide(confirmed, tmp_p
         raw.setdefault(r["M"], {}).setdefault(b, ([], []))[r["extra"]["side"] == "b"].append(r["tokens_per_s"])
         first[r["M"], b] = r["extra"]["first_pass_speedup"]
     assert sorted(raw) == [32, 48] and all(len(per) == 3 for per in raw.values())  # 2 chunked settings + pr
-    assert all(len(sa) == len(sb) == 3 for per in raw.values() for sa, sb in per.values())
+    assert all(len(sa) == len(sb) == 5 for per in raw.values() for sa, sb in per.values())
     recs = confirm.load(confirmed)
     assert len(recs) == len(lines)
     best = analysis.best_settings(confirmed)
@@ -172,7 +172,7 @@ def test_confirmation_records_load_back_and_ship_follows_decide(confirmed, tmp_p
         assert shipped.loc[M, "label"] == d.label and shipped.loc[M, "speedup"] == pytest.approx(d.speedup)
         c = shipped.loc[M, "confirmation"]
         assert c["leader"] == order[0] and c["leader_first_pass_speedup"] == first[M, order[0]]
-        assert c["leader_speedup"] == pytest.approx(d.leader_speedup) and c["repeats"] == 3
+        assert c["leader_speedup"] == pytest.approx(d.leader_speedup) and c["repeats"] == 5
         # summary.md's confirmation table and the exported policy render the same decision
         summary = (confirmed / runfolder.SUMMARY).read_text().split("## Confirmation")[1]
         row = next(ln for ln in summary.splitlines() if ln.startswith(f"| t/o | {M} |"))
@@ -197,14 +197,14 @@ def test_a_candidate_cut_short_is_measured_again_on_resume(confirmed, tmp_path):
     (run / runfolder.CONFIRM).write_text("".join(text[:-1]) + text[-1][:40])
     key = confirm.candidate_key(Record.from_json(cut))
     kept = confirm.load(run)
-    assert key not in {confirm.candidate_key(r) for r in kept} and len(kept) == len(text) - 6
+    assert key not in {confirm.candidate_key(r) for r in kept} and len(kept) == len(text) - 10
     jobs = confirm.plan(runfolder.RunFolder(run).load().records, {confirm.candidate_key(r) for r in kept})
     assert [(j.case.M, strategies.label(*j.candidate)) for j in jobs] == [(cut["M"], cut["extra"]["pair"][1])]
     assert jobs[0].candidate[1] == strategies.make_settings(cut["strategy"], cut["settings"])
     out = _ok(["sweep", confirmed.parent / "s.yaml", "--out", run, "--resume"])
     assert "1 candidate(s) confirmed" in out
     again = confirm.load(run)
-    assert len(again) == len(text) and sum(confirm.candidate_key(r) == key for r in again) == 6
+    assert len(again) == len(text) and sum(confirm.candidate_key(r) == key for r in again) == 10
 
 
 def test_every_environment_variant_gets_its_own_confirmation(tmp_path):
@@ -214,9 +214,9 @@ def test_every_environment_variant_gets_its_own_confirmation(tmp_path):
     spec = tmp_path / "s.yaml"
     spec.write_text(yaml.safe_dump({
         "name": "t", "backend": "gloo", "world_size": 2, "dtypes": ["float32"], "shapes": [{"name": "t/o", "K": 64,
-        "N": 64}], "tokens": [32], "warmup": 1, "reps": 2, "confirm_repeats": 2, "env": [{}, variant],
+        "N": 64}], "tokens": [32], "warmup": 1, "reps": 2, "confirm_repeats": 5, "env": [{}, variant],
         "strategies": [{"name": "baseline"}, {"name": "chunked", "chunks": 2}]}))
     _ok(["sweep", spec, "--out", tmp_path / "run"])
     recs = confirm.load(tmp_path / "run")
     assert {tuple(sorted(r.env.items())) for r in recs} == {(), tuple(variant.items())}
-    assert all(len([r for r in recs if r.env == env]) == 2 * 2 for env in ({}, variant))  # 2 sides x 2 repeats
+    assert all(len([r for r in recs if r.env == env]) == 2 * 5 for env in ({}, variant))  # 2 sides x 5 repeats

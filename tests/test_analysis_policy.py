@@ -195,10 +195,10 @@ GOOD = {"meta": {"device": "cpu", "world_size": 2, "dtype": "float32"},
 
 
 @pytest.mark.parametrize("mutate, field", [
-    (lambda d: d.pop("meta"), "'meta'"),
+    (lambda d: d.pop("meta"), "meta: is missing"),
     (lambda d: d["meta"].pop("world_size"), "meta.world_size"),
     (lambda d: d["meta"].update(world_size="two"), "meta.world_size"),
-    (lambda d: d["shapes"].update({"8x6": d["shapes"].pop("8,6")}), "shapes['8x6']"),
+    (lambda d: d["shapes"].update({"8x6": d["shapes"].pop("8,6")}), "shapes key '8x6'"),
     (lambda d: d["shapes"]["8,6"].pop("buckets"), "shapes['8,6'].buckets"),
     (lambda d: d["shapes"]["8,6"]["buckets"].update({"x": {"strategy": "baseline"}}), "buckets key 'x'"),
     (lambda d: d["shapes"]["8,6"]["buckets"][1].pop("strategy"), "buckets[1].strategy"),

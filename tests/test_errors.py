@@ -109,9 +109,9 @@ def test_export_of_an_empty_run_or_a_missing_variant_is_one_line_exit_2(done, tm
 
 
 BAD = [({"M": "64"}, "'M' must be an integer"), ({"t_ms": "fast"}, "'t_ms' must be a number"),
-       ({"settings": [1]}, "'settings' must be an object"), ({"env": {"A": 1}}, "'env' must be an object of text"),
-       ({"bias": "yes"}, "'bias' must be true or false"), ({"reason": 3}, "'reason' must be text or null"),
-       ({"M": 10 ** 30}, "'M' must be an integer"), ({"shape": None}, "'shape' must be text")]
+       ({"settings": [1]}, "'settings' must be a mapping"), ({"env": {"A": 1}}, "'env.A' must be text"),
+       ({"bias": "yes"}, "'bias' must be true or false"), ({"reason": 3}, "'reason' must be text"),
+       ({"M": 10 ** 30}, "'M' must be < 9007199254740992"), ({"shape": None}, "'shape' must be text")]
 
 
 @pytest.mark.parametrize("change, words", BAD)

@@ -1,9 +1,8 @@
 """Issue 12 points 1 and 5: a case carries its strategy's typed settings, and its label (display, keys, the repro
-command) says exactly those settings; the spec's defaults are the dataclass's own (no second default in the parser)."""
+command) says exactly those settings; the spec's defaults are the model's own (no second default in the parser)."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -23,11 +22,9 @@ def test_every_committed_case_label_parses_back_to_its_settings(path):
     assert strategies.parse(case.label) == (case.strategy, case.settings)
 
 
-def test_omitted_fields_take_the_dataclass_defaults():
-    required = {f.name for f in dataclasses.fields(SweepSpec) if f.default is dataclasses.MISSING
-                and f.default_factory is dataclasses.MISSING}
+def test_omitted_fields_take_the_model_defaults():
+    required = {name for name, f in SweepSpec.model_fields.items() if f.is_required()}
     spec = parse_spec({k: SMOKE[k] for k in required | {"backend", "world_size"}})
-    for f in dataclasses.fields(SweepSpec):
-        if f.name not in required | {"backend", "world_size"}:
-            want = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            assert getattr(spec, f.name) == want, f.name
+    for name, f in SweepSpec.model_fields.items():
+        if name not in required | {"backend", "world_size"}:
+            assert getattr(spec, name) == f.get_default(call_default_factory=True), name

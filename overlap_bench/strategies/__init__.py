@@ -2,20 +2,24 @@
 
 A strategy is ``fn(x, weight, bias, group, settings) -> y``: ``x`` is ``[M, K/tp]``, ``weight`` is
 ``[N, K/tp]`` (nn.Linear layout), ``bias`` is ``[N]`` or None, and ``y`` is the all-reduced ``[M, N]``.
-``settings`` is the strategy's own frozen dataclass; its ``__post_init__`` rejects bad values with a
-``ValueError`` that names the field.
+``settings`` is the strategy's own frozen dataclass: :func:`make_settings` types its values (pydantic) and its
+``__post_init__`` rejects values out of range, each with a ``ValueError`` that names the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
+import typing
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
+from pydantic import BaseModel, ValidationError, create_model
+
+from overlap_bench.check import Config, problem
 
 
 class StrategyUnavailable(RuntimeError):
@@ -62,57 +66,35 @@ def register(name: str, settings_cls: type, doc: str, check: Callable[[str, Any]
     return wrap
 
 
-def _coerce(field: dataclasses.Field, raw: Any) -> Any:
-    """Turn a CLI/YAML value into the field's type (settings come as strings from the CLI)."""
-    kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
-    if isinstance(raw, str):
-        if kind == "int":
-            try:
-                return int(raw)
-            except ValueError:
-                raise ValueError(f"setting '{field.name}' must be an integer, got {raw!r}") from None
-        if kind == "float":
-            try:
-                raw = float(raw)
-            except ValueError:
-                raise ValueError(f"setting '{field.name}' must be a number, got {raw!r}") from None
-        if kind == "bool":
-            low = raw.lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(f"setting '{field.name}' must be true or false, got {raw!r}")
-    if kind == "int" and (isinstance(raw, bool) or not isinstance(raw, int)):
-        raise ValueError(f"setting '{field.name}' must be an integer, got {raw!r}")
-    if kind == "bool" and not isinstance(raw, bool):
-        raise ValueError(f"setting '{field.name}' must be true or false, got {raw!r}")
-    if kind == "str" and not isinstance(raw, str):
-        raise ValueError(f"setting '{field.name}' must be text, got {raw!r}")
-    if kind == "float":
-        # Checked here, for every strategy: a list, a bool, a 400-digit integer or inf would otherwise pass
-        # the settings' own range checks and fail (or overflow) only when the case runs.
-        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
-            raise ValueError(f"setting '{field.name}' must be a number, got {raw!r}")
-        try:
-            raw = float(raw)
-        except OverflowError:
-            raw = math.inf
-        if not math.isfinite(raw):
-            raise ValueError(f"setting '{field.name}' must be a finite number, got {raw!r}")
-    return raw
+@functools.cache
+def _schema(settings_cls: type) -> type[BaseModel]:
+    """A pydantic model of a settings dataclass's fields, which types its values; the range checks stay in the
+    dataclass's ``__post_init__``."""
+    hints = typing.get_type_hints(settings_cls)
+    fields = {f.name: (hints[f.name], f.default) for f in dataclasses.fields(settings_cls)}
+    return create_model(settings_cls.__name__, __base__=Config, **fields)
 
 
-def make_settings(name: str, values: dict[str, Any] | None = None) -> Any:
-    """Build ``name``'s settings from a dict; unknown or invalid fields raise ``ValueError`` naming them."""
+def make_settings(name: str, values: dict[str, Any] | None = None, *, text: bool = False) -> Any:
+    """Build ``name``'s settings from a dict; unknown or invalid fields raise ``ValueError`` naming them.
+    Values are taken as their type says (a bool is not an int); ``text=True`` parses them from text (the CLI)."""
     strat = get(name)
-    fields = {f.name: f for f in dataclasses.fields(strat.settings_cls)}
-    values = dict(values or {})
-    for key in values:
-        if key not in fields:
-            allowed = ", ".join(fields) or "none"
-            raise ValueError(f"unknown setting '{key}' for strategy '{name}' (allowed: {allowed})")
-    return strat.settings_cls(**{k: _coerce(fields[k], v) for k, v in values.items()})
+    try:
+        typed = _schema(strat.settings_cls).model_validate(dict(values or {}), strict=not text)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        key = err["loc"][0] if err["loc"] else "settings"
+        if err["type"] == "extra_forbidden":
+            allowed = ", ".join(f.name for f in dataclasses.fields(strat.settings_cls)) or "none"
+            raise ValueError(f"unknown setting '{key}' for strategy '{name}' (allowed: {allowed})") from None
+        raise ValueError(f"setting '{key}' {problem(err)}") from None
+    return strat.settings_cls(**dict(typed))
+
+
+def names() -> list[str]:
+    """The registered strategies' names, sorted."""
+    _load_builtin()
+    return sorted(REGISTRY)
 
 
 def peers() -> list[str]:
@@ -138,7 +120,7 @@ def parse(text: str) -> tuple[str, Any]:
         if not eq:
             raise ValueError(f"setting '{item}' in '{text}' must be written key=value")
         values[key.strip()] = val.strip()
-    return name, make_settings(name, values)
+    return name, make_settings(name, values, text=True)
 
 
 def settings_dict(settings: Any) -> dict[str, Any]:
