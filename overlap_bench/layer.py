@@ -16,6 +16,14 @@ log = logging.getLogger("overlap_bench.layer")
 _BASELINE = strategies.make_settings("baseline")
 
 
+def _group_size(group: dist.ProcessGroup | None) -> int:
+    """The group's size, or a one-line error when no process group exists (torch's own is a traceback)."""
+    if not dist.is_initialized():
+        raise RuntimeError("RowParallelLinear needs torch.distributed initialised: call dist.init_process_group() "
+                           "first and run under torchrun (e.g. torchrun --nproc-per-node 2 app.py)")
+    return dist.get_world_size(group)
+
+
 class RowParallelLinear(nn.Module):
     """``y = all_reduce(x_r @ W_r^T) + b`` with ``W_r`` of shape ``[out_features, in_features_per_rank]``.
 
@@ -33,7 +41,7 @@ class RowParallelLinear(nn.Module):
                  group: dist.ProcessGroup | None = None, policy: Policy | None = None, *,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        world = dist.get_world_size(group)
+        world = _group_size(group)
         if in_features % world:
             raise ValueError(f"in_features={in_features} is not divisible by the group size {world}")
         self.in_features, self.out_features = in_features, out_features
@@ -61,7 +69,7 @@ class RowParallelLinear(nn.Module):
                     group: dist.ProcessGroup | None = None, policy: Policy | None = None) -> "RowParallelLinear":
         """A layer around this rank's existing shard ``weight`` (``[N, K/tp]``) and the full ``bias``."""
         n, k = weight.shape
-        layer = cls(k * dist.get_world_size(group), n, bias is not None, group, policy,
+        layer = cls(k * _group_size(group), n, bias is not None, group, policy,
                     device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             layer.weight.copy_(weight)
