@@ -8,6 +8,7 @@ caused it and the cause in one line. A rank dies with the launcher, however the 
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import sys
@@ -25,6 +26,7 @@ from overlap_bench.world import LaunchError, in_torchrun, resolve  # noqa: F401 
 
 # NVLink multicast off in every process we start (set when missing): it can take a shared host's GPUs out of service.
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+_TORCHRUN_JOBS = itertools.count()  # jobs this process joined under torchrun (every rank counts alike)
 
 
 class RankFailed(RuntimeError):
@@ -67,10 +69,12 @@ def _init(rank: int, world: int, local_rank: int, cfg: JobConfig, store: dist.St
         torch.cuda.set_device(device)
     else:  # ranks share this machine's cores: without this each one starts a thread per core and they thrash
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, cfg.nproc)))
-    joined = {"store": store, "rank": rank, "world_size": world} if store is not None else {}  # else env://
+    timeout = timedelta(seconds=cfg.timeout_s)
+    if store is None:  # torchrun's store outlives a group: a new group of the same name would read the last one's keys
+        store = dist.PrefixStore(f"job{next(_TORCHRUN_JOBS)}", next(dist.rendezvous("env://", timeout=timeout))[0])
     # device_id binds the rank to its GPU (barriers and object collectives use it).
-    dist.init_process_group(cfg.backend, timeout=timedelta(seconds=cfg.timeout_s),
-                            device_id=device if device.type == "cuda" else None, **joined)
+    dist.init_process_group(cfg.backend, timeout=timeout, device_id=device if device.type == "cuda" else None,
+                            store=store, rank=rank, world_size=world)
     return RankContext(rank, world, local_rank, cfg.backend, device)
 
 

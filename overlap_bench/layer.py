@@ -16,6 +16,13 @@ log = logging.getLogger("overlap_bench.layer")
 _BASELINE = strategies.make_settings("baseline")
 
 
+def _group_size(group: dist.ProcessGroup | None) -> int:
+    if not dist.is_initialized():  # torch's own error is a traceback about the default group
+        raise RuntimeError("RowParallelLinear needs torch.distributed initialised: call dist.init_process_group() "
+                           "first and run under torchrun (e.g. torchrun --nproc-per-node 2 app.py)")
+    return dist.get_world_size(group)
+
+
 class RowParallelLinear(nn.Module):
     """``y = all_reduce(x_r @ W_r^T) + b`` with ``W_r`` of shape ``[out_features, in_features_per_rank]``.
 
@@ -24,16 +31,15 @@ class RowParallelLinear(nn.Module):
     layer always runs ``baseline``. Every rank must see the same M (true in tensor parallelism), so every
     rank picks the same strategy and the collectives match.
 
-    Inference only, like vLLM's layer: the strategies write into preallocated outputs (``out=``) and call
-    the collectives directly, neither of which autograd can differentiate, so parameters do not require
-    grad and ``forward`` runs under ``no_grad``.
+    Inference only, like vLLM's: the strategies write into preallocated outputs and call collectives
+    directly, which autograd cannot differentiate (no grad on the parameters; ``forward`` under ``no_grad``).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  group: dist.ProcessGroup | None = None, policy: Policy | None = None, *,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        world = dist.get_world_size(group)
+        world = _group_size(group)
         if in_features % world:
             raise ValueError(f"in_features={in_features} is not divisible by the group size {world}")
         self.in_features, self.out_features = in_features, out_features
@@ -61,7 +67,7 @@ class RowParallelLinear(nn.Module):
                     group: dist.ProcessGroup | None = None, policy: Policy | None = None) -> "RowParallelLinear":
         """A layer around this rank's existing shard ``weight`` (``[N, K/tp]``) and the full ``bias``."""
         n, k = weight.shape
-        layer = cls(k * dist.get_world_size(group), n, bias is not None, group, policy,
+        layer = cls(k * _group_size(group), n, bias is not None, group, policy,
                     device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             layer.weight.copy_(weight)
@@ -79,10 +85,9 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``[..., in_features_per_rank]`` -> ``[..., out_features]``, all-reduced over the group.
 
-        Never raises for a policy that loaded: a choice that cannot run on this backend, or cannot apply to
-        these ``M`` rows (more chunks than rows, say), runs the baseline for this call instead, with one
-        warning per layer and setting. Strategies raise such ``ValueError`` before their first collective,
-        and every rank sees the same ``M`` and choice, so every rank falls back together.
+        Never raises for a policy that loaded: a choice that cannot run on this backend or these ``M`` rows
+        runs the baseline for this call, warned once per layer and setting. Strategies raise such
+        ``ValueError`` before their first collective, and every rank sees the same choice: all fall back.
         """
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features_per_rank)

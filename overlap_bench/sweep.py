@@ -117,8 +117,8 @@ def run_sweep(spec: SweepSpec, raw: dict, out_dir: str | os.PathLike, *, resume:
     with runfolder.lock(out, command=command or envinfo.command_line()) if rank0 else nullcontext():
         if rank0:
             done, torn = open_run_folder(out, spec, raw, resume=resume, force=force, seed=seed, command=command)
-        else:
-            done, torn = prepare_out_dir(out, resume)
+        else:  # the folder is rank 0's (on another node it may not be there): rank 0's case list runs
+            done, torn = set(), []
         stage = (confirm_repeats, confirm_top) if confirm else None
         return _run_jobs(spec, out, done, torn, seed, progress, rank0, stage)
 
@@ -130,12 +130,14 @@ def _run_jobs(spec: SweepSpec, out: Path, done: set, torn: list[int], seed: int,
     result = SweepResult(out, len(cases), len(cases) - len(todo), torn)
     finished = result.skipped_done
     try:
-        for env, group in groupby(todo, key=lambda c: c.env):
-            group = list(group)
+        # Under torchrun every rank joins every job, also one its own list leaves empty (run_cases runs rank 0's).
+        for env, group in groupby(cases if in_torchrun() else todo, key=lambda c: c.env):
+            group = [c for c in group if _key(c, spec) not in done]
             if in_torchrun() and any(os.environ.get(k) != v for k, v in env):
                 # The variables must be set before CUDA starts: torchrun has to be started with them.
                 want = " ".join(f"{k}={v}" for k, v in env)
-                result.not_run.append(f"{len(group)} cases need {want} set on the torchrun command")
+                if group:
+                    result.not_run.append(f"{len(group)} cases need {want} set on the torchrun command")
                 continue
             opts = BenchOptions(str(out), spec.warmup, spec.reps, seed, finished, len(cases), progress)
             launch(run_cases, (group, opts), JobConfig(spec.world_size, spec.backend, spec.timeout_s, dict(env)))
