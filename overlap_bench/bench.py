@@ -132,7 +132,7 @@ def run_cases(ctx: RankContext, cases: list[Case], opts: BenchOptions) -> None:
         return BucketKey.of(c, world=ctx.world, device=device_name, backend=ctx.backend)
 
     try:
-        for _, group in groupby(sorted(cases, key=lambda c: bucket(c).order), key=bucket):
+        for _, group in groupby(sorted(cases, key=bucket), key=bucket):
             group = list(group)
             try:
                 measure_group(ctx, group, opts, device_name, progress, cursor)

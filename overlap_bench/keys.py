@@ -4,6 +4,7 @@ world size, device, backend, process environment); its group is the same without
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -21,6 +22,7 @@ class Env(tuple):
         return ",".join(f"{k}={v}" for k, v in self) or "default"
 
 
+@functools.total_ordering
 @dataclass(frozen=True)
 class GroupKey:
     """One comparison: a shape measured in one job configuration on one kind of GPU."""
@@ -41,9 +43,11 @@ class GroupKey:
         v = {n: given[n] if n in given else getattr(x, n) for n in cls._names()}
         return cls(**{**v, "bias": bool(v["bias"]), "env": Env(v["env"])})
 
-    @property
-    def order(self) -> tuple:
-        """Sort key of every listing (the env variant by its text)."""
+    def __lt__(self, other: "GroupKey") -> bool:
+        """Every listing's order: the fields in turn, the env variant by its text."""
+        return self._order() < other._order()
+
+    def _order(self) -> tuple:
         return tuple(v.text if isinstance(v, Env) else v for v in map(self.__getattribute__, self._names()))
 
     @classmethod

@@ -15,6 +15,7 @@ import numpy as np
 
 from overlap_bench import strategies
 from overlap_bench.keys import GroupKey
+from overlap_bench.metrics import finite
 from overlap_bench.records import Record
 from overlap_bench.runfolder import RunFolder, plot_name
 from overlap_bench.select import Best, Decision
@@ -40,7 +41,7 @@ class Group:
 
     def best(self, m: int) -> Best | None:
         """The first pass's winner at ``m`` (None when nothing there has a time)."""
-        return next((d.best for d in self.decisions if d.key.M == m and _finite(d.best.t_ms)), None)
+        return next((d.best for d in self.decisions if d.key.M == m and finite(d.best.t_ms)), None)
 
     def title(self) -> str:
         k = self.key
@@ -69,10 +70,6 @@ def draw(run_dir: Path, g: Group) -> dict[str, Path]:
     return out
 
 
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _setting_text(v: Any) -> str:
     return str(v).lower() if isinstance(v, bool) else str(v)
 
@@ -97,7 +94,7 @@ def _ideal_by_m(g: Group) -> dict[int, float]:
     out = {}
     for m in g.ms:
         ratios = [r.t_base_ms / r.ideal_ms for r in g.scored
-                  if r.M == m and _finite(r.t_base_ms) and _finite(r.ideal_ms) and r.ideal_ms > 0]
+                  if r.M == m and finite(r.t_base_ms) and finite(r.ideal_ms) and r.ideal_ms > 0]
         if ratios:
             out[m] = statistics.median(ratios)
     return out
@@ -109,10 +106,10 @@ def _plot_speedup(plt: Any, g: Group, path: Path) -> None:
     ms = g.ms
     lines: dict[str, dict[int, float]] = {}
     for r in g.scored:
-        if r.strategy != "baseline" and _finite(r.speedup):
+        if r.strategy != "baseline" and finite(r.speedup):
             lines.setdefault(r.label, {})[r.M] = r.speedup
     ideal = _ideal_by_m(g)
-    bests = [b for m in ms if (b := g.best(m)) is not None and _finite(b.speedup)]
+    bests = [b for m in ms if (b := g.best(m)) is not None and finite(b.speedup)]
     peers = set(strategies.peers())
 
     fig, ax = plt.subplots(figsize=(8.5, 5))
@@ -161,7 +158,7 @@ def _eta_panels(g: Group) -> list[tuple[str, str, dict[tuple[Any, int], float]]]
     value of the next varying setting (if any), each cell the best eta over the remaining settings."""
     by_strategy: dict[str, list[Record]] = {}
     for r in g.scored:
-        if r.strategy != "baseline" and r.strategy not in strategies.peers() and _finite(r.eta):
+        if r.strategy != "baseline" and r.strategy not in strategies.peers() and finite(r.eta):
             by_strategy.setdefault(r.strategy, []).append(r)
     panels = []
     for name, recs in sorted(by_strategy.items()):
@@ -230,18 +227,18 @@ def _plot_breakdown(plt: Any, g: Group, path: Path) -> None:
         ("t_base (gemm then all-reduce)", [b.t_base_ms for _, b in rows], "#8c8c8c"),
         ("t of the best setting", [b.t_ms for _, b in rows], "#55a868"),
     ]
-    values = [v for _, vs, _ in series for v in vs if _finite(v) and v > 0]
+    values = [v for _, vs, _ in series for v in vs if finite(v) and v > 0]
     fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(ms) + 3.0), 4.8))
     try:
         x = np.arange(len(ms))
         width = 0.2
         for i, (name, vs, colour) in enumerate(series):
-            ys = [v if _finite(v) else 0.0 for v in vs]
+            ys = [v if finite(v) else 0.0 for v in vs]
             bars = ax.bar(x + (i - 1.5) * width, ys, width, label=name, color=colour)
             if i == 3:
                 for bar, (_, b) in zip(bars, rows):
                     s = b.speedup
-                    if _finite(s):
+                    if finite(s):
                         ax.annotate(f"×{s:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                                     xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
                                     fontsize=7)

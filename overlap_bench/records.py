@@ -49,8 +49,9 @@ class Record:
     kind: str = "sweep"
     """What produced it: ``sweep`` (a case of a sweep or ``run``; ``extra``: :attr:`base_refs`, ``t_joint_ms``
     and what the strategy reported), ``compare`` or ``confirm`` (one timed region of one side of an A/B
-    measurement; ``extra``: :class:`ABTag`), ``model`` (one mode of the model benchmark at M) or
-    ``interference`` (one condition beside the GEMM)."""
+    measurement; ``extra``: :class:`ABTag`), ``model`` (one mode of the model benchmark at M; ``extra``: ``tp``,
+    ``layers``, ``shapes``, ``t_nocomm_ms``, ``comm_share``, ``choices``) or ``interference`` (one condition
+    beside the GEMM)."""
     bias: bool = False
     status: str = "ok"
     """``ok``; ``failed`` (numerics out of tolerance or an error in the case); ``unavailable`` (cannot run here);

@@ -17,6 +17,7 @@ import pandas as pd
 
 from overlap_bench import confirm, plots, select, strategies
 from overlap_bench.markdown import cell, table
+from overlap_bench.metrics import finite
 from overlap_bench.plots import Group
 from overlap_bench.records import Loaded, load_records
 from overlap_bench.runfolder import ENV, SPEC, SUMMARY, TABLES_CSV, TABLES_MD, RunFolder
@@ -28,12 +29,8 @@ _TABLE_COLS = ["shape", "K", "N", "M", "dtype", "world", "env", "label", "t_base
                "rel_err", "status", "best"]
 
 
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _fmt(x: Any, spec: str) -> str:
-    return format(x, spec) if _finite(x) else "–"
+    return format(x, spec) if finite(x) else "–"
 
 
 SLUG_MAX = 96
@@ -175,7 +172,7 @@ def _group_section(g: Group, pngs: dict[str, str | None]) -> list[str]:
             continue
         rows.append([str(m), _fmt(b.t_gemm_ms, ".3f"), _fmt(b.t_comm_ms, ".3f"), _fmt(b.t_base_ms, ".3f"),
                      f"`{cell(b.label)}`", _fmt(b.t_ms, ".3f"), _fmt(b.speedup, ".3f"),
-                     _fmt(b.eta, ".2f") if _finite(b.eta) else "n/a", _fmt(b.rel_err, ".2e")]
+                     _fmt(b.eta, ".2f") if finite(b.eta) else "n/a", _fmt(b.rel_err, ".2e")]
                     + [_fmt(b.peers.get(p), ".3f") for p in peers])
         flagged += [f"- M={m}: {cell('; '.join(b.flags))}"] if b.flags else []
     lines += [table(header, rows, align), ""]
@@ -192,7 +189,7 @@ def _group_section(g: Group, pngs: dict[str, str | None]) -> list[str]:
 
 
 def _ci(lo: Any, hi: Any) -> str:
-    return f"[{lo:.3f}, {hi:.3f}]" if _finite(lo) and _finite(hi) else "n/a"
+    return f"[{lo:.3f}, {hi:.3f}]" if finite(lo) and finite(hi) else "n/a"
 
 
 def _confirmation_section(decisions: list[Decision]) -> list[str]:

@@ -17,6 +17,7 @@ from typing import Any, Iterable
 
 from overlap_bench import confirm, metrics, strategies
 from overlap_bench.keys import BucketKey, Env
+from overlap_bench.metrics import finite
 from overlap_bench.records import Record
 from overlap_bench.stats import MIN_EFFECT, geomean
 
@@ -31,10 +32,6 @@ RULE = ("t_base is the reference: the fastest baseline measurement at that M (th
 """The first pass's rule, stated once for tables.md and summary.md."""
 
 
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def latest(records: Iterable[Record]) -> list[Record]:
     """One record per case (bucket and label), in file order: a case measured again keeps its last line."""
     records = list(records)
@@ -47,17 +44,17 @@ def latest(records: Iterable[Record]) -> list[Record]:
 
 def _reference(group: list[Record]) -> tuple[float, float, tuple[str, ...]]:
     """``(t_base, iqr, flags)`` of one bucket: its fastest baseline measurement and what makes it doubtful."""
-    base = [(r.t_base_ms, r.t_base_iqr_ms) for r in group if _finite(r.t_base_ms)]
+    base = [(r.t_base_ms, r.t_base_iqr_ms) for r in group if finite(r.t_base_ms)]
     base += [v for r in group for v in r.base_refs[1:]]  # the bracketing references
-    base += [(r.t_ms, r.t_iqr_ms) for r in group if r.strategy == "baseline" and r.ok and _finite(r.t_ms)]
+    base += [(r.t_ms, r.t_iqr_ms) for r in group if r.strategy == "baseline" and r.ok and finite(r.t_ms)]
     t_ref, ref_iqr = metrics.reference(base)
     flags = []
-    times = sorted({t for t, _ in base if _finite(t) and t > 0})
-    widest = max((i for _, i in base if _finite(i)), default=0.0)
+    times = sorted({t for t, _ in base if finite(t) and t > 0})
+    widest = max((i for _, i in base if finite(i)), default=0.0)
     if len(times) > 1 and times[-1] - times[0] > widest:
         flags.append(f"reference drift: baseline measured {times[0]:.4g}..{times[-1]:.4g} ms")
     flags += sorted({metrics.inconsistent(t_ref, r.t_gemm_ms, r.t_comm_ms, ref_iqr) for r in group} - {None})
-    over = sorted({r.label for r in group if r.ok and _finite(r.t_ms) and r.t_ms < t_ref and
+    over = sorted({r.label for r in group if r.ok and finite(r.t_ms) and r.t_ms < t_ref and
                    metrics.eta(t_ref, r.t_ms, r.t_gemm_ms, r.t_comm_ms) > 1})
     if over:  # t below the ideal bound
         flags.append(f"eta above 1 (t below the ideal bound, a measurement fault): {', '.join(over)}")
@@ -75,8 +72,8 @@ def _scored(records: Iterable[Record]) -> tuple[list[Record], dict[BucketKey, tu
     out = []
     for r in recs:
         t_ref, ref_iqr, _ = refs[r.bucket]
-        spread = max(ref_iqr, r.t_iqr_ms if _finite(r.t_iqr_ms) else 0.0)
-        timed = r.ok and _finite(r.t_ms)
+        spread = max(ref_iqr, r.t_iqr_ms if finite(r.t_iqr_ms) else 0.0)
+        timed = r.ok and finite(r.t_ms)
         out.append(dataclasses.replace(
             r, t_base_ms=t_ref, t_base_iqr_ms=ref_iqr, ideal_ms=metrics.ideal_ms(r.t_gemm_ms, r.t_comm_ms),
             speedup=metrics.speedup(t_ref, r.t_ms) if timed else math.nan,
@@ -132,21 +129,21 @@ def best(records: Iterable[Record]) -> list[Best]:
         at.setdefault(r.bucket, []).append(r)
     peer_names = strategies.peers()
     out = []
-    for key, g in sorted(at.items(), key=lambda kv: kv[0].order):
+    for key, g in sorted(at.items()):
         t_ref, ref_iqr, flags = refs[key]
-        ok = [r for r in g if r.ok and _finite(r.t_ms)]
+        ok = [r for r in g if r.ok and finite(r.t_ms)]
         win = min(ok, key=lambda r: r.t_ms) if ok else None
         if win is not None and win.strategy != "baseline":
-            beats = win.t_ms + (win.t_iqr_ms if _finite(win.t_iqr_ms) else 0.0) / 2 < t_ref - ref_iqr / 2
+            beats = win.t_ms + (win.t_iqr_ms if finite(win.t_iqr_ms) else 0.0) / 2 < t_ref - ref_iqr / 2
             if not beats or any(f.startswith("references inconsistent") for f in flags):
                 win = None
         if win is None or win.strategy == "baseline":
-            ref = ([r for r in g if _finite(r.t_gemm_ms)] or g)[-1]
+            ref = ([r for r in g if finite(r.t_gemm_ms)] or g)[-1]
             base_recs = [r for r in ok if r.strategy == "baseline"]
             rel = min(base_recs, key=lambda r: r.t_ms).rel_err if base_recs else math.nan
             win = dataclasses.replace(ref, strategy="baseline", settings={}, label="baseline", t_ms=t_ref,
                                       t_iqr_ms=ref_iqr, rel_err=rel,
-                                      speedup=1.0 if _finite(t_ref) else math.nan,
+                                      speedup=1.0 if finite(t_ref) else math.nan,
                                       eta=metrics.eta(t_ref, t_ref, ref.t_gemm_ms, ref.t_comm_ms, ref_iqr))
         peers = {p: r.speedup for p in peer_names for r in ok if r.strategy == p}
         out.append(Best(key, win.strategy, dict(win.settings), win.label, win.t_ms, win.t_iqr_ms, t_ref, ref_iqr,

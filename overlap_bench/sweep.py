@@ -180,7 +180,7 @@ def plan_confirmation(records: Iterable[Record], done: set[tuple], *, top: int =
             at.setdefault(r.bucket, []).append(r)
     jobs = []
     base = strategies.make_settings("baseline")
-    for bucket, g in sorted(at.items(), key=lambda kv: kv[0].order):
+    for bucket, g in sorted(at.items()):
         first = {r.label: r for r in g if r.ok and math.isfinite(r.t_ms)}
         for lab in confirm.leaders({lab: r.speedup for lab, r in first.items()}, strategies.peers(), top):
             if (bucket, lab) not in done:
@@ -213,8 +213,8 @@ def _confirm(spec: SweepSpec, out: Path, seed: int, repeats: int, top: int, resu
         if in_torchrun() and any(os.environ.get(k) != v for k, v in env.items()):
             continue  # the first pass reported it in not_run already
         opts = BenchOptions(str(out), spec.warmup, spec.reps, seed, 0, 0, False)
-        launch(measure_confirmation, (mine, repeats, opts), JobConfig(spec.world_size, spec.backend, spec.timeout_s,
-                                                                 dict(env)))
+        launch(measure_confirmation, (mine, repeats, opts),
+               JobConfig(spec.world_size, spec.backend, spec.timeout_s, dict(env)))
         result.confirmed += len(mine)
 
 
