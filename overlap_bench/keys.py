@@ -54,9 +54,6 @@ class GroupKey:
     def _names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
 
-    def at(self, M: int) -> "BucketKey":
-        return BucketKey(**{n: getattr(self, n) for n in GroupKey._names()}, M=M)
-
 
 @dataclass(frozen=True)
 class BucketKey(GroupKey):

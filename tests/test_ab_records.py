@@ -1,5 +1,5 @@
 """Every A/B measurement (``compare A B`` and the sweep's confirmation stage) is written as Records through the
-run folder and judged from them (issue 12, point 1); CPU, 2 gloo ranks.
+run folder and judged from them; CPU, 2 gloo ranks.
 
 The checks read the records' JSON lines themselves and recompute what the tables should say, so a side's
 samples mixed up, a repeat dropped or a failed side timed shows as a mismatch.

@@ -1,4 +1,4 @@
-"""The confirmation stage's decision logic (issue 13 point 6: the null test) with injected, seeded timings;
+"""The confirmation stage's decision logic (the null test) with injected, seeded timings;
 nothing here is timed.
 
 A bucket is simulated as a sweep measures it: a first pass (the baseline reference bracketed every 4th

@@ -1,4 +1,4 @@
-"""Issue 12: one definition of speedup and eta against one reference, rendered identically by tables.md,
+"""One definition of speedup and eta against one reference, rendered identically by tables.md,
 summary.md, the exported policy and ``run``."""
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ def test_speedup_is_against_the_faster_baseline_measurement():
 # Binary-exact times: t + iqr/2 against ref - iqr_ref/2 = 1.0 - 0.125 = 0.875
 @pytest.mark.parametrize("t, wins", [(0.75, False), (0.625, True), (0.74, True)])
 def test_spread_rule_at_its_edge(t, wins):
-    # eta is derived (issue 12: one definition), not the record's stored 0.5: ideal = 0.1, room = 1.0 - 0.1
+    # eta is derived (one definition), not the record's stored 0.5: ideal = 0.1, room = 1.0 - 0.1
     refs = dict(t_gemm=0.1, t_comm=0.1)
     best = best_by_m([rec(64, "baseline", 1.0, 1.0, 0.25, 0.25, **refs),
                       rec(64, "chunked:chunks=2", t, 1.0, 0.25, 0.25, **refs)])
@@ -98,7 +98,7 @@ def test_two_shapes_with_one_k_n_keep_the_faster_winner_per_m(tmp_path):
 
 
 def test_tables_and_policy_ship_the_same_numbers(tmp_path):
-    # t_gemm/t_comm such that the derived eta (issue 12: against the reference) is 0.4 at 4096: room 4.0 - 2.0
+    # t_gemm/t_comm such that the derived eta (against the reference) is 0.4 at 4096: room 4.0 - 2.0
     small, large = dict(t_gemm=0.6, t_comm=0.4), dict(t_gemm=2.0, t_comm=1.5)
     recs = [rec(1024, "baseline", 1.0, 1.1, **small), rec(1024, "chunked:chunks=2", 1.05, 1.1, eta=-0.1, **small),
             rec(4096, "baseline", 4.2, 4.0, **large), rec(4096, "chunked:chunks=2", 3.2, 4.0, eta=0.4, **large),
