@@ -4,6 +4,9 @@ winner kept when two shapes share one (K, N); the same numbers in the tables and
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import yaml
 
@@ -131,3 +134,10 @@ def test_bias_dtype_and_world_are_separate_comparisons():
                    (True, "bfloat16", 4): ("chunked:chunks=4,comm=stream", 1.25),
                    (False, "float16", 4): ("chunked:chunks=4,comm=stream", 1.25),
                    (False, "bfloat16", 8): ("baseline", 1.0)}
+
+
+def test_the_decision_and_the_export_need_no_pandas():
+    # pandas and matplotlib render tables and plots only: deciding and exporting a policy import neither.
+    code = "import sys, overlap_bench.export\nprint(sorted(m for m in ('pandas', 'matplotlib') if m in sys.modules))"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stderr
