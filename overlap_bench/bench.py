@@ -16,10 +16,12 @@ import torch
 import torch.distributed as dist
 
 from overlap_bench import metrics, strategies
+from overlap_bench.envinfo import utc_now
+from overlap_bench.keys import BucketKey
 from overlap_bench.launch import RankContext
 from overlap_bench.numerics import TOLERANCE, rel_err, within_tolerance
-from overlap_bench.records import Record
-from overlap_bench.runfolder import RECORDS, RunFolder, utc_now
+from overlap_bench.records import RECORDS, Record
+from overlap_bench.runfolder import RunFolder
 from overlap_bench.spec import Case
 from overlap_bench.strategies.pipeline import comm_stream, matmul_into
 from overlap_bench.timing import REPS, WARMUP, Timing, allreduce_max, time_region
@@ -119,18 +121,18 @@ def _record(case: Case, ctx: RankContext, opts: BenchOptions, device_name: str, 
                   time=utc_now(), **values)
 
 
-def _group_key(c: Case) -> tuple:
-    return (c.shape, c.K, c.N, c.M, c.dtype, c.bias)
-
-
 def run_cases(ctx: RankContext, cases: list[Case], opts: BenchOptions) -> None:
     """Entry point of every rank of a sweep job (``launch`` calls it)."""
     cases = same_cases(cases, ctx)
     device_name = ctx.device_name
     progress = _Progress(opts) if ctx.rank == 0 and opts.progress else None
     cursor = _Cursor()
+
+    def bucket(c: Case) -> BucketKey:  # cases of one bucket share their inputs and references
+        return BucketKey.of(c, world=ctx.world, device=device_name, backend=ctx.backend)
+
     try:
-        for _, group in groupby(sorted(cases, key=_group_key), key=_group_key):
+        for _, group in groupby(sorted(cases, key=bucket), key=bucket):
             group = list(group)
             try:
                 measure_group(ctx, group, opts, device_name, progress, cursor)
@@ -144,7 +146,7 @@ def run_cases(ctx: RankContext, cases: list[Case], opts: BenchOptions) -> None:
 
 def measure_group(ctx: RankContext, group: list[Case], opts: BenchOptions, device_name: str,
                   progress: "_Progress | None", cursor: _Cursor | None = None) -> list[Record]:
-    """Measure every case of one (shape, M, dtype): references first, then each strategy."""
+    """Measure every case of one bucket: references first, then each strategy."""
     head = group[0]
     writer = RunFolder(opts.out_dir) if ctx.rank == 0 else None
     out: list[Record] = []

@@ -177,7 +177,7 @@ def run(
         run_sweep(spec, raw, run_dir, progress=False, rank0=_rank0(), confirm=False)  # a one-off table
         if not _rank0():
             return
-        from overlap_bench.analysis import score
+        from overlap_bench.select import score
 
         recs = score(load_records(run_dir).records)  # speedup and eta against the one reference
         if as_json:

@@ -11,6 +11,7 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
+from overlap_bench.keys import BucketKey, Env
 from overlap_bench.markdown import cell, table
 from overlap_bench.records import Record, json_safe, load_records
 from overlap_bench.stats import MIN_EFFECT, VERDICTS, Comparison, format_ci, geomean, judge
@@ -54,18 +55,18 @@ def summary(df: ComparisonTable) -> dict[str, Any]:
     }
 
 
-def _case(r: Record) -> tuple:
-    # bias is part of the case too: with and without bias is different work, never one sample.
-    return (r.shape, r.K, r.N, r.M, r.dtype, bool(r.bias), r.label, tuple(sorted(r.env.items())))
+def _case(r: Record) -> tuple[BucketKey, str]:
+    # Two runs may come from different machines: a case is its bucket without world, backend and device.
+    return BucketKey.of(r, world=0, backend="", device=""), r.label
 
 
-def _describe(case: tuple) -> str:
-    shape, _K, _N, M, dtype, bias, label, env = case
-    text = f"{shape} M={M} {label} ({dtype})"
-    if bias:
+def _describe(case: tuple[BucketKey, str]) -> str:
+    key, label = case
+    text = f"{key.shape} M={key.M} {label} ({key.dtype})"
+    if key.bias:
         text += " +bias"
-    if env:
-        text += " env " + ",".join(f"{k}={v}" for k, v in env)
+    if key.env:
+        text += " env " + key.env.text
     return text
 
 
@@ -87,7 +88,7 @@ def table_from_records(a: Iterable[Record], b: Iterable[Record], *, one_run: boo
     without the label; a case a side failed in (nothing timed) is named. Returns the table and one line per
     case not compared."""
     # one A/B run: the sides' labels differ, so a case is named by the pair ("baseline → pr")
-    key = (lambda r: _case(r)[:6] + (" → ".join(r.extra["pair"]),) + _case(r)[7:]) if one_run else _case
+    key = (lambda r: (_case(r)[0], " → ".join(r.ab.pair))) if one_run else _case
     ok: dict[str, dict[tuple, list[Record]]] = {"A": {}, "B": {}}
     failed: dict[str, dict[tuple, Record]] = {"A": {}, "B": {}}
     for side, recs in (("A", a), ("B", b)):
@@ -101,7 +102,8 @@ def table_from_records(a: Iterable[Record], b: Iterable[Record], *, one_run: boo
     for case, ra in ok["A"].items():
         rb = ok["B"].get(case)
         if rb:
-            shape, K, N, M, dtype, bias, _label, env = case
+            k = case[0]
+            shape, K, N, M, dtype, bias, env = k.shape, k.K, k.N, k.M, k.dtype, k.bias, k.env
             rows.append(dict(shape=shape, K=K, N=N, M=M, dtype=dtype, a_label=ra[0].label, b_label=rb[0].label,
                              samples_a=[float(r.tokens_per_s) for r in ra],
                              samples_b=[float(r.tokens_per_s) for r in rb], bias=bias, env=dict(env),
@@ -146,7 +148,7 @@ def _setting(row: pd.Series) -> str:
         text += " +bias"
     env = row.get("env")
     if isinstance(env, dict) and env:
-        text += " env " + ",".join(f"{k}={v}" for k, v in sorted(env.items()))
+        text += " env " + Env(env).text
     return text
 
 

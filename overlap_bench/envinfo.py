@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import platform
 import socket
@@ -13,9 +14,13 @@ from typing import Any
 import torch
 
 import overlap_bench
-from overlap_bench.runfolder import utc_now
 
 ENV_PREFIXES = ("NCCL_", "CUDA_", "TORCH_", "NVSHMEM_", "OMP_", "OVERLAP_BENCH_")
+
+
+def utc_now() -> str:
+    """The time stamp of records, ``env.json``, ``run.json`` and the lock: UTC, ISO 8601, to the second."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def _run(cmd: list[str], cwd: str | None = None) -> str | None:

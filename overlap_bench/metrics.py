@@ -4,12 +4,17 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 
 DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 """Dtype names accepted in specs and on the command line."""
+
+
+def finite(x: Any) -> bool:
+    """Whether ``x`` is a number (not a bool) and finite: a time or ratio that can be shown and compared."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def dtype_bytes(dtype: str) -> int:

@@ -1,10 +1,6 @@
-"""The results schema: one :class:`Record` type for every kind of result (a sweep's case, a compare
-sample, a model-benchmark row, an interference condition), one JSON line each.
-
-Logs are append-only and fsync'd per record (``runfolder.RunFolder``, which owns every file name and
-write), so a crash, a killed rank or Ctrl-C loses at most the case in flight; a torn last line is skipped
-on load and reported.
-"""
+"""The results schema: one :class:`Record` type for every kind of result (a sweep's case, a compare sample, a
+model-benchmark row, an interference condition), one JSON line each, appended by ``runfolder.RunFolder``; a torn
+last line is skipped on load and reported."""
 
 from __future__ import annotations
 
@@ -21,7 +17,12 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from overlap_bench import check
 from overlap_bench.errors import UserError
-from overlap_bench.runfolder import RECORDS  # re-exported: every file name lives in runfolder
+from overlap_bench.keys import BucketKey, case_key
+
+RECORDS = "records.jsonl"
+"""A run folder's log of measured cases, any kind (``RunFolder.append``)."""
+CONFIRM = "confirm.jsonl"
+"""The confirmation stage's log (``kind`` confirm): one record per timed region and side."""
 
 
 @dataclass
@@ -51,15 +52,11 @@ class Record:
     env: dict[str, str]
     """The process environment variant the job was started with."""
     kind: str = "sweep"
-    """What produced it: ``sweep`` (one case of a sweep or ``run``), ``compare`` (one timed region of one side
-    of an A/B comparison, ``bench.run_ab``: ``extra`` has ``side`` a/b, ``repeat``, ``repeats`` and ``pair``, both
-    labels; a side that failed its check is one record without ``repeat``), ``confirm`` (the same, measured by
-    a sweep's confirmation stage into ``confirm.jsonl``: side a is the baseline, b the candidate; ``extra``
-    adds ``first_pass_speedup`` and ``candidates``), ``model`` (one mode of the model benchmark at M;
-    ``shape`` is the preset, ``strategy`` and ``label`` the mode, ``settings`` its nano-batch settings or
-    ``{}``, ``t_base_ms`` the baseline mode at that M, ``eta`` the model eta ``metrics.model_eta``; ``extra``
-    has ``tp``, ``layers``, ``shapes``, ``t_nocomm_ms``, ``comm_share`` (baseline), ``choices``, ...) or
-    ``interference`` (one condition beside the GEMM)."""
+    """What produced it: ``sweep`` (a case of a sweep or ``run``; ``extra``: :attr:`base_refs`, ``t_joint_ms``
+    and what the strategy reported), ``compare`` or ``confirm`` (one timed region of one side of an A/B
+    measurement; ``extra``: :class:`ABTag`), ``model`` (one mode of the model benchmark at M; ``extra``: ``tp``,
+    ``layers``, ``shapes``, ``t_nocomm_ms``, ``comm_share``, ``choices``) or ``interference`` (one condition
+    beside the GEMM)."""
     bias: bool = False
     status: str = "ok"
     """``ok``; ``failed`` (numerics out of tolerance or an error in the case); ``unavailable`` (cannot run here);
@@ -88,8 +85,8 @@ class Record:
     # Derived from the times above by metrics.derive, where each is defined.
     ideal_ms: float = math.nan
     speedup: float = math.nan
-    """As measured, against this record's own ``t_base``; every table restates it against the group's
-    reference (``analysis.score``)."""
+    """As measured, against this record's own ``t_base``; tables restate it against the bucket's reference
+    (``select.score``)."""
     eta: float = math.nan
     tokens_per_s: float = math.nan
     tflops: float = math.nan
@@ -105,24 +102,30 @@ class Record:
         return self.status == "ok"
 
     def key(self) -> tuple:
-        """Identity of the case for ``--resume``."""
-        return case_key(self.shape, self.K, self.N, self.M, self.dtype, self.bias, self.label, self.env,
-                        self.world, self.backend)
+        """Identity of the case for ``--resume`` (:func:`keys.case_key`)."""
+        return case_key(self)
+
+    @property
+    def bucket(self) -> BucketKey:
+        return BucketKey.of(self)
+
+    @property
+    def ab(self) -> "ABTag":
+        """This ``compare``/``confirm`` record's side of its A/B measurement."""
+        return ABTag.of(self.extra)
+
+    @property
+    def base_refs(self) -> list[tuple[float, float]]:
+        """A sweep record's baseline ``(t, iqr)`` measured before its group and bracketing it (the last record
+        of a group holds them all)."""
+        return [(math.nan if t is None else t, math.nan if i is None else i)
+                for t, i in self.extra.get("t_base_refs", [])]
 
     def to_json(self) -> str:
         """One strict-JSON line (NaN becomes null, so jq and JavaScript read it)."""
         d = json_safe(asdict(self))
         d["ok"] = self.ok
         return json.dumps(d, sort_keys=False, allow_nan=False)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Record":
-        """Inverse of :meth:`to_json` (null times come back as NaN); unknown keys are ignored."""
-        if not isinstance(d, dict):
-            raise TypeError("a record must be a JSON object")
-        floats = {f.name for f in fields(cls) if f.type in ("float", float)}
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: (math.nan if k in floats and v is None else v) for k, v in d.items() if k in names})
 
     @classmethod
     def from_json(cls, d: Any) -> "Record":
@@ -173,11 +176,26 @@ def json_safe(x: Any) -> Any:
     return x
 
 
-def case_key(shape: str, K: int, N: int, M: int, dtype: str, bias: bool, label: str, env: dict[str, str],
-             world: int, backend: str) -> tuple:
-    """The tuple that identifies one case across runs. Timing options (warmup, reps, seed) are not in it: a
-    run folder has one set of them, which ``--resume`` checks (``runfolder.check_identity``)."""
-    return (shape, K, N, M, dtype, bool(bias), label, tuple(sorted(env.items())), world, backend)
+@dataclass(frozen=True)
+class ABTag:
+    """``extra`` of a ``compare`` or ``confirm`` record (``bench.run_ab``), read typed."""
+
+    side: str
+    """``a`` (a confirmation's baseline) or ``b``."""
+    pair: tuple[str, str]
+    """Both sides' labels."""
+    repeats: int
+    repeat: int | None = None
+    """None: the side failed its check and nothing of the case was timed."""
+    first_pass_speedup: float | None = None
+    """Confirmation only: the candidate's first-pass speedup."""
+    first: str | None = None
+    """The side run first in this repeat (``a`` or ``b``; order alternates); None in older records."""
+
+    @classmethod
+    def of(cls, extra: dict[str, Any]) -> "ABTag":
+        return cls(extra["side"], tuple(extra["pair"]), int(extra["repeats"]), extra.get("repeat"),
+                   extra.get("first_pass_speedup"), extra.get("first"))
 
 
 @dataclass

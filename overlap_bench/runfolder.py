@@ -1,20 +1,10 @@
-"""The run folder: every file name in it (below), the one way files are written there (:class:`RunFolder`:
-fsync'd appends for JSON-lines logs, atomic replacement for everything else), and what makes it safe to
-write: one writer at a time (:func:`lock`) and a recorded identity (:func:`check_identity`), so that
-``--resume`` never mixes two runs silently.
-
-- ``run.lock``: an exclusive ``flock`` held by the one process writing the folder (a sweep's launcher,
-  ``report``, ``model``, ``compare --out``), with the holder's pid, host and start time in it. The kernel
-  drops the lock when that process dies, however it dies; a lock file left behind is then a stale lock, and
-  the next writer reports it and takes over.
-- ``run.json``: the identity of the run, written when the folder is made: a hash of the case grid, the
-  options that change what a number means (warmup, reps, seed, world size, backend) and the tool version.
-  ``--resume`` compares against it; every resume is appended to its ``resumes`` list.
-"""
+"""The run folder: every file name in it, the one way files are written there (:class:`RunFolder`: fsync'd
+appends for JSON-lines logs, atomic replacement for the rest), one writer at a time (:func:`lock`, ``run.lock``,
+an ``flock`` the kernel drops when its holder dies) and a recorded identity (``run.json``,
+:func:`check_identity`), so that ``--resume`` never mixes two runs silently."""
 
 from __future__ import annotations
 
-import datetime as _dt
 import errno
 import fcntl
 import hashlib
@@ -27,15 +17,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+from overlap_bench import envinfo
+from overlap_bench.envinfo import utc_now
 from overlap_bench.errors import UserError, describe_os_error
+from overlap_bench.records import CONFIRM, RECORDS, Loaded, json_safe, load_records
 
 log = logging.getLogger("overlap_bench.runfolder")
 
-# Every file name of a run folder, spelled here only.
+# Every file name of a run folder (the two record logs, RECORDS and CONFIRM, are named in records).
 LOCK = "run.lock"
 IDENTITY = "run.json"
-RECORDS = "records.jsonl"
-"""One JSON line per measured case, any kind (``records.Record``; :meth:`RunFolder.append`)."""
 ENV = "env.json"
 SPEC = "spec.yaml"
 SUMMARY = "summary.md"
@@ -50,10 +41,6 @@ PREDICTION_MD, PREDICTION_JSON = "prediction.md", "prediction.json"
 def plot_name(kind: str, slug: str) -> str:
     """A plot's file name: ``<kind>_<slug>.png`` (kind: speedup, eta, breakdown, slowdown)."""
     return f"{kind}_{slug}.png"
-
-
-CONFIRM = "confirm.jsonl"
-"""The confirmation stage's records (``kind`` confirm, ``bench.run_ab``): one per timed region and side."""
 
 
 @contextmanager
@@ -113,8 +100,6 @@ class RunFolder:
 
     def write_json(self, name: str, doc: Any) -> Path:
         """Replace ``name`` with ``doc`` as indented strict JSON (NaN as null)."""
-        from overlap_bench.records import json_safe
-
         return self.write_text(name, json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
 
     def open_atomic(self, name: str, mode: str = "w"):
@@ -129,8 +114,6 @@ class RunFolder:
 
     def write_env(self, command: str | None = None) -> dict[str, Any]:
         """Write ``env.json`` (the machine, library versions, commit) and return it."""
-        from overlap_bench import envinfo
-
         env = envinfo.collect(command) if command is not None else envinfo.collect()
         self.write_json(ENV, env)
         return env
@@ -151,10 +134,8 @@ class RunFolder:
         """Replace the log ``name`` with ``records`` at once (a table rebuilt whole, e.g. the model's)."""
         return self.write_text(name, "".join(r.to_json() + "\n" for r in records))
 
-    def load(self, name: str = RECORDS):
+    def load(self, name: str = RECORDS) -> Loaded:
         """The records of the log ``name`` (``records.load_records``: torn lines skipped and listed)."""
-        from overlap_bench.records import load_records
-
         return load_records(self.path, name)
 
 
@@ -175,11 +156,6 @@ class FolderBusy(UserError):
 
 class FolderMismatch(UserError):
     """``--resume`` into a folder made with another spec or other timing options."""
-
-
-def utc_now() -> str:
-    """The time stamp of records, ``env.json``, ``run.json`` and the lock: UTC, ISO 8601, to the second."""
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def ensure_folder(path: Path, flag: str) -> Path:

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from itertools import groupby
 from pathlib import Path
+from typing import Any, Iterable
 
 import yaml
 
 import overlap_bench
-from overlap_bench import confirm, envinfo, runfolder
-from overlap_bench.bench import BenchOptions, run_cases
+from overlap_bench import confirm, envinfo, report, runfolder, select, strategies
+from overlap_bench.bench import BenchOptions, run_ab, run_cases, same_cases
 from overlap_bench.confirm import REPEATS, TOP
-from overlap_bench.launch import JobConfig, in_torchrun, launch
-from overlap_bench.records import Loaded, case_key, load_records
+from overlap_bench.keys import BucketKey, Env, case_key
+from overlap_bench.launch import JobConfig, RankContext, in_torchrun, launch
+from overlap_bench.records import Loaded, Record, load_records
 from overlap_bench.spec import Case, SpecError, SweepSpec, check_memory
 
 log = logging.getLogger("overlap_bench.sweep")
@@ -41,7 +44,7 @@ class SweepResult:
 
 
 def _key(c: Case, spec: SweepSpec) -> tuple:
-    return case_key(c.shape, c.K, c.N, c.M, c.dtype, c.bias, c.label, c.env_dict, spec.world_size, spec.backend)
+    return case_key(c, world=spec.world_size, backend=spec.backend)
 
 
 def prepare_out_dir(out_dir: Path, resume: bool, loaded: Loaded | None = None) -> tuple[set, list[int]]:
@@ -156,21 +159,64 @@ def _run_jobs(spec: SweepSpec, out: Path, done: set, torn: list[int], seed: int,
     return result
 
 
+@dataclass(frozen=True)
+class ConfirmJob:
+    """One candidate of one bucket to measure again against the baseline."""
+
+    case: Case
+    """The bucket's baseline case (shape, M, dtype, bias, env: the job's variables)."""
+    candidate: tuple[str, Any]
+    """The candidate's strategy and typed settings, from its first-pass record."""
+    first_pass_speedup: float
+    candidates: int
+    """Settings the first pass timed in this bucket."""
+
+
+def plan_confirmation(records: Iterable[Record], done: set[tuple], *, top: int = TOP, world: int | None = None,
+                      backend: str | None = None) -> list[ConfirmJob]:
+    """The candidates to confirm (:func:`confirm.leaders` of each bucket's scored first pass), leaving out the
+    ``confirm.candidate_key`` values in ``done`` (a resumed sweep does not measure them again)."""
+    at: dict[BucketKey, list[Record]] = {}
+    for r in select.score(records):
+        if (world is None or r.world == world) and (backend is None or r.backend == backend):
+            at.setdefault(r.bucket, []).append(r)
+    jobs = []
+    base = strategies.make_settings("baseline")
+    for bucket, g in sorted(at.items()):
+        first = {r.label: r for r in g if r.ok and math.isfinite(r.t_ms)}
+        for lab in confirm.leaders({lab: r.speedup for lab, r in first.items()}, strategies.peers(), top):
+            if (bucket, lab) not in done:
+                r = first[lab]
+                case = Case(r.shape, r.K, r.N, r.M, r.dtype, bool(r.bias), "baseline", base, bucket.env)
+                jobs.append(ConfirmJob(case, (r.strategy, strategies.make_settings(r.strategy, r.settings)),
+                                       float(r.speedup), len(first)))
+    return jobs
+
+
+def measure_confirmation(ctx: RankContext, jobs: list[ConfirmJob], repeats: int, opts: BenchOptions) -> None:
+    """Every rank's function of a confirmation job: each candidate against the baseline (``bench.run_ab``);
+    rank 0 appends the records (``kind`` confirm) to ``confirm.jsonl``."""
+    for job in same_cases(jobs, ctx):
+        run_ab(ctx, [job.case], (("baseline", job.case.settings), job.candidate), repeats, opts,
+               runfolder.CONFIRM, "confirm",
+               {"first_pass_speedup": job.first_pass_speedup, "candidates": job.candidates})
+
+
 def _confirm(spec: SweepSpec, out: Path, seed: int, repeats: int, top: int, result: SweepResult) -> None:
     """The confirmation stage: one job per environment variant (the variables must be set before CUDA
     starts), each re-measuring its buckets' leaders; candidates already in ``confirm.jsonl`` are not redone."""
     done = {confirm.candidate_key(r) for r in confirm.load(out)}
-    jobs = confirm.plan(load_records(out).records, done, top=top, world=spec.world_size, backend=spec.backend)
+    jobs = plan_confirmation(load_records(out).records, done, top=top, world=spec.world_size, backend=spec.backend)
     result.confirmed_before = len(done)
     for env in spec.env:
-        mine = [j for j in jobs if j.case.env == tuple(sorted(env.items()))]  # Case.env: sorted items
+        mine = [j for j in jobs if j.case.env == Env(env)]
         if not mine and not in_torchrun():
             continue
         if in_torchrun() and any(os.environ.get(k) != v for k, v in env.items()):
             continue  # the first pass reported it in not_run already
         opts = BenchOptions(str(out), spec.warmup, spec.reps, seed, 0, 0, False)
-        launch(confirm.measure, (mine, repeats, opts), JobConfig(spec.world_size, spec.backend, spec.timeout_s,
-                                                                 dict(env)))
+        launch(measure_confirmation, (mine, repeats, opts),
+               JobConfig(spec.world_size, spec.backend, spec.timeout_s, dict(env)))
         result.confirmed += len(mine)
 
 
@@ -179,7 +225,6 @@ def finish_run(out: Path) -> None:
     loaded = load_records(out)
     if not loaded.records:
         return
-    from overlap_bench import analysis, report
-
-    analysis.write_tables(loaded.records, out)
-    report.write_report(out, loaded)
+    decisions = select.decide(loaded.records, confirm.load(out))
+    report.write_tables(decisions, out)
+    report.write_report(out, loaded, decisions)

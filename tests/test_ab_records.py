@@ -1,5 +1,5 @@
 """Every A/B measurement (``compare A B`` and the sweep's confirmation stage) is written as Records through the
-run folder and judged from them (issue 12, point 1); CPU, 2 gloo ranks.
+run folder and judged from them; CPU, 2 gloo ranks.
 
 The checks read the records' JSON lines themselves and recompute what the tables should say, so a side's
 samples mixed up, a repeat dropped or a failed side timed shows as a mismatch.
@@ -15,12 +15,13 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from overlap_bench import analysis, confirm, runfolder, strategies
+from overlap_bench import confirm, runfolder, select, strategies
 from overlap_bench.bench import BenchOptions, run_ab
 from overlap_bench.cli import app
 from overlap_bench.compare import compare_run_dirs
 from overlap_bench.launch import JobConfig, launch
-from overlap_bench.records import Record
+from overlap_bench.records import Record, load_records
+from overlap_bench.sweep import plan_confirmation
 from overlap_bench.spec import Case
 from test_metrics_numerics import _wrong, _WrongSettings
 
@@ -147,7 +148,23 @@ def confirmed(tmp_path_factory) -> Path:
     return root / "run"
 
 
-def test_confirmation_records_load_back_and_ship_follows_decide(confirmed, tmp_path):
+def _md_rows(text: str, first: str) -> list[dict[str, str]]:
+    """The rows of every markdown table in ``text`` whose first header cell is ``first``."""
+    out, header = [], None
+    for ln in (ln for ln in text.splitlines() if ln.startswith("| ")):
+        cells = [c.strip() for c in ln.strip().strip("|").split("|")]
+        if cells[0] == first:
+            header = cells
+        elif header and not set(ln) <= set("|-: "):
+            out.append(dict(zip(header, cells)))
+    return out
+
+
+def test_confirmation_is_decided_once_and_rendered_alike(confirmed, tmp_path):
+    """The decision is made once: what the confirmation records say (recomputed here from their lines with
+    ``confirm.decide``) is what ``select.decide`` ships, and tables.md, summary.md and the exported policy
+    render that one decision for every bucket (the first pass's winner in the tables, what ships in the
+    summary's confirmation table and in the policy)."""
     lines = _lines(confirmed / runfolder.CONFIRM)
     assert lines and all(r["kind"] == "confirm" and r["ok"] for r in lines)
     # what was measured, straight from the lines: bucket M -> candidate -> (baseline, candidate) tokens/s
@@ -162,27 +179,39 @@ def test_confirmation_records_load_back_and_ship_follows_decide(confirmed, tmp_p
     assert all(len(sa) == len(sb) == 5 for per in raw.values() for sa, sb in per.values())
     recs = confirm.load(confirmed)
     assert len(recs) == len(lines)
-    best = analysis.best_settings(confirmed)
-    shipped = confirm.ship(best, recs).set_index("M")
+    shipped = {d.key.M: d for d in select.decide(load_records(confirmed).records, recs)}
     _ok(["export", confirmed, "-o", tmp_path / "p.yaml"])
-    policy = yaml.safe_load((tmp_path / "p.yaml").read_text())
+    policy = yaml.safe_load((tmp_path / "p.yaml").read_text())["shapes"]["64,64"]["buckets"]
+    summary = (confirmed / runfolder.SUMMARY).read_text()
+    section = {part.split("\n")[0].split(" ")[0]: part for part in summary.split("\n## ")}
+    confirmation = {int(r["M"]): r for r in _md_rows(section["Confirmation"], "shape")}
+    groups = {int(r["M"]): r for r in _md_rows(section["t/o"], "M")}
+    ticked = {int(r["M"]): r for r in _md_rows((confirmed / runfolder.TABLES_MD).read_text(), "M") if r["best"]}
+    assert sorted(policy) == sorted(confirmation) == sorted(groups) == sorted(ticked) == sorted(shipped)
     for M, per in raw.items():
         order = sorted(per, key=lambda lab: -first[M, lab])
-        d = confirm.decide(per, order)
-        assert shipped.loc[M, "label"] == d.label and shipped.loc[M, "speedup"] == pytest.approx(d.speedup)
-        c = shipped.loc[M, "confirmation"]
-        assert c["leader"] == order[0] and c["leader_first_pass_speedup"] == first[M, order[0]]
-        assert c["leader_speedup"] == pytest.approx(d.leader_speedup) and c["repeats"] == 5
-        # summary.md's confirmation table and the exported policy render the same decision
-        summary = (confirmed / runfolder.SUMMARY).read_text().split("## Confirmation")[1]
-        row = next(ln for ln in summary.splitlines() if ln.startswith(f"| t/o | {M} |"))
-        assert f"`{d.label}`" in row and f"{d.speedup:.3f}" in row and f"{d.leader_speedup:.3f}" in row
-        bucket = policy["shapes"]["64,64"]["buckets"][M]
-        assert bucket["strategy"] == shipped.loc[M, "strategy"]
-        assert bucket["confirmation"]["speedup"] == pytest.approx(d.speedup, abs=1e-4)
-        if d.label != "baseline":  # strategy and settings come from the candidate's records
+        d, dec = confirm.decide(per, order), shipped[M]
+        assert (dec.label, dec.why) == (d.label, "baseline: not confirmed" if d.label == "baseline" else "confirmed")
+        assert dec.speedup == pytest.approx(d.speedup)
+        c = dec.confirmation
+        assert c.leader == order[0] and c.leader_first_pass_speedup == first[M, order[0]]
+        assert c.leader_speedup == pytest.approx(d.leader_speedup) and c.repeats == 5
+        if d.label != "baseline":  # strategy and settings come from the candidate's own records
             cand = next(r for r in lines if r["M"] == M and r["label"] == d.label)
-            assert shipped.loc[M, "strategy"] == cand["strategy"] and shipped.loc[M, "settings"] == cand["settings"]
+            assert (dec.strategy, dec.settings) == (cand["strategy"], cand["settings"])
+        # the first pass's winner: tables.md's tick and summary.md's group table
+        assert ticked[M]["label"].strip("*") == groups[M]["best setting"].strip("`") == dec.best.label
+        if dec.best.strategy != "baseline":  # a baseline tick is its own record, against the reference
+            assert float(ticked[M]["speedup"]) == pytest.approx(dec.best.speedup, abs=5e-4)
+        assert groups[M]["speedup"] == f"{dec.best.speedup:.3f}"
+        # what ships: summary.md's confirmation table and the policy
+        row = confirmation[M]
+        assert row["ships"] == f"`{dec.label}`" and row["shipped [CI]"].startswith(f"{dec.speedup:.3f}")
+        assert row["confirmed [CI]"].startswith(f"{d.leader_speedup:.3f}")
+        assert policy[M]["strategy"] == dec.strategy
+        assert policy[M]["speedup"] == pytest.approx(dec.speedup, abs=1e-4)
+        assert policy[M]["confirmation"]["speedup"] == pytest.approx(d.speedup, abs=1e-4)
+        assert policy[M]["settings"] == strategies.settings_dict(strategies.make_settings(dec.strategy, dec.settings))
 
 
 def test_a_candidate_cut_short_is_measured_again_on_resume(confirmed, tmp_path):
@@ -198,7 +227,7 @@ def test_a_candidate_cut_short_is_measured_again_on_resume(confirmed, tmp_path):
     key = confirm.candidate_key(Record.from_json(cut))
     kept = confirm.load(run)
     assert key not in {confirm.candidate_key(r) for r in kept} and len(kept) == len(text) - 10
-    jobs = confirm.plan(runfolder.RunFolder(run).load().records, {confirm.candidate_key(r) for r in kept})
+    jobs = plan_confirmation(runfolder.RunFolder(run).load().records, {confirm.candidate_key(r) for r in kept})
     assert [(j.case.M, strategies.label(*j.candidate)) for j in jobs] == [(cut["M"], cut["extra"]["pair"][1])]
     assert jobs[0].candidate[1] == strategies.make_settings(cut["strategy"], cut["settings"])
     out = _ok(["sweep", confirmed.parent / "s.yaml", "--out", run, "--resume"])

@@ -13,8 +13,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
-from overlap_bench import analysis, export, policy, strategies
-from overlap_bench.records import Record
+from overlap_bench import export, policy, report, select, strategies
+from overlap_bench.keys import Env
+from overlap_bench.records import Record, load_records
 from overlap_bench.runfolder import RunFolder
 
 CMC = {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
@@ -62,14 +63,14 @@ def test_best_and_spread_rule():
             rec(128, "chunked:chunks=2", 1.70, 2.00, 0.04, 0.04),
             rec(128, "chunked:chunks=4", 1.50, 2.00, 0.04, 0.04, status="failed"),  # failed never wins
             rec(256, "chunked:chunks=2", 3.00, 4.00, 0.1, 0.1)]  # no baseline record at this M
-    best = analysis.best_settings(recs).set_index("M")
-    assert best.loc[64, "strategy"] == "baseline" and best.loc[64, "settings"] == {}
-    assert best.loc[64, "speedup"] == 1.0
-    assert best.loc[128, "label"] == strategies.label(*strategies.parse("chunked:chunks=2"))
-    assert best.loc[128, "settings"]["chunks"] == 2
-    assert best.loc[128, "t_ms"] == pytest.approx(1.70) and best.loc[128, "t_base_ms"] == pytest.approx(2.0)
-    assert best.loc[256, "strategy"] == "chunked"
-    assert analysis.threshold(best.reset_index()) == 128
+    best = {b.M: b for b in select.best(recs)}
+    assert best[64].strategy == "baseline" and best[64].settings == {}
+    assert best[64].speedup == 1.0
+    assert best[128].label == strategies.label(*strategies.parse("chunked:chunks=2"))
+    assert best[128].settings["chunks"] == 2
+    assert best[128].t_ms == pytest.approx(1.70) and best[128].t_base_ms == pytest.approx(2.0)
+    assert best[256].strategy == "chunked"
+    assert select.threshold((m, b.strategy) for m, b in best.items()) == 128
 
 
 def test_slow_reference_outlier_does_not_make_a_tie_a_win():
@@ -79,37 +80,39 @@ def test_slow_reference_outlier_does_not_make_a_tie_a_win():
             rec(2048, "chunked:chunks=2", 0.2865, 0.447, 0.004, 0.01),
             rec(4096, "baseline", 0.52, 0.52, 0.004, 0.004),
             rec(4096, "chunked:chunks=2", 0.47, 0.52, 0.004, 0.004)]
-    best = analysis.best_settings(recs).set_index("M")
-    assert best.loc[2048, "strategy"] == "baseline"
-    assert best.loc[2048, "speedup"] == pytest.approx(1.0)
-    assert best.loc[2048, "t_base_ms"] == pytest.approx(0.2875)
-    assert best.loc[4096, "strategy"] == "chunked"
-    assert best.loc[4096, "speedup"] == pytest.approx(0.52 / 0.47)
+    best = {b.M: b for b in select.best(recs)}
+    assert best[2048].strategy == "baseline"
+    assert best[2048].speedup == pytest.approx(1.0)
+    assert best[2048].t_base_ms == pytest.approx(0.2875)
+    assert best[4096].strategy == "chunked"
+    assert best[4096].speedup == pytest.approx(0.52 / 0.47)
 
 
 def test_threshold_cases():
-    df = pd.DataFrame({"M": [1, 2, 4, 8], "strategy": ["baseline", "chunked", "baseline", "chunked"]})
-    assert analysis.threshold(df) == 8
-    assert analysis.threshold(df.iloc[:3]) is None
-    assert analysis.threshold(df.assign(strategy="pr")) == 1
+    winners = list(zip([1, 2, 4, 8], ["baseline", "chunked", "baseline", "chunked"]))
+    assert select.threshold(winners) == 8
+    assert select.threshold(winners[:3]) is None
+    assert select.threshold((m, "pr") for m, _ in winners) == 1
+    with pytest.raises(ValueError):
+        select.threshold(winners + [(8, "baseline")])
 
 
 def test_env_variants_kept_apart():
-    best = analysis.best_settings(sweep() + sweep(env=CMC))
-    assert sorted(best["env_key"].unique()) == ["CUDA_DEVICE_MAX_CONNECTIONS=1", "default"]
-    assert len(analysis.best_settings(sweep() + sweep(env=CMC), env=CMC)) == 3
+    best = select.best(sweep() + sweep(env=CMC))
+    assert sorted({b.key.env.text for b in best}) == ["CUDA_DEVICE_MAX_CONNECTIONS=1", "default"]
+    assert len([b for b in best if b.key.env == Env(CMC)]) == 3
 
 
 def test_tables_match_records(tmp_path):
     recs = sweep() + sweep(env=CMC)
-    tabs = analysis.tables(analysis.frame(recs))
-    assert len(tabs) == 2
-    t = next(iter(tabs.values()))
-    assert list(t.columns) == ["shape", "K", "N", "M", "dtype", "world", "env", "label", "t_base_ms", "t_ms", "speedup",
-                               "eta", "rel_err", "status", "best"]
-    assert t.groupby("M")["best"].sum().tolist() == [1, 1, 1]
-    csv_path, md_path = analysis.write_tables(analysis.frame(recs), tmp_path)
+    decisions = select.decide(recs)
+    rows = report.table_rows(decisions)
+    assert {r["env"] for r in rows} == {"CUDA_DEVICE_MAX_CONNECTIONS=1", "default"}
+    assert sorted(r["M"] for r in rows if r["best"]) == [1024, 1024, 4096, 4096, 16384, 16384]
+    csv_path, md_path = report.write_tables(decisions, tmp_path)
     back = pd.read_csv(csv_path)
+    assert list(back.columns) == ["shape", "K", "N", "M", "dtype", "world", "env", "label", "t_base_ms", "t_ms",
+                                  "speedup", "eta", "rel_err", "status", "best"]
     assert len(back) == len(recs)
     by_key = {(r.env and "CUDA_DEVICE_MAX_CONNECTIONS=1" or "default", r.M, r.label): r for r in recs}
     for row in back.itertuples(index=False):
@@ -124,7 +127,7 @@ def test_run_dir_and_torn_line(tmp_path):
     write_run(tmp_path, sweep())
     with open(tmp_path / "records.jsonl", "a") as fh:
         fh.write('{"shape": "s", "K"')
-    assert len(analysis.frame(tmp_path)) == len(sweep())
+    assert len(select.score(load_records(tmp_path).records)) == len(sweep())
 
 
 # ------------------------------------------------------------------------------------------- policy

@@ -1,4 +1,4 @@
-"""The confirmation stage's decision logic (issue 13 point 6: the null test) with injected, seeded timings;
+"""The confirmation stage's decision logic (the null test) with injected, seeded timings;
 nothing here is timed.
 
 A bucket is simulated as a sweep measures it: a first pass (the baseline reference bracketed every 4th
@@ -21,7 +21,7 @@ DRIFT = 0.03
 N_BOOT = 2000  # the bootstrap's resolution only (production uses 10000); the statistic is the same
 
 
-def simulate(rng: np.random.Generator, gains: dict[str, float], sigma: float) -> tuple[float, confirm.Decision]:
+def simulate(rng: np.random.Generator, gains: dict[str, float], sigma: float) -> tuple[float, confirm.Outcome]:
     """One bucket: ``(first-pass best speedup, decision)``; ``gains`` maps a label to its true speedup."""
     steps = len(CANDIDATES) * 2 + 2 * confirm.TOP * confirm.REPEATS * 2
     clock = iter(1 + DRIFT * np.arange(steps) / steps)
@@ -97,8 +97,9 @@ def test_no_confirm_exports_the_baseline_unless_asked(tmp_path) -> None:
     import yaml
     from typer.testing import CliRunner
 
-    from overlap_bench import analysis
+    from overlap_bench import select
     from overlap_bench.cli import app
+    from overlap_bench.records import load_records
 
     spec = tmp_path / "s.yaml"
     spec.write_text(yaml.safe_dump({"name": "t", "backend": "gloo", "world_size": 2, "dtypes": ["float32"],
@@ -115,14 +116,14 @@ def test_no_confirm_exports_the_baseline_unless_asked(tmp_path) -> None:
         doc = yaml.safe_load((tmp_path / "p.yaml").read_text())
         assert doc["meta"]["unconfirmed"] is meta
         [bucket] = doc["shapes"]["64,64"]["buckets"].values()
-        want = analysis.best_settings(out)["strategy"].iloc[0] if meta else "baseline"
+        want = select.best(load_records(out).records)[0].strategy if meta else "baseline"
         assert bucket["strategy"] == want and "confirmation" not in bucket
 
 
 def test_ship_follows_the_confirmed_ci(tmp_path) -> None:
     """Injected rows: a bucket whose candidate is confirmed 10% faster ships it with its confirmed numbers;
     a bucket whose leader confirms as a tie ships the baseline; the first pass's pick does not matter."""
-    from overlap_bench import analysis
+    from overlap_bench import select
     from overlap_bench.records import Record
 
     def rec(M, label, t):
@@ -133,8 +134,7 @@ def test_ship_follows_the_confirmed_ci(tmp_path) -> None:
                       t_iqr_ms=0.0, t_base_ms=1.0, t_base_iqr_ms=0.0, t_gemm_ms=0.2, t_comm_ms=0.2)
 
     recs = [rec(m, "baseline", 1.0) for m in (32, 64)] + [rec(m, "pr", 0.5) for m in (32, 64)]
-    best = analysis.best_settings(recs)
-    assert list(best["strategy"]) == ["pr", "pr"]  # the first pass says 2x
+    assert [b.strategy for b in select.best(recs)] == ["pr", "pr"]  # the first pass says 2x
 
     def series(M, fast):  # confirm records as run_ab writes them: A B A B ..., 8 repeats
         base = [100.0 + i % 3 for i in range(8)]
@@ -148,9 +148,12 @@ def test_ship_follows_the_confirmed_ci(tmp_path) -> None:
                 out.append(r)
         return out
 
-    shipped = confirm.ship(best, series(32, 1.10) + series(64, 1.0)).set_index("M")
-    assert shipped.loc[32, "strategy"] == "pr" and shipped.loc[32, "speedup"] == pytest.approx(1.10)
-    c = shipped.loc[32, "confirmation"]
-    assert c["ci"][0] > 1.01 and c["repeats"] == 8 and c["leader_first_pass_speedup"] == 2.0
-    assert shipped.loc[64, "strategy"] == "baseline" and shipped.loc[64, "speedup"] == 1.0
-    assert shipped.loc[64, "confirmation"]["leader_speedup"] == pytest.approx(1.0)
+    shipped = {d.key.M: d for d in select.decide(recs, series(32, 1.10) + series(64, 1.0))}
+    assert shipped[32].strategy == "pr" and shipped[32].speedup == pytest.approx(1.10)
+    c = shipped[32].confirmation
+    assert c.ci[0] > 1.01 and c.repeats == 8 and c.leader_first_pass_speedup == 2.0
+    assert shipped[64].strategy == "baseline" and shipped[64].speedup == 1.0
+    assert shipped[64].confirmation.leader_speedup == pytest.approx(1.0)
+    assert (shipped[32].why, shipped[64].why) == ("confirmed", "baseline: not confirmed")
+    assert [d.why for d in select.decide(recs, series(32, 1.10))] == ["confirmed", "baseline: no confirmation"]
+    assert {d.why for d in select.decide(recs, unconfirmed=True)} == {"first pass (unconfirmed)"}

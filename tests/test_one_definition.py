@@ -1,4 +1,4 @@
-"""Issue 12: one definition of speedup and eta against one reference, rendered identically by tables.md,
+"""One definition of speedup and eta against one reference, rendered identically by tables.md,
 summary.md, the exported policy and ``run``."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import re
 import pytest
 import yaml
 
-from overlap_bench import analysis, export, metrics, report
-from overlap_bench.records import Record
+from overlap_bench import export, metrics, report, select
+from overlap_bench.records import Record, load_records
 from overlap_bench.runfolder import RunFolder
 
 
@@ -53,7 +53,7 @@ def _md_rows(text: str, first_col: str) -> list[dict[str, str]]:
 
 def test_a_bucket_shows_the_same_numbers_in_tables_summary_and_policy(tmp_path):
     _run(tmp_path)
-    analysis.write_tables(analysis.frame(tmp_path), tmp_path)
+    report.write_tables(select.decide(load_records(tmp_path).records), tmp_path)
     report.write_report(tmp_path)
     [pol] = export.export_policy(tmp_path, tmp_path / "p.yaml", unconfirmed=True)  # the first pass, labelled
     buckets = yaml.safe_load(pol.read_text())["shapes"]["2048,8192"]["buckets"]
@@ -79,7 +79,7 @@ def test_inconsistent_references_rank_nothing_above_baseline():
     recs = [_rec(2048, "baseline", 0.448, t_base=0.448, t_gemm=0.30, t_comm=0.552),
             _rec(2048, "chunked", 0.30, t_base=0.448, t_gemm=0.30, t_comm=0.552, settings={"chunks": 4},
                  label="chunked:chunks=4")]
-    [b] = analysis.best(recs)
+    [b] = select.best(recs)
     assert b.strategy == "baseline" and b.speedup == 1.0 and math.isnan(b.eta)
     assert any(f.startswith("references inconsistent: t_comm") for f in b.flags)
 

@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from overlap_bench import analysis, export, policy, runfolder, sweep as sweep_mod
+from overlap_bench import export, policy, report, runfolder, sweep as sweep_mod
 from overlap_bench.cli import app
 from overlap_bench.launch import RankFailed
 from overlap_bench.policy import PolicyError, load_policy
@@ -484,7 +484,7 @@ def test_a_tables_error_does_not_hide_why_the_sweep_stopped(finished_run, tmp_pa
         raise RuntimeError("tables bug")
 
     monkeypatch.setattr(sweep_mod, "launch", rank_dies)
-    monkeypatch.setattr(analysis, "write_tables", tables_bug)
+    monkeypatch.setattr(report, "write_tables", tables_bug)
     spec, raw = load_spec(spec_path)
     with caplog.at_level(logging.WARNING, logger="overlap_bench.sweep"), pytest.raises(RankFailed, match="rank 1"):
         sweep_mod.run_sweep(spec, raw, out, resume=True, progress=False)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from overlap_bench import analysis, metrics
+from overlap_bench import metrics, select
 from overlap_bench.records import Record
 from overlap_bench.runfolder import RunFolder
 from overlap_bench.report import slugify, write_report
@@ -115,11 +115,11 @@ def test_write_report(run_dir: Path) -> None:
     for shape in SHAPES:
         rows = _table_rows(_section(summary, shape))
         assert sorted(rows) == list(MS)
-        winners = analysis.best_settings([r for r in records if r.shape == shape]).set_index("M")
+        winners = {b.M: b for b in select.best(r for r in records if r.shape == shape)}
         for m in MS:
             # The row is the analysis winner's own record (one definition of "best" in the project).
             [best] = [r for r in records if r.shape == shape and r.M == m and r.ok
-                      and r.label == winners.loc[m, "label"]]
+                      and r.label == winners[m].label]
             row = rows[m]
             assert row["best setting"] == f"`{best.label}`"
             assert float(row["t (ms)"]) == pytest.approx(best.t_ms, abs=5e-4)
@@ -188,7 +188,7 @@ def test_rerun_keeps_latest_and_noise_aware_winner(tmp_path: Path) -> None:
     assert rows[1024]["best setting"] == "`baseline`" and rows[1024]["speedup"] == "1.000"
     assert rows[4096]["best setting"].startswith("`chunked:") and rows[4096]["speedup"] == f"{1 / 0.8:.3f}"
     assert "**Threshold: M = 4096**" in summary
-    assert summary.count("Threshold") == 1  # one threshold: analysis.threshold
+    assert summary.count("Threshold") == 1  # one threshold: select.threshold
 
 
 def test_baseline_winner_without_baseline_record(tmp_path: Path) -> None:

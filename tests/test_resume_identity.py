@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 from overlap_bench.cli import app
-from overlap_bench.records import Record, case_key, load_records
+from overlap_bench.keys import case_key
+from overlap_bench.records import Record, load_records
 from overlap_bench.runfolder import RunFolder
 
 VARIANT = {"OVERLAP_BENCH_TEST_VARIANT": "1"}
@@ -29,7 +31,7 @@ def _key(**changes):
     base = dict(shape="s", K=8, N=16, M=64, dtype="float32", bias=False, label="baseline", env={}, world=2,
                 backend="gloo")
     base.update(changes)
-    return case_key(**base)
+    return case_key(SimpleNamespace(**base))
 
 
 @pytest.mark.parametrize("change", [dict(env=VARIANT), dict(bias=True), dict(shape="u"), dict(K=9), dict(N=17),

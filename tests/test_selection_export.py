@@ -4,10 +4,13 @@ winner kept when two shapes share one (K, N); the same numbers in the tables and
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import yaml
 
-from overlap_bench import analysis, export as export_mod, policy, strategies
+from overlap_bench import export as export_mod, policy, report, select, strategies
 from overlap_bench.records import Record
 from overlap_bench.runfolder import RunFolder
 
@@ -24,7 +27,7 @@ def rec(M, label, t, t_base, iqr=0.0, base_iqr=0.0, *, shape="s", K=512, N=1024,
 
 
 def best_by_m(records):
-    return analysis.best_settings(records).set_index("M")
+    return {b.M: b for b in select.best(records)}
 
 
 def export(tmp_path, records):
@@ -43,21 +46,21 @@ def test_speedup_is_against_the_faster_baseline_measurement():
         rec(2048, "baseline", 2.0, 1.6), rec(2048, "chunked:chunks=2", 1.0, 1.6),
     ]
     best = best_by_m(recs)
-    assert best.loc[1024, "speedup"] == approx(1.2) and best.loc[1024, "t_base_ms"] == approx(1.8)
-    assert best.loc[2048, "speedup"] == approx(1.6) and best.loc[2048, "t_base_ms"] == approx(1.6)
-    assert best.loc[1024, "t_ms"] == approx(1.5) and best.loc[2048, "t_ms"] == approx(1.0)
+    assert best[1024].speedup == approx(1.2) and best[1024].t_base_ms == approx(1.8)
+    assert best[2048].speedup == approx(1.6) and best[2048].t_base_ms == approx(1.6)
+    assert best[1024].t_ms == approx(1.5) and best[2048].t_ms == approx(1.0)
 
 
 # Binary-exact times: t + iqr/2 against ref - iqr_ref/2 = 1.0 - 0.125 = 0.875
 @pytest.mark.parametrize("t, wins", [(0.75, False), (0.625, True), (0.74, True)])
 def test_spread_rule_at_its_edge(t, wins):
-    # eta is derived (issue 12: one definition), not the record's stored 0.5: ideal = 0.1, room = 1.0 - 0.1
+    # eta is derived (one definition), not the record's stored 0.5: ideal = 0.1, room = 1.0 - 0.1
     refs = dict(t_gemm=0.1, t_comm=0.1)
     best = best_by_m([rec(64, "baseline", 1.0, 1.0, 0.25, 0.25, **refs),
                       rec(64, "chunked:chunks=2", t, 1.0, 0.25, 0.25, **refs)])
-    assert best.loc[64, "strategy"] == ("chunked" if wins else "baseline")
-    assert best.loc[64, "speedup"] == approx(1.0 / t if wins else 1.0)
-    assert best.loc[64, "eta"] == approx((1.0 - t) / 0.9 if wins else 0.0)
+    assert best[64].strategy == ("chunked" if wins else "baseline")
+    assert best[64].speedup == approx(1.0 / t if wins else 1.0)
+    assert best[64].eta == approx((1.0 - t) / 0.9 if wins else 0.0)
 
 
 def test_failed_unavailable_and_untimed_never_win():
@@ -65,7 +68,7 @@ def test_failed_unavailable_and_untimed_never_win():
             rec(64, "chunked:chunks=4", 0.4, 1.0, status="unavailable"), rec(64, "pr", float("nan"), 1.0),
             rec(64, "chunked:chunks=8", 0.8, 1.0)]
     best = best_by_m(recs)
-    assert best.loc[64, "label"] == "chunked:chunks=8,comm=stream" and best.loc[64, "speedup"] == approx(1.25)
+    assert best[64].label == "chunked:chunks=8,comm=stream" and best[64].speedup == approx(1.25)
 
 
 def test_a_re_measured_case_counts_once_with_its_latest_record(tmp_path):
@@ -73,10 +76,10 @@ def test_a_re_measured_case_counts_once_with_its_latest_record(tmp_path):
     again = rec(4096, "chunked:chunks=2", 0.8, 1.0)   # the same case measured again later: it counts
     recs = [rec(4096, "baseline", 1.0, 1.0), first, again]
     best = best_by_m(recs)
-    assert best.loc[4096, "t_ms"] == approx(0.8) and best.loc[4096, "speedup"] == approx(1.25)
-    [table] = analysis.tables(recs).values()
-    assert table["label"].tolist() == ["baseline", "chunked:chunks=2,comm=stream"]
-    assert table["t_ms"].tolist() == [1.0, 0.8]
+    assert best[4096].t_ms == approx(0.8) and best[4096].speedup == approx(1.25)
+    table = report.table_rows(select.decide(recs))
+    assert [r["label"] for r in table] == ["baseline", "chunked:chunks=2,comm=stream"]
+    assert [r["t_ms"] for r in table] == [1.0, 0.8]
     doc = export(tmp_path, recs)
     assert doc["shapes"]["512,1024"]["buckets"][4096]["speedup"] == approx(1.25)
 
@@ -98,15 +101,15 @@ def test_two_shapes_with_one_k_n_keep_the_faster_winner_per_m(tmp_path):
 
 
 def test_tables_and_policy_ship_the_same_numbers(tmp_path):
-    # t_gemm/t_comm such that the derived eta (issue 12: against the reference) is 0.4 at 4096: room 4.0 - 2.0
+    # t_gemm/t_comm such that the derived eta (against the reference) is 0.4 at 4096: room 4.0 - 2.0
     small, large = dict(t_gemm=0.6, t_comm=0.4), dict(t_gemm=2.0, t_comm=1.5)
     recs = [rec(1024, "baseline", 1.0, 1.1, **small), rec(1024, "chunked:chunks=2", 1.05, 1.1, eta=-0.1, **small),
             rec(4096, "baseline", 4.2, 4.0, **large), rec(4096, "chunked:chunks=2", 3.2, 4.0, eta=0.4, **large),
             rec(4096, "chunked:chunks=4", 3.3, 4.0, eta=0.35, **large)]
     best = best_by_m(recs)
     # 1024: the baseline record (1.0) beats 1.05: baseline kept, speedup 1.0; 4096: 4.0 / 3.2 = 1.25
-    assert best.loc[1024, "strategy"] == "baseline" and best.loc[1024, "speedup"] == approx(1.0)
-    assert best.loc[4096, "speedup"] == approx(1.25) and best.loc[4096, "eta"] == approx(0.4)
+    assert best[1024].strategy == "baseline" and best[1024].speedup == approx(1.0)
+    assert best[4096].speedup == approx(1.25) and best[4096].eta == approx(0.4)
     buckets = export(tmp_path, recs)["shapes"]["512,1024"]["buckets"]
     assert buckets[1024] == {"strategy": "baseline", "settings": {}, "speedup": 1.0, "eta": 0.0}
     assert buckets[4096]["speedup"] == 1.25 and buckets[4096]["eta"] == 0.4
@@ -126,9 +129,15 @@ def test_bias_dtype_and_world_are_separate_comparisons():
     recs += [replace(base, bias=True), replace(slow, bias=True)]           # bias on: chunks=4 (1.25x)
     recs += [replace(base, dtype="float16"), replace(slow, dtype="float16")]
     recs += [replace(base, world=8), replace(slow, world=8, t_ms=1.5)]     # world 8: baseline kept
-    best = analysis.best_settings(recs)
-    got = {(r.bias, r.dtype, r.world): (r.label, round(r.speedup, 4)) for r in best.itertuples()}
+    got = {(b.key.bias, b.key.dtype, b.key.world): (b.label, round(b.speedup, 4)) for b in select.best(recs)}
     assert got == {(False, "bfloat16", 4): ("chunked:chunks=2,comm=stream", 2.0),
                    (True, "bfloat16", 4): ("chunked:chunks=4,comm=stream", 1.25),
                    (False, "float16", 4): ("chunked:chunks=4,comm=stream", 1.25),
                    (False, "bfloat16", 8): ("baseline", 1.0)}
+
+
+def test_the_decision_and_the_export_need_no_pandas():
+    # pandas and matplotlib render tables and plots only: deciding and exporting a policy import neither.
+    code = "import sys, overlap_bench.export\nprint(sorted(m for m in ('pandas', 'matplotlib') if m in sys.modules))"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stderr

@@ -64,7 +64,7 @@ def test_references_are_bracketed_and_kept_in_the_records(tmp_path):
 
 
 def test_drift_between_bracketed_references_is_flagged_and_lowers_the_reference():
-    from overlap_bench import analysis
+    from overlap_bench import select
 
     def rec(label, t, refs):
         name = label.split(":")[0]
@@ -74,18 +74,18 @@ def test_drift_between_bracketed_references_is_flagged_and_lowers_the_reference(
                       extra={"t_base_refs": refs})
 
     recs = [rec("pr", 1.1, [[1.2, 0.01]]), rec("chunked:chunks=2", 0.9, [[1.2, 0.01], [1.0, 0.01]])]
-    [b] = analysis.best(recs)
+    [b] = select.best(recs)
     assert b.t_base_ms == 1.0 and b.speedup == approx_(1.0 / 0.9)  # the later, faster bracket is the reference
     assert any("reference drift" in f for f in b.flags)
 
 
 def test_an_eta_above_1_is_never_shown_unflagged():
-    from overlap_bench import analysis
+    from overlap_bench import select
 
     recs = [Record(shape="s", K=8, N=8, M=64, dtype="float32", world=2, backend="gloo", device="cpu",
                    strategy=s, settings={}, label=s, env={}, t_ms=t, t_iqr_ms=0.001, t_base_ms=1.0,
                    t_base_iqr_ms=0.001, t_gemm_ms=0.5, t_comm_ms=0.4) for s, t in (("baseline", 1.0), ("pr", 0.45))]
-    [b] = analysis.best(recs)
+    [b] = select.best(recs)
     assert b.eta > 1 and any(f.startswith("eta above 1") and "pr" in f for f in b.flags)
 
 

@@ -1,0 +1,286 @@
+"""What a run ships, decided once: records -> the latest per case -> scored against each bucket's reference ->
+the first pass's best per bucket -> confirmation -> the env variant and policy slot: one :class:`Decision` per
+bucket, which tables, summary and policy render and never decide again.
+
+Within a bucket ``t_base`` is the fastest baseline measurement (:func:`metrics.reference`), ``speedup = t_base /
+t`` and ``eta = (t_base - t) / (t_base - max(t_gemm, t_comm))`` (n/a when that room is too small to measure).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from overlap_bench import confirm, metrics, strategies
+from overlap_bench.keys import BucketKey, Env
+from overlap_bench.metrics import finite
+from overlap_bench.records import Record
+from overlap_bench.stats import MIN_EFFECT, geomean
+
+log = logging.getLogger("overlap_bench.select")
+
+RULE = ("t_base is the reference: the fastest baseline measurement at that M (the one taken before the "
+        "strategies, or the baseline strategy's own record); speedup = t_base / t; eta = (t_base − t) / "
+        f"(t_base − max(t_gemm, t_comm)), n/a where that hideable time is below {metrics.ETA_MIN_ROOM:.0%} of t_base "
+        f"or {metrics.ETA_MIN_SPREADS:g}× the spread. "
+        "The best setting is the fastest ok one if it beats t_base beyond the measured spread (t + iqr/2 < "
+        "t_base − iqr_base/2) and the references are consistent, else the baseline.")
+"""The first pass's rule, stated once for tables.md and summary.md."""
+
+
+def latest(records: Iterable[Record]) -> list[Record]:
+    """One record per case (bucket and label), in file order: a case measured again keeps its last line."""
+    records = list(records)
+    last: dict[tuple, int] = {}
+    for i, r in enumerate(records):
+        last[r.bucket, r.label] = i
+    keep = set(last.values())
+    return [r for i, r in enumerate(records) if i in keep]
+
+
+def _reference(group: list[Record]) -> tuple[float, float, tuple[str, ...]]:
+    """``(t_base, iqr, flags)`` of one bucket: its fastest baseline measurement and what makes it doubtful."""
+    base = [(r.t_base_ms, r.t_base_iqr_ms) for r in group if finite(r.t_base_ms)]
+    base += [v for r in group for v in r.base_refs[1:]]  # the bracketing references
+    base += [(r.t_ms, r.t_iqr_ms) for r in group if r.strategy == "baseline" and r.ok and finite(r.t_ms)]
+    t_ref, ref_iqr = metrics.reference(base)
+    flags = []
+    times = sorted({t for t, _ in base if finite(t) and t > 0})
+    widest = max((i for _, i in base if finite(i)), default=0.0)
+    if len(times) > 1 and times[-1] - times[0] > widest:
+        flags.append(f"reference drift: baseline measured {times[0]:.4g}..{times[-1]:.4g} ms")
+    flags += sorted({metrics.inconsistent(t_ref, r.t_gemm_ms, r.t_comm_ms, ref_iqr) for r in group} - {None})
+    over = sorted({r.label for r in group if r.ok and finite(r.t_ms) and r.t_ms < t_ref and
+                   metrics.eta(t_ref, r.t_ms, r.t_gemm_ms, r.t_comm_ms) > 1})
+    if over:  # t below the ideal bound
+        flags.append(f"eta above 1 (t below the ideal bound, a measurement fault): {', '.join(over)}")
+    return t_ref, ref_iqr, tuple(flags)
+
+
+def _scored(records: Iterable[Record]) -> tuple[list[Record], dict[BucketKey, tuple[float, float, tuple]]]:
+    """The :func:`latest` records restated against their bucket's reference, and each bucket's
+    ``(t_base, iqr, flags)``."""
+    recs = latest(records)
+    at: dict[BucketKey, list[Record]] = {}
+    for r in recs:
+        at.setdefault(r.bucket, []).append(r)
+    refs = {key: _reference(g) for key, g in at.items()}
+    out = []
+    for r in recs:
+        t_ref, ref_iqr, _ = refs[r.bucket]
+        spread = max(ref_iqr, r.t_iqr_ms if finite(r.t_iqr_ms) else 0.0)
+        timed = r.ok and finite(r.t_ms)
+        out.append(dataclasses.replace(
+            r, t_base_ms=t_ref, t_base_iqr_ms=ref_iqr, ideal_ms=metrics.ideal_ms(r.t_gemm_ms, r.t_comm_ms),
+            speedup=metrics.speedup(t_ref, r.t_ms) if timed else math.nan,
+            eta=metrics.eta(t_ref, r.t_ms, r.t_gemm_ms, r.t_comm_ms, spread) if timed else math.nan))
+    return out, refs
+
+
+def score(records: Iterable[Record]) -> list[Record]:
+    """The :func:`latest` records (file order) with ``t_base_ms`` their bucket's reference, and ``speedup``,
+    ``eta`` and ``ideal_ms`` derived from it."""
+    return _scored(records)[0]
+
+
+@dataclass(frozen=True)
+class Best:
+    """The first pass's winner in one bucket, and every number tables and summary show of it."""
+
+    key: BucketKey
+    strategy: str
+    settings: dict[str, Any]
+    label: str
+    t_ms: float
+    """The winner's time (the reference itself when the baseline wins)."""
+    t_iqr_ms: float
+    t_base_ms: float
+    t_base_iqr_ms: float
+    t_gemm_ms: float
+    t_comm_ms: float
+    speedup: float
+    eta: float
+    rel_err: float
+    candidates: int
+    """Settings with a time here (of which this is the best: more candidates, more selection bias)."""
+    peers: dict[str, float] = field(default_factory=dict)
+    """Speedup of each peer strategy (``strategies.peers()``, e.g. ``pr``)."""
+    flags: tuple[str, ...] = ()
+    """What makes the bucket's numbers doubtful."""
+    scored: tuple[Record, ...] = field(default=(), repr=False)
+    """The bucket's latest records, scored (every row of its tables)."""
+
+    @property
+    def M(self) -> int:
+        return self.key.M
+
+
+def best(records: Iterable[Record]) -> list[Best]:
+    """The winner per bucket, in key order. Among ok records the lowest ``t_ms`` wins, but a non-baseline winner
+    is kept only when it beats the reference beyond the measured spread (``t + iqr/2 < t_base - iqr_base/2``)
+    and the references are consistent; otherwise, and when nothing passed, the winner is ``baseline``."""
+    scored, refs = _scored(records)
+    at: dict[BucketKey, list[Record]] = {}
+    for r in scored:
+        at.setdefault(r.bucket, []).append(r)
+    peer_names = strategies.peers()
+    out = []
+    for key, g in sorted(at.items()):
+        t_ref, ref_iqr, flags = refs[key]
+        ok = [r for r in g if r.ok and finite(r.t_ms)]
+        win = min(ok, key=lambda r: r.t_ms) if ok else None
+        if win is not None and win.strategy != "baseline":
+            beats = win.t_ms + (win.t_iqr_ms if finite(win.t_iqr_ms) else 0.0) / 2 < t_ref - ref_iqr / 2
+            if not beats or any(f.startswith("references inconsistent") for f in flags):
+                win = None
+        if win is None or win.strategy == "baseline":
+            ref = ([r for r in g if finite(r.t_gemm_ms)] or g)[-1]
+            base_recs = [r for r in ok if r.strategy == "baseline"]
+            rel = min(base_recs, key=lambda r: r.t_ms).rel_err if base_recs else math.nan
+            win = dataclasses.replace(ref, strategy="baseline", settings={}, label="baseline", t_ms=t_ref,
+                                      t_iqr_ms=ref_iqr, rel_err=rel,
+                                      speedup=1.0 if finite(t_ref) else math.nan,
+                                      eta=metrics.eta(t_ref, t_ref, ref.t_gemm_ms, ref.t_comm_ms, ref_iqr))
+        peers = {p: r.speedup for p in peer_names for r in ok if r.strategy == p}
+        out.append(Best(key, win.strategy, dict(win.settings), win.label, win.t_ms, win.t_iqr_ms, t_ref, ref_iqr,
+                        win.t_gemm_ms, win.t_comm_ms, win.speedup, win.eta, win.rel_err, len(ok), peers,
+                        tuple(flags), tuple(g)))
+    return out
+
+
+def threshold(winners: Iterable[tuple[int, str]]) -> int | None:
+    """Smallest M from which every larger M's ``(M, strategy)`` is not the baseline (None if the largest is)."""
+    winners = sorted(winners, reverse=True)
+    if len({m for m, _ in winners}) != len(winners):
+        raise ValueError("threshold() takes one winner per M")
+    out = None
+    for m, strategy in winners:
+        if strategy == "baseline":
+            break
+        out = int(m)
+    return out
+
+
+# ---- the decision -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Confirmation:
+    """A bucket's leaders measured again against the baseline, interleaved, and what that decided."""
+
+    speedup: float
+    """The shipped setting's confirmed speedup (1.0 for the baseline)."""
+    ci: tuple[float, float]
+    repeats: int
+    confirmed: int
+    """Candidates re-measured."""
+    candidates: int
+    """Settings the first pass timed."""
+    min_effect: float
+    leader: str | None
+    """The first-pass best of the candidates: its first-pass against its confirmed speedup is the selection
+    bias, measured."""
+    leader_first_pass_speedup: float | None
+    leader_speedup: float
+    leader_ci: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What one bucket ships and why, with every number tables, summary and policy show of it."""
+
+    key: BucketKey
+    best: Best
+    """The first pass's winner."""
+    strategy: str
+    settings: dict[str, Any]
+    label: str
+    speedup: float
+    """Confirmed where confirmed, else the first pass's (1.0 for a baseline shipped without confirmation)."""
+    eta: float
+    why: str
+    """``confirmed``, ``baseline: not confirmed``, ``baseline: no confirmation`` or ``first pass (unconfirmed)``."""
+    confirmation: Confirmation | None = None
+    in_policy: bool = False
+    """Whether the policy of its (dtype, world) holds it: its env variant is the chosen one and no bucket of
+    another shape with the same (K, N, M) ships faster."""
+
+
+def decide(records: Iterable[Record], confirmations: Iterable[Record] = (), *, unconfirmed: bool = False,
+           env: dict[str, str] | None = None, min_effect: float = MIN_EFFECT) -> list[Decision]:
+    """Every bucket's decision, in key order. Where confirmation records exist (``confirm.load``) the rule of
+    :func:`confirm.decide` picks what ships (a confirmed candidate, or the baseline); a bucket without them
+    ships the baseline, or with ``unconfirmed`` the first pass's pick. The policy of each (dtype, world) takes
+    the env variant ``env``, else the one whose first-pass winners are fastest (:func:`_pick_env`)."""
+    confirmations = list(confirmations)
+    samples = confirm.by_bucket(confirmations)
+    got: dict[BucketKey, dict[str, list[Record]]] = {}
+    for r in confirmations:
+        got.setdefault(r.bucket, {}).setdefault(r.ab.pair[1], []).append(r)
+    out = [_ship(b, got.get(b.key), samples.get(b.key, {}), unconfirmed, min_effect) for b in best(records)]
+    return _place(out, env)
+
+
+def _ship(b: Best, got: dict[str, list[Record]] | None, samples: dict, unconfirmed: bool,
+          min_effect: float) -> Decision:
+    if got is None:
+        if unconfirmed:
+            return Decision(b.key, b, b.strategy, b.settings, b.label, b.speedup, b.eta, "first pass (unconfirmed)")
+        eta = metrics.eta(b.t_base_ms, b.t_base_ms, b.t_gemm_ms, b.t_comm_ms, b.t_base_iqr_ms)
+        return Decision(b.key, b, "baseline", {}, "baseline", 1.0, eta, "baseline: no confirmation")
+    first_pass = {lab: recs[0].ab.first_pass_speedup for lab, recs in got.items()}
+    order = sorted(got, key=lambda lab: -float(first_pass[lab] or -math.inf))
+    d = confirm.decide(samples, order, min_effect=min_effect)
+    if d.label == "baseline":
+        name, settings, t_a, t_b = "baseline", {}, b.t_base_ms, b.t_base_ms
+    else:  # strategy and settings come from the candidate's own records
+        side = {s: [x for x in got[d.label] if x.ab.side == s] for s in "ab"}
+        name, settings = side["b"][0].strategy, dict(side["b"][0].settings)
+        t_a, t_b = (float(statistics.median(x.t_ms for x in side[s])) for s in "ab")
+    conf = Confirmation(d.speedup, (d.ci_low, d.ci_high), d.repeats, d.confirmed, b.candidates, min_effect,
+                        d.leader, first_pass[d.leader] if d.leader else None, d.leader_speedup, tuple(d.leader_ci))
+    return Decision(b.key, b, name, settings, d.label, d.speedup,
+                    metrics.eta(t_a, t_b, b.t_gemm_ms, b.t_comm_ms, b.t_base_iqr_ms),
+                    "baseline: not confirmed" if d.label == "baseline" else "confirmed", conf)
+
+
+def _pick_env(decisions: list[Decision]) -> Env:
+    """The env variant whose first-pass winners are fastest: geometric mean of their absolute times over the
+    (shape, M) cases every variant measured. Not their speedups: a variable that slows the baseline too would
+    look better against its own slower baseline while being slower."""
+    by_env: dict[str, list[Best]] = {}
+    for d in decisions:
+        by_env.setdefault(d.key.env.text, []).append(d.best)
+    keys = sorted(by_env)
+    if len(keys) == 1:
+        return decisions[0].key.env
+    common = set.intersection(*({(b.key.shape, b.key.K, b.key.N, b.key.M) for b in by_env[k]} for k in keys))
+    scores = {}
+    for k in keys:
+        times = [b.t_ms for b in by_env[k] if not common or (b.key.shape, b.key.K, b.key.N, b.key.M) in common]
+        times = [t for t in times if math.isfinite(t) and t > 0]
+        scores[k] = geomean(times) if times else math.inf  # no usable time: never the fastest
+    chosen = min(keys, key=lambda k: (scores[k], k != "default"))
+    log.info("env variants scored by geometric-mean winner time (ms): %s; chose %s", scores, chosen)
+    return by_env[chosen][0].key.env
+
+
+def _place(decisions: list[Decision], env: dict[str, str] | None) -> list[Decision]:
+    """Mark the decisions each (dtype, world)'s policy holds: the chosen env variant's, and per (K, N, M) the
+    fastest shipped of the shapes sharing it (two shape names with one (K, N) are one product)."""
+    slots: dict[tuple, list[int]] = {}
+    by_family: dict[tuple, list[int]] = {}
+    for i, d in enumerate(decisions):
+        by_family.setdefault((d.key.dtype, d.key.world), []).append(i)
+    for family in by_family.values():
+        chosen = Env(env) if env is not None else _pick_env([decisions[i] for i in family])
+        for i in family:
+            k = decisions[i].key
+            if k.env == chosen:
+                slots.setdefault((k.dtype, k.world, k.K, k.N, k.M), []).append(i)
+    kept = {min(idx, key=lambda i: -decisions[i].speedup if math.isfinite(decisions[i].speedup) else math.inf)
+            for idx in slots.values()}
+    return [dataclasses.replace(d, in_policy=True) if i in kept else d for i, d in enumerate(decisions)]
