@@ -22,6 +22,7 @@ from overlap_bench.policy import policy_filename
 from overlap_bench.records import load_records
 from overlap_bench.runfolder import write_atomic
 from overlap_bench.select import Decision, threshold
+from overlap_bench.stats import Comparison
 from overlap_bench.world import refuse_world_one
 
 log = logging.getLogger("overlap_bench.export")
@@ -58,10 +59,11 @@ def _bucket(d: Decision) -> dict[str, Any]:
         raise ExportError(f"record {d.key.shape} M={d.key.M} {d.label}: {e}; fix or delete it in records.jsonl") \
             from None
     out = {"strategy": d.strategy, "settings": settings, "speedup": _float(d.speedup), "eta": _float(d.eta)}
-    if d.confirmation is not None:
+    if d.confirmation is not None:  # what ships is the decision's strategy: the outcome's label is not repeated
         out["confirmation"] = {k: [_float(x) for x in v] if isinstance(v, tuple) else
                                _float(v) if isinstance(v, float) else v
-                               for k, v in dataclasses.asdict(d.confirmation).items()}
+                               for k, v in dataclasses.asdict(d.confirmation).items() if k != "label"}
+        out["confirmation"]["expected_is"] = Comparison.expected_from
     return out
 
 
@@ -129,6 +131,8 @@ def export_policy(run_dir: str | os.PathLike, out: str | os.PathLike, env: dict[
         meta["confirmation"] = (f"{len(chosen) - missing} of {len(chosen)} bucket(s) confirmed by interleaved "
                                 f"re-measurement; a setting ships where its confirmed speedup's CI lower bound "
                                 f"exceeds 1 + {confirm.MIN_EFFECT}")
+        if missing < len(chosen):
+            meta["confirmation"] += "; confirmation.expected, the speedup to expect, is that lower bound"
         if missing:
             meta["unconfirmed"] = unconfirmed
             meta["confirmation"] += (f"; {missing} unconfirmed bucket(s) ship the first pass's pick (--unconfirmed)"

@@ -23,6 +23,8 @@ RECORDS = "records.jsonl"
 """A run folder's log of measured cases, any kind (``RunFolder.append``)."""
 CONFIRM = "confirm.jsonl"
 """The confirmation stage's log (``kind`` confirm): one record per timed region and side."""
+SCREEN = "screen.jsonl"
+"""The screen's log (``kind`` screen), laid out as ``confirm.jsonl``."""
 
 
 @dataclass

@@ -168,27 +168,6 @@ def threshold(winners: Iterable[tuple[int, str]]) -> int | None:
 # ---- the decision -----------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Confirmation:
-    """A bucket's leaders measured again against the baseline, interleaved, and what that decided."""
-
-    speedup: float
-    """The shipped setting's confirmed speedup (1.0 for the baseline)."""
-    ci: tuple[float, float]
-    repeats: int
-    confirmed: int
-    """Candidates re-measured."""
-    candidates: int
-    """Settings the first pass timed."""
-    min_effect: float
-    leader: str | None
-    """The first-pass best of the candidates: its first-pass against its confirmed speedup is the selection
-    bias, measured."""
-    leader_first_pass_speedup: float | None
-    leader_speedup: float
-    leader_ci: tuple[float, float]
-
-
-@dataclass(frozen=True)
 class Decision:
     """What one bucket ships and why, with every number tables, summary and policy show of it."""
 
@@ -203,7 +182,7 @@ class Decision:
     eta: float
     why: str
     """``confirmed``, ``baseline: not confirmed``, ``baseline: no confirmation`` or ``first pass (unconfirmed)``."""
-    confirmation: Confirmation | None = None
+    confirmation: confirm.Outcome | None = None
     in_policy: bool = False
     """Whether the policy of its (dtype, world) holds it: its env variant is the chosen one and no bucket of
     another shape with the same (K, N, M) ships faster."""
@@ -232,19 +211,18 @@ def _ship(b: Best, got: dict[str, list[Record]] | None, samples: dict, unconfirm
         eta = metrics.eta(b.t_base_ms, b.t_base_ms, b.t_gemm_ms, b.t_comm_ms, b.t_base_iqr_ms)
         return Decision(b.key, b, "baseline", {}, "baseline", 1.0, eta, "baseline: no confirmation")
     first_pass = {lab: recs[0].ab.first_pass_speedup for lab, recs in got.items()}
-    order = sorted(got, key=lambda lab: -float(first_pass[lab] or -math.inf))
-    d = confirm.decide(samples, order, min_effect=min_effect)
+    screened = max(recs[0].extra.get("screened", 0) for recs in got.values())
+    d = dataclasses.replace(confirm.decide(samples, first_pass, min_effect=min_effect), candidates=b.candidates,
+                            screened=screened)
     if d.label == "baseline":
         name, settings, t_a, t_b = "baseline", {}, b.t_base_ms, b.t_base_ms
     else:  # strategy and settings come from the candidate's own records
         side = {s: [x for x in got[d.label] if x.ab.side == s] for s in "ab"}
         name, settings = side["b"][0].strategy, dict(side["b"][0].settings)
         t_a, t_b = (float(statistics.median(x.t_ms for x in side[s])) for s in "ab")
-    conf = Confirmation(d.speedup, (d.ci_low, d.ci_high), d.repeats, d.confirmed, b.candidates, min_effect,
-                        d.leader, first_pass[d.leader] if d.leader else None, d.leader_speedup, tuple(d.leader_ci))
     return Decision(b.key, b, name, settings, d.label, d.speedup,
                     metrics.eta(t_a, t_b, b.t_gemm_ms, b.t_comm_ms, b.t_base_iqr_ms),
-                    "baseline: not confirmed" if d.label == "baseline" else "confirmed", conf)
+                    "baseline: not confirmed" if d.label == "baseline" else "confirmed", d)
 
 
 def _pick_env(decisions: list[Decision]) -> Env:
