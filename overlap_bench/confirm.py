@@ -1,8 +1,7 @@
 """The second stages' rules and records. The first pass's best is the best of many noisy numbers (biased
-upwards), so each bucket's best few are screened (:func:`shortlist`, ``screen.jsonl``), the screen's best
-(:func:`finalists`) measured again against the baseline, interleaved (``confirm.jsonl``), and a setting ships
-only where :func:`decide` confirms it. The rules take numbers, so they are tested with injected samples.
-"""
+upwards): each bucket's best few are screened (:func:`shortlist`, ``screen.jsonl``), the screen's best
+(:func:`finalists`) measured again against the baseline (``confirm.jsonl``), both interleaved, and a setting
+ships only where :func:`decide` confirms it. The rules take numbers, so they are tested with injected samples."""
 
 from __future__ import annotations
 
@@ -18,8 +17,6 @@ from overlap_bench.stats import MIN_EFFECT, SCREEN_TOP, SHIP_ALPHA, judge, scree
 
 TOP = 3
 """Candidates confirmed per bucket besides the peers."""
-REPEATS = 20
-"""Interleaved repeats per side in the confirmation (its power: ``tests/test_stats_sim.py``)."""
 Samples = Mapping[str, tuple[Sequence[float], Sequence[float]]]
 """One bucket's A/B samples: ``label -> (baseline tokens/s, candidate tokens/s)``, in repeat order."""
 
@@ -30,10 +27,8 @@ def leaders(scores: Mapping[str, float], peers: Iterable[str] = (), top: int = T
     usable = {lab: s for lab, s in scores.items()
               if lab != "baseline" and isinstance(s, (int, float)) and math.isfinite(s)}
     ranked = sorted(usable, key=lambda lab: (-usable[lab], lab))
-    out = ranked[:top]
-    peer_set = set(peers)
-    out += [lab for lab in ranked if lab.split(":", 1)[0] in peer_set and lab not in out]
-    return out
+    peers = set(peers)
+    return ranked[:top] + [lab for lab in ranked[top:] if lab.split(":", 1)[0] in peers]
 
 
 def shortlist(first_pass: Mapping[str, float], peers: Iterable[str] = (), top: int = TOP) -> list[str]:
@@ -47,8 +42,8 @@ def shortlist(first_pass: Mapping[str, float], peers: Iterable[str] = (), top: i
 
 def finalists(first_pass: Mapping[str, float], screen: Samples, peers: Iterable[str] = (),
               top: int = TOP) -> list[str]:
-    """The confirmation's candidates: the :func:`leaders` of the screen's ratios of medians where the bucket
-    was screened, else of its first pass."""
+    """The confirmation's candidates: the :func:`leaders` by the screen's ratios of medians where the bucket
+    was screened, else by its first pass."""
     return leaders(screen_speedups(screen) if screen else first_pass, peers, top)
 
 
@@ -67,7 +62,6 @@ class Outcome:
     repeats: int
     """Interleaved repeats per side (the fewest of the candidates confirmed)."""
     confirmed: int
-    """Candidates re-measured."""
     min_effect: float
     leader: str | None
     """The first-pass best of the candidates: its first-pass against its confirmed speedup is the selection bias."""
@@ -93,16 +87,16 @@ def decide(samples: Samples, first_pass: Mapping[str, float] | None = None, *, m
                           n_boot=n_boot, seed=seed)
                for lab, (a, b) in samples.items() if len(a) and len(b)}
     reps = min((min(c.n_a, c.n_b) for c in results.values()), default=0)
-    passing = [lab for lab, c in results.items() if c.verdict == "faster"]
     lead = min(results, key=lambda lab: (-(first_pass.get(lab) or -math.inf), lab), default=None)
     lc = results.get(lead)
-    lead_fields = (lead, first_pass.get(lead), lc.speedup if lc else math.nan,
-                   (lc.ci_low, lc.ci_high) if lc else (math.nan, math.nan))
+    about = (reps, len(results), min_effect, lead, first_pass.get(lead), lc.speedup if lc else math.nan,
+             (lc.ci_low, lc.ci_high) if lc else (math.nan, math.nan))
+    passing = [lab for lab, c in results.items() if c.verdict == "faster"]
     if not passing:
-        return Outcome("baseline", 1.0, (math.nan, math.nan), 1.0, reps, len(results), min_effect, *lead_fields)
+        return Outcome("baseline", 1.0, (math.nan, math.nan), 1.0, *about)
     win = max(passing, key=lambda lab: (results[lab].ci_low, lab))
     c = results[win]
-    return Outcome(win, c.speedup, (c.ci_low, c.ci_high), c.expected, reps, len(results), min_effect, *lead_fields)
+    return Outcome(win, c.speedup, (c.ci_low, c.ci_high), c.expected, *about)
 
 
 # ---- the stored records ---------------------------------------------------------------------------------
@@ -113,9 +107,9 @@ def candidate_key(r: Record) -> tuple[BucketKey, str]:
 
 
 def load(run_dir: str | os.PathLike, name: str = CONFIRM) -> list[Record]:
-    """The records of the A/B log ``name`` (torn lines skipped): per candidate of a bucket the last ``repeats``
-    records of each side, or, where its check failed, that record. A candidate with fewer (a run killed while
-    measuring it) is left out, so a resumed sweep measures it again."""
+    """The records of the A/B log ``name``: per candidate of a bucket the last ``repeats`` records of each side,
+    or, where its check failed, that record. A candidate with fewer (a run killed while measuring it) is left
+    out, so a resumed sweep measures it again."""
     groups: dict[tuple, list[Record]] = {}
     for r in runfolder.RunFolder(run_dir).load(name).records:
         groups.setdefault(candidate_key(r), []).append(r)
@@ -131,12 +125,10 @@ def load(run_dir: str | os.PathLike, name: str = CONFIRM) -> list[Record]:
 
 
 def by_bucket(records: Iterable[Record]) -> dict[BucketKey, dict[str, tuple[list[float], list[float]]]]:
-    """``bucket -> {label: (baseline tokens/s, candidate tokens/s)}`` in repeat order (a candidate whose check
-    failed has none)."""
+    """``bucket -> {label: (baseline tokens/s, candidate tokens/s)}`` in repeat order (none where a check failed)."""
     out: dict[BucketKey, dict[str, tuple[list[float], list[float]]]] = {}
     for r in records:
         if r.ok:
             bucket, label = candidate_key(r)
-            pair = out.setdefault(bucket, {}).setdefault(label, ([], []))
-            pair[r.ab.side == "b"].append(float(r.tokens_per_s))
+            out.setdefault(bucket, {}).setdefault(label, ([], []))[r.ab.side == "b"].append(float(r.tokens_per_s))
     return out

@@ -15,6 +15,7 @@ import numpy as np
 
 from overlap_bench import confirm, metrics, stats
 from overlap_bench.bench import BRACKET_EVERY
+from overlap_bench.spec import CONFIRM_REPEATS
 
 SETTINGS = [f"chunked:chunks={c},comm={m}" for c in range(2, 22) for m in ("stream", "async")] + ["pr"]
 """41 settings, ``pr`` the peer (always confirmed)."""
@@ -43,7 +44,7 @@ class _Machine:
 
 
 def bucket(rng: np.random.Generator, sigma: float, gains: dict[str, float] | None = None, *, repeats: int =
-           confirm.REPEATS, screen: bool = True, n_boot: int = 2000) -> tuple[dict[str, float], confirm.Outcome]:
+           CONFIRM_REPEATS, screen: bool = True, n_boot: int = 2000) -> tuple[dict[str, float], confirm.Outcome]:
     """One bucket: ``(first-pass speedups, decision)``; ``gains`` maps a label to its true speedup (else 1)."""
     gains = gains or {}
     steps = 2 * len(SETTINGS) + 2 * (stats.SCREEN_TOP + 1) * stats.SCREEN_REPEATS + 2 * (confirm.TOP + 1) * repeats

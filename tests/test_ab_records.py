@@ -242,8 +242,8 @@ def test_a_candidate_cut_short_is_measured_again_on_resume(confirmed, tmp_path):
     assert key not in {confirm.candidate_key(r) for r in kept} and len(kept) == len(text) - 10
     screen = confirm.by_bucket(confirm.load(run, SCREEN))
     jobs = plan_stage(runfolder.RunFolder(run).load().records, {confirm.candidate_key(r) for r in kept}, screen, top=1)
-    assert [(j.case.M, strategies.label(*j.candidate)) for j in jobs] == [(cut["M"], cut["extra"]["pair"][1])]
-    assert jobs[0].candidate[1] == strategies.make_settings(cut["strategy"], cut["settings"])
+    assert [(j.case.M, j.case.label) for j in jobs] == [(cut["M"], cut["extra"]["pair"][1])]
+    assert jobs[0].case.settings == strategies.make_settings(cut["strategy"], cut["settings"])
     screened = (run / SCREEN).read_text()
     out = _ok(["sweep", confirmed.parent / "s.yaml", "--out", run, "--resume", "--confirm-top", "1"])
     assert "0 screened, 1 candidate(s) confirmed" in out and (run / SCREEN).read_text() == screened

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from overlap_bench import confirm, select, stats, strategies
 from overlap_bench.cli import app
 from overlap_bench.records import Record, load_records
+from overlap_bench.spec import CONFIRM_REPEATS
 from overlap_bench.sweep import plan_stage
 
 N_BOOT = 2000  # the bootstrap's resolution only (production uses 10000); the statistic is the same
@@ -45,7 +46,7 @@ def test_a_real_gain_is_found_without_the_screen() -> None:
     found = [d for d in runs if d.label == sim.WINNER]
     assert len(found) >= 0.80 * len(runs), f"the 3% gain was shipped in {len(found)} of {len(runs)} buckets"
     assert all(d.label in (sim.WINNER, "baseline") for d in runs)
-    assert all(d.ci[0] > 1 + confirm.MIN_EFFECT and d.expected == d.ci[0] and d.repeats == confirm.REPEATS
+    assert all(d.ci[0] > 1 + confirm.MIN_EFFECT and d.expected == d.ci[0] and d.repeats == CONFIRM_REPEATS
                for d in found)
 
 
@@ -103,21 +104,21 @@ def test_the_screen_lifts_the_true_best_from_fifth_place_into_the_confirmation()
     first = [rec(64, "baseline", 1.0), rec(64, "pr", 0.97)] + [rec(64, lab, 0.90 + i / 200)
                                                                for i, lab in enumerate(labels)]
     true_best = labels[4]
-    plain = [strategies.label(*j.candidate) for j in plan_stage(first, set(), {})]
+    plain = [j.case.label for j in plan_stage(first, set(), {})]
     assert true_best not in plain and plain == labels[:3] + ["pr"]  # the first pass alone: top 3 and the peer
     short = plan_stage(first, set())
-    assert [strategies.label(*j.candidate) for j in short] == labels[:stats.SCREEN_TOP] + ["pr"]
-    assert all(j.case.strategy == "baseline" and j.tags["candidates"] == 14 for j in short)
+    assert [j.case.label for j in short] == labels[:stats.SCREEN_TOP] + ["pr"]
+    assert all(j.tags["candidates"] == 14 and j.tags["first_pass_speedup"] > 1 for j in short[:-1])
     by_label = {r.label: r for r in first}
-    screen = [x for j in short for x in ab_records(by_label[strategies.label(*j.candidate)], "screen",
-                                                   1.06 if strategies.label(*j.candidate) == true_best else 1.0,
+    screen = [x for j in short for x in ab_records(by_label[j.case.label], "screen",
+                                                   1.06 if j.case.label == true_best else 1.0,
                                                    stats.SCREEN_REPEATS)]
     samples = confirm.by_bucket(screen)
     final = plan_stage(first, set(), samples)
-    assert [strategies.label(*j.candidate) for j in final][0] == true_best and len(final) == confirm.TOP + 1
+    assert [j.case.label for j in final][0] == true_best and len(final) == confirm.TOP + 1
     assert {j.tags["screened"] for j in final} == {stats.SCREEN_TOP + 1}
     done = {key for key in map(confirm.candidate_key, screen) if key[1] != labels[7]}
-    assert [strategies.label(*j.candidate) for j in plan_stage(first, done)] == [labels[7]]
+    assert [j.case.label for j in plan_stage(first, done)] == [labels[7]]
 
 
 # ---- the stage in a sweep and the export rule ------------------------------------------------------------
