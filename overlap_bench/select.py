@@ -56,8 +56,7 @@ def _reference(group: list[Record]) -> tuple[float, float, tuple[str, ...]]:
 
 
 def _scored(records: Iterable[Record]) -> tuple[list[Record], dict[BucketKey, tuple[float, float, tuple]]]:
-    """The :func:`latest` records restated against their bucket's reference, and each bucket's
-    ``(t_base, iqr, flags)``."""
+    """:func:`score`'s records, and each bucket's ``(t_base, iqr, flags)``."""
     recs = latest(records)
     refs = {key: _reference([r for r in recs if r.bucket == key]) for key in {r.bucket for r in recs}}
     out = []
@@ -156,7 +155,6 @@ class Decision:
 
     key: BucketKey
     best: Best
-    """The first pass's winner."""
     strategy: str
     settings: dict[str, Any]
     label: str
