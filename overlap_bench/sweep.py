@@ -99,8 +99,8 @@ def run_sweep(spec: SweepSpec, raw: dict, out_dir: str | os.PathLike, *, resume:
     check_memory(spec)
     with runfolder.lock(out, command=command or envinfo.command_line()) if rank0 else nullcontext():
         # The folder is rank 0's (on another node it may not be there): the other ranks run rank 0's case list.
-        done, torn = open_run_folder(out, spec, raw, resume=resume, force=force, seed=seed, command=command) \
-            if rank0 else (set(), [])
+        done, torn = (open_run_folder(out, spec, raw, resume=resume, force=force, seed=seed, command=command)
+                      if rank0 else (set(), []))
         cases = spec.cases()
         todo = [c for c in cases if case_key(c, world=spec.world_size, backend=spec.backend) not in done]
         result = SweepResult(len(cases), len(cases) - len(todo), torn)
