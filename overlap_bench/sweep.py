@@ -44,6 +44,10 @@ class SweepResult:
     """Candidates already confirmed in the folder (``--resume``): not measured again."""
 
 
+def _key(c: Case, spec: SweepSpec) -> tuple:
+    return case_key(c, world=spec.world_size, backend=spec.backend)
+
+
 def open_run_folder(out: Path, spec: SweepSpec, raw: dict, *, resume: bool, force: bool, seed: int,
                     command: str | None) -> tuple[set, list[int]]:
     """Check and write the run folder's identity, spec.yaml and env.json (the caller holds its lock); returns the
@@ -102,7 +106,7 @@ def run_sweep(spec: SweepSpec, raw: dict, out_dir: str | os.PathLike, *, resume:
         done, torn = (open_run_folder(out, spec, raw, resume=resume, force=force, seed=seed, command=command)
                       if rank0 else (set(), []))
         cases = spec.cases()
-        todo = [c for c in cases if case_key(c, world=spec.world_size, backend=spec.backend) not in done]
+        todo = [c for c in cases if _key(c, spec) not in done]
         result = SweepResult(len(cases), len(cases) - len(todo), torn)
         finished = result.skipped_done
         try:
