@@ -32,9 +32,8 @@ def _run(cmd: list[str], cwd: str | None = None) -> str | None:
 
 
 def git_commit() -> str | None:
-    """HEAD of the checkout the package runs from, with ``-dirty`` when it has uncommitted changes; or
-    ``OVERLAP_BENCH_GIT_COMMIT`` when set (a copy of a commit shipped to a GPU host, possibly inside another
-    checkout whose HEAD is not what runs)."""
+    """HEAD of the package's checkout (``-dirty`` with uncommitted changes), or ``OVERLAP_BENCH_GIT_COMMIT`` when
+    set (a commit shipped to a GPU host, possibly inside another checkout whose HEAD is not what runs)."""
     shipped = os.environ.get("OVERLAP_BENCH_GIT_COMMIT")
     if shipped:
         return shipped
@@ -59,7 +58,7 @@ def gpus() -> tuple[list[str], str | None]:
 def command_line() -> str:
     """This process's command line as the user would type it (``overlap-bench ...``)."""
     argv = list(sys.argv)
-    if argv and (argv[0].endswith("__main__.py") or argv[0].endswith("overlap-bench")):
+    if argv and argv[0].endswith(("__main__.py", "overlap-bench")):
         argv[0] = "overlap-bench"
     return " ".join(argv)
 
@@ -67,12 +66,10 @@ def command_line() -> str:
 def collect(command: str | None = None) -> dict[str, Any]:
     """Everything a committed number needs beside it."""
     names, driver = gpus()
-    nccl = None
-    if torch.cuda.is_available():
-        try:
-            nccl = ".".join(str(v) for v in torch.cuda.nccl.version())
-        except (AttributeError, RuntimeError):
-            nccl = None
+    try:
+        nccl = ".".join(str(v) for v in torch.cuda.nccl.version()) if torch.cuda.is_available() else None
+    except (AttributeError, RuntimeError):
+        nccl = None
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     return {
         "gpu_name": names[0] if names else "cpu",

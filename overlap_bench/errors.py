@@ -1,7 +1,5 @@
-"""Errors the CLI turns into one line: :class:`UserError` (the user's input is wrong, exit 2) and operating-system
-errors (:func:`os_error_exit`: a path the user gave, exit 2; the machine, exit 1).
-
-Anything else is a bug and keeps its traceback."""
+"""Errors the CLI turns into one line: :class:`UserError` (bad input, exit 2) and operating-system errors
+(:func:`os_error_exit`: a path the user gave, exit 2; the machine, exit 1). Anything else keeps its traceback."""
 
 from __future__ import annotations
 
@@ -28,8 +26,7 @@ def describe_os_error(exc: OSError) -> str:
     what = exc.strerror or (os.strerror(exc.errno) if exc.errno else type(exc).__name__)
     if exc.errno == errno.ENAMETOOLONG:
         what += " (a path component over 255 bytes or a path over 4096)"
-    path = exc.filename
-    names = f"{path} -> {exc.filename2}" if exc.filename2 else path
+    names = f"{exc.filename} -> {exc.filename2}" if exc.filename2 else exc.filename
     return f"{names}: {what}" if names else what
 
 
