@@ -120,16 +120,15 @@ def run_cases(ctx: RankContext, cases: list[Case], opts: BenchOptions) -> None:
 
 
 def measure_group(ctx: RankContext, group: list[Case], opts: BenchOptions, device_name: str,
-                  advance: Callable[[str], None] | None) -> list[Record]:
+                  advance: Callable[[str], None] | None) -> None:
     """Measure every case of one bucket, references first; an error is re-raised as :class:`CaseFailed`
     naming the case ("rank 2 failed: ... qwen/o_proj M=4096 ... chunked:...")."""
-    head, out = group[0], []
+    head = group[0]
     writer = RunFolder(opts.out_dir) if ctx.rank == 0 else None
     where = "(inputs and reference times)"
 
     def emit(case: Case, **values: Any) -> None:
         rec = _record(case, ctx, opts, device_name, **values)
-        out.append(rec)
         if writer:
             writer.append(rec)
         if advance:
@@ -141,7 +140,7 @@ def measure_group(ctx: RankContext, group: list[Case], opts: BenchOptions, devic
         if err:
             for case in group:
                 emit(case, status="failed", reason=f"inputs: {err}")
-            return out
+            return
         x, w, b = made
         base = partial(strategies.run, "baseline", x, w, b, None, strategies.make_settings("baseline"))
         y_base = base()
@@ -161,8 +160,7 @@ def measure_group(ctx: RankContext, group: list[Case], opts: BenchOptions, devic
         extra["t_base_refs"] = [[t_base.median_ms, t_base.iqr_ms]]
         timed = 0
         for i, case in enumerate(group):
-            where = case.label
-            name, settings = case.strategy, case.settings
+            where, name, settings = case.label, case.strategy, case.settings
             note = strategies.backend_note(name, settings, ctx.backend)
             checked = check_against_baseline(name, settings, x, w, b, y_base, case.dtype, ctx)
             timing: dict[str, float] = {}
@@ -181,7 +179,6 @@ def measure_group(ctx: RankContext, group: list[Case], opts: BenchOptions, devic
                  extra={**extra, **checked.said}, **refs, **timing)
     except Exception as exc:
         raise CaseFailed(f"{head.shape} M={head.M} {head.dtype} {where}: {type(exc).__name__}: {exc}") from exc
-    return out
 
 
 def check_against_baseline(name: str, settings: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,

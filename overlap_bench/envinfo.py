@@ -46,15 +46,6 @@ def git_commit() -> str | None:
     return head
 
 
-def gpus() -> tuple[list[str], str | None]:
-    """GPU names and driver version from nvidia-smi (not torch: that would start CUDA in the launcher)."""
-    out = _run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"])
-    if not out:
-        return [], None
-    rows = [[c.strip() for c in line.split(",")] for line in out.splitlines() if line.strip()]
-    return [r[0] for r in rows], (rows[0][1] if rows and len(rows[0]) > 1 else None)
-
-
 def command_line() -> str:
     """This process's command line as the user would type it (``overlap-bench ...``)."""
     argv = list(sys.argv)
@@ -65,7 +56,10 @@ def command_line() -> str:
 
 def collect(command: str | None = None) -> dict[str, Any]:
     """Everything a committed number needs beside it."""
-    names, driver = gpus()
+    # GPUs from nvidia-smi, not torch: that would start CUDA in the launcher.
+    smi = _run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"]) or ""
+    rows = [[c.strip() for c in line.split(",")] for line in smi.splitlines() if line.strip()]
+    names = [r[0] for r in rows]
     try:
         nccl = ".".join(str(v) for v in torch.cuda.nccl.version()) if torch.cuda.is_available() else None
     except (AttributeError, RuntimeError):
@@ -75,7 +69,7 @@ def collect(command: str | None = None) -> dict[str, Any]:
         "gpu_name": names[0] if names else "cpu",
         "gpu_names": names,
         "gpu_count": len(names) if visible is None else len([v for v in visible.split(",") if v.strip()]),
-        "driver": driver,
+        "driver": rows[0][1] if rows and len(rows[0]) > 1 else None,
         "cuda": torch.version.cuda,
         "torch": torch.__version__,
         "nccl": nccl,

@@ -15,8 +15,7 @@ class UserError(ValueError):
         super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message)))
 
 
-# A path the user named cannot be used as asked: their input to fix (exit 2). Anything else (disk full, I/O
-# error, too many open files) is the machine's state (exit 1).
+# A path the user named cannot be used as asked (exit 2); anything else (disk full, I/O error) is the machine's.
 USER_PATH_ERRNOS = {errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EACCES, errno.EPERM,
                     errno.EROFS, errno.ENOENT, errno.ELOOP, errno.ENOTEMPTY}
 

@@ -19,7 +19,7 @@ def finite(x: Any) -> bool:
 
 def dtype_bytes(dtype: str) -> int:
     """Bytes per element of a dtype named in :data:`DTYPES`."""
-    return torch.empty((), dtype=DTYPES[dtype]).element_size()
+    return DTYPES[dtype].itemsize
 
 
 def ideal_ms(t_gemm: float, t_comm: float) -> float:
@@ -104,11 +104,6 @@ def tokens_per_s(m: int, t_ms: float) -> float:
 def derive(*, m: int, k: int, n: int, dtype: str, world: int, t_ms: float, t_base_ms: float,
            t_gemm_ms: float, t_comm_ms: float) -> dict[str, float]:
     """All derived metrics of one measured case, as record fields."""
-    return {
-        "ideal_ms": ideal_ms(t_gemm_ms, t_comm_ms),
-        "speedup": speedup(t_base_ms, t_ms),
-        "eta": eta(t_base_ms, t_ms, t_gemm_ms, t_comm_ms),
-        "tokens_per_s": tokens_per_s(m, t_ms),
-        "tflops": tflops(m, k, n, t_ms),
-        "busbw_gbps": busbw_gbps(m, n, dtype, world, t_comm_ms),
-    }
+    return {"ideal_ms": ideal_ms(t_gemm_ms, t_comm_ms), "speedup": speedup(t_base_ms, t_ms),
+            "eta": eta(t_base_ms, t_ms, t_gemm_ms, t_comm_ms), "tokens_per_s": tokens_per_s(m, t_ms),
+            "tflops": tflops(m, k, n, t_ms), "busbw_gbps": busbw_gbps(m, n, dtype, world, t_comm_ms)}
