@@ -20,8 +20,7 @@ from overlap_bench.errors import UserError, describe_os_error
 
 log = logging.getLogger("overlap_bench.policy")
 
-ENV_DIR = "OVERLAP_BENCH_POLICY_DIR"
-"""Environment variable naming a folder searched before the package's own ``configs/``."""
+ENV_DIR = "OVERLAP_BENCH_POLICY_DIR"  # a folder searched before the package's own ``configs/``
 PACKAGE_DIR = Path(__file__).parent / "configs"
 
 

@@ -96,8 +96,7 @@ def chunked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return all_reduce_bounds(out, x, weight, bias, group, bounds, settings.comm, comm_group, gemm_stream=gemm_stream)
 
 
-WINDOW_PATHS = ("symm", "ce")
-"""The ``comm`` paths whose buffers live in NCCL symmetric windows."""
+WINDOW_PATHS = ("symm", "ce")  # the ``comm`` paths whose buffers live in NCCL symmetric windows
 _LOGGED: set[tuple] = set()
 _FIRST_ON_COMM: dict[int, str] = {}
 

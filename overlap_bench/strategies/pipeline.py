@@ -79,13 +79,13 @@ class RowSplit:
     """All-reduce on the high-priority process group (:func:`nccl_group`)."""
 
 
+@dataclass
 class PendingAllReduce:
     """All-reduces issued by :func:`start_bounds`; ``wait()`` orders the caller after exactly these."""
 
-    def __init__(self, out: torch.Tensor, done: "torch.cuda.Event | None", works: list) -> None:
-        self.out = out  # kept alive until the wait: the side stream still writes it
-        self._done = done
-        self._works = works
+    out: torch.Tensor  # kept alive until the wait: the side stream still writes it
+    _done: torch.cuda.Event | None
+    _works: list
 
     def wait(self) -> torch.Tensor:
         """Make the current stream (GPU) or the caller (gloo) wait; returns the reduced output."""

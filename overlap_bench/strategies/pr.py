@@ -10,8 +10,7 @@ from overlap_bench.strategies import NoSettings, register
 from overlap_bench.strategies.baseline import baseline_into
 from overlap_bench.strategies.pipeline import RowSplit, all_reduce_bounds, gloo_note
 
-PR_THRESHOLD = 16384
-"""Token count from which the PR chunks."""
+PR_THRESHOLD = 16384  # token count from which the PR chunks
 
 
 def pr_bounds(m: int) -> list[tuple[int, int]]:
