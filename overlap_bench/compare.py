@@ -127,7 +127,7 @@ def compare_run_dirs(dir_a: str | os.PathLike, dir_b: str | os.PathLike | None =
 # ---- reports ---------------------------------------------------------------------------------------------
 
 WITHIN_NOISE = "≈"
-"""Marks a speedup whose CI holds 1.0: a difference within the noise."""
+_NOTE = f"{WITHIN_NOISE}: the CI holds 1.0, the difference is within the noise."
 
 
 def _setting(row: pd.Series) -> str:
@@ -140,8 +140,8 @@ def _tps(samples: list[float], median: float) -> str:
     """A side's median tokens/s and beside it its spread: the IQR, as a share of the median."""
     if not math.isfinite(median):
         return "n/a"
-    q1, q3 = np.percentile(samples, [25, 75]) if len(samples) > 1 else (math.nan, math.nan)
-    return f"{median:,.0f}" + (f" (IQR {100 * (q3 - q1) / median:.1f}%)" if math.isfinite(q3 - q1) else "")
+    iqr = np.subtract(*np.percentile(samples, [75, 25]))
+    return f"{median:,.0f}" + (f" (IQR {100 * iqr / median:.1f}%)" if len(samples) > 1 else "")
 
 
 def _speedup(row: pd.Series, min_effect: float) -> str:
@@ -170,9 +170,6 @@ def _summary_line(summ: dict[str, Any]) -> str:
     counts = ", ".join(f"{n} {v}" for v, n in summ["verdicts"].items())
     gm = f"{g:.3f}×" if math.isfinite(g) else "n/a"
     return f"Geometric-mean speedup (B/A) over {summ['judged']} of {summ['rows']} case(s): {gm} ({counts})"
-
-
-_NOTE = f"{WITHIN_NOISE}: the CI holds 1.0, the difference is within the noise."
 
 
 def to_markdown(df: ComparisonTable, summ: dict[str, Any], title: str) -> str:

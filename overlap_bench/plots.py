@@ -1,6 +1,5 @@
-"""The plots of one group of a run (PNG, matplotlib): speedup over M with its spread (the best setting, the
-peers, the baseline and the ideal bound ``t_base / max(t_gemm, t_comm)`` bold, every other setting faint), eta
-per setting and M, and the time breakdown of the best setting."""
+"""The plots of one group of a run (PNG, matplotlib): speedup over M with its spread, eta per setting and M, and
+the time breakdown of the best setting."""
 
 from __future__ import annotations
 
@@ -8,6 +7,7 @@ import json
 import math
 import statistics
 import textwrap
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,9 +43,10 @@ class Group:
         """Measured token counts, ascending."""
         return sorted({r.M for r in self.scored})
 
-    def best(self, m: int) -> Best | None:
-        """The first pass's winner at ``m`` (None when nothing there has a time)."""
-        return next((d.best for d in self.decisions if d.key.M == m and finite(d.best.t_ms)), None)
+    @property
+    def bests(self) -> list[Best]:
+        """The first pass's winner at each measured M that has a time, ascending."""
+        return [d.best for d in self.decisions if d.key.M in self.ms and finite(d.best.t_ms)]
 
     def title(self) -> str:
         k = self.key
@@ -78,26 +79,13 @@ def _wrap(label: str, width: int) -> str:
     return "\n".join(textwrap.wrap(label.replace(",", ", "), width, break_long_words=False))
 
 
-def _m_axis(ax: Any, ms: list[int]) -> None:
-    from matplotlib.ticker import NullLocator
-
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(ms)
-    ax.set_xticklabels([str(m) for m in ms], rotation=45 if len(ms) > 6 else 0)
-    ax.xaxis.set_minor_locator(NullLocator())
-    if len(ms) == 1:
-        ax.set_xlim(ms[0] / 2, ms[0] * 2)
-
-
 def _ideal_by_m(g: Group) -> dict[int, float]:
     """Per M, the ideal bound on speedup: ``t_base / max(t_gemm, t_comm)`` (median over the M's records)."""
-    out = {}
-    for m in g.ms:
-        ratios = [r.t_base_ms / r.ideal_ms for r in g.scored
-                  if r.M == m and finite(r.t_base_ms) and finite(r.ideal_ms) and r.ideal_ms > 0]
-        if ratios:
-            out[m] = statistics.median(ratios)
-    return out
+    ratios: dict[int, list[float]] = {}
+    for r in g.scored:
+        if finite(r.t_base_ms) and finite(r.ideal_ms) and r.ideal_ms > 0:
+            ratios.setdefault(r.M, []).append(r.t_base_ms / r.ideal_ms)
+    return {m: statistics.median(v) for m, v in sorted(ratios.items())}
 
 
 def _line(ax: Any, pts: list[tuple[int, float, float, float]], colour: str, **kw: Any) -> None:
@@ -111,51 +99,49 @@ def _line(ax: Any, pts: list[tuple[int, float, float, float]], colour: str, **kw
 
 
 def _plot_speedup(plt: Any, g: Group) -> Any:
-    """Bold: the best setting per M (each named in the legend by its marker), the peers, the baseline and the
-    ideal bound, each shaded by its spread; every other setting a faint unlabelled line; a point above the
-    ideal bound (physically impossible) marked as a fault."""
+    """Bold and shaded by their spread: the best setting per M (named in the legend by marker), the peers and the
+    baseline; the ideal bound; faint: every other setting; a point above the bound (impossible) marked a fault."""
+    from matplotlib.ticker import NullLocator
+
     lines: dict[str, list[Record]] = {}
-    for r in g.scored:
+    for r in sorted(g.scored, key=lambda r: r.M):
         if r.strategy != "baseline" and finite(r.speedup):
             lines.setdefault(r.label, []).append(r)
     ideal = _ideal_by_m(g)
-    bests = [b for m in g.ms if (b := g.best(m)) is not None and finite(b.speedup)]
+    bests = [b for b in g.bests if finite(b.speedup)]
     peers = set(strategies.peers())
     fig, ax = plt.subplots(figsize=(8.5, 5))
-    if bests:
-        _line(ax, [(b.M, b.t_base_ms, b.t_base_ms, b.t_base_iqr_ms) for b in bests], "black", linewidth=1.8,
-              label="baseline (1.0; shaded: its spread, IQR)")
-    else:
-        ax.axhline(1.0, color="black", linewidth=1.8, label="baseline (1.0)")
+    ax.axhline(1.0, color="black", linewidth=1.8, label="baseline (1.0; shaded: its spread, IQR)")
     if ideal:
         ax.plot(list(ideal), list(ideal.values()), linestyle="--", color="grey", linewidth=2, marker="_",
                 markersize=14, markeredgewidth=2, label="ideal: t_base / max(t_gemm, t_comm)")
     for lab, recs in lines.items():
         if lab.split(":")[0] not in peers:
-            recs = sorted(recs, key=lambda r: r.M)
             ax.plot([r.M for r in recs], [r.speedup for r in recs], color="#999999", alpha=0.3, linewidth=0.8)
     for i, lab in enumerate(sorted(lab for lab in lines if lab.split(":")[0] in peers)):
         _line(ax, [(r.M, r.t_base_ms, r.t_ms, r.t_iqr_ms) for r in lines[lab]], f"C{1 + i}", linewidth=2.2,
               marker="s", label=lab)
     if bests:
+        _line(ax, [(b.M, b.t_base_ms, b.t_base_ms, b.t_base_iqr_ms) for b in bests], "black", linewidth=1.8)
         _line(ax, [(b.M, b.t_base_ms, b.t_ms, b.t_iqr_ms) for b in bests], "C0", linewidth=2.6,
               label="best setting per M (shaded: its spread); marker:")
         for i, lab in enumerate(dict.fromkeys(b.label for b in bests)):
             at = [b for b in bests if b.label == lab]
             ax.plot([b.M for b in at], [b.speedup for b in at], linestyle="none", color="C0", markersize=8,
                     marker=_MARKERS[i % len(_MARKERS)], label=_wrap(lab, 40))
-    faults = {m: sum(r.speedup > ideal[m] * 1.001 for recs in lines.values() for r in recs if r.M == m)
-              for m in ideal}
-    faults = {m: n for m, n in faults.items() if n}
+    faults = Counter(r.M for recs in lines.values() for r in recs if r.speedup > ideal.get(r.M, math.inf) * 1.001)
     if faults:
         ax.scatter(list(faults), [ideal[m] for m in faults], marker="X", s=140, color="red", zorder=5,
                    label="settings above the ideal bound: a measurement fault")
         for m, n in faults.items():
             ax.annotate(f"{n} above", (m, ideal[m]), xytext=(6, -10), textcoords="offset points", fontsize=7,
                         color="red")
-    _m_axis(ax, g.ms)
-    ax.set_xlabel("tokens M (rows; log2 scale)")
-    ax.set_ylabel("speedup over baseline, t_base / t (×)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(g.ms, [str(m) for m in g.ms], rotation=45 if len(g.ms) > 6 else 0)
+    ax.xaxis.set_minor_locator(NullLocator())
+    if len(g.ms) == 1:
+        ax.set_xlim(g.ms[0] / 2, g.ms[0] * 2)
+    ax.set(xlabel="tokens M (rows; log2 scale)", ylabel="speedup over baseline, t_base / t (×)")
     ax.set_title(g.title() + f"\n{len(lines)} settings; faint lines: the others", fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8, frameon=False)
@@ -216,7 +202,6 @@ def _plot_eta(plt: Any, g: Group) -> Any:
     fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels) + 1.2, max(3.2, 0.5 * n_rows + 2.4)),
                              squeeze=False, constrained_layout=True)
     cmap = plt.get_cmap("RdBu").with_extremes(bad="#dddddd")
-    image = None
     for ax, (title, row, cells) in zip(axes[0], panels):
         ys = sorted({y for y, _ in cells})
         grid = np.full((len(ys), len(ms)), np.nan)
@@ -228,12 +213,9 @@ def _plot_eta(plt: Any, g: Group) -> Any:
             text = "n/a" if not math.isfinite(v) else f"{v:.2f}" + ("!" if v > 1 else "")
             ax.text(j, i, text, ha="center", va="center", fontsize=8,
                     color="white" if math.isfinite(v) and abs(v) > 0.6 else "black")
-        ax.set_xticks(range(len(ms)))
-        ax.set_xticklabels([str(m) for m in ms], rotation=45 if len(ms) > 6 else 0)
-        ax.set_yticks(range(len(ys)))
-        ax.set_yticklabels([str(y) for y in ys])
-        ax.set_xlabel("tokens M (rows)")
-        ax.set_ylabel(row)
+        ax.set_xticks(range(len(ms)), [str(m) for m in ms], rotation=45 if len(ms) > 6 else 0)
+        ax.set_yticks(range(len(ys)), [str(y) for y in ys])
+        ax.set(xlabel="tokens M (rows)", ylabel=row)
         ax.set_title(title, fontsize=9)
     fig.suptitle(g.title() + "\neta = (t_base - t) / (t_base - max(t_gemm, t_comm)), best over other settings; "
                  "! above 1: below the ideal bound, a measurement fault", fontsize=9)
@@ -242,7 +224,7 @@ def _plot_eta(plt: Any, g: Group) -> Any:
 
 
 def _plot_breakdown(plt: Any, g: Group) -> Any:
-    rows = [b for m in g.ms if (b := g.best(m)) is not None]
+    rows = g.bests
     series = [("t_gemm", "t_gemm_ms", "#4c72b0"), ("t_comm", "t_comm_ms", "#dd8452"),
               ("t_base (gemm then all-reduce)", "t_base_ms", "#8c8c8c"), ("t of the best setting", "t_ms", "#55a868")]
     values = [v for _, f, _ in series for b in rows if finite(v := getattr(b, f)) and v > 0]
@@ -255,12 +237,10 @@ def _plot_breakdown(plt: Any, g: Group) -> Any:
         if finite(b.speedup):
             ax.annotate(f"×{b.speedup:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), xytext=(0, 2),
                         textcoords="offset points", ha="center", va="bottom", fontsize=7)
-    if values and max(values) / min(values) > 20:
-        ax.set_yscale("log")
-    ax.set_ylabel("time, ms" + (" (log scale)" if ax.get_yscale() == "log" else ""))
-    ax.set_xticks(x)
-    ax.set_xticklabels([f"{b.M}\n{_wrap(b.label, 18)}" for b in rows], fontsize=7)
-    ax.set_xlabel("tokens M (rows) and the best setting there; ×: its speedup over baseline")
+    log = bool(values) and max(values) / min(values) > 20
+    ax.set(yscale="log" if log else "linear", ylabel="time, ms" + (" (log scale)" if log else ""),
+           xlabel="tokens M (rows) and the best setting there; ×: its speedup over baseline")
+    ax.set_xticks(x, [f"{b.M}\n{_wrap(b.label, 18)}" for b in rows], fontsize=7)
     ax.set_title(g.title(), fontsize=10)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8, frameon=False)

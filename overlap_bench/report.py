@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+from collections import Counter
 from itertools import groupby
 from pathlib import Path
 from typing import Any
@@ -109,10 +110,10 @@ def write_tables(decisions: list[Decision], run_dir: str | os.PathLike) -> list[
 
 def _env_section(run_dir: Path) -> list[str]:
     out = ["## Environment", ""]
-    if not (run_dir / ENV).exists():
-        return out + ["No `env.json` in this run.", ""]
     try:
         env = json.loads((run_dir / ENV).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return out + ["No `env.json` in this run.", ""]
     except (OSError, ValueError) as e:
         return out + [f"`env.json` could not be read: {cell(e)}", ""]
     if not isinstance(env, dict):
@@ -121,16 +122,15 @@ def _env_section(run_dir: Path) -> list[str]:
     for k in [k for k in _ENV_KEYS if k in env] + sorted(k for k in env if k not in _ENV_KEYS):
         v = env[k]
         if isinstance(v, dict):
-            rows += [[cell(k), "(none)"]] if not v else []
-            rows += [[cell(f"{k}.{sk}"), f"`{cell(sv)}`"] for sk, sv in sorted(v.items(), key=lambda kv: str(kv[0]))]
-        elif k in ("command", "git_commit") and v not in (None, ""):
-            rows.append([cell(k), f"`{cell(v)}`"])
+            rows += ([[cell(f"{k}.{sk}"), f"`{cell(sv)}`"] for sk, sv in sorted(v.items(), key=lambda kv: str(kv[0]))]
+                     or [[cell(k), "(none)"]])
         else:
-            rows.append([cell(k), cell("" if v is None else v)])
+            code = k in ("command", "git_commit") and v not in (None, "")
+            rows.append([cell(k), f"`{cell(v)}`" if code else cell("" if v is None else v)])
     return out + ([table(["key", "value"], rows), ""] if rows else ["`env.json` is empty.", ""])
 
 
-def _group_section(g: Group, pngs: dict[str, str]) -> list[str]:
+def _group_section(g: Group, pngs: dict[str, Path]) -> list[str]:
     k = g.key
     n_labels = len({r.label for r in g.scored})
     extra = [f"backend `{k.backend}`"] + (["with bias"] if k.bias else [])
@@ -146,20 +146,18 @@ def _group_section(g: Group, pngs: dict[str, str]) -> list[str]:
     peers = strategies.peers()
     header = ["M", "t_gemm (ms)", "t_comm (ms)", "t_base (ms)", "best setting", "t (ms)", "speedup", "eta",
               "rel_err"] + [f"{p} speedup" for p in peers]
-    rows, flagged = [], []
-    for b in (b for m in g.ms if (b := g.best(m)) is not None):
-        rows.append([str(b.M), _fmt(b.t_gemm_ms, ".3f"), _fmt(b.t_comm_ms, ".3f"), _fmt(b.t_base_ms, ".3f"),
-                     f"`{cell(b.label)}`", _fmt(b.t_ms, ".3f"), _fmt(b.speedup, ".3f"),
-                     _fmt(b.eta, ".2f") if finite(b.eta) else "n/a", _fmt(b.rel_err, ".2e")]
-                    + [_fmt(b.peers.get(p), ".3f") for p in peers])
-        flagged += [f"- M={b.M}: {cell('; '.join(b.flags))}"] if b.flags else []
+    rows = [[str(b.M), _fmt(b.t_gemm_ms, ".3f"), _fmt(b.t_comm_ms, ".3f"), _fmt(b.t_base_ms, ".3f"),
+             f"`{cell(b.label)}`", _fmt(b.t_ms, ".3f"), _fmt(b.speedup, ".3f"),
+             _fmt(b.eta, ".2f") if finite(b.eta) else "n/a", _fmt(b.rel_err, ".2e")]
+            + [_fmt(b.peers.get(p), ".3f") for p in peers] for b in g.bests]
+    flagged = [f"- M={b.M}: {cell('; '.join(b.flags))}" for b in g.bests if b.flags]
     lines += [table(header, rows, "rrrrlrrrr" + "r" * len(peers)), ""]
     lines += (["Flags (numbers at these M are doubtful):", ""] + flagged + [""]) if flagged else []
     lines += [RULE, ""]
     for kind, caption in (("speedup", "Speedup vs tokens"), ("eta", "Hidden fraction (chunked)"),
                           ("breakdown", "Time breakdown")):
         if kind in pngs:
-            lines += [f"![{caption}]({pngs[kind]})", ""]
+            lines += [f"![{caption}]({pngs[kind].name})", ""]
         elif kind == "eta":
             lines += [f"_No eta heatmap: {plots.no_eta_reason(g)}._", ""]
     return lines
@@ -219,14 +217,10 @@ def write_report(run_dir: str | os.PathLike, loaded: Loaded | None = None,
     if decisions is None:
         decisions = select.decide(loaded.records, confirm.load(run_dir))
     records = select.latest(loaded.records)
-    written: list[Path] = []
-    sections: list[str] = []
-    for g in _groups(decisions):
-        pngs = plots.draw(run_dir, g)
-        written += pngs.values()
-        sections += _group_section(g, {kind: p.name for kind, p in pngs.items()})
-    counts = {s: sum(1 for r in records if r.status == s) for s in sorted({r.status for r in records})}
-    tally = ", ".join(f"{n} {s}" for s, n in counts.items()) or "none"
+    drawn = [(g, plots.draw(run_dir, g)) for g in _groups(decisions)]
+    written = [p for _, pngs in drawn for p in pngs.values()]
+    sections = [line for g, pngs in drawn for line in _group_section(g, pngs)]
+    tally = ", ".join(f"{n} {s}" for s, n in sorted(Counter(r.status for r in records).items())) or "none"
     head = [f"# overlap-bench report: {cell(run_dir.resolve().name)}", "",
             f"Records: {len(records)} ({tally}) in `records.jsonl`"
             + (f"; sweep spec: [{SPEC}]({SPEC})" if (run_dir / SPEC).exists() else "") + ".", ""]
