@@ -117,7 +117,7 @@ def run_sweep(spec: SweepSpec, raw: dict, out_dir: str | os.PathLike, *, resume:
     leading candidates re-measured against the baseline, ``confirm_repeats`` interleaved repeats each."""
     out = Path(out_dir)
     check_memory(spec)
-    with runfolder.lock(out, command=command or envinfo.command_line()) if rank0 else nullcontext():
+    with runfolder.RunFolder(out).claim("sweep", command=command or envinfo.command_line()) if rank0 else nullcontext():
         if rank0:
             done, torn = open_run_folder(out, spec, raw, resume=resume, force=force, seed=seed, command=command)
         else:  # the folder is rank 0's (on another node it may not be there): rank 0's case list runs
