@@ -177,20 +177,22 @@ def _confirmation_section(decisions: list[Decision]) -> list[str]:
     for d in decisions:
         c = d.confirmation
         if c is None:
-            lead, ships = ["—", "—", "not confirmed"], ["—", "—", str(d.best.candidates)]
-        else:
-            lead = [f"`{cell(c.leader)}`", _fmt(c.leader_first_pass_speedup, ".3f"),
-                    f"{_fmt(c.leader_speedup, '.3f')} {_ci(*c.leader_ci)}"]
-            ships = [f"{_fmt(c.speedup, '.3f')} {_ci(*c.ci)}", str(c.repeats), str(c.candidates)]
-        rows.append([cell(d.key.shape), str(d.key.M), cell(d.key.env.text)] + lead + [f"`{cell(d.label)}`"] + ships)
+            rows.append([cell(k.shape), str(k.M), cell(k.env.text), "—", "—", "not confirmed", f"`{cell(d.label)}`",
+                         "—", "—", "—", str(d.best.candidates), "—"])
+            continue
+        rows.append([cell(k.shape), str(k.M), cell(k.env.text), f"`{cell(c.leader)}`",
+                     _fmt(c.leader_first_pass_speedup, ".3f"), f"{_fmt(c.leader_speedup, '.3f')} {_ci(*c.leader_ci)}",
+                     f"`{cell(d.label)}`", f"{_fmt(c.speedup, '.3f')} {_ci(*c.ci)}", _fmt(c.expected, ".3f"),
+                     str(c.repeats), str(c.candidates), str(c.screened)])
     header = ["shape", "M", "env", "first-pass leader", "first pass", "confirmed [CI]", "ships", "shipped [CI]",
-              "repeats", "candidates"]
+              "expect", "repeats", "candidates", "screened"]
     return lines + [
-        "Each bucket's leading candidates (the best of the first pass and the peers) measured again against the "
-        "baseline, interleaved (A B A B ...), as `compare` does: speedup = ratio of median tokens/s, CI by "
-        f"bootstrap of that ratio (Bonferroni: 1 − 0.05/k with k candidates). A setting ships only where its "
-        f"CI lower bound exceeds 1 + {confirm.MIN_EFFECT}. *first pass* vs *confirmed* of the leader is the "
-        "selection bias, measured.", "", table(header, rows, "lrllrrlrrr"), ""]
+        "Each bucket's leading candidates (the best of the first pass, or of the screen where it had more than "
+        "that, and the peers) measured again against the baseline, interleaved, as `compare` does: speedup = "
+        f"ratio of median tokens/s, bounds by paired bootstrap, one-sided at {confirm.SHIP_ALPHA}/k for k "
+        f"candidates. A setting ships only where its lower bound exceeds 1 + {confirm.MIN_EFFECT}; *expect* is "
+        "that bound. *first pass* vs *confirmed* of the leader is the selection bias, measured.", "",
+        table(header, rows, "lrllrrlrrrrr"), ""]
 
 
 def _problems_section(records: list[Record], torn: list[int]) -> list[str]:

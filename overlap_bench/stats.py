@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Iterable
+from typing import ClassVar, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -17,6 +17,10 @@ SHIP_ALPHA = 0.01
 the baseline, at most this share of buckets ships a setting."""
 MIN_SAMPLES = 5
 """Fewer samples than this on a side: no CI, no verdict, no headline (a bootstrap of two covers ~68%)."""
+SCREEN_TOP = 10
+"""The screen re-measures the best this many first-pass settings (and the peers) of a bucket."""
+SCREEN_REPEATS = 3
+"""Interleaved pairs per screened setting; the screen's ratios of medians pick the confirmation's leaders."""
 VERDICTS = ("faster", "slower", "no significant difference", "below min_effect", "too few samples")
 
 
@@ -128,6 +132,11 @@ def judge(a: Iterable[float], b: Iterable[float], *, min_effect: float = MIN_EFF
                       median_a=float(np.median(a)), median_b=float(np.median(b)), std_a=std_a, std_b=std_b,
                       speedup=speedup, ci_low=lo, ci_high=hi, p_value=p, verdict=verdict,
                       confidence=1 - alpha / family, paired=bool(used_pairs))
+
+
+def screen_speedups(samples: Mapping[str, tuple[Sequence[float], Sequence[float]]]) -> dict[str, float]:
+    """``label -> median(candidate) / median(baseline)`` of the screen's ``label -> (baseline, candidate)``."""
+    return {lab: float(np.median(_sample(b, "b")) / np.median(_sample(a, "a"))) for lab, (a, b) in samples.items()}
 
 
 def format_ci(lo: float, hi: float, thresholds: Iterable[float] = (1.0,), digits: int = 3) -> str:
