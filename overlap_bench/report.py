@@ -175,7 +175,7 @@ def _confirmation_section(decisions: list[Decision]) -> list[str]:
                         "the baseline in every bucket unless asked for `--unconfirmed`.", ""]
     rows = []
     for d in decisions:
-        c = d.confirmation
+        c, k = d.confirmation, d.key
         if c is None:
             rows.append([cell(k.shape), str(k.M), cell(k.env.text), "—", "—", "not confirmed", f"`{cell(d.label)}`",
                          "—", "—", "—", str(d.best.candidates), "—"])
