@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 import overlap_bench
-from overlap_bench import check, runfolder, strategies
+from overlap_bench import check, confirm, runfolder, select, strategies
 from overlap_bench.confirm import TOP as CONFIRM_TOP
 from overlap_bench.research import interference as itf
 from overlap_bench.research import interference_report as itf_report
@@ -325,7 +325,7 @@ def compare(
         folder = None
         if out is not None:  # a folder that cannot be written is refused before anything is measured
             folder = runfolder.RunFolder(runfolder.ensure_folder(out, "--out"))
-        with folder.lock() if folder is not None and _rank0() else nullcontext():
+        with folder.claim("compare") if folder is not None and _rank0() else nullcontext():
             if not live:
                 df, unmatched = cmp.compare_run_dirs(a, b, min_effect=min_effect)
                 title = f"{b} vs {a}"
@@ -362,6 +362,23 @@ def compare(
     _guard(body)
 
 
+def _shipped_table(decisions: list, running: bool) -> Table:
+    """What ships per bucket and why (``Decision.why``; a bucket not confirmed names its best candidate)."""
+    t = Table(title="shipped per bucket")
+    for c in ("shape", "M", "dtype", "world", "env", "ships", "speedup", "CI", "why"):
+        t.add_column(c, justify="right" if c in ("M", "world", "speedup", "CI") else "left")
+    for d in decisions:
+        c, why = d.confirmation, d.why
+        if c is not None and d.label == "baseline" and c.leader:
+            why += f" (best: {c.leader} {_fmt(c.leader_speedup)}x, CI {_fmt(c.leader_ci[0])}..{_fmt(c.leader_ci[1])})"
+        elif c is None and running:
+            why += " (run still being written)"
+        ci = f"{_fmt(c.ci[0])}..{_fmt(c.ci[1])}" if c is not None and d.label != "baseline" else "-"
+        t.add_row(escape(d.key.shape), str(d.key.M), d.key.dtype, str(d.key.world), escape(d.key.env.text),
+                  escape(d.label), _fmt(d.speedup), ci, escape(why))
+    return t
+
+
 @app.command()
 def export(
     run_dir: Path = typer.Argument(..., help="A sweep's run directory."),
@@ -371,14 +388,28 @@ def export(
     unconfirmed: bool = typer.Option(False, "--unconfirmed", help="Where a bucket has no confirmation, ship the "
                                                                  "first pass's pick (meta.unconfirmed says so) "
                                                                  "instead of the baseline."),
+    force: bool = typer.Option(False, "--force", help="Export a run still being written (what it holds now)."),
 ) -> None:
-    """Pick the best chunk settings per shape and token bucket and write them as a policy YAML."""
+    """Write each bucket's decision as a policy YAML, and print what ships per bucket and why."""
     from overlap_bench.export import export_policy
 
     def body() -> None:
         _need_records(run_dir)
-        paths = export_policy(run_dir, out, env=_env_raw(env) if env else None, dtype=dtype,
-                              unconfirmed=unconfirmed)
+        held = runfolder.writer(run_dir)
+        if held and not force:
+            raise check.FieldError(f"RUN_DIR: {run_dir} is still being written by {held}; export it once that run "
+                                   "has ended, or add --force to export what it holds now")
+        env_map = _env_raw(env) if env else None
+        paths = export_policy(run_dir, out, env=env_map, dtype=dtype, unconfirmed=unconfirmed)
+        confirmations = confirm.load(run_dir)
+        decisions = select.decide(runfolder.RunFolder(run_dir).load().records, confirmations,
+                                  unconfirmed=unconfirmed, env=env_map)
+        out_console.print(_shipped_table([d for d in decisions if d.in_policy and dtype in (None, d.key.dtype)],
+                                         bool(held)))
+        if not confirmations:
+            ships = "the first pass's pick (--unconfirmed)" if unconfirmed else "the baseline"
+            out_console.print(escape(f"{run_dir} holds no confirmation ({runfolder.CONFIRM}): every bucket ships "
+                                     f"{ships}"), highlight=False)
         for p in paths:
             out_console.print(escape(f"wrote {p}"))
 
@@ -392,7 +423,7 @@ def report(run_dir: Path = typer.Argument(..., help="A sweep's run directory."))
 
     def body() -> None:
         _need_records(run_dir)
-        with runfolder.lock(run_dir, "RUN_DIR"):
+        with runfolder.RunFolder(run_dir).claim("sweep", "RUN_DIR"):  # a sweep's renderings
             finish_run(run_dir)
         out_console.print(escape(f"wrote {run_dir}/summary.md, tables and plots"))
 
@@ -500,7 +531,7 @@ def interference(
                                          pace=pace)
         itf.check_inputs(cfg, from_dir, comm_from, busbw, world, comm_ctas)  # before a folder is made
         run_dir = out or from_dir or Path("runs/interference")
-        with runfolder.lock(run_dir):  # one writer per run folder
+        with runfolder.RunFolder(run_dir).claim("interference"):  # one writer per run folder
             records, preds = itf.run_interference(cfg, out=run_dir, from_dir=from_dir, comm_from=comm_from,
                                                   busbw=busbw, world=world, comm_ctas=comm_ctas,
                                                   progress=not as_json)
