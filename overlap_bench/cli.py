@@ -58,17 +58,22 @@ def _guard(fn: Callable[[], Any], out_dir: Path | None = None, resume: bool = Fa
     from overlap_bench.errors import UserError, os_error_exit
     from overlap_bench.launch import RankFailed
 
+    def kept() -> str:  # escaped: rich would read paths like "[/__w/...]" as markup tags
+        if out_dir is None or not out_dir.is_dir():
+            return ""
+        return escape(f" Records so far are kept in {out_dir}" + ("; add --resume to continue." if resume else "."))
+
     # Under torchrun every rank meets the same input and signals: one rank per machine says so, all exit alike.
     says = os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) == "0"
     try:
         return fn()
     except RankFailed as exc:
-        err_console.print(f"[red]error:[/] {escape(str(exc))}.{_kept(out_dir, resume)}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/] {escape(str(exc))}.{kept()}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     except KeyboardInterrupt as exc:
         word, code = ("terminated.", 143) if isinstance(exc, Terminated) else ("interrupted.", 130)
         if says:
-            err_console.print(f"[yellow]{word}[/]{_kept(out_dir, resume)}", highlight=False, soft_wrap=True)
+            err_console.print(f"[yellow]{word}[/]{kept()}", highlight=False, soft_wrap=True)
         raise typer.Exit(code)
     except UserError as exc:  # SpecError, LaunchError, PolicyError, bad flags
         if says:
@@ -79,29 +84,21 @@ def _guard(fn: Callable[[], Any], out_dir: Path | None = None, resume: bool = Fa
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush has nowhere to fail
             raise typer.Exit(141)
         msg, code = os_error_exit(exc)
-        err_console.print(f"[red]error:[/] {escape(msg)}.{_kept(out_dir, resume)}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/] {escape(msg)}.{kept()}", highlight=False, soft_wrap=True)
         raise typer.Exit(code)
 
 
-def _kept(out_dir: Path | None, resume: bool) -> str:
-    if out_dir is None or not out_dir.is_dir():  # nothing was kept
-        return ""
-    # escape(): paths like "[/__w/...]" would be read by rich as markup tags.
-    return escape(f" Records so far are kept in {out_dir}" + ("; add --resume to continue." if resume else "."))
-
-
 def _reader_gone(stream: Any) -> bool:
-    """Whether the pipe ``stream`` writes to has lost its reader (a closed pipe polls as an error)."""
+    """Whether the pipe ``stream`` writes to has lost its reader (then it polls as an error)."""
     try:
-        poll = select.poll()
-        poll.register(stream.fileno(), select.POLLOUT)
+        (poll := select.poll()).register(stream, select.POLLOUT)
         return any(ev & select.POLLERR for _, ev in poll.poll(0))
-    except (OSError, ValueError):  # not a file (a test's capture), or already closed
+    except (OSError, ValueError):  # not a file (a test's capture), or closed
         return False
 
 
 def _out(text: str | Path) -> Path:
-    """``--out`` as a path; an empty one (which would be the current directory) is refused in one line, exit 2."""
+    """``--out`` as a path; an empty one (read as the current directory) is refused in one line, exit 2."""
     def given() -> Path:
         if str(text) == "":
             raise check.FieldError("--out: is empty; give a path, e.g. --out runs/mine (. for this folder)")
@@ -458,7 +455,8 @@ def model(
     reps: int = typer.Option(9, help="Timed forwards per mode (split into interleaved rounds)."),
     nproc: Optional[int] = typer.Option(None, help="Ranks (default: every GPU, or 2 on CPU)."),
     backend: Optional[str] = typer.Option(None, help="auto, nccl or gloo."),
-    out: Path = typer.Option(Path("runs/model"), parser=_out, help="Appends to model.jsonl (and writes env.json) here."),
+    out: Path = typer.Option(Path("runs/model"), parser=_out,
+                             help="Appends to model.jsonl (and writes env.json) here."),
     resume: bool = typer.Option(False, help="Continue the run in --out: record only the (M, mode) rows missing."),
     as_json: bool = typer.Option(False, "--json", help="Print the records as a JSON array instead of a table."),
     mode: str = typer.Option("all", "--mode", help="Modes, comma-separated: baseline, pr, policy, nanobatch, "
