@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import select
 import sys
 import tempfile
 from pathlib import Path
@@ -48,34 +50,61 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """overlap-bench: is overlapping the row-parallel GEMM with its all-reduce worth it here, and how?"""
 
 
-def _guard(fn: Callable[[], Any], out_dir: Path | None = None) -> Any:
+def _guard(fn: Callable[[], Any], out_dir: Path | None = None, resume: bool = False) -> Any:
     """Run a command body: bad input -> one line + exit 2; a failed rank -> one line + exit 1; Ctrl-C -> 130;
-    an operating-system error -> one line + exit 2 (a path given) or 1 (the machine)."""
+    an operating-system error -> one line + exit 2 (a path given) or 1 (the machine); stdout's reader gone
+    (``| head``) -> quiet exit 141, as a tool killed by SIGPIPE. A stop names ``out_dir`` and, for a command
+    with ``--resume``, that flag."""
     from overlap_bench.errors import UserError, os_error_exit
     from overlap_bench.launch import RankFailed
 
-    # escape(): messages carry paths like "[/__w/...]" that rich would read as markup tags.
-    kept = escape(f" Records so far are kept in {out_dir}; add --resume to continue.") if out_dir else ""
+    def kept() -> str:  # escaped: rich would read paths like "[/__w/...]" as markup tags
+        if out_dir is None or not out_dir.is_dir():
+            return ""
+        return escape(f" Records so far are kept in {out_dir}" + ("; add --resume to continue." if resume else "."))
+
     # Under torchrun every rank meets the same input and signals: one rank per machine says so, all exit alike.
     says = os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) == "0"
     try:
         return fn()
     except RankFailed as exc:
-        err_console.print(f"[red]error:[/] {escape(str(exc))}.{kept}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/] {escape(str(exc))}.{kept()}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     except KeyboardInterrupt as exc:
         word, code = ("terminated.", 143) if isinstance(exc, Terminated) else ("interrupted.", 130)
         if says:
-            err_console.print(f"[yellow]{word}[/]{kept}", highlight=False, soft_wrap=True)
+            err_console.print(f"[yellow]{word}[/]{kept()}", highlight=False, soft_wrap=True)
         raise typer.Exit(code)
     except UserError as exc:  # SpecError, LaunchError, PolicyError, bad flags
         if says:
             err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
     except OSError as exc:  # exists, permission, name too long, is a directory; disk full
+        if exc.errno == errno.EPIPE and _reader_gone(sys.stdout):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush has nowhere to fail
+            raise typer.Exit(141)
         msg, code = os_error_exit(exc)
-        err_console.print(f"[red]error:[/] {escape(msg)}{kept}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/] {escape(msg)}.{kept()}", highlight=False, soft_wrap=True)
         raise typer.Exit(code)
+
+
+def _reader_gone(stream: Any) -> bool:
+    """Whether the pipe ``stream`` writes to has lost its reader (then it polls as an error)."""
+    try:
+        (poll := select.poll()).register(stream, select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poll.poll(0))
+    except (OSError, ValueError):  # not a file (a test's capture), or closed
+        return False
+
+
+def _out(text: str | Path) -> Path:
+    """``--out`` as a path; an empty one (read as the current directory) is refused in one line, exit 2."""
+    def given() -> Path:
+        if str(text) == "":
+            raise check.FieldError("--out: is empty; give a path, e.g. --out runs/mine (. for this folder)")
+        return Path(text)
+
+    return _guard(given)
 
 
 def _rank0() -> bool:
@@ -101,10 +130,11 @@ def _strategies_raw(labels: list[str]) -> list[dict]:
     return out
 
 
-def _need_records(run_dir: Path) -> None:
-    """Refuse (exit 2) a RUN_DIR that holds no records."""
+def _need_records(run_dir: Path, field: str = "RUN_DIR") -> Path:
+    """Refuse (exit 2) a run folder (the argument ``field``) without a records file; that file."""
     if not (run_dir / runfolder.RECORDS).exists():
-        raise check.FieldError(f"RUN_DIR: {run_dir} has no {runfolder.RECORDS}; give a sweep's --out directory")
+        raise check.FieldError(f"{field}: {run_dir} has no {runfolder.RECORDS}; give a sweep's --out directory")
+    return run_dir / runfolder.RECORDS
 
 
 def _ints(text: str, flag: str, count: int | None = None) -> list[int]:
@@ -159,7 +189,7 @@ def run(
     reps: int = typer.Option(REPS, help="Timed calls per region."),
     bias: bool = typer.Option(False, help="Give the layer a bias."),
     env: List[str] = typer.Option([], help="KEY=VALUE set in every rank before CUDA starts (repeatable)."),
-    out: Optional[Path] = typer.Option(None, help="Keep the run directory here (default: a temp dir)."),
+    out: Optional[Path] = typer.Option(None, parser=_out, help="Keep the run directory here (default: a temp dir)."),
     as_json: bool = typer.Option(False, "--json", help="Print records as JSON lines instead of a table."),
 ) -> None:
     """Measure one or a few cases: one table row per strategy with the metrics and rel_err."""
@@ -194,7 +224,8 @@ def run(
 def sweep(
     spec_path: Optional[Path] = typer.Argument(None, metavar="SPEC",
                                                help="Sweep YAML (see sweeps/); default: one that suits this machine."),
-    out: Path = typer.Option(Path("runs/latest"), "--out", "-o", help="Run directory (records.jsonl, env, tables)."),
+    out: Path = typer.Option(Path("runs/latest"), "--out", "-o", parser=_out,
+                             help="Run directory (records.jsonl, env, tables)."),
     resume: bool = typer.Option(False, help="Skip the cases already recorded in --out."),
     force: bool = typer.Option(False, "--force", help="With --resume: continue a folder made by another spec or "
                                                      "timing options (both runs' records then sit side by side)."),
@@ -252,7 +283,7 @@ def sweep(
         for line in res.not_run:
             err_console.print(f"[yellow]not run:[/] {escape(line)}")
 
-    _guard(body, out)
+    _guard(body, out, resume=True)
 
 
 def _compare_cases(spec_path: Optional[Path], preset: Optional[str], tokens: Optional[str], dtype: Optional[str],
@@ -294,7 +325,7 @@ def compare(
     warmup: int = typer.Option(WARMUP, help="Untimed calls before each timed region."),
     reps: int = typer.Option(REPS, help="Timed calls per region (one repeat = one region's median)."),
     env: List[str] = typer.Option([], help="KEY=VALUE set in every rank before CUDA starts (repeatable)."),
-    out: Optional[Path] = typer.Option(None, help="Write compare.json, compare.md and env.json here."),
+    out: Optional[Path] = typer.Option(None, parser=_out, help="Write compare.json, compare.md and env.json here."),
     markdown: Optional[Path] = typer.Option(None, help="Write the markdown table (for a pull request) here."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
@@ -305,18 +336,27 @@ def compare(
 
     def body() -> None:
         check.validate(Annotated[float, Field(ge=0, allow_inf_nan=False)], min_effect, "--min-effect")
-        live = not (Path(a).is_dir() and Path(b).is_dir())
+        dirs = [Path(a).is_dir(), Path(b).is_dir()]
+        live = not all(dirs)
+        if any(dirs) and live:  # one side is a run folder: the other is a missing one, not a strategy
+            name, side = ("B", b) if dirs[0] else ("A", a)
+            raise check.FieldError(f"{name}: no run directory at {side}; give two run directories or two strategies")
+        if not live:
+            for name, side in zip("AB", (a, b)):
+                if _need_records(Path(side), name).stat().st_size == 0:
+                    raise check.FieldError(f"{name}: {side}/{runfolder.RECORDS} is empty; give a run directory "
+                                           "with records")
         if live:  # every input checked before a folder is made or a rank started
             from overlap_bench.bench import BenchOptions, run_ab
             from overlap_bench.launch import JobConfig, launch
             from overlap_bench.spec import check_memory
 
             sides = []
-            for side in (a, b):
+            for name, side in zip("AB", (a, b)):
                 try:
                     sides.append(strategies.parse(side))
                 except ValueError as exc:
-                    raise check.FieldError(f"A/B: '{side}' is neither a run directory nor a strategy: {exc}") \
+                    raise check.FieldError(f"{name}: '{side}' is neither a run directory nor a strategy: {exc}") \
                         from None
             job_env = _env_raw(env)
             spec, cases = _compare_cases(spec_path, preset, tokens, dtype, nproc, backend, job_env)
@@ -382,7 +422,8 @@ def _shipped_table(decisions: list, running: bool) -> Table:
 @app.command()
 def export(
     run_dir: Path = typer.Argument(..., help="A sweep's run directory."),
-    out: Path = typer.Option(..., "-o", "--out", help="Policy file (.yaml) or a folder (one file per device/world/dtype)."),
+    out: Path = typer.Option(..., "-o", "--out", parser=_out,
+                             help="Policy file (.yaml) or a folder (one file per device/world/dtype)."),
     env: List[str] = typer.Option([], help="KEY=VALUE: export this environment variant (default: the fastest)."),
     dtype: Optional[str] = typer.Option(None, help="Export only this dtype."),
     unconfirmed: bool = typer.Option(False, "--unconfirmed", help="Where a bucket has no confirmation, ship the "
@@ -445,7 +486,8 @@ def model(
     reps: int = typer.Option(9, help="Timed forwards per mode (split into interleaved rounds)."),
     nproc: Optional[int] = typer.Option(None, help="Ranks (default: every GPU, or 2 on CPU)."),
     backend: Optional[str] = typer.Option(None, help="auto, nccl or gloo."),
-    out: Path = typer.Option(Path("runs/model"), help="Appends to model.jsonl (and writes env.json) here."),
+    out: Path = typer.Option(Path("runs/model"), parser=_out,
+                             help="Appends to model.jsonl (and writes env.json) here."),
     resume: bool = typer.Option(False, help="Continue the run in --out: record only the (M, mode) rows missing."),
     as_json: bool = typer.Option(False, "--json", help="Print the records as a JSON array instead of a table."),
     mode: str = typer.Option("all", "--mode", help="Modes, comma-separated: baseline, pr, policy, nanobatch, "
@@ -482,7 +524,7 @@ def model(
         else:
             out_console.print(model_table(records))
 
-    _guard(body, out)
+    _guard(body, out, resume=True)
 
 
 @app.command()
@@ -513,7 +555,7 @@ def interference(
     comm_ctas: float = typer.Option(itf.DEFAULT_COMM_CTAS,
                                     help="CTAs the all-reduce holds (NCCL channels), for s(k) in predictions."),
     from_dir: Optional[Path] = typer.Option(None, "--from", help="Predict from this interference run; no GPU needed."),
-    out: Optional[Path] = typer.Option(None, help="Run folder (default runs/interference, or --from's)."),
+    out: Optional[Path] = typer.Option(None, parser=_out, help="Run folder (default runs/interference, or --from's)."),
     as_json: bool = typer.Option(False, "--json", help="Print records and predictions as JSON."),
 ) -> None:
     """On one GPU: the GEMM's slowdown beside communication-like CTAs, copy-engine traffic and green contexts;

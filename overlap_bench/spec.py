@@ -178,6 +178,14 @@ def _env(env: dict[str, str]) -> dict[str, str]:
     return env
 
 
+def _distinct(envs: list[dict[str, str]]) -> list[dict[str, str]]:
+    for i, env in enumerate(envs):  # dicts compare by items: a variant in another key order is the same one
+        if env in envs[:i]:
+            check.fail((i,), f"the same variables as env[{envs.index(env)}] ({env}), which would be measured "
+                             "twice; give each variant once")
+    return envs
+
+
 EnvValue = Annotated[str, BeforeValidator(lambda v: str(v) if type(v) is int else v)]
 """An environment value; a YAML integer (``CUDA_DEVICE_MAX_CONNECTIONS: 1``) is its text."""
 
@@ -205,7 +213,7 @@ class SweepSpec(Config):
     bias: bool = False
     """Give the layer a bias (counted once in the reduced output)."""
     env: Annotated[list[Annotated[dict[str, EnvValue], BeforeValidator(lambda v: {} if v is None else v),
-                                  AfterValidator(_env)]], Listed] = [{}]
+                                  AfterValidator(_env)]], Listed, AfterValidator(_distinct)] = [{}]
     """Process environment variants; each runs as its own job (some knobs act only before CUDA starts)."""
     warmup: int = Field(WARMUP, ge=0)
     """Untimed calls before each timed region."""
