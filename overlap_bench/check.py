@@ -51,7 +51,8 @@ PROBLEMS = {"missing": "is missing; add it", "extra_forbidden": "unknown key; re
             "must be text", "dict_type": "must be a mapping", "model_type": "must be a mapping", "list_type": "must be "
             "a list", "greater_than_equal": "must be >= {ge}", "greater_than": "must be > {gt}", "less_than_equal":
             "must be <= {le}", "less_than": "must be < {lt}", "too_short": "must have at least {min_length} item(s)",
-            "too_long": "must have at most {max_length} item(s)"}
+            "too_long": "must have at most {max_length} item(s)",
+            "literal_error": "must be one of {expected}"}
 """pydantic's error types in our words (``int_parsing`` reads as ``int_type``: a value from text)."""
 FIRST = ("extra_forbidden", "invalid_key")
 """Unknown keys are named before other errors: a misspelt key is also a missing one."""

@@ -2,8 +2,8 @@
 
 A strategy is ``fn(x, weight, bias, group, settings) -> y``: ``x`` is ``[M, K/tp]``, ``weight`` is
 ``[N, K/tp]`` (nn.Linear layout), ``bias`` is ``[N]`` or None, and ``y`` is the all-reduced ``[M, N]``.
-``settings`` is the strategy's own frozen dataclass: :func:`make_settings` types its values (pydantic) and its
-``__post_init__`` rejects values out of range, each with a ``ValueError`` that names the field.
+``settings`` is the strategy's own frozen dataclass: its field types (ranges as ``Annotated[int, Field(ge=1)]``,
+choices as ``Literal``) are checked by :func:`make_settings`, which raises a ``ValueError`` naming the field.
 """
 
 from __future__ import annotations
@@ -68,9 +68,8 @@ def register(name: str, settings_cls: type, doc: str, check: Callable[[str, Any]
 
 @functools.cache
 def _schema(settings_cls: type) -> type[BaseModel]:
-    """A pydantic model of a settings dataclass's fields, which types its values; the range checks stay in the
-    dataclass's ``__post_init__``."""
-    hints = typing.get_type_hints(settings_cls)
+    """A pydantic model of a settings dataclass's fields, which checks their values (types, ranges, choices)."""
+    hints = typing.get_type_hints(settings_cls, include_extras=True)
     fields = {f.name: (hints[f.name], f.default) for f in dataclasses.fields(settings_cls)}
     return create_model(settings_cls.__name__, __base__=Config, **fields)
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
 import torch
 import torch.distributed as dist
+from pydantic import Field
 
 from overlap_bench import strategies
 from overlap_bench.strategies import StrategyUnavailable, greenctx, nccl_log, register, symm
@@ -17,44 +19,28 @@ from overlap_bench.strategies.pipeline import (COMM_PATHS, SPLITS, RowSplit, all
 
 @dataclass(frozen=True)
 class ChunkedSettings:
-    """Settings of the chunked overlap."""
+    """Settings of the chunked overlap; the types bound the values (``strategies.make_settings`` checks them)."""
 
-    chunks: int = field(default=4, metadata={"show": True})
-    """Number of row chunks (>= 1); chunk ``i``'s all-reduce runs while chunk ``i+1`` multiplies."""
-    threshold: int = 0
-    """Token count below which the baseline path runs instead (>= 0)."""
-    comm: str = field(default="stream", metadata={"show": True})
+    chunks: Annotated[int, Field(ge=1)] = field(default=4, metadata={"show": True})
+    """Number of row chunks; chunk ``i``'s all-reduce runs while chunk ``i+1`` multiplies."""
+    threshold: Annotated[int, Field(ge=0)] = 0
+    """Token count below which the baseline path runs instead."""
+    comm: Literal[COMM_PATHS] = field(default="stream", metadata={"show": True})
     """``stream``: all-reduce on a side stream after a CUDA event; ``async``: async work handles; ``symm``: as
     ``stream``, on an output in an NCCL symmetric window (NCCL's few-CTA symmetric kernel); ``ce``: as
     ``stream``, each chunk reduced by all-to-all + local sum + all-gather on copy engines (zero-CTA policy)."""
     priority: bool = False
     """Run the all-reduce on a high-priority NCCL stream (a process group created for it)."""
-    align: int = 1
-    """Chunk edges are rounded to multiples of this many rows (GEMM tile alignment, >= 1)."""
-    split: str = "even"
+    align: Annotated[int, Field(ge=1)] = 1
+    """Chunk edges are rounded to multiples of this many rows (GEMM tile alignment)."""
+    split: Literal[SPLITS] = "even"
     """``even`` chunks; ``edges``: first and last chunk half size (shorter pipeline fill and drain);
     ``geo``: each chunk ``ratio`` times the previous one."""
-    ratio: float = 1.0
-    """Size ratio of consecutive chunks for ``split=geo`` (> 0; about t_comm / t_gemm is the aim)."""
-    gemm_sms: int = 0
+    ratio: Annotated[float, Field(gt=0)] = 1.0
+    """Size ratio of consecutive chunks for ``split=geo`` (about t_comm / t_gemm is the aim)."""
+    gemm_sms: Annotated[int, Field(ge=0)] = 0
     """Run the chunk products in a CUDA green context of this many SMs (0: the whole GPU), leaving the rest
     to communication; works with every ``comm``."""
-
-    def __post_init__(self) -> None:
-        if self.chunks < 1:
-            raise ValueError(f"setting 'chunks' must be >= 1, got {self.chunks}")
-        if self.threshold < 0:
-            raise ValueError(f"setting 'threshold' must be >= 0 tokens, got {self.threshold}")
-        if self.comm not in COMM_PATHS:
-            raise ValueError(f"setting 'comm' must be one of {', '.join(COMM_PATHS)}, got {self.comm!r}")
-        if self.align < 1:
-            raise ValueError(f"setting 'align' must be >= 1, got {self.align}")
-        if not self.ratio > 0:
-            raise ValueError(f"setting 'ratio' must be > 0, got {self.ratio}")
-        if self.gemm_sms < 0:
-            raise ValueError(f"setting 'gemm_sms' must be >= 0 SMs (0: the whole GPU), got {self.gemm_sms}")
-        if self.split not in SPLITS:
-            raise ValueError(f"setting 'split' must be one of {', '.join(SPLITS)}, got {self.split!r}")
 
 
 def _check(backend: str, s: ChunkedSettings) -> str | None:
