@@ -1,4 +1,5 @@
-"""The ``overlap-bench`` command line (typer): run, sweep, compare, export, report, model, interference, strategies."""
+"""The ``overlap-bench`` command line (typer): run, sweep, compare, export, report, model, interference,
+strategies."""
 
 from __future__ import annotations
 
@@ -158,8 +159,7 @@ def _spec(raw: dict, nproc: int | None, backend: str | None) -> SweepSpec:
 
 
 def _strategies_raw(labels: list[str]) -> list[dict]:
-    """``--strategy`` texts, parsed (and so checked) once, in the sweep YAML's form: ``run`` builds its spec
-    from the same mapping a spec file gives, and keeps it as the run folder's ``spec.yaml``."""
+    """``--strategy`` texts, parsed (so checked) once, in the sweep YAML's form (the run folder's spec.yaml)."""
     out: list[dict] = [{"name": "baseline"}]
     for text in labels:
         try:
@@ -192,11 +192,9 @@ def _env_raw(items: list[str]) -> dict[str, str]:
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
     if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
+        return "-" if math.isnan(v) else f"{v:.{digits}f}"
+    return "-" if v is None else str(v)
 
 
 def _table(title: str, header: list[str], rows: list[list[str]], left: tuple[str, ...]) -> Table:
