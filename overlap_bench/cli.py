@@ -26,7 +26,7 @@ from rich.markup import escape
 from rich.table import Table
 
 import overlap_bench
-from overlap_bench import check, runfolder, select, strategies
+from overlap_bench import check, confirm, runfolder, select, strategies
 from overlap_bench import compare as cmp
 from overlap_bench.bench import BenchOptions, run_ab
 from overlap_bench.confirm import TOP as CONFIRM_TOP
@@ -335,7 +335,7 @@ def sweep(
         if res.torn_lines:
             msg += f"; torn line(s) {res.torn_lines} in records.jsonl were skipped"
         if confirm:
-            msg += f"; {res.confirmed} candidate(s) confirmed ({repeats} interleaved repeats)"
+            msg += f"; {res.screened} screened, {res.confirmed} candidate(s) confirmed ({repeats} interleaved repeats)"
             if res.confirmed_before:
                 msg += f", {res.confirmed_before} confirmed before (kept)"
         else:
@@ -407,7 +407,7 @@ def compare(
         folder = None
         if out is not None:  # a folder that cannot be written is refused before anything is measured
             folder = runfolder.RunFolder(runfolder.ensure_folder(out, "--out"))
-        with folder.lock() if folder is not None and _rank0() else nullcontext():
+        with folder.claim("compare") if folder is not None and _rank0() else nullcontext():
             if not live:
                 df, unmatched = cmp.compare_run_dirs(a, b, min_effect=min_effect)
                 title = f"{b} vs {a}"
@@ -472,13 +472,27 @@ def export(
     unconfirmed: bool = typer.Option(False, "--unconfirmed", help="Where a bucket has no confirmation, ship the "
                                                                  "first pass's pick (meta.unconfirmed says so) "
                                                                  "instead of the baseline."),
+    force: bool = typer.Option(False, "--force", help="Export a run still being written (what it holds now)."),
 ) -> None:
-    """Pick the best chunk settings per shape and token bucket and write them as a policy YAML."""
+    """Write each bucket's decision as a policy YAML, and print what ships per bucket and why."""
 
     def body() -> None:
         _need_records(run_dir)
-        paths = export_policy(run_dir, out, env=_env_raw(env) if env else None, dtype=dtype,
-                              unconfirmed=unconfirmed)
+        held = runfolder.writer(run_dir)
+        if held and not force:
+            raise check.FieldError(f"RUN_DIR: {run_dir} is still being written by {held}; export it once that run "
+                                   "has ended, or add --force to export what it holds now")
+        env_map = _env_raw(env) if env else None
+        paths = export_policy(run_dir, out, env=env_map, dtype=dtype, unconfirmed=unconfirmed)
+        confirmations = confirm.load(run_dir)
+        decisions = select.decide(runfolder.RunFolder(run_dir).load().records, confirmations,
+                                  unconfirmed=unconfirmed, env=env_map)
+        out_console.print(_shipped_table([d for d in decisions if d.in_policy and dtype in (None, d.key.dtype)],
+                                         bool(held)))
+        if not confirmations:
+            ships = "the first pass's pick (--unconfirmed)" if unconfirmed else "the baseline"
+            out_console.print(escape(f"{run_dir} holds no confirmation ({runfolder.CONFIRM}): every bucket ships "
+                                     f"{ships}"), highlight=False)
         for p in paths:
             out_console.print(escape(f"wrote {p}"))
 
@@ -491,7 +505,7 @@ def report(run_dir: RunDir) -> None:
 
     def body() -> None:
         _need_records(run_dir)
-        with runfolder.lock(run_dir, "RUN_DIR"):
+        with runfolder.RunFolder(run_dir).claim("sweep", "RUN_DIR"):  # a sweep's renderings
             finish_run(run_dir)
         out_console.print(escape(f"wrote {run_dir}/summary.md, tables and plots"))
 
@@ -593,7 +607,7 @@ def interference(
                                          pace=pace)
         itf.check_inputs(cfg, from_dir, comm_from, busbw, world, comm_ctas)  # before a folder is made
         run_dir = out or from_dir or Path("runs/interference")
-        with runfolder.lock(run_dir):  # one writer per run folder
+        with runfolder.RunFolder(run_dir).claim("interference"):  # one writer per run folder
             records, preds = itf.run_interference(cfg, out=run_dir, from_dir=from_dir, comm_from=comm_from,
                                                   busbw=busbw, world=world, comm_ctas=comm_ctas,
                                                   progress=not as_json)

@@ -1,17 +1,18 @@
 """The results schema: one :class:`Record` type for every kind of result (a sweep's case, a compare sample, a
-model-benchmark row, an interference condition), one JSON line each, appended by ``runfolder.RunFolder``; a torn
-last line is skipped on load and reported."""
+model-benchmark row, an interference condition), one JSON line each in a run folder's logs."""
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
+import stat
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Annotated, Any, Iterable
+from typing import IO, Annotated, Any, NamedTuple
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
 
@@ -19,10 +20,16 @@ from overlap_bench import check
 from overlap_bench.errors import UserError
 from overlap_bench.keys import BucketKey, case_key
 
+log = logging.getLogger("overlap_bench.records")
+
 RECORDS = "records.jsonl"
 """A run folder's log of measured cases, any kind (``RunFolder.append``)."""
 CONFIRM = "confirm.jsonl"
 """The confirmation stage's log (``kind`` confirm): one record per timed region and side."""
+MAX_FILE_BYTES = 1 << 30
+"""The largest record file read: a bigger one is not a run's log."""
+SCREEN = "screen.jsonl"
+"""The screen's log (``kind`` screen), laid out as ``confirm.jsonl``."""
 
 
 @dataclass
@@ -30,69 +37,43 @@ class Record:
     """One measured (or failed) case of any kind (:attr:`kind`). Times are ms; a case's time is the max over
     ranks of each rank's median."""
 
-    shape: str
-    """Shape name, e.g. ``qwen2.5-72b/o_proj`` or an explicit spec name."""
-    K: int
-    """Inner dimension per rank (``K_total / tp``); 0 in a ``model`` record (a whole decoder stack has no one
-    product: its row-parallel layers' ``(K, N)`` are in ``extra.shapes``)."""
-    N: int
-    """Output features (the all-reduced width); in a ``model`` record the hidden size."""
-    M: int
-    """Token rows."""
+    shape: str  # e.g. qwen2.5-72b/o_proj, or a spec's own name
+    K: int  # inner dimension per rank (K_total / tp); 0 in a model record (its shapes are in extra)
+    N: int  # output features (the all-reduced width); a model record's hidden size
+    M: int  # token rows
     dtype: str
-    world: int
-    """Ranks in the job (the tensor-parallel size)."""
+    world: int  # ranks in the job (the tensor-parallel size)
     backend: str
-    device: str
-    """GPU name, or ``cpu``."""
+    device: str  # GPU name, or cpu
     strategy: str
     settings: dict[str, Any]
-    label: str
-    """Canonical ``strategy:key=value,...`` text, usable on the command line."""
-    env: dict[str, str]
-    """The process environment variant the job was started with."""
+    label: str  # canonical strategy:key=value,... text, usable on the command line
+    env: dict[str, str]  # the process environment variant the job was started with
     kind: str = "sweep"
-    """What produced it: ``sweep`` (a case of a sweep or ``run``; ``extra``: :attr:`base_refs`, ``t_joint_ms``
-    and what the strategy reported), ``compare`` or ``confirm`` (one timed region of one side of an A/B
-    measurement; ``extra``: :class:`ABTag`), ``model`` (one mode of the model benchmark at M; ``extra``: ``tp``,
-    ``layers``, ``shapes``, ``t_nocomm_ms``, ``comm_share``, ``choices``) or ``interference`` (one condition
-    beside the GEMM)."""
+    """``sweep`` (a sweep's or ``run``'s case), ``compare`` or ``confirm`` (one timed region of one side of an
+    A/B measurement; ``extra``: :class:`ABTag`), ``model`` or ``interference``."""
     bias: bool = False
-    status: str = "ok"
-    """``ok``; ``failed`` (numerics out of tolerance or an error in the case); ``unavailable`` (cannot run here);
-    ``skipped`` (a model mode without its input, e.g. ``policy`` without ``--policy``)."""
+    status: str = "ok"  # ok, failed (numerics or an error), unavailable (cannot run here) or skipped
     reason: str | None = None
     note: str | None = None
-    rel_err: float = math.nan
-    """Relative error of the output against the baseline's on the same inputs."""
-    tol: float = math.nan
-    """The tolerance ``rel_err`` was held to (``numerics.TOLERANCE``)."""
-    t_ms: float = math.nan
-    """The strategy's time (NaN when it did not measure)."""
-    t_iqr_ms: float = math.nan
-    """Its spread: the interquartile range over the timed calls."""
-    warmup: int = 0
-    """Untimed calls before each timed region."""
-    reps: int = 0
-    """Timed calls per region."""
-    t_base_ms: float = math.nan
-    """The baseline measured beside it (its spread: ``t_base_iqr_ms``)."""
+    rel_err: float = math.nan  # of the output against the baseline's on the same inputs
+    tol: float = math.nan  # what rel_err was held to (numerics.TOLERANCE)
+    t_ms: float = math.nan  # the strategy's time (NaN: not measured)
+    t_iqr_ms: float = math.nan  # its spread: the interquartile range over the timed calls
+    warmup: int = 0  # untimed calls before each timed region
+    reps: int = 0  # timed calls per region
+    t_base_ms: float = math.nan  # the baseline measured beside it
     t_base_iqr_ms: float = math.nan
-    t_gemm_ms: float = math.nan
-    """The local GEMM alone."""
-    t_comm_ms: float = math.nan
-    """The all-reduce alone."""
+    t_gemm_ms: float = math.nan  # the local GEMM alone
+    t_comm_ms: float = math.nan  # the all-reduce alone
     # Derived from the times above by metrics.derive, where each is defined.
     ideal_ms: float = math.nan
-    speedup: float = math.nan
-    """As measured, against this record's own ``t_base``; tables restate it against the bucket's reference
-    (``select.score``)."""
+    speedup: float = math.nan  # against this record's own t_base; tables restate it against the bucket's reference
     eta: float = math.nan
     tokens_per_s: float = math.nan
     tflops: float = math.nan
     busbw_gbps: float = math.nan
-    repro: str = ""
-    """A command that measures this case again."""
+    repro: str = ""  # a command that measures this case again
     time: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -116,8 +97,7 @@ class Record:
 
     @property
     def base_refs(self) -> list[tuple[float, float]]:
-        """A sweep record's baseline ``(t, iqr)`` measured before its group and bracketing it (the last record
-        of a group holds them all)."""
+        """A sweep record's baseline ``(t, iqr)`` measured before its group and bracketing it."""
         return [(math.nan if t is None else t, math.nan if i is None else i)
                 for t, i in self.extra.get("t_base_refs", [])]
 
@@ -129,19 +109,13 @@ class Record:
 
     @classmethod
     def from_json(cls, d: Any) -> "Record":
-        """A record read from a ``records.jsonl`` line, every field checked against its type: a missing field
-        or a value of the wrong type raises :class:`MalformedRecord` naming the field."""
+        """A record from a parsed line, every field checked: :class:`RecordsError` names a bad one."""
         try:
             return cls(**dict(_line_model().model_validate(d)))
         except ValidationError as exc:
             err = exc.errors(include_url=False)[0]
-            if not err["loc"]:
-                raise MalformedRecord("is not a JSON object") from None
-            raise MalformedRecord(f"field '{check.dotted(err['loc'])}' {check.problem(err)}") from None
-
-
-class MalformedRecord(ValueError):
-    """A records.jsonl line that is JSON but not a record (a field missing or of the wrong type)."""
+            raise RecordsError(f"field '{check.dotted(err['loc'])}' {check.problem(err)}" if err["loc"] else
+                               "is not a JSON object") from None
 
 
 JsonInt = Annotated[int, Field(gt=-2 ** 53, lt=2 ** 53)]
@@ -163,8 +137,7 @@ def _line_model() -> type[BaseModel]:
 
 
 def json_safe(x: Any) -> Any:
-    """``x`` with NaN/inf as None and numpy scalars/arrays as Python values, for strict JSON output
-    (records, compare tables, model rows: jq and JavaScript reject bare NaN)."""
+    """``x`` with NaN/inf as None and numpy scalars/arrays as Python values, for strict JSON output."""
     if isinstance(x, dict):
         return {str(k): json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)) or type(x).__name__ == "ndarray":
@@ -180,17 +153,12 @@ def json_safe(x: Any) -> Any:
 class ABTag:
     """``extra`` of a ``compare`` or ``confirm`` record (``bench.run_ab``), read typed."""
 
-    side: str
-    """``a`` (a confirmation's baseline) or ``b``."""
-    pair: tuple[str, str]
-    """Both sides' labels."""
+    side: str  # a (a confirmation's baseline) or b
+    pair: tuple[str, str]  # both sides' labels
     repeats: int
-    repeat: int | None = None
-    """None: the side failed its check and nothing of the case was timed."""
-    first_pass_speedup: float | None = None
-    """Confirmation only: the candidate's first-pass speedup."""
-    first: str | None = None
-    """The side run first in this repeat (``a`` or ``b``; order alternates); None in older records."""
+    repeat: int | None = None  # None: the side failed its check and nothing of the case was timed
+    first_pass_speedup: float | None = None  # confirmation only: the candidate's first-pass speedup
+    first: str | None = None  # the side run first in this repeat (order alternates); None in older records
 
     @classmethod
     def of(cls, extra: dict[str, Any]) -> "ABTag":
@@ -198,50 +166,59 @@ class ABTag:
                    extra.get("first_pass_speedup"), extra.get("first"))
 
 
-@dataclass
-class Loaded:
-    """What :func:`load_records` found."""
+class Loaded(NamedTuple):
+    """What :func:`load_records` found: the records, and the 1-based numbers of the lines skipped (not JSON)."""
 
     records: list[Record]
     torn_lines: list[int]
-    """1-based numbers of lines that were not valid JSON (a write cut short), skipped."""
 
 
 class RecordsError(UserError):
-    """records.jsonl holds a line that is JSON but not a record: named with its line, never guessed around."""
+    """A record file that cannot be used as it is (not a regular file, too large, a line not a record)."""
+
+
+def open_regular(path: Path) -> IO[str] | None:
+    """``path`` opened for reading, or None when it does not exist. A FIFO, a device (also behind a symlink)
+    or a file over :data:`MAX_FILE_BYTES` raises :class:`RecordsError`, checked on the descriptor before any
+    byte is read: no such file can block a command or feed it without end."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_FILE_BYTES:
+        os.close(fd)
+        what = "is not a regular file" if not stat.S_ISREG(st.st_mode) else \
+            f"holds {st.st_size} bytes, over the {MAX_FILE_BYTES} a record file may hold"
+        raise RecordsError(f"{path} {what}; put the run's own file there or choose another folder")
+    return open(fd, encoding="utf-8", errors="replace")
+
+
+_reported: set[tuple[str, int]] = set()
 
 
 def load_records(run_dir: str | os.PathLike, name: str = RECORDS) -> Loaded:
-    """Read ``run_dir/name`` (default ``records.jsonl``); torn lines (not JSON: a write cut short) are skipped
-    and listed. A line that is JSON but not a record (edited by hand, another tool) raises
-    :class:`RecordsError`."""
+    """Read ``run_dir/name`` (:func:`open_regular`); torn lines (not JSON: a write cut short) are skipped,
+    listed and reported once as a warning. A line that is JSON but not a record raises :class:`RecordsError`."""
     path = Path(run_dir) / name
     out = Loaded([], [])
-    if not path.exists():
+    fh = open_regular(path)
+    if fh is None:
         return out
-    with open(path, encoding="utf-8", errors="replace") as fh:
+    with fh:
         for i, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                doc = json.loads(line)
+                out.records.append(Record.from_json(json.loads(line)))
             except (json.JSONDecodeError, RecursionError):
                 out.torn_lines.append(i)
-                continue
-            try:
-                out.records.append(Record.from_json(doc))
-            except MalformedRecord as exc:
+            except RecordsError as exc:
                 raise RecordsError(f"{path} line {i}: {exc}; fix or delete that line") from None
+    if out.torn_lines and (str(path), len(out.torn_lines)) not in _reported:
+        _reported.add((str(path), len(out.torn_lines)))
+        shown = ", ".join(map(str, out.torn_lines[:10])) + (", ..." if len(out.torn_lines) > 10 else "")
+        log.warning("%s: %d line(s) skipped, not JSON (a write cut short or garbage): line %s", path,
+                    len(out.torn_lines), shown)
     return out
 
-
-def records_frame(records: Iterable[Record]):
-    """Records as a pandas DataFrame (settings and env kept as dicts; ``ok`` as a column)."""
-    import pandas as pd
-
-    rows = []
-    for r in records:
-        d = asdict(r)
-        d["ok"] = r.ok
-        rows.append(d)
-    return pd.DataFrame(rows)

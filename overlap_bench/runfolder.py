@@ -1,7 +1,6 @@
 """The run folder: every file name in it, the one way files are written there (:class:`RunFolder`: fsync'd
-appends for JSON-lines logs, atomic replacement for the rest), one writer at a time (:func:`lock`, ``run.lock``,
-an ``flock`` the kernel drops when its holder dies) and a recorded identity (``run.json``,
-:func:`check_identity`), so that ``--resume`` never mixes two runs silently."""
+appends for logs, atomic replacement for the rest), one writer at a time (:func:`lock`, ``run.lock``), and
+``run.json``: the kind of run that owns the folder and, for a sweep, its identity checked on ``--resume``."""
 
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ from typing import IO, Any, Iterator
 from overlap_bench import envinfo
 from overlap_bench.envinfo import utc_now
 from overlap_bench.errors import UserError, describe_os_error
-from overlap_bench.records import CONFIRM, RECORDS, Loaded, json_safe, load_records
+from overlap_bench.records import CONFIRM, RECORDS, Loaded, RecordsError, json_safe, load_records, open_regular
 
 log = logging.getLogger("overlap_bench.runfolder")
 
@@ -32,7 +31,7 @@ SPEC = "spec.yaml"
 SUMMARY = "summary.md"
 TABLES_MD, TABLES_CSV = "tables.md", "tables.csv"
 MODEL = "model.jsonl"
-"""The model benchmark's records (``kind: model``), one per (M, mode), rewritten whole after each M."""
+"""The model benchmark's records (``kind: model``), one per (M, mode)."""
 COMPARE_JSON, COMPARE_MD = "compare.json", "compare.md"
 INTERFERENCE_MD, INTERFERENCE_CSV = "interference.md", "interference.csv"
 PREDICTION_MD, PREDICTION_JSON = "prediction.md", "prediction.json"
@@ -46,8 +45,7 @@ def plot_name(kind: str, slug: str) -> str:
 @contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     """Open a temp file beside ``path``; on success it is fsync'd, given the usual mode (mkstemp makes
-    0600) and renamed over ``path``, so readers never see half a file; on any error it is removed. The one
-    writer of whole files, inside a run folder (:class:`RunFolder`) or not (a policy, a markdown report)."""
+    0600) and renamed over ``path``, so readers never see half a file; on any error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -73,9 +71,8 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 class RunFolder:
-    """One run folder and every write into it: JSON-lines logs are appended one fsync'd line at a time
-    (a crash loses at most the line in flight; a torn last line is ended before the next append), every
-    other file is replaced atomically. File names are this module's constants."""
+    """One run folder and every write into it: a log gets one fsync'd line per record (a torn last line is
+    ended before the next append), any other file is replaced atomically."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -89,9 +86,31 @@ class RunFolder:
 
     __str__ = __fspath__  # str(folder) is its path, as for a Path (it is passed where paths are expected)
 
-    def lock(self, flag: str = "--out", command: str = ""):
-        """Hold the folder's ``run.lock`` while the block runs (:func:`lock`)."""
-        return lock(self.path, flag, command)
+    @contextmanager
+    def claim(self, kind: str, flag: str = "--out", command: str = "") -> Iterator[Path]:
+        """Hold the folder's lock (:func:`lock`) while a command writes a ``kind`` run there. A folder that
+        holds another kind of run is refused in one line; a new one gets a ``run.json`` naming kind and command."""
+        with lock(self.path, flag, command):
+            held = self.kind()
+            if held is not None and held[0] != kind:
+                a = "an" if held[0][0] in "aeiou" else "a"
+                raise UserError(f"{flag} {self.path} holds {a} {held[0]} run ({held[1]}); choose another {flag}")
+            if held is None:
+                self.write_json(IDENTITY, {"kind": kind, "command": command or envinfo.command_line(),
+                                           "created": utc_now()})
+            yield self.path
+
+    def kind(self) -> tuple[str, str] | None:
+        """``(kind, the file that says so)`` of the run this folder holds (None: none): ``run.json``'s kind
+        (a sweep's, where it names none), else its records' or a file only that kind writes (before run.json)."""
+        doc = read_identity(self.path, strict=False)
+        if doc is not None:
+            return doc.get("kind", "sweep"), IDENTITY
+        records = load_records(self.path).records
+        if records:
+            return records[0].kind, RECORDS
+        only = {CONFIRM: "sweep", MODEL: "model", COMPARE_JSON: "compare", INTERFERENCE_MD: "interference"}
+        return next(((k, name) for name, k in only.items() if (self.path / name).exists()), None)
 
     def write_text(self, name: str, text: str) -> Path:
         """Replace ``name`` with ``text`` atomically; returns its path."""
@@ -102,65 +121,52 @@ class RunFolder:
         """Replace ``name`` with ``doc`` as indented strict JSON (NaN as null)."""
         return self.write_text(name, json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
 
-    def open_atomic(self, name: str, mode: str = "w"):
-        """A file object whose content replaces ``name`` when the block ends without error."""
-        return atomic_file(self.path / name, mode)
-
     def save_figure(self, fig: Any, name: str) -> Path:
         """Save a matplotlib figure as PNG under ``name``, atomically."""
-        with self.open_atomic(name, "wb") as fh:
+        with atomic_file(self.path / name, "wb") as fh:
             fig.savefig(fh, format="png", dpi=120, bbox_inches="tight")
         return self.path / name
 
-    def write_env(self, command: str | None = None) -> dict[str, Any]:
-        """Write ``env.json`` (the machine, library versions, commit) and return it."""
-        env = envinfo.collect(command) if command is not None else envinfo.collect()
-        self.write_json(ENV, env)
-        return env
+    def write_env(self) -> None:
+        """Write ``env.json`` (the machine, library versions, commit)."""
+        self.write_json(ENV, envinfo.collect())
 
     def append(self, record: Any, name: str = RECORDS) -> None:
         """Append one record (anything with ``to_json()``) to the log ``name`` as one fsync'd line."""
         path = self.path / name
-        if name not in self._ended:
+        if name not in self._ended:  # a line torn by a crash must not glue onto the next record: end it
             path.parent.mkdir(parents=True, exist_ok=True)
-            _end_torn_line(path)
+            if path.exists() and path.stat().st_size > 0:
+                with open(path, "rb+") as fh:
+                    fh.seek(-1, os.SEEK_END)
+                    if fh.read(1) != b"\n":
+                        fh.write(b"\n")
             self._ended.add(name)
         with open(path, "a", encoding="utf-8") as fh:
             fh.write(record.to_json() + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
-    def write_records(self, records: list[Any], name: str) -> Path:
-        """Replace the log ``name`` with ``records`` at once (a table rebuilt whole, e.g. the model's)."""
-        return self.write_text(name, "".join(r.to_json() + "\n" for r in records))
-
     def load(self, name: str = RECORDS) -> Loaded:
-        """The records of the log ``name`` (``records.load_records``: torn lines skipped and listed)."""
-        return load_records(self.path, name)
-
-
-def _end_torn_line(path: Path) -> None:
-    # A line torn by a crash must not glue onto the next record: end the file with a newline.
-    if path.exists() and path.stat().st_size > 0:
-        with open(path, "rb") as fh:
-            fh.seek(-1, os.SEEK_END)
-            last = fh.read(1)
-        if last != b"\n":
-            with open(path, "ab") as fh:
-                fh.write(b"\n")
+        """The records of the log ``name`` (:func:`records.load_records`). A confirmation record must confirm
+        a case of this folder's records.jsonl (bucket and label): one that does not is another run's, refused."""
+        loaded = load_records(self.path, name)
+        if name == CONFIRM and loaded.records:
+            cases = {(r.bucket, r.label) for r in load_records(self.path).records}
+            for r in loaded.records:
+                if (r.bucket, r.ab.pair[1]) not in cases:
+                    raise RecordsError(f"{self.path / name}: it confirms {r.ab.pair[1]} at {r.shape} M={r.M} "
+                                       f"({r.dtype}, {r.world} ranks, {r.device}), a case its {RECORDS} does not "
+                                       "hold: it belongs to another run; move it away")
+        return loaded
 
 
 class FolderBusy(UserError):
     """Another process writes this run folder (or a lock from another host cannot be checked)."""
 
 
-class FolderMismatch(UserError):
-    """``--resume`` into a folder made with another spec or other timing options."""
-
-
 def ensure_folder(path: Path, flag: str) -> Path:
-    """Create ``path`` (and parents) as a folder; an existing file, a read-only parent, a name too long
-    and the like become one :class:`UserError` line naming ``flag``."""
+    """Create ``path`` (and parents) as a folder; what prevents it becomes one :class:`UserError` naming ``flag``."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
@@ -184,15 +190,22 @@ def _describe(info: dict[str, Any]) -> str:
     return f"pid {info.get('pid')} on host {info.get('host')} (since {info.get('started')}: {info.get('command')})"
 
 
+def _busy(fd: int) -> bool:
+    """Whether another open file description holds an ``flock`` on ``fd``'s file (else ``fd`` takes it)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        return True
+    return False
+
+
 @contextmanager
 def lock(folder: str | os.PathLike, flag: str = "--out", command: str = "") -> Iterator[Path]:
-    """Hold ``folder/run.lock`` exclusively while the block runs (the folder is created first).
-
-    A second writer gets :class:`FolderBusy` (exit 2) naming the holder. A lock file whose holder is gone
-    (its process was killed) is reported as stale with a warning and taken over. A lock file written on
-    another host cannot be checked from here (``flock`` need not reach across machines), so it is refused
-    with the path to delete once that run has ended.
-    """
+    """Hold ``folder/run.lock`` exclusively while the block runs (the folder is created first). A second
+    writer gets :class:`FolderBusy` naming the holder; a lock whose holder died is taken over with a warning;
+    one from another host cannot be checked (``flock`` need not reach across machines): refused with its path."""
     folder = ensure_folder(Path(folder), flag)
     path = folder / LOCK
     host = socket.gethostname()
@@ -201,15 +214,11 @@ def lock(folder: str | os.PathLike, flag: str = "--out", command: str = "") -> I
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise UserError(f"{flag}: {describe_os_error(exc)}; give a folder you can write") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
+        if _busy(fd):
             os.close(fd)
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
             info = _holder(path.read_text(encoding="utf-8", errors="replace") if path.exists() else "")
             raise FolderBusy(f"{flag}: {folder} is being written by {_describe(info)}; wait for it to end "
-                             "or choose another folder") from None
+                             "or choose another folder")
         try:  # the previous holder may have removed the file between our open and our flock: retry
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
@@ -240,68 +249,75 @@ def lock(folder: str | os.PathLike, flag: str = "--out", command: str = "") -> I
         os.close(fd)
 
 
+def writer(folder: str | os.PathLike) -> str | None:
+    """Who holds ``folder``'s lock now (None: nobody), e.g. a sweep still running, or a lock from another
+    machine, which cannot be checked from here."""
+    try:
+        fd = os.open(Path(folder) / LOCK, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    try:
+        info = _holder(os.read(fd, 1 << 16).decode("utf-8", errors="replace"))
+        busy = info.get("host") not in (None, socket.gethostname()) or _busy(fd)
+        return _describe(info) if busy else None
+    finally:
+        os.close(fd)  # drops the flock _busy may have taken
+
+
 # ---------------------------------------------------------------------------------------------- identity
 
 
-def grid_hash(grid: dict[str, Any]) -> str:
-    """SHA-256 of a JSON-able mapping in canonical form (sorted keys), e.g. a spec's case grid."""
-    text = json.dumps(grid, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def identity(grid: dict[str, Any], options: dict[str, Any], version: str) -> dict[str, Any]:
-    """What ``run.json`` holds at creation: the grid's hash, the options, the tool version, the time."""
-    return {"spec_sha256": grid_hash(grid), "options": dict(options), "overlap_bench": version,
-            "created": utc_now(), "host": socket.gethostname(), "resumes": []}
+    """A sweep's ``run.json`` at creation: the case grid's SHA-256, the options, the tool version, the time."""
+    sha = hashlib.sha256(json.dumps(grid, sort_keys=True, separators=(",", ":"), default=str).encode())
+    return {"kind": "sweep", "command": envinfo.command_line(), "spec_sha256": sha.hexdigest(),
+            "options": dict(options), "overlap_bench": version, "created": utc_now(), "host": socket.gethostname(),
+            "resumes": []}
 
 
-def read_identity(folder: str | os.PathLike) -> dict[str, Any] | None:
-    """``run.json`` of ``folder``, or None when it has none (a folder made before run.json existed)."""
+def read_identity(folder: str | os.PathLike, strict: bool = True) -> dict[str, Any] | None:
+    """``run.json`` of ``folder`` (None: it has none); ``strict``: a sweep's identity, with its options."""
     path = Path(folder) / IDENTITY
-    if not path.exists():
+    fh = open_regular(path)
+    if fh is None:
         return None
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"--out: {path} is unreadable ({type(exc).__name__}); restore it or choose "
-                        "another folder") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("options"), dict):
+    with fh:
+        try:
+            doc = json.loads(fh.read())
+        except ValueError as exc:
+            raise UserError(f"--out: {path} is unreadable ({type(exc).__name__}); restore it or choose "
+                            "another folder") from None
+    if not (isinstance(doc, dict) and (isinstance(doc.get("options"), dict) or not strict)):
         raise UserError(f"--out: {path} is not a run identity (no options mapping); restore it or choose "
                         "another folder")
     return doc
 
 
-def mismatch(old: dict[str, Any], new: dict[str, Any]) -> str | None:
-    """How identity ``new`` differs from ``old`` (one phrase), or None when they describe the same run."""
-    if old.get("spec_sha256") != new["spec_sha256"]:
-        return "it was made by another spec (its case grid differs)"
-    diffs = [f"{k} {old['options'].get(k)!r} -> {v!r}" for k, v in new["options"].items()
-             if old["options"].get(k) != v]
-    return f"its options differ ({', '.join(diffs)})" if diffs else None
+def _diffs(old: dict[str, Any], new: dict[str, Any], known_only: bool = False) -> str:
+    return ", ".join(f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items()
+                     if old.get(k) != v and (k in old or not known_only))
 
 
 def check_identity(folder: Path, new: dict[str, Any], *, has_records: bool, force: bool,
                    records_options: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The identity to write for a run in ``folder``: ``new`` for a fresh folder, else the folder's own with
-    this resume appended. A resume with another spec or other options raises :class:`FolderMismatch`
-    unless ``force``. A folder without ``run.json`` (older version) is checked against the options its
-    records carry (``records_options``: one mapping per record, keys as in ``new['options']``)."""
-    old = read_identity(folder)
+    """The identity to write for a sweep in ``folder``: ``new`` for a folder without records, else the
+    folder's own with this resume appended. Another spec or other options raise :class:`UserError` unless
+    ``force``; a folder without ``run.json`` is checked against its records' options (``records_options``)."""
     if not has_records:  # nothing measured yet (or a run that ended before its first record): start afresh
         return new
+    old = read_identity(folder)
     if old is None:
-        why = None
-        for opts in records_options or []:
-            diffs = [f"{k} {opts[k]!r} -> {v!r}" for k, v in new["options"].items() if k in opts and opts[k] != v]
-            if diffs:
-                why = f"its records were measured with other options ({', '.join(diffs)})"
-                break
+        diffs = (_diffs(opts, new["options"], known_only=True) for opts in records_options or [])
+        why = next((f"its records were measured with other options ({d})" for d in diffs if d), None)
         old = dict(new, adopted=utc_now(), note="run.json added on resume; the folder had none")
+    elif old.get("spec_sha256") != new["spec_sha256"]:
+        why = "it was made by another spec (its case grid differs)"
     else:
-        why = mismatch(old, new)
+        why = _diffs(old["options"], new["options"]) or None
+        why = why and f"its options differ ({why})"
     if why and not force:
-        raise FolderMismatch(f"--resume: {folder} cannot be resumed with this spec: {why}; use the spec and "
-                             "options it was made with, a new --out, or --force to mix them knowingly")
+        raise UserError(f"--resume: {folder} cannot be resumed with this spec: {why}; use the spec and "
+                        "options it was made with, a new --out, or --force to mix them knowingly")
     old.setdefault("resumes", []).append({"time": utc_now(), "host": socket.gethostname(),
                                           "spec_sha256": new["spec_sha256"], "options": new["options"],
                                           "overlap_bench": new["overlap_bench"], "forced": bool(why)})

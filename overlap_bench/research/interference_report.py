@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterable
 
 from overlap_bench import metrics
 from overlap_bench.errors import UserError
 from overlap_bench.markdown import cell, table
-from overlap_bench.records import Record, json_safe, load_records, records_frame
+from overlap_bench.records import Record, json_safe, load_records
 from overlap_bench.research import eta_bound
 from overlap_bench.runfolder import (INTERFERENCE_CSV, INTERFERENCE_MD, PREDICTION_JSON, PREDICTION_MD, RunFolder,
                                      plot_name)
@@ -152,6 +153,8 @@ def prediction_rows(preds: list[eta_bound.Prediction]) -> list[list[str]]:
 def write_outputs(out_dir: Path, records: list[Record], preds: list[eta_bound.Prediction], *,
                   ctas: float, plots: bool = True) -> list[Path]:
     """``interference.md``/``.csv``, the plots and, with predictions, ``prediction.md``/``.json``."""
+    import pandas as pd
+
     folder = RunFolder(out_dir)
     written = []
     header, rows = slowdown_table(records)
@@ -161,7 +164,7 @@ def write_outputs(out_dir: Path, records: list[Record], preds: list[eta_bound.Pr
           "GEMM; `n/a` unavailable.", "",
           table(header, [[cell(c) for c in r] for r in rows], "llr" + "r" * (len(header) - 3)), ""]
     written.append(folder.write_text(INTERFERENCE_MD, "\n".join(md)))
-    frame = records_frame(records)
+    frame = pd.DataFrame([{**asdict(r), "ok": r.ok} for r in records])
     if not frame.empty:
         frame["slowdown"] = [r.extra.get("slowdown", math.nan) for r in records]
         written.append(folder.write_text(INTERFERENCE_CSV, frame.drop(columns=["extra"]).to_csv(index=False)))

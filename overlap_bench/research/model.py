@@ -447,7 +447,7 @@ def model_main(preset: str | None, tp_world: int | None, tokens: list[int] | Non
     order = {_repro(command, m, mode, nano): i for i, (m, mode) in enumerate((m, x) for m in tokens for x in modes)}
     rank0 = not in_torchrun() or os.environ.get("RANK", "0") == "0"
     folder = runfolder.RunFolder(out_dir)
-    with folder.lock() if rank0 else nullcontext():  # one writer per folder
+    with folder.claim("model") if rank0 else nullcontext():  # one writer per folder, a model run's
         loaded = folder.load(runfolder.MODEL)
         if (loaded.records or loaded.torn_lines) and not resume:
             raise UserError(f"--out: {folder.path} already holds {len(loaded.records)} model records; pass --resume "
