@@ -1,5 +1,4 @@
-"""The ``overlap-bench`` command line (typer): run, sweep, compare, export, report, model, interference,
-strategies."""
+"""The ``overlap-bench`` command line (typer): run, sweep, compare, export, report, model, interference, ..."""
 
 from __future__ import annotations
 
@@ -29,16 +28,13 @@ import overlap_bench
 from overlap_bench import check, confirm, runfolder, select, strategies
 from overlap_bench import compare as cmp
 from overlap_bench.bench import BenchOptions, run_ab
-from overlap_bench.confirm import TOP as CONFIRM_TOP
-from overlap_bench.confirm import load as load_confirmations
+from overlap_bench.confirm import TOP as CONFIRM_TOP, load as load_confirmations
 from overlap_bench.errors import UserError
 from overlap_bench.export import export_policy
 from overlap_bench.launch import JobConfig, launch
 from overlap_bench.records import json_safe, load_records
-from overlap_bench.research import interference as itf
-from overlap_bench.research import interference_report as itf_report
-from overlap_bench.research.model import MODES as MODEL_MODES
-from overlap_bench.research.model import model_main, model_table
+from overlap_bench.research import interference as itf, interference_report as itf_report
+from overlap_bench.research.model import MODES as MODEL_MODES, model_main, model_table
 from overlap_bench.research.nanobatch import NanoSettings
 from overlap_bench.spec import CONFIRM_REPEATS, Case, SweepSpec, check_memory, default_spec_raw, load_spec, parse_spec
 from overlap_bench.stats import MIN_EFFECT
