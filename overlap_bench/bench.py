@@ -1,19 +1,18 @@
-"""What each rank does in a sweep: build inputs, check numerics against the baseline, time, record.
-
-Cases sharing a shape, M and dtype share their inputs and their reference times (``t_gemm``, ``t_comm``,
-``t_base``), measured in the same job as the strategies they are compared with. Only rank 0 writes.
-"""
+"""What each rank does in a sweep: build inputs, check numerics against the baseline, time, record. Cases of one
+bucket share their inputs and reference times, measured in the same job. Only rank 0 writes."""
 
 from __future__ import annotations
 
 import math
 import shlex
 from dataclasses import dataclass, replace
+from functools import partial
 from itertools import groupby
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from overlap_bench import metrics, strategies
 from overlap_bench.envinfo import utc_now
@@ -26,9 +25,10 @@ from overlap_bench.spec import Case
 from overlap_bench.strategies.pipeline import comm_stream, matmul_into
 from overlap_bench.timing import REPS, WARMUP, Timing, allreduce_max, time_region
 
-# Failures that stay inside one case: recorded, and the sweep goes on. They are raised before the first
-# collective of the call (settings, allocation), so every rank reaches the agreement below.
-CASE_ERRORS = (ValueError, strategies.StrategyUnavailable, torch.cuda.OutOfMemoryError)
+# Failures that stay inside one case (recorded, the sweep goes on): raised before the call's first collective.
+CASE_ERRORS = (ValueError, strategies.StrategyUnavailable, torch.cuda.OutOfMemoryError, MemoryError)
+BRACKET_EVERY = 4
+"""The reference ``t_base`` is measured again after every this many timed candidates and after the last."""
 
 
 @dataclass
@@ -39,30 +39,23 @@ class BenchOptions:
     warmup: int = WARMUP
     reps: int = REPS
     seed: int = 0
-    done_before: int = 0
-    """Cases finished before this job (progress bar offset across env-variant jobs)."""
-    total: int = 0
-    """Cases in the whole sweep."""
-    progress: bool = True
-    """Rank 0 draws a progress bar."""
-
-
-BRACKET_EVERY = 4
-"""The reference ``t_base`` is measured again after every this many timed candidates and after the last."""
+    done_before: int = 0  # cases finished before this job: the progress bar's offset across env-variant jobs
+    total: int = 0  # cases in the whole sweep
+    progress: bool = True  # rank 0 draws a progress bar
 
 
 class CaseFailed(RuntimeError):
     """A rank's error inside a case, re-raised with the case named (the launcher shows it)."""
 
 
-class _Cursor:
-    """Where a rank is: the case in flight, named when it fails."""
+@dataclass(frozen=True)
+class Checked:
+    """Outcome of the numerics check that precedes every timing."""
 
-    def __init__(self) -> None:
-        self.where = "start"
-
-    def at(self, where: str) -> None:
-        self.where = where
+    status: str  # ok, failed or unavailable
+    reason: str | None
+    rel_err: float
+    said: dict[str, Any]  # what the strategy reported about how its checked call ran (e.g. the NCCL kernel)
 
 
 def inputs(case: Case, ctx: RankContext, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -79,12 +72,9 @@ def inputs(case: Case, ctx: RankContext, seed: int) -> tuple[torch.Tensor, torch
 
 def agree_failure(local: str | None, ctx: RankContext) -> str | None:
     """Whether any rank failed (all ranks learn it); the reason is this rank's, or a note about another's."""
-    if ctx.world == 1:
-        return local
-    anyf = allreduce_max([1.0 if local else 0.0], None, ctx.device)[0] > 0
-    if not anyf:
-        return None
-    return local or "failed on another rank"
+    if ctx.world > 1 and allreduce_max([1.0 if local else 0.0], None, ctx.device)[0] > 0:
+        return local or "failed on another rank"
+    return local
 
 
 def try_case(fn: Callable[[], Any]) -> tuple[Any, str | None]:
@@ -92,157 +82,123 @@ def try_case(fn: Callable[[], Any]) -> tuple[Any, str | None]:
     fails to allocate memory (on CPU torch says so with a plain RuntimeError)."""
     try:
         return fn(), None
-    except (*CASE_ERRORS, MemoryError, RuntimeError) as exc:
-        if isinstance(exc, RuntimeError) and not isinstance(exc, CASE_ERRORS) and not _allocation_failed(exc):
+    except (*CASE_ERRORS, RuntimeError) as exc:
+        text = str(exc)
+        if not isinstance(exc, CASE_ERRORS) and not any(
+                w in text.lower() for w in ("can't allocate memory", "out of memory", "not enough memory")):
             raise
-        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip().rstrip(":")
-
-
-def _allocation_failed(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return any(w in text for w in ("can't allocate memory", "out of memory", "not enough memory"))
-
-
-def repro(case: Case, world: int, backend: str, warmup: int, reps: int) -> str:
-    """The command that measures ``case`` again."""
-    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in case.env)
-    cmd = (f"overlap-bench run --shape {case.K},{case.N} --tokens {case.M} --dtype {case.dtype} "
-           f"--strategy {shlex.quote(case.label)} --nproc {world} --backend {backend} "
-           f"--warmup {warmup} --reps {reps}" + (" --bias" if case.bias else ""))
-    return f"{env} {cmd}".strip()
+        return None, f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".strip().rstrip(":")
 
 
 def _record(case: Case, ctx: RankContext, opts: BenchOptions, device_name: str, **values: Any) -> Record:
+    """``case`` as measured here (``values``: its outcome), with the command that measures it again."""
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in case.env)
+    cmd = (f"overlap-bench run --shape {case.K},{case.N} --tokens {case.M} --dtype {case.dtype} "
+           f"--strategy {shlex.quote(case.label)} --nproc {ctx.world} --backend {ctx.backend} "
+           f"--warmup {opts.warmup} --reps {opts.reps}" + (" --bias" if case.bias else ""))
     return Record(shape=case.shape, K=case.K, N=case.N, M=case.M, dtype=case.dtype, world=ctx.world,
                   backend=ctx.backend, device=device_name, strategy=case.strategy,
                   settings=strategies.settings_dict(case.settings), label=case.label, env=case.env_dict,
                   bias=case.bias, warmup=opts.warmup, reps=opts.reps, tol=TOLERANCE[case.dtype],
-                  repro=repro(case, ctx.world, ctx.backend, opts.warmup, opts.reps),
-                  time=utc_now(), **values)
+                  repro=f"{env} {cmd}".strip(), time=utc_now(), **values)
 
 
 def run_cases(ctx: RankContext, cases: list[Case], opts: BenchOptions) -> None:
-    """Entry point of every rank of a sweep job (``launch`` calls it)."""
+    """Entry point of every rank of a sweep job (``launch`` calls it); rank 0 draws the progress bar."""
     cases = same_cases(cases, ctx)
     device_name = ctx.device_name
-    progress = _Progress(opts) if ctx.rank == 0 and opts.progress else None
-    cursor = _Cursor()
 
     def bucket(c: Case) -> BucketKey:  # cases of one bucket share their inputs and references
         return BucketKey.of(c, world=ctx.world, device=device_name, backend=ctx.backend)
 
-    try:
+    with Progress(TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  TextColumn("{task.description}"), disable=ctx.rank != 0 or not opts.progress) as bar:
+        task = bar.add_task("", total=opts.total or None, completed=opts.done_before)
         for _, group in groupby(sorted(cases, key=bucket), key=bucket):
-            group = list(group)
-            try:
-                measure_group(ctx, group, opts, device_name, progress, cursor)
-            except Exception as exc:  # name the case: "rank 2 failed: ... qwen/o_proj M=4096 ... chunked:..."
-                raise CaseFailed(f"{group[0].shape} M={group[0].M} {group[0].dtype} {cursor.where}: "
-                                 f"{type(exc).__name__}: {exc}") from exc
-    finally:
-        if progress:
-            progress.close()
+            measure_group(ctx, list(group), opts, device_name,
+                          lambda what: bar.update(task, advance=1, description=what))
 
 
 def measure_group(ctx: RankContext, group: list[Case], opts: BenchOptions, device_name: str,
-                  progress: "_Progress | None", cursor: _Cursor | None = None) -> list[Record]:
-    """Measure every case of one bucket: references first, then each strategy."""
+                  advance: Callable[[str], None] | None) -> None:
+    """Measure every case of one bucket, references first; an error is re-raised as :class:`CaseFailed`
+    naming the case ("rank 2 failed: ... qwen/o_proj M=4096 ... chunked:...")."""
     head = group[0]
     writer = RunFolder(opts.out_dir) if ctx.rank == 0 else None
-    out: list[Record] = []
-    cursor = cursor or _Cursor()
-    cursor.at("(inputs and reference times)")
+    where = "(inputs and reference times)"
 
-    def emit(rec: Record) -> None:
-        out.append(rec)
+    def emit(case: Case, **values: Any) -> None:
+        rec = _record(case, ctx, opts, device_name, **values)
         if writer:
             writer.append(rec)
-        if progress:
-            progress.advance(f"{rec.shape} M={rec.M} {rec.label}")
+        if advance:
+            advance(f"{rec.shape} M={rec.M} {rec.label}")
 
-    made, err = try_case(lambda: inputs(head, ctx, opts.seed))
-    err = agree_failure(err, ctx)
-    if err:
-        for case in group:
-            emit(_record(case, ctx, opts, device_name, status="failed", reason=f"inputs: {err}"))
-        return out
-    x, w, b = made
-    base_settings = strategies.make_settings("baseline")
-    y_base = strategies.run("baseline", x, w, b, None, base_settings)
-    scratch = torch.empty_like(y_base)
-    comm_buf = torch.randn_like(y_base.float()).to(y_base.dtype)
-    t_gemm = _time(lambda: matmul_into(scratch, x, w, None), ctx, opts)
-    t_comm = _time(lambda: dist.all_reduce(comm_buf), ctx, opts)
-    t_base = _time(lambda: strategies.run("baseline", x, w, b, None, base_settings), ctx, opts)
-    extra: dict[str, float] = {}
-    if ctx.device.type == "cuda":
-        # The floor any schedule of these two kernels can reach here: the whole all-reduce and the whole
-        # product launched together, independent of each other (t_joint / ideal = mutual slowdown).
-        extra["t_joint_ms"] = _time(lambda: _joint(scratch, comm_buf, x, w), ctx, opts).median_ms
-    del scratch, comm_buf
-    refs = {"t_base_ms": t_base.median_ms, "t_base_iqr_ms": t_base.iqr_ms, "t_gemm_ms": t_gemm.median_ms,
-            "t_comm_ms": t_comm.median_ms, "extra": extra}
-    extra["t_base_refs"] = [[t_base.median_ms, t_base.iqr_ms]]
-    timed = 0
-    for i, case in enumerate(group):
-        cursor.at(case.label)
-        name, settings = case.strategy, case.settings
-        note = strategies.backend_note(name, settings, ctx.backend)
-        strategies.take_report()
-        checked = check_against_baseline(name, settings, x, w, b, y_base, case.dtype, ctx)
-        # What the strategy said about how its first call ran (e.g. the NCCL kernel) joins the record.
-        said = strategies.take_report()
-        refs = {**refs, "extra": {**extra, **said}}
-        if checked.status != "ok":
-            emit(_record(case, ctx, opts, device_name, status=checked.status, reason=checked.reason,
-                         rel_err=checked.rel_err, note=note, **refs))
-            continue
-        e = checked.rel_err
-        t = _time(lambda: strategies.run(name, x, w, b, None, settings), ctx, opts)
-        timed += 1
-        if timed % BRACKET_EVERY == 0 or i == len(group) - 1:
-            # Bracketed reference: the baseline again between and after the candidates, kept in the records
-            # (the last record of the group holds them all), so drift within the group shows.
-            again = _time(lambda: strategies.run("baseline", x, w, b, None, base_settings), ctx, opts)
-            extra["t_base_refs"] = extra["t_base_refs"] + [[again.median_ms, again.iqr_ms]]
-            refs = {**refs, "extra": {**extra, **said}}
-        derived = metrics.derive(m=case.M, k=case.K, n=case.N, dtype=case.dtype, world=ctx.world,
-                                 t_ms=t.median_ms, t_base_ms=t_base.median_ms, t_gemm_ms=t_gemm.median_ms,
-                                 t_comm_ms=t_comm.median_ms)
-        emit(_record(case, ctx, opts, device_name, rel_err=e, note=note, t_ms=t.median_ms,
-                     t_iqr_ms=t.iqr_ms, **refs, **derived))
-    return out
-
-
-@dataclass(frozen=True)
-class Checked:
-    """Outcome of the numerics check that precedes every timing."""
-
-    status: str
-    """``ok``, ``failed`` or ``unavailable``."""
-    reason: str | None
-    rel_err: float
+    try:
+        made, err = try_case(lambda: inputs(head, ctx, opts.seed))
+        err = agree_failure(err, ctx)
+        if err:
+            for case in group:
+                emit(case, status="failed", reason=f"inputs: {err}")
+            return
+        x, w, b = made
+        base = partial(strategies.run, "baseline", x, w, b, None, strategies.make_settings("baseline"))
+        y_base = base()
+        scratch = torch.empty_like(y_base)
+        comm_buf = torch.randn_like(y_base.float()).to(y_base.dtype)
+        t_gemm = _time(lambda: matmul_into(scratch, x, w, None), ctx, opts)
+        t_comm = _time(lambda: dist.all_reduce(comm_buf), ctx, opts)
+        t_base = _time(base, ctx, opts)
+        extra: dict[str, Any] = {}
+        if ctx.device.type == "cuda":
+            # The floor any schedule of these two kernels can reach here: both launched together, independent
+            # of each other (t_joint / ideal = mutual slowdown).
+            extra["t_joint_ms"] = _time(lambda: _joint(scratch, comm_buf, x, w), ctx, opts).median_ms
+        del scratch, comm_buf
+        refs = {"t_base_ms": t_base.median_ms, "t_base_iqr_ms": t_base.iqr_ms, "t_gemm_ms": t_gemm.median_ms,
+                "t_comm_ms": t_comm.median_ms}
+        extra["t_base_refs"] = [[t_base.median_ms, t_base.iqr_ms]]
+        timed = 0
+        for i, case in enumerate(group):
+            where, name, settings = case.label, case.strategy, case.settings
+            note = strategies.backend_note(name, settings, ctx.backend)
+            checked = check_against_baseline(name, settings, x, w, b, y_base, case.dtype, ctx)
+            timing: dict[str, float] = {}
+            if checked.status == "ok":
+                t = _time(lambda: strategies.run(name, x, w, b, None, settings), ctx, opts)
+                timed += 1
+                if timed % BRACKET_EVERY == 0 or i == len(group) - 1:
+                    # The baseline again between and after the candidates (the group's last record holds them
+                    # all), so drift within the group shows.
+                    again = _time(base, ctx, opts)
+                    extra["t_base_refs"] = extra["t_base_refs"] + [[again.median_ms, again.iqr_ms]]
+                timing = {"t_ms": t.median_ms, "t_iqr_ms": t.iqr_ms, **metrics.derive(
+                    m=case.M, k=case.K, n=case.N, dtype=case.dtype, world=ctx.world, t_ms=t.median_ms,
+                    t_base_ms=t_base.median_ms, t_gemm_ms=t_gemm.median_ms, t_comm_ms=t_comm.median_ms)}
+            emit(case, status=checked.status, reason=checked.reason, rel_err=checked.rel_err, note=note,
+                 extra={**extra, **checked.said}, **refs, **timing)
+    except Exception as exc:
+        raise CaseFailed(f"{head.shape} M={head.M} {head.dtype} {where}: {type(exc).__name__}: {exc}") from exc
 
 
 def check_against_baseline(name: str, settings: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
                            y_base: torch.Tensor, dtype: str, ctx: RankContext) -> Checked:
-    """Run strategy ``name`` once on the baseline's inputs and compare (max ``rel_err`` over ranks).
-
-    Every rank reaches the same verdict: availability is decided from the backend alone, and a case error
-    raised before the first collective is agreed on before anything else is issued.
-    """
+    """Run strategy ``name`` once on the baseline's inputs and compare (max ``rel_err`` over ranks). Every rank
+    reaches the same verdict: availability depends on the backend alone, and case errors are agreed on."""
+    strategies.take_report()  # keep only what the checked call says
     reason = strategies.unavailable_reason(name, settings, ctx.backend)
     if reason:
-        return Checked("unavailable", reason, math.nan)
-    with strategies.diagnose():  # the checked call may say how it ran (e.g. the NCCL kernel)
+        return Checked("unavailable", reason, math.nan, strategies.take_report())
+    with strategies.diagnose():
         y, err = try_case(lambda: strategies.run(name, x, w, b, None, settings))
+    said = strategies.take_report()
     err = agree_failure(err, ctx)
     if err:
-        return Checked("failed", err, math.nan)
+        return Checked("failed", err, math.nan, said)
     e = allreduce_max([rel_err(y, y_base)], None, ctx.device)[0]
     if not within_tolerance(e, dtype):
-        return Checked("failed", f"rel_err {e:.3g} above the {dtype} tolerance {TOLERANCE[dtype]:g}", e)
-    return Checked("ok", None, e)
+        return Checked("failed", f"rel_err {e:.3g} above the {dtype} tolerance {TOLERANCE[dtype]:g}", e, said)
+    return Checked("ok", None, e, said)
 
 
 def same_cases(cases: list[Case], ctx: RankContext) -> list[Case]:
@@ -270,42 +226,15 @@ def _time(fn: Callable[[], object], ctx: RankContext, opts: BenchOptions) -> Tim
     return time_region(fn, warmup=opts.warmup, reps=opts.reps, group=None, device=ctx.device)
 
 
-class _Progress:
-    """Rank 0's rich progress bar over the whole sweep (done/total, ETA, current case)."""
-
-    def __init__(self, opts: BenchOptions):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._p = Progress(TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                           TextColumn("{task.description}"), transient=False)
-        self._p.start()
-        self._task = self._p.add_task("", total=opts.total or None, completed=opts.done_before)
-
-    def advance(self, description: str) -> None:
-        self._p.update(self._task, advance=1, description=description)
-
-    def close(self) -> None:
-        self._p.stop()
-
-
-
-Side = tuple[str, Any]
-"""One side of an A/B measurement: a strategy's name and its typed settings (``strategies.make_settings``)."""
+Side = tuple[str, Any]  # one side of an A/B measurement: a strategy's name and its typed settings
 
 
 def run_ab(ctx: RankContext, cases: list[Case], sides: tuple[Side, Side], repeats: int, opts: BenchOptions,
            name: str = RECORDS, kind: str = "compare", extra: dict[str, Any] | None = None) -> None:
-    """``compare``'s rank function: A and B timed interleaved in pairs, ``repeats`` times per case, the
-    order alternating (A B, B A, ...) so neither side always runs first.
-
-    Each repeat is a full timed region (warm-up, ``reps`` calls, median, max over ranks), so the samples
-    are independent measurements of the same two settings on the same inputs, side by side in time.
-    Both outputs are checked against the baseline first; a side that fails (or cannot run here) is one
-    record with that status, and nothing of that case is timed. Rank 0 appends one :class:`Record` of
-    ``kind`` per timed region and side to the log ``name`` of ``opts.out_dir``; ``extra`` holds ``side``
-    (``a``/``b``), ``repeat``, ``first`` (the side run first in that repeat), ``repeats`` and ``pair`` (both
-    labels), plus the caller's ``extra``.
-    """
+    """``compare``'s rank function: per case both sides checked, then timed in ``repeats`` interleaved pairs,
+    the order alternating (A B, B A, ...). A side failing its check is one record and nothing of that case is
+    timed. Rank 0 appends a ``kind`` record per timed region and side to log ``name``; ``extra`` gains ``side``,
+    ``pair``, ``repeats``, ``repeat`` and ``first`` (the side run first in that repeat)."""
     cases = same_cases(cases, ctx)
     device_name = ctx.device_name
     folder = RunFolder(opts.out_dir) if ctx.rank == 0 else None
@@ -314,16 +243,12 @@ def run_ab(ctx: RankContext, cases: list[Case], sides: tuple[Side, Side], repeat
         x, w, b = inputs(case, ctx, opts.seed)
         y_base = strategies.run("baseline", x, w, b, None, strategies.make_settings("baseline"))
         both = [replace(case, strategy=n, settings=s) for n, s in sides]
-        checks, said = [], []
-        for c in both:
-            strategies.take_report()
-            checks.append(check_against_baseline(c.strategy, c.settings, x, w, b, y_base, case.dtype, ctx))
-            said.append(strategies.take_report())  # how its first call ran (e.g. the NCCL kernel)
+        checks = [check_against_baseline(c.strategy, c.settings, x, w, b, y_base, case.dtype, ctx) for c in both]
 
         def emit(i: int, repeat: int | None = None, **values: Any) -> None:
             if folder:
                 c = both[i]
-                tags = {**said[i], **(extra or {}), "side": "ab"[i], "pair": pair, "repeats": repeats}
+                tags = {**checks[i].said, **(extra or {}), "side": "ab"[i], "pair": pair, "repeats": repeats}
                 if repeat is not None:
                     tags["repeat"], tags["first"] = repeat, "ab"[repeat % 2]
                 folder.append(_record(c, ctx, opts, device_name, kind=kind, rel_err=checks[i].rel_err,

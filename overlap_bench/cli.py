@@ -243,7 +243,7 @@ def sweep(
         if res.torn_lines:
             msg += f"; torn line(s) {res.torn_lines} in records.jsonl were skipped"
         if confirm:
-            msg += f"; {res.confirmed} candidate(s) confirmed ({repeats} interleaved repeats)"
+            msg += f"; {res.screened} screened, {res.confirmed} candidate(s) confirmed ({repeats} interleaved repeats)"
             if res.confirmed_before:
                 msg += f", {res.confirmed_before} confirmed before (kept)"
         else:

@@ -13,6 +13,7 @@ import pandas as pd
 
 from overlap_bench.keys import BucketKey, Env
 from overlap_bench.markdown import cell, table
+from overlap_bench.metrics import finite
 from overlap_bench.records import Record, json_safe, load_records
 from overlap_bench.stats import MIN_EFFECT, VERDICTS, Comparison, format_ci, geomean, judge
 
@@ -47,12 +48,8 @@ def summary(df: ComparisonTable) -> dict[str, Any]:
     judged = df[df["verdict"] != "too few samples"] if len(df) else df
     speedups = [s for s in judged["speedup"] if math.isfinite(s) and s > 0] if len(judged) else []
     counts = df["verdict"].value_counts().to_dict() if len(df) else {}
-    return {
-        "rows": int(len(df)),
-        "judged": len(speedups),
-        "geomean_speedup": geomean(speedups),
-        "verdicts": {v: int(counts.get(v, 0)) for v in VERDICTS},
-    }
+    return {"rows": int(len(df)), "judged": len(speedups), "geomean_speedup": geomean(speedups),
+            "verdicts": {v: int(counts.get(v, 0)) for v in VERDICTS}}
 
 
 def _case(r: Record) -> tuple[BucketKey, str]:
@@ -60,19 +57,14 @@ def _case(r: Record) -> tuple[BucketKey, str]:
     return BucketKey.of(r, world=0, backend="", device=""), r.label
 
 
+def _name(label: str, dtype: str, bias: Any, env: Any) -> str:
+    """A setting as reports name it: label, dtype, bias and env variant (a table's missing column: none)."""
+    bias = isinstance(bias, (bool, np.bool_)) and bias
+    return f"{label} ({dtype})" + (" +bias" if bias else "") + (f" env {Env(env).text}" if env else "")
+
+
 def _describe(case: tuple[BucketKey, str]) -> str:
-    key, label = case
-    text = f"{key.shape} M={key.M} {label} ({key.dtype})"
-    if key.bias:
-        text += " +bias"
-    if key.env:
-        text += " env " + key.env.text
-    return text
-
-
-def _usable(r: Record) -> bool:
-    return r.ok and isinstance(r.tokens_per_s, (int, float)) and math.isfinite(r.tokens_per_s) \
-        and r.tokens_per_s > 0
+    return f"{case[0].shape} M={case[0].M} " + _name(case[1], case[0].dtype, case[0].bias, case[0].env)
 
 
 def _why(r: Record) -> str:
@@ -82,18 +74,15 @@ def _why(r: Record) -> str:
 def table_from_records(a: Iterable[Record], b: Iterable[Record], *, one_run: bool = False,
                        min_effect: float = MIN_EFFECT, alpha: float = 0.05, n_boot: int = 10000,
                        seed: int = 0) -> tuple[ComparisonTable, list[str]]:
-    """Records ``b`` against records ``a``, case by case (each ``ok`` record is one sample, its tokens/s): the
-    one builder of the comparison table. Two runs: a case is the same shape, sizes, dtype, bias, label and env
-    on both sides. ``one_run``: the sides of one A/B run (``bench.run_ab``), whose labels differ: the same
-    without the label; a case a side failed in (nothing timed) is named. Returns the table and one line per
-    case not compared."""
-    # one A/B run: the sides' labels differ, so a case is named by the pair ("baseline → pr")
+    """Records ``b`` against records ``a`` case by case (each ok record one sample, its tokens/s), and one line per
+    case not compared. A case: shape, sizes, dtype, bias, env and label; ``one_run`` (the sides of one A/B run,
+    whose labels differ): the label pair instead, and a case a side failed in (nothing timed) is named."""
     key = (lambda r: (_case(r)[0], " → ".join(r.ab.pair))) if one_run else _case
     ok: dict[str, dict[tuple, list[Record]]] = {"A": {}, "B": {}}
     failed: dict[str, dict[tuple, Record]] = {"A": {}, "B": {}}
     for side, recs in (("A", a), ("B", b)):
         for r in recs:
-            if _usable(r):
+            if r.ok and finite(r.tokens_per_s) and r.tokens_per_s > 0:
                 ok[side].setdefault(key(r), []).append(r)
             else:
                 failed[side].setdefault(key(r), r)
@@ -103,20 +92,17 @@ def table_from_records(a: Iterable[Record], b: Iterable[Record], *, one_run: boo
         rb = ok["B"].get(case)
         if rb:
             k = case[0]
-            shape, K, N, M, dtype, bias, env = k.shape, k.K, k.N, k.M, k.dtype, k.bias, k.env
-            rows.append(dict(shape=shape, K=K, N=N, M=M, dtype=dtype, a_label=ra[0].label, b_label=rb[0].label,
-                             samples_a=[float(r.tokens_per_s) for r in ra],
-                             samples_b=[float(r.tokens_per_s) for r in rb], bias=bias, env=dict(env),
+            rows.append(dict(shape=k.shape, K=k.K, N=k.N, M=k.M, dtype=k.dtype, a_label=ra[0].label,
+                             b_label=rb[0].label, samples_a=[float(r.tokens_per_s) for r in ra],
+                             samples_b=[float(r.tokens_per_s) for r in rb], bias=k.bias, env=dict(k.env),
                              t_ms_a=[r.t_ms for r in ra], t_ms_b=[r.t_ms for r in rb],
                              rel_err_a=max(r.rel_err for r in ra), rel_err_b=max(r.rel_err for r in rb),
                              paired=one_run))
     for side, other in (("A", "B"), ("B", "A")):
         for case in ok[side]:
             if case not in ok[other]:
-                line = f"only in {side}: {_describe(case)}"
-                if case in failed[other]:
-                    line += f" [{other}: {_why(failed[other][case])}]"
-                unmatched.append(line)
+                why = f" [{other}: {_why(failed[other][case])}]" if case in failed[other] else ""
+                unmatched.append(f"only in {side}: {_describe(case)}{why}")
         if one_run:  # a side failed its check: nothing of that case was timed
             unmatched += [f"{_describe(case)}: {r.label}: {_why(r)}" for case, r in failed[side].items()
                           if case not in ok["A"] and case not in ok["B"]]
@@ -140,45 +126,43 @@ def compare_run_dirs(dir_a: str | os.PathLike, dir_b: str | os.PathLike | None =
 
 # ---- reports ---------------------------------------------------------------------------------------------
 
+WITHIN_NOISE = "≈"
+_NOTE = f"{WITHIN_NOISE}: the CI holds 1.0, the difference is within the noise."
+
+
 def _setting(row: pd.Series) -> str:
     label = row["a_label"] if row["a_label"] == row["b_label"] else f"{row['a_label']} → {row['b_label']}"
-    text = f"{label} ({row['dtype']})"
-    bias = row.get("bias")
-    if isinstance(bias, (bool, np.bool_)) and bias:
-        text += " +bias"
     env = row.get("env")
-    if isinstance(env, dict) and env:
-        text += " env " + Env(env).text
-    return text
+    return _name(label, row["dtype"], row.get("bias"), env if isinstance(env, dict) else None)
 
 
-def _fmt_tps(x: float) -> str:
-    return f"{x:,.0f}" if math.isfinite(x) else "n/a"
-
-
-def _fmt_speedup(row: pd.Series, min_effect: float) -> str:
-    ci = format_ci(row["ci_low"], row["ci_high"], (1 - min_effect, 1.0, 1 + min_effect))
-    return f"{row['speedup']:.3f}× [{ci if ci != 'n/a' else 'n/a: ' + str(row['verdict'])}]"
-
-
-def _fmt_p(p: float) -> str:
-    if not math.isfinite(p):
+def _tps(samples: list[float], median: float) -> str:
+    """A side's median tokens/s and beside it its spread: the IQR, as a share of the median."""
+    if not math.isfinite(median):
         return "n/a"
-    return "<0.0001" if p < 1e-4 else f"{p:.4f}"
+    iqr = np.subtract(*np.percentile(samples, [75, 25]))
+    return f"{median:,.0f}" + (f" (IQR {100 * iqr / median:.1f}%)" if len(samples) > 1 else "")
 
 
-def _ci_header(df: ComparisonTable) -> str:
-    return f"speedup [{100 * (1 - df.attrs.get('alpha', 0.05)):g}% CI]"
+def _speedup(row: pd.Series, min_effect: float) -> str:
+    ci = format_ci(row["ci_low"], row["ci_high"], (1 - min_effect, 1.0, 1 + min_effect))
+    mark = f"{WITHIN_NOISE} " if row["ci_low"] <= 1 <= row["ci_high"] else ""
+    return f"{mark}{row['speedup']:.3f}× [{ci if ci != 'n/a' else 'n/a: ' + str(row['verdict'])}]"
 
 
-def _report_rows(df: ComparisonTable) -> list[list[str]]:
+def _p(p: float) -> str:
+    return "n/a" if not math.isfinite(p) else "<0.0001" if p < 1e-4 else f"{p:.4f}"
+
+
+def _report(df: ComparisonTable) -> tuple[list[str], list[list[str]]]:
+    """The report's header and rows (every number with its spread: tokens/s with their IQR, the speedup with
+    its CI)."""
     m = df.attrs.get("min_effect", MIN_EFFECT)
-    return [[str(r["shape"]), str(r["M"]), _setting(r), _fmt_tps(r["median_a"]), _fmt_tps(r["median_b"]),
-             _fmt_speedup(r, m), _fmt_p(r["p_value"]), str(r["verdict"])] for _, r in df.iterrows()]
-
-
-def _headers(df: ComparisonTable) -> list[str]:
-    return ["shape", "M", "setting", "A tok/s (median)", "B tok/s (median)", _ci_header(df), "p", "verdict"]
+    header = ["shape", "M", "setting", "A tok/s median (IQR)", "B tok/s median (IQR)",
+              f"speedup [{100 * (1 - df.attrs.get('alpha', 0.05)):g}% CI]", "p", "verdict"]
+    return header, [[str(r["shape"]), str(r["M"]), _setting(r), _tps(r["samples_a"], r["median_a"]),
+                     _tps(r["samples_b"], r["median_b"]), _speedup(r, m), _p(r["p_value"]), str(r["verdict"])]
+                    for _, r in df.iterrows()]
 
 
 def _summary_line(summ: dict[str, Any]) -> str:
@@ -190,16 +174,14 @@ def _summary_line(summ: dict[str, Any]) -> str:
 
 def to_markdown(df: ComparisonTable, summ: dict[str, Any], title: str) -> str:
     """A GitHub-flavoured markdown table (B against A) with the geomean line, ready for a pull request."""
-    rows = [[cell(c) for c in row] for row in _report_rows(df)]
-    lines = [f"### {title}", "", table(_headers(df), rows, "lrlrrrrl")]
-    lines += ["", f"**{_summary_line(summ)}**", ""]
-    return "\n".join(lines)
+    header, rows = _report(df)
+    return "\n".join([f"### {title}", "", table(header, [[cell(c) for c in r] for r in rows], "lrlrrrrl"), "",
+                      _NOTE, "", f"**{_summary_line(summ)}**", ""])
 
 
 def to_json(df: ComparisonTable, summ: dict[str, Any]) -> str:
     """``{"summary": ..., "rows": [...]}`` with the sample lists kept and NaN/inf written as null."""
-    doc = {"summary": summ, "rows": df.to_dict(orient="records")}
-    return json.dumps(json_safe(doc), indent=2, allow_nan=False)
+    return json.dumps(json_safe({"summary": summ, "rows": df.to_dict(orient="records")}), indent=2, allow_nan=False)
 
 
 def rich_table(df: ComparisonTable, summ: dict[str, Any], title: str):
@@ -208,10 +190,10 @@ def rich_table(df: ComparisonTable, summ: dict[str, Any], title: str):
     from rich.text import Text
 
     style = {"faster": "green", "slower": "red"}
-    table = Table(title=title, caption=_summary_line(summ))
-    for h, just in zip(_headers(df), ["left", "right", "left", "right", "right", "right", "right", "left"]):
-        table.add_column(h, justify=just)
-    for row in _report_rows(df):
-        # Text, not markup: labels and CIs contain brackets.
-        table.add_row(*(Text(c) for c in row[:-1]), Text(row[-1], style=style.get(row[-1], "dim")))
-    return table
+    header, rows = _report(df)
+    out = Table(title=title, caption=_summary_line(summ) + "\n" + _NOTE)
+    for h, just in zip(header, ["left", "right", "left", "right", "right", "right", "right", "left"]):
+        out.add_column(h, justify=just)
+    for row in rows:  # Text, not markup: labels and CIs contain brackets
+        out.add_row(*(Text(c) for c in row[:-1]), Text(row[-1], style=style.get(row[-1], "dim")))
+    return out

@@ -32,9 +32,8 @@ def _run(cmd: list[str], cwd: str | None = None) -> str | None:
 
 
 def git_commit() -> str | None:
-    """HEAD of the checkout the package runs from, with ``-dirty`` when it has uncommitted changes; or
-    ``OVERLAP_BENCH_GIT_COMMIT`` when set (a copy of a commit shipped to a GPU host, possibly inside another
-    checkout whose HEAD is not what runs)."""
+    """HEAD of the package's checkout (``-dirty`` with uncommitted changes), or ``OVERLAP_BENCH_GIT_COMMIT`` when
+    set (a commit shipped to a GPU host, possibly inside another checkout whose HEAD is not what runs)."""
     shipped = os.environ.get("OVERLAP_BENCH_GIT_COMMIT")
     if shipped:
         return shipped
@@ -47,38 +46,30 @@ def git_commit() -> str | None:
     return head
 
 
-def gpus() -> tuple[list[str], str | None]:
-    """GPU names and driver version from nvidia-smi (not torch: that would start CUDA in the launcher)."""
-    out = _run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"])
-    if not out:
-        return [], None
-    rows = [[c.strip() for c in line.split(",")] for line in out.splitlines() if line.strip()]
-    return [r[0] for r in rows], (rows[0][1] if rows and len(rows[0]) > 1 else None)
-
-
 def command_line() -> str:
     """This process's command line as the user would type it (``overlap-bench ...``)."""
     argv = list(sys.argv)
-    if argv and (argv[0].endswith("__main__.py") or argv[0].endswith("overlap-bench")):
+    if argv and argv[0].endswith(("__main__.py", "overlap-bench")):
         argv[0] = "overlap-bench"
     return " ".join(argv)
 
 
 def collect(command: str | None = None) -> dict[str, Any]:
     """Everything a committed number needs beside it."""
-    names, driver = gpus()
-    nccl = None
-    if torch.cuda.is_available():
-        try:
-            nccl = ".".join(str(v) for v in torch.cuda.nccl.version())
-        except (AttributeError, RuntimeError):
-            nccl = None
+    # GPUs from nvidia-smi, not torch: that would start CUDA in the launcher.
+    smi = _run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"]) or ""
+    rows = [[c.strip() for c in line.split(",")] for line in smi.splitlines() if line.strip()]
+    names = [r[0] for r in rows]
+    try:
+        nccl = ".".join(str(v) for v in torch.cuda.nccl.version()) if torch.cuda.is_available() else None
+    except (AttributeError, RuntimeError):
+        nccl = None
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     return {
         "gpu_name": names[0] if names else "cpu",
         "gpu_names": names,
         "gpu_count": len(names) if visible is None else len([v for v in visible.split(",") if v.strip()]),
-        "driver": driver,
+        "driver": rows[0][1] if rows and len(rows[0]) > 1 else None,
         "cuda": torch.version.cuda,
         "torch": torch.__version__,
         "nccl": nccl,

@@ -1,7 +1,5 @@
-"""Errors the CLI turns into one line: :class:`UserError` (the user's input is wrong, exit 2) and operating-system
-errors (:func:`os_error_exit`: a path the user gave, exit 2; the machine, exit 1).
-
-Anything else is a bug and keeps its traceback."""
+"""Errors the CLI turns into one line: :class:`UserError` (bad input, exit 2) and operating-system errors
+(:func:`os_error_exit`: a path the user gave, exit 2; the machine, exit 1). Anything else keeps its traceback."""
 
 from __future__ import annotations
 
@@ -17,8 +15,7 @@ class UserError(ValueError):
         super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message)))
 
 
-# A path the user named cannot be used as asked: their input to fix (exit 2). Anything else (disk full, I/O
-# error, too many open files) is the machine's state (exit 1).
+# A path the user named cannot be used as asked (exit 2); anything else (disk full, I/O error) is the machine's.
 USER_PATH_ERRNOS = {errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EACCES, errno.EPERM,
                     errno.EROFS, errno.ENOENT, errno.ELOOP, errno.ENOTEMPTY}
 
@@ -28,8 +25,7 @@ def describe_os_error(exc: OSError) -> str:
     what = exc.strerror or (os.strerror(exc.errno) if exc.errno else type(exc).__name__)
     if exc.errno == errno.ENAMETOOLONG:
         what += " (a path component over 255 bytes or a path over 4096)"
-    path = exc.filename
-    names = f"{path} -> {exc.filename2}" if exc.filename2 else path
+    names = f"{exc.filename} -> {exc.filename2}" if exc.filename2 else exc.filename
     return f"{names}: {what}" if names else what
 
 

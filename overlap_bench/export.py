@@ -22,6 +22,7 @@ from overlap_bench.policy import policy_filename
 from overlap_bench.records import load_records
 from overlap_bench.runfolder import write_atomic
 from overlap_bench.select import Decision, threshold
+from overlap_bench.stats import Comparison
 from overlap_bench.world import refuse_world_one
 
 log = logging.getLogger("overlap_bench.export")
@@ -33,22 +34,16 @@ class ExportError(UserError):
 
 def _read_env_json(run_dir: Path) -> dict[str, Any]:
     path = run_dir / runfolder.ENV
-    if not path.exists():
-        return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
     except (OSError, json.JSONDecodeError) as e:
         log.warning("%s unreadable (%s): policy metadata will lack it", path, e)
         return {}
     return data if isinstance(data, dict) else {}
 
 
-def _float(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(f) else round(f, 4)
+def _float(f: float) -> float | None:
+    return None if math.isnan(f) else round(float(f), 4)
 
 
 def _bucket(d: Decision) -> dict[str, Any]:
@@ -58,10 +53,11 @@ def _bucket(d: Decision) -> dict[str, Any]:
         raise ExportError(f"record {d.key.shape} M={d.key.M} {d.label}: {e}; fix or delete it in records.jsonl") \
             from None
     out = {"strategy": d.strategy, "settings": settings, "speedup": _float(d.speedup), "eta": _float(d.eta)}
-    if d.confirmation is not None:
+    if d.confirmation is not None:  # what ships is the decision's strategy: the outcome's label is not repeated
         out["confirmation"] = {k: [_float(x) for x in v] if isinstance(v, tuple) else
                                _float(v) if isinstance(v, float) else v
-                               for k, v in dataclasses.asdict(d.confirmation).items()}
+                               for k, v in dataclasses.asdict(d.confirmation).items() if k != "label"}
+        out["confirmation"]["expected_is"] = Comparison.expected_from
     return out
 
 
@@ -78,12 +74,11 @@ def _shapes_doc(decisions: list[Decision]) -> dict[str, Any]:
 
 def export_policy(run_dir: str | os.PathLike, out: str | os.PathLike, env: dict[str, str] | None = None,
                   dtype: str | None = None, world: int | None = None, unconfirmed: bool = False) -> list[Path]:
-    """Write the run's decisions (:func:`select.decide`) as policy YAML, one file per (dtype, world size);
-    returns the paths. ``out`` ending in ``.yaml``/``.yml`` is the file itself (then the run, filtered by
-    ``dtype``/``world``, must hold one of each), else a folder of :func:`policy_filename` files. The env variant
-    is ``env``, else the one whose first-pass winners are fastest; it is stored as ``meta.required_env``, to be
-    set on the serving process before CUDA starts. Buckets without confirmation ship the baseline, or with
-    ``unconfirmed`` the first pass's pick, and ``meta.unconfirmed`` says so."""
+    """Write the run's decisions (:func:`select.decide`: ``env`` and ``unconfirmed`` as there) as policy YAML,
+    one file per (dtype, world size); returns the paths. ``out`` ending in ``.yaml``/``.yml`` is the file itself
+    (then the run, filtered by ``dtype``/``world``, must hold one of each), else a folder of
+    :func:`policy_filename` files. ``meta.required_env`` is the env variant chosen, to be set on the serving
+    process before CUDA starts; ``meta.unconfirmed`` says how unconfirmed buckets were shipped."""
     run_dir, out = Path(run_dir), Path(out)
     loaded = load_records(run_dir)
     if loaded.torn_lines:
@@ -91,8 +86,7 @@ def export_policy(run_dir: str | os.PathLike, out: str | os.PathLike, env: dict[
     if not loaded.records:
         raise ExportError(f"{run_dir}: no records to export")
     decisions = select.decide(loaded.records, confirm.load(run_dir), unconfirmed=unconfirmed, env=env)
-    decisions = [d for d in decisions if (dtype is None or d.key.dtype == dtype) and
-                 (world is None or d.key.world == world)]
+    decisions = [d for d in decisions if dtype in (None, d.key.dtype) and world in (None, d.key.world)]
     if env is not None:
         have = sorted({d.key.env.text for d in decisions})
         if Env(env).text not in have:
@@ -118,8 +112,7 @@ def export_policy(run_dir: str | os.PathLike, out: str | os.PathLike, env: dict[
             raise ExportError(f"{run_dir}: dtype={dt}, world={w} measured on several backends {backends}")
         shipped = [d for d in sub if d.in_policy]
         chosen = [d for d in sub if d.key.env == shipped[0].key.env]
-        devices = sorted({d.key.device for d in sub} - {""})
-        device = devices[0] if devices else str(env_info.get("gpu_name") or "cpu")
+        device = min({d.key.device for d in sub} - {""}, default=None) or str(env_info.get("gpu_name") or "cpu")
         meta = {"device": device, "world_size": w, "dtype": dt, "backend": backends[0],
                 "required_env": dict(shipped[0].key.env)}
         meta.update({k: env_info.get(k) for k in ("torch", "nccl", "cuda")})
@@ -129,6 +122,8 @@ def export_policy(run_dir: str | os.PathLike, out: str | os.PathLike, env: dict[
         meta["confirmation"] = (f"{len(chosen) - missing} of {len(chosen)} bucket(s) confirmed by interleaved "
                                 f"re-measurement; a setting ships where its confirmed speedup's CI lower bound "
                                 f"exceeds 1 + {confirm.MIN_EFFECT}")
+        if missing < len(chosen):
+            meta["confirmation"] += "; confirmation.expected, the speedup to expect, is that lower bound"
         if missing:
             meta["unconfirmed"] = unconfirmed
             meta["confirmation"] += (f"; {missing} unconfirmed bucket(s) ship the first pass's pick (--unconfirmed)"

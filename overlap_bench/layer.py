@@ -26,13 +26,9 @@ def _group_size(group: dist.ProcessGroup | None) -> int:
 class RowParallelLinear(nn.Module):
     """``y = all_reduce(x_r @ W_r^T) + b`` with ``W_r`` of shape ``[out_features, in_features_per_rank]``.
 
-    ``in_features`` is the full input width, split evenly over the group's ranks. The bias is full-size on
-    every rank; the strategies add it on the group's rank 0 only, so it is counted once. With no policy the
-    layer always runs ``baseline``. Every rank must see the same M (true in tensor parallelism), so every
-    rank picks the same strategy and the collectives match.
-
-    Inference only, like vLLM's: the strategies write into preallocated outputs and call collectives
-    directly, which autograd cannot differentiate (no grad on the parameters; ``forward`` under ``no_grad``).
+    ``in_features`` (the full width) is split evenly over the group's ranks; the full bias is counted once.
+    With no policy it runs ``baseline``. Every rank must see the same M, so all pick the same strategy.
+    Inference only: the strategies write preallocated outputs and call collectives, which autograd cannot follow.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
@@ -44,14 +40,12 @@ class RowParallelLinear(nn.Module):
             raise ValueError(f"in_features={in_features} is not divisible by the group size {world}")
         self.in_features, self.out_features = in_features, out_features
         self.in_features_per_rank = in_features // world
-        self.group = group
-        self.policy = policy
+        self.group, self.policy = group, policy
         self.last_choice: Choice | None = None
-        """What ran on the latest forward (the policy's answer, or the baseline it fell back to)."""
+        """What ran on the latest forward."""
         self._warned: set[str] = set()
         kw = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(out_features, self.in_features_per_rank, **kw),
-                                   requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(out_features, self.in_features_per_rank, **kw), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, **kw), requires_grad=False) if bias else None
         self.reset_parameters()
 
@@ -78,17 +72,14 @@ class RowParallelLinear(nn.Module):
     def choose(self, m: int) -> Choice:
         """The strategy for ``m`` token rows."""
         if self.policy is None or m == 0:
-            return Choice("baseline", _BASELINE, None,
-                          "no policy" if self.policy is None else "no rows")
+            return Choice("baseline", _BASELINE, None, "no policy" if self.policy is None else "no rows")
         return self.policy.choose(K=self.in_features_per_rank, N=self.out_features, M=m)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``[..., in_features_per_rank]`` -> ``[..., out_features]``, all-reduced over the group.
 
-        Never raises for a policy that loaded: a choice that cannot run on this backend or these ``M`` rows
-        runs the baseline for this call, warned once per layer and setting. Strategies raise such
-        ``ValueError`` before their first collective, and every rank sees the same choice: all fall back.
-        """
+        A choice that cannot run here (unavailable, or a ``ValueError`` before its first collective) runs the
+        baseline for this call instead, warned once per setting; every rank sees the same choice, so all do."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features_per_rank)
         choice = self.last_choice = self.choose(x2.shape[0])
@@ -106,8 +97,7 @@ class RowParallelLinear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def _fall_back(self, choice: Choice, m: int, why: str) -> None:
-        self.last_choice = Choice("baseline", _BASELINE, choice.bucket,
-                                  f"{choice.label} cannot run for M={m}: {why}")
+        self.last_choice = Choice("baseline", _BASELINE, choice.bucket, f"{choice.label} cannot run for M={m}: {why}")
         if choice.label not in self._warned:
             self._warned.add(choice.label)
             log.warning("RowParallelLinear K=%d, N=%d: %s (%s) cannot run for M=%d (%s); the baseline runs for "

@@ -19,7 +19,7 @@ def finite(x: Any) -> bool:
 
 def dtype_bytes(dtype: str) -> int:
     """Bytes per element of a dtype named in :data:`DTYPES`."""
-    return torch.empty((), dtype=DTYPES[dtype]).element_size()
+    return DTYPES[dtype].itemsize
 
 
 def ideal_ms(t_gemm: float, t_comm: float) -> float:
@@ -28,10 +28,8 @@ def ideal_ms(t_gemm: float, t_comm: float) -> float:
 
 
 def reference(baselines: Iterable[tuple[float, float]]) -> tuple[float, float]:
-    """THE reference every speedup and eta is taken against: ``(t_base, iqr)`` of the fastest baseline
-    measurement of a case group (the same shape, M, dtype and job). Any transient (a clock dip, a
-    neighbour's traffic) only slows a measurement, so the fastest one is the least disturbed, and a
-    candidate must beat it to count: a slow reference cannot turn a tie into a win. ``(nan, 0)`` if none."""
+    """THE reference of every speedup and eta: ``(t_base, iqr)`` of a bucket's fastest baseline measurement
+    (transients only slow a measurement, and a slow reference would turn a tie into a win). ``(nan, 0)`` if none."""
     usable = [(t, iqr if math.isfinite(iqr) else 0.0) for t, iqr in baselines if math.isfinite(t) and t > 0]
     return min(usable) if usable else (math.nan, 0.0)
 
@@ -48,12 +46,9 @@ ETA_MIN_SPREADS = 3.0
 
 
 def eta(t_base: float, t: float, t_gemm: float, t_comm: float, spread: float = 0.0) -> float:
-    """Hidden fraction of the hideable time: ``(t_base - t) / (t_base - ideal)``.
-
-    0 = nothing hidden, 1 = at the floor, < 0 = slower than baseline. NaN (shown ``n/a``) when the
-    hideable time is too small to measure: below ``max(ETA_MIN_ROOM * t_base, ETA_MIN_SPREADS * spread)``
-    (nothing to hide, e.g. one rank, or it is within the noise), or when a time is missing.
-    """
+    """Hidden fraction of the hideable time, ``(t_base - t) / (t_base - ideal)``: 0 = nothing hidden, 1 = at the
+    floor, < 0 = slower than baseline. NaN (``n/a``) when a time is missing or the hideable time is below
+    ``max(ETA_MIN_ROOM * t_base, ETA_MIN_SPREADS * spread)`` (nothing to hide, or within the noise)."""
     room = t_base - ideal_ms(t_gemm, t_comm)
     spread = spread if math.isfinite(spread) else 0.0
     if not room > max(ETA_MIN_ROOM * t_base, ETA_MIN_SPREADS * spread, 0.0):
@@ -62,13 +57,9 @@ def eta(t_base: float, t: float, t_gemm: float, t_comm: float, spread: float = 0
 
 
 def model_eta(t_base: float, t: float, t_nocomm: float, noise: float = 0.0) -> float:
-    """Model level: the fraction of the forward's row-parallel communication a mode hid,
-    ``(t_base - t) / (t_base - t_nocomm)`` with ``t_nocomm`` the forward without those all-reduces.
-
-    0 = nothing hidden, 1 = as fast as no communication at all, < 0 = slower than baseline. NaN when the
-    communication share ``t_base - t_nocomm`` is not above ``noise`` (e.g. the measured spread; at world 1
-    there is nothing to hide and the ratio would be noise over noise).
-    """
+    """Model level: the share of the forward's row-parallel communication a mode hid, ``(t_base - t) / (t_base -
+    t_nocomm)`` (``t_nocomm``: the forward without those all-reduces). NaN unless ``t_base - t_nocomm`` is above
+    ``noise`` (e.g. the measured spread; at world 1 the ratio would be noise over noise)."""
     room = t_base - t_nocomm
     if not room > max(noise, 0.0):
         return math.nan
@@ -113,11 +104,6 @@ def tokens_per_s(m: int, t_ms: float) -> float:
 def derive(*, m: int, k: int, n: int, dtype: str, world: int, t_ms: float, t_base_ms: float,
            t_gemm_ms: float, t_comm_ms: float) -> dict[str, float]:
     """All derived metrics of one measured case, as record fields."""
-    return {
-        "ideal_ms": ideal_ms(t_gemm_ms, t_comm_ms),
-        "speedup": speedup(t_base_ms, t_ms),
-        "eta": eta(t_base_ms, t_ms, t_gemm_ms, t_comm_ms),
-        "tokens_per_s": tokens_per_s(m, t_ms),
-        "tflops": tflops(m, k, n, t_ms),
-        "busbw_gbps": busbw_gbps(m, n, dtype, world, t_comm_ms),
-    }
+    return {"ideal_ms": ideal_ms(t_gemm_ms, t_comm_ms), "speedup": speedup(t_base_ms, t_ms),
+            "eta": eta(t_base_ms, t_ms, t_gemm_ms, t_comm_ms), "tokens_per_s": tokens_per_s(m, t_ms),
+            "tflops": tflops(m, k, n, t_ms), "busbw_gbps": busbw_gbps(m, n, dtype, world, t_comm_ms)}

@@ -5,10 +5,8 @@ from __future__ import annotations
 import torch
 
 TOLERANCE: dict[str, float] = {"float32": 1e-5, "float16": 5e-3, "bfloat16": 2e-2}
-"""Largest accepted ``||y - y_base|| / ||y_base||`` per dtype.
-
-A chunked product may pick other GEMM kernels and NCCL may pick another algorithm for a smaller message,
-so the sums round differently; the bounds sit a few units of each dtype's rounding above that noise."""
+"""Largest accepted ``||y - y_base|| / ||y_base||`` per dtype: a few units of the dtype's rounding above the noise
+of other GEMM kernels (a chunked product) and other NCCL algorithms (smaller messages) summing differently."""
 
 
 def rel_err(y: torch.Tensor, y_base: torch.Tensor) -> float:

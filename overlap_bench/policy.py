@@ -1,6 +1,5 @@
-"""The policy at run time: one YAML per device, world size and dtype (vLLM tuned-config style; its layout is
-:class:`PolicyFile`, written by :mod:`overlap_bench.export`), its loader and the lookup
-``Policy.choose(K, N, M) -> Choice``. No pandas here: the serving path imports this."""
+"""The policy at run time: one YAML per device, world size and dtype (:class:`PolicyFile`, written by
+:mod:`overlap_bench.export`), its loader and ``Policy.choose(K, N, M) -> Choice``. The serving path imports this."""
 
 from __future__ import annotations
 
@@ -21,8 +20,7 @@ from overlap_bench.errors import UserError, describe_os_error
 
 log = logging.getLogger("overlap_bench.policy")
 
-ENV_DIR = "OVERLAP_BENCH_POLICY_DIR"
-"""Environment variable naming a folder searched before the package's own ``configs/``."""
+ENV_DIR = "OVERLAP_BENCH_POLICY_DIR"  # a folder searched before the package's own ``configs/``
 PACKAGE_DIR = Path(__file__).parent / "configs"
 
 
@@ -34,20 +32,14 @@ class Entry(Config):
     """One bucket of one shape."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
-    strategy: str
+    strategy: Annotated[str, AfterValidator(lambda name: strategies.get(name).name)]
     """A registered strategy's name."""
     settings: Any = Field(None, validate_default=True)
-    """The strategy's settings object (from ``strategies.make_settings``); YAML: a mapping of its fields."""
+    """The strategy's settings object; in YAML a mapping of its fields."""
     speedup: float | None = Field(None, allow_inf_nan=True)
     """Measured speedup over the baseline (information only)."""
     eta: float | None = Field(None, allow_inf_nan=True)
     """Measured overlap efficiency (information only)."""
-
-    @field_validator("strategy")
-    @classmethod
-    def _known(cls, name: str) -> str:
-        strategies.get(name)
-        return name
 
     @field_validator("settings", mode="before")
     @classmethod
@@ -65,14 +57,13 @@ class Choice:
 
     strategy: str
     settings: Any
-    """The strategy's settings object (from ``strategies.make_settings``)."""
     bucket: int | None
     """The bucket's M, or None when no bucket applied (baseline)."""
     reason: str
 
     @property
     def label(self) -> str:
-        """Display text (``strategies.label``), derived from the typed settings."""
+        """Display text (``strategies.label``)."""
         return strategies.label(self.strategy, self.settings)
 
 
@@ -83,18 +74,14 @@ class ShapePolicy(Config):
     name: str | None = None
     """The shapes' names (``+``-joined when several share K, N)."""
     threshold: int | None = Field(None, ge=0)
-    """Token count below which the baseline runs (informational: the buckets say what runs)."""
+    """Token count below which the baseline runs (information only: the buckets say what runs)."""
     buckets: Annotated[dict[Annotated[int, Field(ge=1)], Entry], Field(min_length=1),
                        AfterValidator(lambda b: dict(sorted(b.items())))]
-    """``M: entry``, sorted by M on load (a file written by hand need not be)."""
+    """``M: entry``, sorted by M on load."""
 
     @cached_property
     def ms(self) -> list[int]:
         return list(self.buckets)
-
-    @cached_property
-    def entries(self) -> list[tuple[int, Entry]]:
-        return list(self.buckets.items())
 
 
 def _shape_key(key: Any) -> tuple[int, int]:
@@ -118,7 +105,7 @@ def _distinct_shapes(shapes: Any) -> Any:
 
 
 class Meta(Config):
-    """What a policy file was measured on (more provenance may follow: torch, nccl, created, ...)."""
+    """What a policy file was measured on (more provenance may follow)."""
 
     model_config = ConfigDict(extra="allow")
     device: str
@@ -149,8 +136,8 @@ class Policy:
     _warned: set = field(default_factory=set, repr=False)
 
     def choose(self, *, K: int, N: int, M: int) -> Choice:
-        """The strategy for an ``[M, K] x [K, N]`` layer: the largest bucket <= M, else baseline. A K, N or M that
-        is not an integer (a bool, a float, None) is a :class:`PolicyError`."""
+        """The strategy for an ``[M, K] x [K, N]`` layer: the largest bucket <= M, else baseline; a K, N or M that
+        is not an integer is a :class:`PolicyError`."""
         for name, v, lo in (("K", K, 1), ("N", N, 1), ("M", M, 0)):
             try:
                 ok = not isinstance(v, bool) and operator.index(v) >= lo
@@ -168,15 +155,14 @@ class Policy:
         i = bisect.bisect_right(shape.ms, M) - 1
         if i < 0:
             return _baseline(None, f"M={M} below the smallest bucket {shape.ms[0]}")
-        bucket, e = shape.entries[i]
+        bucket = shape.ms[i]
+        e = shape.buckets[bucket]
         return Choice(e.strategy, e.settings, bucket, f"bucket M={bucket} of {shape.name}")
 
 
 def _baseline(bucket: int | None, reason: str) -> Choice:
     return Choice("baseline", strategies.make_settings("baseline"), bucket, reason)
 
-
-# ---------------------------------------------------------------------------------------------- naming
 
 def policy_filename(device: str, world: int, dtype: str) -> str:
     """``device=<name, spaces as _>,world=<W>,dtype=<dtype>.yaml``."""
@@ -188,16 +174,11 @@ def _same_device(a: str, b: str) -> bool:
     return a.strip().replace(" ", "_").lower() == b.strip().replace(" ", "_").lower()
 
 
-# ---------------------------------------------------------------------------------------------- load
-
 def load_policy(path: str | os.PathLike, expect_world: int | None = None, expect_device: str | None = None,
                 fallback: bool = False) -> Policy:
-    """Load and validate a policy file; every problem raises :class:`PolicyError` naming file and field.
-
-    A ``meta.world_size`` or ``meta.device`` unlike ``expect_world``/``expect_device`` is an error too.
-    With ``fallback=True`` every such problem (a malformed file included) is instead a logged warning and
-    a baseline-only policy: the caller asked to run, untuned, rather than stop.
-    """
+    """Load and validate a policy file; every problem (a ``meta`` unlike ``expect_world``/``expect_device``
+    too) raises :class:`PolicyError` naming file and field, or with ``fallback=True`` warns and gives a
+    baseline-only policy (run untuned rather than stop)."""
     path = Path(path)
     try:
         doc = check.validate(PolicyFile, check.read_yaml(path), "the top level")
@@ -213,11 +194,9 @@ def load_policy(path: str | os.PathLike, expect_world: int | None = None, expect
     return Policy(meta=doc.meta.model_dump(), shapes=doc.shapes, path=path)
 
 
-# ---------------------------------------------------------------------------------------------- lookup
-
 def find_policy(device: str, world: int, dtype: str) -> Path | None:
-    """The policy file for this device, world size and dtype: first in ``$OVERLAP_BENCH_POLICY_DIR``, then
-    in the package's ``configs/``; None when neither has it."""
+    """The policy file for this device, world size and dtype in ``$OVERLAP_BENCH_POLICY_DIR``, else in the
+    package's ``configs/``, else None."""
     name = policy_filename(device, world, dtype)
     folders = [Path(os.environ[ENV_DIR])] if os.environ.get(ENV_DIR) else []
     for folder in folders + [PACKAGE_DIR]:

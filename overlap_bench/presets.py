@@ -9,18 +9,12 @@ from dataclasses import dataclass
 class ModelPreset:
     """The dimensions of a decoder that matter here (from each model's published config.json)."""
 
-    hidden: int
-    """Hidden size: N of both row-parallel layers."""
-    intermediate: int
-    """MLP intermediate size: K (total) of ``down_proj``."""
-    heads: int
-    """Attention heads; ``heads * head_dim`` is K (total) of ``o_proj``."""
-    kv_heads: int
-    """Key/value heads (grouped-query attention)."""
+    hidden: int  # N of both row-parallel layers
+    intermediate: int  # MLP width: K (total) of down_proj
+    heads: int  # attention heads; heads * head_dim is K (total) of o_proj
+    kv_heads: int  # key/value heads (grouped-query attention)
     head_dim: int
-    """Per-head width."""
-    layers: int
-    """Decoder layers in the full model."""
+    layers: int  # decoder layers in the full model
 
 
 PRESETS: dict[str, ModelPreset] = {
@@ -33,10 +27,8 @@ PRESETS: dict[str, ModelPreset] = {
 
 
 def row_parallel_shapes(preset: str, tp: int) -> dict[str, tuple[int, int]]:
-    """``{"<preset>/o_proj": (K, N), "<preset>/down_proj": (K, N)}`` with K per rank at ``tp``.
-
-    Raises ``ValueError`` naming the preset when a dimension does not divide by ``tp``.
-    """
+    """``{"<preset>/o_proj": (K, N), "<preset>/down_proj": (K, N)}`` with K per rank at ``tp``; ``ValueError``
+    naming the preset when a dimension does not divide by ``tp``."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset '{preset}' (known: {', '.join(PRESETS)})")
     p = PRESETS[preset]

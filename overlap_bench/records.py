@@ -28,6 +28,8 @@ CONFIRM = "confirm.jsonl"
 """The confirmation stage's log (``kind`` confirm): one record per timed region and side."""
 MAX_FILE_BYTES = 1 << 30
 """The largest record file read: a bigger one is not a run's log."""
+SCREEN = "screen.jsonl"
+"""The screen's log (``kind`` screen), laid out as ``confirm.jsonl``."""
 
 
 @dataclass

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+from collections import Counter
 from itertools import groupby
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from overlap_bench import confirm, plots, select, strategies
 from overlap_bench.markdown import cell, table
 from overlap_bench.metrics import finite
 from overlap_bench.plots import Group
-from overlap_bench.records import Loaded, load_records
+from overlap_bench.records import Loaded, Record, load_records
 from overlap_bench.runfolder import ENV, SPEC, SUMMARY, TABLES_CSV, TABLES_MD, RunFolder
 from overlap_bench.select import RULE, Decision
 
@@ -27,21 +28,18 @@ _ENV_KEYS = ("gpu_name", "gpu_count", "torch", "nccl", "cuda", "host", "git_comm
 """env.json keys shown first, in this order; any others follow in sorted order."""
 _TABLE_COLS = ["shape", "K", "N", "M", "dtype", "world", "env", "label", "t_base_ms", "t_ms", "speedup", "eta",
                "rel_err", "status", "best"]
+SLUG_MAX = 96
+"""Longest slug: with a prefix and ``.png`` a file name stays far below the 255-byte limit of file systems."""
 
 
 def _fmt(x: Any, spec: str) -> str:
     return format(x, spec) if finite(x) else "–"
 
 
-SLUG_MAX = 96
-"""Longest slug: with a prefix and ``.png`` a file name stays far below the 255-byte limit of file systems."""
-
-
 def slugify(text: str) -> str:
-    """Filesystem-safe, short form of ``text``: letters, digits, ``-``, ``_`` and ``.`` only, no leading dot,
-    at most :data:`SLUG_MAX` characters (a longer one keeps its start and a hash of the whole text)."""
-    s = re.sub(r"[^A-Za-z0-9._-]+", "-", text)
-    s = re.sub(r"-{2,}", "-", s).strip("-.")
+    """Filesystem-safe ``text``: letters, digits, ``-``, ``_``, ``.``, no leading dot, at most :data:`SLUG_MAX`
+    characters (a longer one keeps its start and a hash of the whole)."""
+    s = re.sub(r"-{2,}", "-", re.sub(r"[^A-Za-z0-9._-]+", "-", text)).strip("-.")
     if len(s) > SLUG_MAX:
         s = s[:SLUG_MAX - 9].rstrip("-.") + "-" + hashlib.sha256(text.encode()).hexdigest()[:8]
     return s or "group"
@@ -49,8 +47,7 @@ def slugify(text: str) -> str:
 
 def _groups(decisions: list[Decision]) -> list[Group]:
     """The decisions by group (key order, one per M), slugs given; a group with nothing ok is left out."""
-    out = [Group(key, list(ds)) for key, ds in groupby(decisions, key=lambda d: d.key.group)]
-    out = [g for g in out if g.ms]
+    out = [g for key, ds in groupby(decisions, key=lambda d: d.key.group) if (g := Group(key, list(ds))).ms]
     seen: dict[str, int] = {}
     for g in out:
         parts = [g.key.shape, g.key.dtype, f"tp{g.key.world}"] + [f"{k}-{v}" for k, v in g.key.env]
@@ -63,15 +60,18 @@ def _groups(decisions: list[Decision]) -> list[Group]:
 # ---- tables.md and tables.csv ------------------------------------------------------------------------------
 
 def table_rows(decisions: list[Decision]) -> list[dict[str, Any]]:
-    """Every scored record of the decisions' buckets as a table row (by group, M and label), the first pass's
-    winner marked ``best``."""
+    """Every scored record of the decisions' buckets as a row (key order, then label). The first pass's winner
+    is marked ``best`` with its :class:`select.Best` numbers, as the summary shows them: a winning baseline
+    shows the reference (speedup 1), as a row of its own (status ``reference``) where it has no record."""
     rows = []
-    for _, ds in groupby(decisions, key=lambda d: d.key.group):
-        recs = sorted(((r, d) for d in ds for r in d.best.scored), key=lambda rd: (rd[0].M, rd[0].label))
-        rows += [{"shape": r.shape, "K": r.K, "N": r.N, "M": r.M, "dtype": r.dtype, "world": r.world,
-                  "env": d.key.env.text, "label": r.label, "t_base_ms": r.t_base_ms, "t_ms": r.t_ms,
-                  "speedup": r.speedup, "eta": r.eta, "rel_err": r.rel_err, "status": r.status,
-                  "best": r.label == d.best.label} for r, d in recs]
+    for d in decisions:
+        b, k = d.best, d.key
+        cells = [(r.label, r.status, b if r.label == b.label else r) for r in b.scored]
+        cells += [(b.label, "reference", b)] if b.label not in {r.label for r in b.scored} else []
+        rows += [{"shape": k.shape, "K": k.K, "N": k.N, "M": k.M, "dtype": k.dtype, "world": k.world,
+                  "env": k.env.text, "label": label, "t_base_ms": b.t_base_ms, "t_ms": x.t_ms, "speedup": x.speedup,
+                  "eta": x.eta, "rel_err": x.rel_err, "status": status, "best": x is b}
+                 for label, status, x in sorted(cells, key=lambda c: c[0])]
     return rows
 
 
@@ -87,104 +87,79 @@ def write_tables(decisions: list[Decision], run_dir: str | os.PathLike) -> list[
     """Write ``tables.csv`` (every row) and ``tables.md`` (a section per group, winners marked, flags listed)
     into ``run_dir``; returns both paths."""
     folder = RunFolder(run_dir)
-    rows = table_rows(decisions)
-    csv_path = folder.write_text(TABLES_CSV, pd.DataFrame(rows, columns=_TABLE_COLS).to_csv(index=False))
+    rows = pd.DataFrame(table_rows(decisions), columns=_TABLE_COLS)
+    csv_path = folder.write_text(TABLES_CSV, rows.to_csv(index=False))
     parts = ["# Results", "", "Winner per M marked ✓. " + RULE]
     cols = ["M", "label", "t_base_ms", "t_ms", "speedup", "eta", "rel_err", "status", "best"]
     for key, ds in groupby(decisions, key=lambda d: d.key.group):
         ds = list(ds)
         thr = select.threshold((d.key.M, d.best.strategy) for d in ds)
-        md = []
-        for row in table_rows(ds):
-            md.append([_tfmt(row[c]) for c in cols])
-            if row["best"]:
-                md[-1][1] = f"**{md[-1][1]}**"
+        md = [[_tfmt(row[c]) for c in cols] for row in table_rows(ds)]
+        for row in md:
+            row[1] = f"**{row[1]}**" if row[-1] else row[1]
         parts += ["", f"## {key.shape} | {key.dtype}{' +bias' if key.bias else ''} | world={key.world} | "
                   f"{key.device} | {key.backend} | {key.env.text}", "",
                   f"K={key.K}, N={key.N}; overlap wins from M = "
                   + (str(thr) if thr is not None else "never (baseline at the largest M)"), "", table(cols, md)]
         flagged = [f"- M={d.key.M}: {'; '.join(d.best.flags)}" for d in ds if d.best.flags]
-        if flagged:
-            parts += ["", "Flags (numbers at these M are doubtful):", ""] + flagged
+        parts += ["", "Flags (numbers at these M are doubtful):", ""] + flagged if flagged else []
     return [csv_path, folder.write_text(TABLES_MD, "\n".join(parts) + "\n")]
 
 
 # ---- summary.md ----------------------------------------------------------------------------------------------
 
 def _env_section(run_dir: Path) -> list[str]:
-    path = run_dir / ENV
     out = ["## Environment", ""]
-    if not path.exists():
-        return out + ["No `env.json` in this run.", ""]
     try:
-        env = json.loads(path.read_text(encoding="utf-8"))
+        env = json.loads((run_dir / ENV).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return out + ["No `env.json` in this run.", ""]
     except (OSError, ValueError) as e:
         return out + [f"`env.json` could not be read: {cell(e)}", ""]
     if not isinstance(env, dict):
         return out + [f"`env.json` is not an object: `{cell(env)}`", ""]
     rows: list[list[str]] = []
-    keys = [k for k in _ENV_KEYS if k in env] + sorted(k for k in env if k not in _ENV_KEYS)
-    for k in keys:
+    for k in [k for k in _ENV_KEYS if k in env] + sorted(k for k in env if k not in _ENV_KEYS):
         v = env[k]
         if isinstance(v, dict):
-            if not v:
-                rows.append([cell(k), "(none)"])
-            for sk, sv in sorted(v.items(), key=lambda kv: str(kv[0])):
-                rows.append([cell(f"{k}.{sk}"), f"`{cell(sv)}`"])
-        elif k in ("command", "git_commit") and v not in (None, ""):
-            rows.append([cell(k), f"`{cell(v)}`"])
+            rows += ([[cell(f"{k}.{sk}"), f"`{cell(sv)}`"] for sk, sv in sorted(v.items(), key=lambda kv: str(kv[0]))]
+                     or [[cell(k), "(none)"]])
         else:
-            rows.append([cell(k), cell("" if v is None else v)])
-    if not rows:
-        return out + ["`env.json` is empty.", ""]
-    return out + [table(["key", "value"], rows), ""]
+            code = k in ("command", "git_commit") and v not in (None, "")
+            rows.append([cell(k), f"`{cell(v)}`" if code else cell("" if v is None else v)])
+    return out + ([table(["key", "value"], rows), ""] if rows else ["`env.json` is empty.", ""])
 
 
-def _group_section(g: Group, pngs: dict[str, str | None]) -> list[str]:
+def _group_section(g: Group, pngs: dict[str, Path]) -> list[str]:
     k = g.key
-    lines = [f"## {cell(k.shape)} · K×N = {k.K}×{k.N} · {k.dtype} · world {k.world} · {cell(k.device)}", ""]
-    extra = [f"backend `{k.backend}`"]
-    if k.bias:
-        extra.append("with bias")
-    if k.env:
-        extra.append("env " + ", ".join(f"`{cell(a)}={cell(b)}`" for a, b in k.env))
-    labels = sorted({r.label for r in g.scored})
-    extra.append(f"{len(labels)} setting{'s' if len(labels) != 1 else ''}, "
+    n_labels = len({r.label for r in g.scored})
+    extra = [f"backend `{k.backend}`"] + (["with bias"] if k.bias else [])
+    extra += ["env " + ", ".join(f"`{cell(a)}={cell(b)}`" for a, b in k.env)] if k.env else []
+    extra.append(f"{n_labels} setting{'s' if n_labels != 1 else ''}, "
                  f"{len(g.scored)} ok record{'s' if len(g.scored) != 1 else ''}")
-    lines += ["; ".join(extra) + ".", ""]
-
     thr = select.threshold((d.key.M, d.best.strategy) for d in g.decisions)
-    if thr is not None:
-        lines.append(f"**Threshold: M = {thr}** — from here on, every measured M's best setting is not the "
-                     "baseline and beats it beyond the measured spread.")
-    else:
-        lines.append("**Threshold: none** — at the largest measured M the best setting is the baseline.")
-    lines.append("")
-
+    lines = [f"## {cell(k.shape)} · K×N = {k.K}×{k.N} · {k.dtype} · world {k.world} · {cell(k.device)}", "",
+             "; ".join(extra) + ".", "",
+             f"**Threshold: M = {thr}** — from here on, every measured M's best setting is not the baseline and "
+             "beats it beyond the measured spread." if thr is not None else
+             "**Threshold: none** — at the largest measured M the best setting is the baseline.", ""]
     peers = strategies.peers()
     header = ["M", "t_gemm (ms)", "t_comm (ms)", "t_base (ms)", "best setting", "t (ms)", "speedup", "eta",
               "rel_err"] + [f"{p} speedup" for p in peers]
-    align = "rrrrlrrrr" + "r" * len(peers)
-    rows, flagged = [], []
-    for m in g.ms:
-        b = g.best(m)
-        if b is None:
-            continue
-        rows.append([str(m), _fmt(b.t_gemm_ms, ".3f"), _fmt(b.t_comm_ms, ".3f"), _fmt(b.t_base_ms, ".3f"),
-                     f"`{cell(b.label)}`", _fmt(b.t_ms, ".3f"), _fmt(b.speedup, ".3f"),
-                     _fmt(b.eta, ".2f") if finite(b.eta) else "n/a", _fmt(b.rel_err, ".2e")]
-                    + [_fmt(b.peers.get(p), ".3f") for p in peers])
-        flagged += [f"- M={m}: {cell('; '.join(b.flags))}"] if b.flags else []
-    lines += [table(header, rows, align), ""]
+    rows = [[str(b.M), _fmt(b.t_gemm_ms, ".3f"), _fmt(b.t_comm_ms, ".3f"), _fmt(b.t_base_ms, ".3f"),
+             f"`{cell(b.label)}`", _fmt(b.t_ms, ".3f"), _fmt(b.speedup, ".3f"),
+             _fmt(b.eta, ".2f") if finite(b.eta) else "n/a", _fmt(b.rel_err, ".2e")]
+            + [_fmt(b.peers.get(p), ".3f") for p in peers] for b in g.bests]
+    flagged = [f"- M={b.M}: {cell('; '.join(b.flags))}" for b in g.bests if b.flags]
+    lines += [table(header, rows, "rrrrlrrrr" + "r" * len(peers)), ""]
     lines += (["Flags (numbers at these M are doubtful):", ""] + flagged + [""]) if flagged else []
     lines += [RULE, ""]
     for kind, caption in (("speedup", "Speedup vs tokens"), ("eta", "Hidden fraction (chunked)"),
                           ("breakdown", "Time breakdown")):
-        name = pngs.get(kind)
-        if name:
-            lines += [f"![{caption}]({name})", ""]
+        if kind in pngs:
+            lines += [f"![{caption}]({pngs[kind].name})", ""]
         elif kind == "eta":
-            lines += ["_No setting varies with an eta in this group: no eta heatmap._", ""]
+            lines += [f"_No eta heatmap: {plots.no_eta_reason(g)}._", ""]
     return lines
 
 
@@ -203,20 +178,21 @@ def _confirmation_section(decisions: list[Decision]) -> list[str]:
         c, k = d.confirmation, d.key
         if c is None:
             rows.append([cell(k.shape), str(k.M), cell(k.env.text), "—", "—", "not confirmed", f"`{cell(d.label)}`",
-                         "—", "—", str(d.best.candidates)])
+                         "—", "—", "—", str(d.best.candidates), "—"])
             continue
         rows.append([cell(k.shape), str(k.M), cell(k.env.text), f"`{cell(c.leader)}`",
                      _fmt(c.leader_first_pass_speedup, ".3f"), f"{_fmt(c.leader_speedup, '.3f')} {_ci(*c.leader_ci)}",
-                     f"`{cell(d.label)}`", f"{_fmt(c.speedup, '.3f')} {_ci(*c.ci)}", str(c.repeats),
-                     str(c.candidates)])
+                     f"`{cell(d.label)}`", f"{_fmt(c.speedup, '.3f')} {_ci(*c.ci)}", _fmt(c.expected, ".3f"),
+                     str(c.repeats), str(c.candidates), str(c.screened)])
     header = ["shape", "M", "env", "first-pass leader", "first pass", "confirmed [CI]", "ships", "shipped [CI]",
-              "repeats", "candidates"]
+              "expect", "repeats", "candidates", "screened"]
     return lines + [
-        "Each bucket's leading candidates (the best of the first pass and the peers) measured again against the "
-        "baseline, interleaved (A B A B ...), as `compare` does: speedup = ratio of median tokens/s, CI by "
-        f"bootstrap of that ratio (Bonferroni: 1 − 0.05/k with k candidates). A setting ships only where its "
-        f"CI lower bound exceeds 1 + {confirm.MIN_EFFECT}. *first pass* vs *confirmed* of the leader is the "
-        "selection bias, measured.", "", table(header, rows, "lrllrrlrrr"), ""]
+        "Each bucket's leading candidates (the best of the first pass, or of the screen where it had more than "
+        "that, and the peers) measured again against the baseline, interleaved, as `compare` does: speedup = "
+        f"ratio of median tokens/s, bounds by paired bootstrap, one-sided at {confirm.SHIP_ALPHA}/k for k "
+        f"candidates. A setting ships only where its lower bound exceeds 1 + {confirm.MIN_EFFECT}; *expect* is "
+        "that bound. *first pass* vs *confirmed* of the leader is the selection bias, measured.", "",
+        table(header, rows, "lrllrrlrrrrr"), ""]
 
 
 def _problems_section(records: list[Record], torn: list[int]) -> list[str]:
@@ -224,10 +200,8 @@ def _problems_section(records: list[Record], torn: list[int]) -> list[str]:
     if not bad and not torn:
         return []
     lines = ["## Failed and unavailable cases", ""]
-    for r in bad:
-        lines.append(f"- **{cell(r.status)}** `{cell(r.label)}` — {cell(r.shape)} (K={r.K}, N={r.N}), "
-                     f"M={r.M}, {r.dtype}, world {r.world}, {cell(r.device)}: "
-                     f"{cell(r.reason) if r.reason else 'no reason recorded'}")
+    lines += [f"- **{cell(r.status)}** `{cell(r.label)}` — {cell(r.shape)} (K={r.K}, N={r.N}), M={r.M}, {r.dtype}, "
+              f"world {r.world}, {cell(r.device)}: {cell(r.reason) if r.reason else 'no reason recorded'}" for r in bad]
     if torn:
         lines.append(f"- records.jsonl lines skipped as torn (not valid JSON): {', '.join(map(str, torn))}")
     return lines + [""]
@@ -236,8 +210,8 @@ def _problems_section(records: list[Record], torn: list[int]) -> list[str]:
 def write_report(run_dir: str | os.PathLike, loaded: Loaded | None = None,
                  decisions: list[Decision] | None = None) -> list[Path]:
     """Write the plots and ``summary.md`` of ``run_dir`` into it; returns the written paths (summary last).
-    ``loaded`` and ``decisions``: the folder's records and their decisions when the caller has them.
-    A run with no ok records still gets a ``summary.md`` that says so."""
+    ``loaded``, ``decisions``: the folder's records and decisions when the caller has them. A run with no ok
+    records still gets a ``summary.md`` that says so."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist")
@@ -245,23 +219,16 @@ def write_report(run_dir: str | os.PathLike, loaded: Loaded | None = None,
     if decisions is None:
         decisions = select.decide(loaded.records, confirm.load(run_dir))
     records = select.latest(loaded.records)
-    ok = [r for r in records if r.ok]
-    written: list[Path] = []
-    sections: list[str] = []
-    for g in _groups(decisions):
-        pngs = plots.draw(run_dir, g)
-        written += pngs.values()
-        sections += _group_section(g, {kind: p.name for kind, p in pngs.items()})
-    counts = {s: sum(1 for r in records if r.status == s) for s in sorted({r.status for r in records})}
-    head = [f"# overlap-bench report: {cell(run_dir.resolve().name)}", ""]
-    tally = ", ".join(f"{n} {s}" for s, n in counts.items()) or "none"
-    head.append(f"Records: {len(records)} ({tally}) in `records.jsonl`"
-                + (f"; sweep spec: [{SPEC}]({SPEC})" if (run_dir / SPEC).exists() else "") + ".")
-    head.append("")
-    if not ok:
-        head += ["**No ok records in this run: nothing to plot or tabulate.**", ""]
-    conf = _confirmation_section(decisions) if ok else []
-    text = "\n".join(head + _env_section(run_dir) + conf + sections
+    drawn = [(g, plots.draw(run_dir, g)) for g in _groups(decisions)]
+    written = [p for _, pngs in drawn for p in pngs.values()]
+    sections = [line for g, pngs in drawn for line in _group_section(g, pngs)]
+    tally = ", ".join(f"{n} {s}" for s, n in sorted(Counter(r.status for r in records).items())) or "none"
+    head = [f"# overlap-bench report: {cell(run_dir.resolve().name)}", "",
+            f"Records: {len(records)} ({tally}) in `records.jsonl`"
+            + (f"; sweep spec: [{SPEC}]({SPEC})" if (run_dir / SPEC).exists() else "") + ".", ""]
+    ok = any(r.ok for r in records)
+    head += [] if ok else ["**No ok records in this run: nothing to plot or tabulate.**", ""]
+    text = "\n".join(head + _env_section(run_dir) + (_confirmation_section(decisions) if ok else []) + sections
                      + _problems_section(records, loaded.torn_lines))
     written.append(RunFolder(run_dir).write_text(SUMMARY, text.rstrip("\n") + "\n"))
     return written

@@ -1,10 +1,6 @@
-"""What a run ships, decided once: records -> the latest per case -> scored against each bucket's reference ->
-the first pass's best per bucket -> confirmation -> the env variant and policy slot: one :class:`Decision` per
-bucket, which tables, summary and policy render and never decide again.
-
-Within a bucket ``t_base`` is the fastest baseline measurement (:func:`metrics.reference`), ``speedup = t_base /
-t`` and ``eta = (t_base - t) / (t_base - max(t_gemm, t_comm))`` (n/a when that room is too small to measure).
-"""
+"""What a run ships, decided once: records -> the latest per case -> scored against each bucket's reference
+(:data:`RULE`) -> the first pass's best per bucket -> confirmation -> the env variant and policy slot: one
+:class:`Decision` per bucket, which tables, summary and policy render and never decide again."""
 
 from __future__ import annotations
 
@@ -13,6 +9,7 @@ import logging
 import math
 import statistics
 from dataclasses import dataclass, field
+from itertools import takewhile
 from typing import Any, Iterable
 
 from overlap_bench import confirm, metrics, strategies
@@ -35,11 +32,8 @@ RULE = ("t_base is the reference: the fastest baseline measurement at that M (th
 def latest(records: Iterable[Record]) -> list[Record]:
     """One record per case (bucket and label), in file order: a case measured again keeps its last line."""
     records = list(records)
-    last: dict[tuple, int] = {}
-    for i, r in enumerate(records):
-        last[r.bucket, r.label] = i
-    keep = set(last.values())
-    return [r for i, r in enumerate(records) if i in keep]
+    last = {(r.bucket, r.label): i for i, r in enumerate(records)}
+    return [records[i] for i in sorted(last.values())]
 
 
 def _reference(group: list[Record]) -> tuple[float, float, tuple[str, ...]]:
@@ -62,13 +56,9 @@ def _reference(group: list[Record]) -> tuple[float, float, tuple[str, ...]]:
 
 
 def _scored(records: Iterable[Record]) -> tuple[list[Record], dict[BucketKey, tuple[float, float, tuple]]]:
-    """The :func:`latest` records restated against their bucket's reference, and each bucket's
-    ``(t_base, iqr, flags)``."""
+    """:func:`score`'s records, and each bucket's ``(t_base, iqr, flags)``."""
     recs = latest(records)
-    at: dict[BucketKey, list[Record]] = {}
-    for r in recs:
-        at.setdefault(r.bucket, []).append(r)
-    refs = {key: _reference(g) for key, g in at.items()}
+    refs = {key: _reference([r for r in recs if r.bucket == key]) for key in {r.bucket for r in recs}}
     out = []
     for r in recs:
         t_ref, ref_iqr, _ = refs[r.bucket]
@@ -124,13 +114,10 @@ def best(records: Iterable[Record]) -> list[Best]:
     is kept only when it beats the reference beyond the measured spread (``t + iqr/2 < t_base - iqr_base/2``)
     and the references are consistent; otherwise, and when nothing passed, the winner is ``baseline``."""
     scored, refs = _scored(records)
-    at: dict[BucketKey, list[Record]] = {}
-    for r in scored:
-        at.setdefault(r.bucket, []).append(r)
     peer_names = strategies.peers()
     out = []
-    for key, g in sorted(at.items()):
-        t_ref, ref_iqr, flags = refs[key]
+    for key, (t_ref, ref_iqr, flags) in sorted(refs.items()):
+        g = [r for r in scored if r.bucket == key]
         ok = [r for r in g if r.ok and finite(r.t_ms)]
         win = min(ok, key=lambda r: r.t_ms) if ok else None
         if win is not None and win.strategy != "baseline":
@@ -139,10 +126,9 @@ def best(records: Iterable[Record]) -> list[Best]:
                 win = None
         if win is None or win.strategy == "baseline":
             ref = ([r for r in g if finite(r.t_gemm_ms)] or g)[-1]
-            base_recs = [r for r in ok if r.strategy == "baseline"]
-            rel = min(base_recs, key=lambda r: r.t_ms).rel_err if base_recs else math.nan
+            base = min((r for r in ok if r.strategy == "baseline"), key=lambda r: r.t_ms, default=None)
             win = dataclasses.replace(ref, strategy="baseline", settings={}, label="baseline", t_ms=t_ref,
-                                      t_iqr_ms=ref_iqr, rel_err=rel,
+                                      t_iqr_ms=ref_iqr, rel_err=base.rel_err if base else math.nan,
                                       speedup=1.0 if finite(t_ref) else math.nan,
                                       eta=metrics.eta(t_ref, t_ref, ref.t_gemm_ms, ref.t_comm_ms, ref_iqr))
         peers = {p: r.speedup for p in peer_names for r in ok if r.strategy == p}
@@ -157,36 +143,11 @@ def threshold(winners: Iterable[tuple[int, str]]) -> int | None:
     winners = sorted(winners, reverse=True)
     if len({m for m, _ in winners}) != len(winners):
         raise ValueError("threshold() takes one winner per M")
-    out = None
-    for m, strategy in winners:
-        if strategy == "baseline":
-            break
-        out = int(m)
-    return out
+    run = [int(m) for m, _ in takewhile(lambda w: w[1] != "baseline", winners)]
+    return run[-1] if run else None
 
 
 # ---- the decision -----------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Confirmation:
-    """A bucket's leaders measured again against the baseline, interleaved, and what that decided."""
-
-    speedup: float
-    """The shipped setting's confirmed speedup (1.0 for the baseline)."""
-    ci: tuple[float, float]
-    repeats: int
-    confirmed: int
-    """Candidates re-measured."""
-    candidates: int
-    """Settings the first pass timed."""
-    min_effect: float
-    leader: str | None
-    """The first-pass best of the candidates: its first-pass against its confirmed speedup is the selection
-    bias, measured."""
-    leader_first_pass_speedup: float | None
-    leader_speedup: float
-    leader_ci: tuple[float, float]
-
 
 @dataclass(frozen=True)
 class Decision:
@@ -194,7 +155,6 @@ class Decision:
 
     key: BucketKey
     best: Best
-    """The first pass's winner."""
     strategy: str
     settings: dict[str, Any]
     label: str
@@ -203,7 +163,7 @@ class Decision:
     eta: float
     why: str
     """``confirmed``, ``baseline: not confirmed``, ``baseline: no confirmation`` or ``first pass (unconfirmed)``."""
-    confirmation: Confirmation | None = None
+    confirmation: confirm.Outcome | None = None
     in_policy: bool = False
     """Whether the policy of its (dtype, world) holds it: its env variant is the chosen one and no bucket of
     another shape with the same (K, N, M) ships faster."""
@@ -211,10 +171,9 @@ class Decision:
 
 def decide(records: Iterable[Record], confirmations: Iterable[Record] = (), *, unconfirmed: bool = False,
            env: dict[str, str] | None = None, min_effect: float = MIN_EFFECT) -> list[Decision]:
-    """Every bucket's decision, in key order. Where confirmation records exist (``confirm.load``) the rule of
-    :func:`confirm.decide` picks what ships (a confirmed candidate, or the baseline); a bucket without them
-    ships the baseline, or with ``unconfirmed`` the first pass's pick. The policy of each (dtype, world) takes
-    the env variant ``env``, else the one whose first-pass winners are fastest (:func:`_pick_env`)."""
+    """Every bucket's decision, in key order: what :func:`confirm.decide` ships from its confirmation records
+    (``confirm.load``), else the baseline (with ``unconfirmed``: the first pass's pick). Each (dtype, world)'s
+    policy takes the env variant ``env``, else the one whose first-pass winners are fastest (:func:`_pick_env`)."""
     confirmations = list(confirmations)
     samples = confirm.by_bucket(confirmations)
     got: dict[BucketKey, dict[str, list[Record]]] = {}
@@ -232,19 +191,18 @@ def _ship(b: Best, got: dict[str, list[Record]] | None, samples: dict, unconfirm
         eta = metrics.eta(b.t_base_ms, b.t_base_ms, b.t_gemm_ms, b.t_comm_ms, b.t_base_iqr_ms)
         return Decision(b.key, b, "baseline", {}, "baseline", 1.0, eta, "baseline: no confirmation")
     first_pass = {lab: recs[0].ab.first_pass_speedup for lab, recs in got.items()}
-    order = sorted(got, key=lambda lab: -float(first_pass[lab] or -math.inf))
-    d = confirm.decide(samples, order, min_effect=min_effect)
+    screened = max(recs[0].extra.get("screened", 0) for recs in got.values())
+    d = dataclasses.replace(confirm.decide(samples, first_pass, min_effect=min_effect), candidates=b.candidates,
+                            screened=screened)
     if d.label == "baseline":
         name, settings, t_a, t_b = "baseline", {}, b.t_base_ms, b.t_base_ms
     else:  # strategy and settings come from the candidate's own records
         side = {s: [x for x in got[d.label] if x.ab.side == s] for s in "ab"}
         name, settings = side["b"][0].strategy, dict(side["b"][0].settings)
         t_a, t_b = (float(statistics.median(x.t_ms for x in side[s])) for s in "ab")
-    conf = Confirmation(d.speedup, (d.ci_low, d.ci_high), d.repeats, d.confirmed, b.candidates, min_effect,
-                        d.leader, first_pass[d.leader] if d.leader else None, d.leader_speedup, tuple(d.leader_ci))
     return Decision(b.key, b, name, settings, d.label, d.speedup,
                     metrics.eta(t_a, t_b, b.t_gemm_ms, b.t_comm_ms, b.t_base_iqr_ms),
-                    "baseline: not confirmed" if d.label == "baseline" else "confirmed", conf)
+                    "baseline: not confirmed" if d.label == "baseline" else "confirmed", d)
 
 
 def _pick_env(decisions: list[Decision]) -> Env:
@@ -255,13 +213,11 @@ def _pick_env(decisions: list[Decision]) -> Env:
     for d in decisions:
         by_env.setdefault(d.key.env.text, []).append(d.best)
     keys = sorted(by_env)
-    if len(keys) == 1:
-        return decisions[0].key.env
     common = set.intersection(*({(b.key.shape, b.key.K, b.key.N, b.key.M) for b in by_env[k]} for k in keys))
     scores = {}
     for k in keys:
-        times = [b.t_ms for b in by_env[k] if not common or (b.key.shape, b.key.K, b.key.N, b.key.M) in common]
-        times = [t for t in times if math.isfinite(t) and t > 0]
+        times = [b.t_ms for b in by_env[k] if (not common or (b.key.shape, b.key.K, b.key.N, b.key.M) in common)
+                 and math.isfinite(b.t_ms) and b.t_ms > 0]
         scores[k] = geomean(times) if times else math.inf  # no usable time: never the fastest
     chosen = min(keys, key=lambda k: (scores[k], k != "default"))
     log.info("env variants scored by geometric-mean winner time (ms): %s; chose %s", scores, chosen)

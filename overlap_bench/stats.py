@@ -13,16 +13,14 @@ MIN_EFFECT = 0.01
 """Smallest relative change called faster or slower (a noise floor): ``compare --min-effect``, and the
 confirmation's margin (a setting ships where its lower bound exceeds ``1 + MIN_EFFECT``)."""
 SHIP_ALPHA = 0.01
-"""The ship rule's one-sided family-wise error: where nothing beats the baseline, at most this share of buckets
-ships a setting, at any noise (Bonferroni over the candidates confirmed)."""
+"""The ship rule's one-sided family-wise error (Bonferroni over the candidates confirmed): where nothing beats
+the baseline, at most this share of buckets ships a setting."""
 MIN_SAMPLES = 5
 """Fewer samples than this on a side: no CI, no verdict, no headline (a bootstrap of two covers ~68%)."""
 SCREEN_TOP = 10
-"""Second stage: the best this many first-pass settings (and the peers) are screened before confirmation ..."""
+"""The screen re-measures the best this many first-pass settings (and the peers) of a bucket."""
 SCREEN_REPEATS = 3
-"""... each measured this many times interleaved with the baseline; the best ``confirm.TOP`` of the screen's
-ratios of medians (:func:`screen_speedups`, then ``confirm.leaders``) go on to the confirmation."""
-
+"""Interleaved pairs per screened setting; the screen's ratios of medians pick the confirmation's leaders."""
 VERDICTS = ("faster", "slower", "no significant difference", "below min_effect", "too few samples")
 
 
@@ -41,28 +39,21 @@ def _median(x: np.ndarray) -> np.ndarray:
     return (s[..., (x.shape[-1] - 1) // 2] + s[..., x.shape[-1] // 2]) / 2
 
 
-def _median_ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``median(b) / median(a)`` along the last axis (one sample, or a batch of resamples)."""
-    return _median(b) / _median(a)
-
-
 def _distribution(a: np.ndarray, b: np.ndarray, n_boot: int, seed: int, paired: bool,
                   tail: float) -> tuple[np.ndarray, bool]:
-    """The sorted bootstrap distribution of the ratio of medians, and whether it was paired: samples of equal
-    length taken as pairs (``a[i]``, ``b[i]``: one interleaved repeat) are resampled by pair index, so drift
-    they share cancels. Unequal lengths fall back to resampling each side on its own, and so do fewer pairs
-    than resolve ``tail``: ``n`` pairs cannot show a tail below ``2 ** -n`` (the chance that every pair
-    favours one side), and their bootstrap would claim one."""
+    """The sorted bootstrap distribution of ``median(b) / median(a)``, and whether it was paired (resampled by
+    pair index, so drift a repeat's pair shares cancels): only for equal lengths, and only when ``n`` pairs can
+    resolve ``tail`` (they cannot show a tail below ``2 ** -n``, the chance that every pair favours one side)."""
     rng = np.random.default_rng(seed)
     paired = paired and a.size == b.size and 0.5 ** a.size <= tail
     ia = rng.integers(0, a.size, size=(n_boot, a.size))
     ib = ia if paired else rng.integers(0, b.size, size=(n_boot, b.size))
-    return np.sort(_median_ratio(a[ia], b[ib])), paired
+    return np.sort(_median(b[ib]) / _median(a[ia])), paired
 
 
 def _bounds(dist: np.ndarray, tail: float) -> tuple[float, float]:
-    """The ``ceil(tail * n)``-th smallest and largest of ``n`` sorted resampled ratios: the lower one is above
-    1 exactly when fewer than ``tail * n`` resamples are at or below 1 (the p-value's count)."""
+    """The ``ceil(tail * n)``-th smallest and largest of ``n`` sorted ratios: the lower one is above 1 exactly
+    when fewer than ``tail * n`` resamples are at or below 1 (the p-value's count)."""
     k = max(1, math.ceil(round(tail * dist.size, 9)))
     return float(dist[k - 1]), float(dist[-k])
 
@@ -75,8 +66,8 @@ def bootstrap_ratio_ci(a: Iterable[float], b: Iterable[float], *, n_boot: int = 
 
 @dataclass(frozen=True)
 class Comparison:
-    """B against A by :func:`judge`: ``speedup = median_b / median_a``, the bootstrap CI of that ratio, the
-    p-value counted off the same bootstrap distribution, and the verdict the CI gives."""
+    """B against A by :func:`judge`: ``speedup = median_b / median_a``, its bootstrap CI and p-value, and the
+    verdict the CI gives."""
 
     n_a: int
     n_b: int
@@ -104,26 +95,19 @@ class Comparison:
         return self.ci_low
 
 
-def _std(x: np.ndarray) -> float:
-    return float(x.std(ddof=1)) if x.size > 1 else 0.0
-
-
 def judge(a: Iterable[float], b: Iterable[float], *, min_effect: float = MIN_EFFECT, alpha: float = 0.05,
           one_sided: bool = False, family: int = 1, paired: bool = False, n_boot: int = 10000,
           seed: int = 0) -> Comparison:
     """THE decision rule: throughput ``b`` against ``a`` by the ratio of medians and its bootstrap.
 
-    ``t = alpha / family`` (Bonferroni over ``family`` comparisons made together), halved when two-sided.
-    The CI is ``[lo, hi]``, the ``ceil(t * n_boot)``-th smallest and largest resampled ratios; the p-value is
-    the share of resamples at or beyond 1 (doubled when two-sided), so ``p < alpha / family`` exactly when
-    the CI leaves 1 out. Verdict: ``faster`` iff ``lo > 1 + min_effect``; two-sided only, ``slower`` iff
-    ``hi < 1 - min_effect``; ``below min_effect`` iff the CI leaves 1 out on a side it may report but not
-    the threshold; else ``no significant difference``. Fewer than :data:`MIN_SAMPLES` on a side: ``too
-    few samples`` (no CI, no p). ``compare`` asks the two-sided question; the confirmation ships a candidate
-    iff its one-sided verdict (``family`` = candidates confirmed) is ``faster``.
+    The tail ``alpha / family`` (Bonferroni), halved when two-sided, sets the CI ``[lo, hi]`` and the p-value
+    (resamples at or beyond 1), so ``p < alpha / family`` exactly when the CI leaves 1 out. ``faster`` iff
+    ``lo > 1 + min_effect``; two-sided only, ``slower`` iff ``hi < 1 - min_effect``; ``below min_effect`` iff
+    the CI leaves 1 out on a side it may report but not the threshold. ``compare`` asks two-sided; the
+    confirmation ships iff the one-sided verdict (``family`` = candidates confirmed) is ``faster``.
     """
     a, b = _sample(a, "a"), _sample(b, "b")
-    speedup = float(_median_ratio(a, b))
+    speedup = float(_median(b) / _median(a))
     tail = alpha / family / (1 if one_sided else 2)
     lo = hi = p = math.nan
     used_pairs = False
@@ -143,33 +127,26 @@ def judge(a: Iterable[float], b: Iterable[float], *, min_effect: float = MIN_EFF
             verdict = "below min_effect"
         else:
             verdict = "no significant difference"
-    return Comparison(
-        n_a=int(a.size), n_b=int(b.size),
-        mean_a=float(a.mean()), mean_b=float(b.mean()),
-        median_a=float(np.median(a)), median_b=float(np.median(b)),
-        std_a=_std(a), std_b=_std(b),
-        speedup=speedup, ci_low=lo, ci_high=hi, p_value=p, verdict=verdict,
-        confidence=1 - alpha / family, paired=bool(used_pairs),
-    )
+    std_a, std_b = (float(x.std(ddof=1)) if x.size > 1 else 0.0 for x in (a, b))
+    return Comparison(n_a=int(a.size), n_b=int(b.size), mean_a=float(a.mean()), mean_b=float(b.mean()),
+                      median_a=float(np.median(a)), median_b=float(np.median(b)), std_a=std_a, std_b=std_b,
+                      speedup=speedup, ci_low=lo, ci_high=hi, p_value=p, verdict=verdict,
+                      confidence=1 - alpha / family, paired=bool(used_pairs))
 
 
 def screen_speedups(samples: Mapping[str, tuple[Sequence[float], Sequence[float]]]) -> dict[str, float]:
-    """``label -> median(candidate) / median(baseline)`` of the screen's samples (``label -> (baseline,
-    candidate)`` tokens/s), for ``confirm.leaders`` to pick the candidates the confirmation re-measures."""
-    return {lab: float(_median_ratio(_sample(a, "a"), _sample(b, "b"))) for lab, (a, b) in samples.items()}
+    """``label -> median(candidate) / median(baseline)`` of the screen's ``label -> (baseline, candidate)``."""
+    return {lab: float(np.median(_sample(b, "b")) / np.median(_sample(a, "a"))) for lab, (a, b) in samples.items()}
 
 
 def format_ci(lo: float, hi: float, thresholds: Iterable[float] = (1.0,), digits: int = 3) -> str:
-    """``"lo, hi"`` with ``digits`` decimals, more where fewer would round a bound onto or across one of
-    the ``thresholds`` a verdict reads (a bound above 1 never prints as 1.000); ``n/a`` without a CI."""
+    """``"lo, hi"`` with ``digits`` decimals, more where fewer would round a bound onto or across one of the
+    ``thresholds`` a verdict reads (a bound above 1 never prints as 1.000); ``n/a`` without a CI."""
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return "n/a"
     marks = list(thresholds)
-
-    def keeps(d: int) -> bool:
-        return all(np.sign(float(f"{x:.{d}f}") - t) == np.sign(x - t) for x in (lo, hi) for t in marks)
-
-    d = next((d for d in range(digits, 17) if keeps(d)), 17)
+    d = next((d for d in range(digits, 17)
+              if all(np.sign(float(f"{x:.{d}f}") - t) == np.sign(x - t) for x in (lo, hi) for t in marks)), 17)
     return f"{lo:.{d}f}, {hi:.{d}f}"
 
 

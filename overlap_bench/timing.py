@@ -20,21 +20,18 @@ REPS = 20
 
 @dataclass(frozen=True)
 class Timing:
-    """One measured region, in ms."""
+    """One measured region, in ms: the max over ranks of each rank's median and interquartile range."""
 
     median_ms: float
-    """Max over ranks of each rank's median."""
     iqr_ms: float
-    """Max over ranks of each rank's interquartile range."""
     reps: int
 
 
 def allreduce_max(values: list[float], group: dist.ProcessGroup | None, device: torch.device) -> list[float]:
-    """Element-wise max over ranks (used for agreement on counts, for the slowest rank's time and for the
-    largest ``rel_err``); NaN when any rank's value is NaN."""
+    """Element-wise max over ranks (agreed counts, the slowest rank's time, the largest ``rel_err``); NaN when
+    any rank's value is NaN."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    # A MAX all-reduce drops NaN (gloo keeps max(0, nan) = 0): a NaN rel_err on one rank passed the gate.
-    # The NaN flags travel beside the values so that NaN reaches every rank.
+    # A MAX all-reduce drops NaN (gloo keeps max(0, nan) = 0), so NaN flags travel beside the values.
     both = torch.cat([t, torch.isnan(t).to(torch.float64)])
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
     n = len(values)
@@ -57,29 +54,22 @@ def iqr(samples: list[float]) -> float:
 
 def time_region(fn: Callable[[], object], *, warmup: int, reps: int, group: dist.ProcessGroup | None,
                 device: torch.device, clock: Callable[[], float] = time.perf_counter) -> Timing:
-    """Time ``fn`` ``reps`` times after ``warmup`` calls.
-
-    Every rank must call this at the same point: the counts are agreed first (a mismatch would deadlock the
-    collectives inside ``fn``), and a barrier precedes the timed loop, never sits inside it. On GPU each
-    repetition is bracketed by CUDA events and the loop is queued back to back, so a repetition's time
-    includes waiting for the slowest rank inside its collectives, as in a real layer. ``clock`` (seconds) reads
-    the time on CPU; tests pass a scripted one to pin the median, the IQR and the max over ranks.
-    """
+    """Time ``fn`` ``reps`` times after ``warmup`` calls, on every rank at the same point (counts agreed first,
+    one barrier before the loop). On GPU, CUDA events bracket each repetition of a back-to-back loop, so waits
+    for the slowest rank count, as in a real layer. ``clock`` (seconds) times CPU runs; tests script it."""
     warmup, reps = (int(v) for v in allreduce_max([warmup, reps], group, device))
     for _ in range(warmup):
         fn()
     sync(device)
     dist.barrier(group=group)
-    samples: list[float]
     if device.type == "cuda":
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        for i in range(reps):
-            starts[i].record()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for start, end in events:
+            start.record()
             fn()
-            ends[i].record()
-        torch.cuda.synchronize(device)
-        samples = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+            end.record()
+        sync(device)
+        samples = [start.elapsed_time(end) for start, end in events]
     else:
         samples = []
         for _ in range(reps):

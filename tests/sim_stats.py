@@ -2,9 +2,10 @@
 
 A bucket is measured as a sweep measures it: a first pass (the baseline reference bracketed every
 ``bench.BRACKET_EVERY`` candidates, each candidate once, speedups against the fastest reference), then
-optionally the screen (the best :data:`stats.SCREEN_TOP` and the peers, :data:`stats.SCREEN_REPEATS`
-interleaved pairs each), then the confirmation (``confirm.TOP`` leaders and the peers, ``repeats`` interleaved
-pairs each, A B then B A as ``bench.run_ab`` orders them) judged by ``confirm.decide``. Every region's time
+optionally the screen (``confirm.shortlist``: the best :data:`stats.SCREEN_TOP` and the peers,
+:data:`stats.SCREEN_REPEATS` interleaved pairs each), then the confirmation (``confirm.finalists``: ``confirm.TOP``
+leaders and the peers, ``repeats`` interleaved pairs each, A B then B A as ``bench.run_ab`` orders them) judged by
+``confirm.decide``: the functions the sweep selects and decides with. Every region's time
 carries lognormal noise (``sigma``: the region-to-region CV) and a slow linear drift of the machine.
 """
 
@@ -14,6 +15,7 @@ import numpy as np
 
 from overlap_bench import confirm, metrics, stats
 from overlap_bench.bench import BRACKET_EVERY
+from overlap_bench.spec import CONFIRM_REPEATS
 
 SETTINGS = [f"chunked:chunks={c},comm={m}" for c in range(2, 22) for m in ("stream", "async")] + ["pr"]
 """41 settings, ``pr`` the peer (always confirmed)."""
@@ -42,7 +44,7 @@ class _Machine:
 
 
 def bucket(rng: np.random.Generator, sigma: float, gains: dict[str, float] | None = None, *, repeats: int =
-           confirm.REPEATS, screen: bool = True, n_boot: int = 2000) -> tuple[dict[str, float], confirm.Decision]:
+           CONFIRM_REPEATS, screen: bool = True, n_boot: int = 2000) -> tuple[dict[str, float], confirm.Outcome]:
     """One bucket: ``(first-pass speedups, decision)``; ``gains`` maps a label to its true speedup (else 1)."""
     gains = gains or {}
     steps = 2 * len(SETTINGS) + 2 * (stats.SCREEN_TOP + 1) * stats.SCREEN_REPEATS + 2 * (confirm.TOP + 1) * repeats
@@ -54,14 +56,11 @@ def bucket(rng: np.random.Generator, sigma: float, gains: dict[str, float] | Non
             refs.append(m.region(1.0))
     t_ref, _ = metrics.reference((t, 0.0) for t in refs)
     first = {lab: metrics.speedup(t_ref, t) for lab, t in times.items()}
-    if screen:
-        short = confirm.leaders(first, PEERS, top=stats.SCREEN_TOP)
-        screened = {lab: m.pairs(gains.get(lab, 1.0), stats.SCREEN_REPEATS) for lab in short}
-        lead = confirm.leaders(stats.screen_speedups(screened), PEERS)
-    else:
-        lead = confirm.leaders(first, PEERS)
+    screened = {lab: m.pairs(gains.get(lab, 1.0), stats.SCREEN_REPEATS)
+                for lab in (confirm.shortlist(first, PEERS) if screen else [])}
+    lead = confirm.finalists(first, screened, PEERS)  # the sweep's own selection (sweep.plan_stage)
     samples = {lab: m.pairs(gains.get(lab, 1.0), repeats) for lab in lead}
-    return first, confirm.decide(samples, lead, n_boot=n_boot)
+    return first, confirm.decide(samples, first, n_boot=n_boot)
 
 
 def rates(seed: int, trials: int, sigma: float, gain: float, **kw) -> tuple[float, float]:

@@ -20,8 +20,9 @@ from overlap_bench.bench import BenchOptions, run_ab
 from overlap_bench.cli import app
 from overlap_bench.compare import compare_run_dirs
 from overlap_bench.launch import JobConfig, launch
-from overlap_bench.records import Record, load_records
-from overlap_bench.sweep import plan_confirmation
+from overlap_bench.records import SCREEN, Record, load_records
+from overlap_bench.stats import SCREEN_REPEATS
+from overlap_bench.sweep import plan_stage
 from overlap_bench.spec import Case
 from test_metrics_numerics import _wrong, _WrongSettings
 
@@ -144,7 +145,7 @@ def confirmed(tmp_path_factory) -> Path:
         "name": "t", "backend": "gloo", "world_size": 2, "dtypes": ["float32"], "shapes": [{"name": "t/o", "K": 64,
         "N": 64}], "tokens": [32, 48], "warmup": 1, "reps": 2, "confirm_repeats": 5,
         "strategies": [{"name": "baseline"}, {"name": "pr"}, {"name": "chunked", "chunks": [2, 3]}]}))
-    _ok(["sweep", spec, "--out", root / "run"])
+    _ok(["sweep", spec, "--out", root / "run", "--confirm-top", "1"])  # 3 settings: the screen runs
     return root / "run"
 
 
@@ -175,8 +176,17 @@ def test_confirmation_is_decided_once_and_rendered_alike(confirmed, tmp_path):
         assert a == "baseline" and r["label"] == (a if r["extra"]["side"] == "a" else b)
         raw.setdefault(r["M"], {}).setdefault(b, ([], []))[r["extra"]["side"] == "b"].append(r["tokens_per_s"])
         first[r["M"], b] = r["extra"]["first_pass_speedup"]
-    assert sorted(raw) == [32, 48] and all(len(per) == 3 for per in raw.values())  # 2 chunked settings + pr
+    assert sorted(raw) == [32, 48]
     assert all(len(sa) == len(sb) == 5 for per in raw.values() for sa, sb in per.values())
+    # the screen measured all 3 settings (more than the 1 + pr confirmed), and the confirmation took its best
+    screen = confirm.by_bucket(confirm.load(confirmed, SCREEN))
+    scored = select.score(load_records(confirmed).records)
+    for key, per in screen.items():
+        assert len(per) == 3 and all(len(sa) == len(sb) == SCREEN_REPEATS for sa, sb in per.values())
+        first_pass = {r.label: r.speedup for r in scored if r.bucket == key}
+        assert sorted(raw[key.M]) == sorted(confirm.finalists(first_pass, per, strategies.peers(), top=1))
+    assert sorted(k.M for k in screen) == [32, 48]
+    assert all(r["kind"] == "screen" for r in _lines(confirmed / SCREEN))
     recs = confirm.load(confirmed)
     assert len(recs) == len(lines)
     shipped = {d.key.M: d for d in select.decide(load_records(confirmed).records, recs)}
@@ -190,12 +200,12 @@ def test_confirmation_is_decided_once_and_rendered_alike(confirmed, tmp_path):
     assert sorted(policy) == sorted(confirmation) == sorted(groups) == sorted(ticked) == sorted(shipped)
     for M, per in raw.items():
         order = sorted(per, key=lambda lab: -first[M, lab])
-        d, dec = confirm.decide(per, order), shipped[M]
+        d, dec = confirm.decide(per, {lab: first[M, lab] for lab in per}), shipped[M]
         assert (dec.label, dec.why) == (d.label, "baseline: not confirmed" if d.label == "baseline" else "confirmed")
         assert dec.speedup == pytest.approx(d.speedup)
         c = dec.confirmation
         assert c.leader == order[0] and c.leader_first_pass_speedup == first[M, order[0]]
-        assert c.leader_speedup == pytest.approx(d.leader_speedup) and c.repeats == 5
+        assert c.leader_speedup == pytest.approx(d.leader_speedup) and c.repeats == 5 and c.screened == 3
         if d.label != "baseline":  # strategy and settings come from the candidate's own records
             cand = next(r for r in lines if r["M"] == M and r["label"] == d.label)
             assert (dec.strategy, dec.settings) == (cand["strategy"], cand["settings"])
@@ -211,6 +221,9 @@ def test_confirmation_is_decided_once_and_rendered_alike(confirmed, tmp_path):
         assert policy[M]["strategy"] == dec.strategy
         assert policy[M]["speedup"] == pytest.approx(dec.speedup, abs=1e-4)
         assert policy[M]["confirmation"]["speedup"] == pytest.approx(d.speedup, abs=1e-4)
+        pc = policy[M]["confirmation"]  # the speedup to expect: the CI's lower bound (1 for the baseline)
+        assert pc["expected"] == (pc["ci"][0] if d.label != "baseline" else 1.0) and pc["expected_is"] == "ci_low"
+        assert row["expect"] == f"{d.expected:.3f}"
         assert policy[M]["settings"] == strategies.settings_dict(strategies.make_settings(dec.strategy, dec.settings))
 
 
@@ -227,11 +240,13 @@ def test_a_candidate_cut_short_is_measured_again_on_resume(confirmed, tmp_path):
     key = confirm.candidate_key(Record.from_json(cut))
     kept = confirm.load(run)
     assert key not in {confirm.candidate_key(r) for r in kept} and len(kept) == len(text) - 10
-    jobs = plan_confirmation(runfolder.RunFolder(run).load().records, {confirm.candidate_key(r) for r in kept})
-    assert [(j.case.M, strategies.label(*j.candidate)) for j in jobs] == [(cut["M"], cut["extra"]["pair"][1])]
-    assert jobs[0].candidate[1] == strategies.make_settings(cut["strategy"], cut["settings"])
-    out = _ok(["sweep", confirmed.parent / "s.yaml", "--out", run, "--resume"])
-    assert "1 candidate(s) confirmed" in out
+    screen = confirm.by_bucket(confirm.load(run, SCREEN))
+    jobs = plan_stage(runfolder.RunFolder(run).load().records, {confirm.candidate_key(r) for r in kept}, screen, top=1)
+    assert [(j.case.M, j.case.label) for j in jobs] == [(cut["M"], cut["extra"]["pair"][1])]
+    assert jobs[0].case.settings == strategies.make_settings(cut["strategy"], cut["settings"])
+    screened = (run / SCREEN).read_text()
+    out = _ok(["sweep", confirmed.parent / "s.yaml", "--out", run, "--resume", "--confirm-top", "1"])
+    assert "0 screened, 1 candidate(s) confirmed" in out and (run / SCREEN).read_text() == screened
     again = confirm.load(run)
     assert len(again) == len(text) and sum(confirm.candidate_key(r) == key for r in again) == 10
 

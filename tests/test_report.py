@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from overlap_bench import metrics, select
-from overlap_bench.records import Record
+from overlap_bench.records import Record, load_records
 from overlap_bench.runfolder import RunFolder
-from overlap_bench.report import slugify, write_report
+from overlap_bench.report import slugify, write_report, write_tables
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MS = (1024, 4096, 16384)
@@ -205,3 +205,43 @@ def test_baseline_winner_without_baseline_record(tmp_path: Path) -> None:
     assert row["best setting"] == "`baseline`" and row["t (ms)"] == f"{t_base:.3f}" and row["speedup"] == "1.000"
     assert row["t_gemm (ms)"] == f"{t_gemm:.3f}" and row["rel_err"] == "–"
     assert "**Threshold: none**" in summary
+
+
+def _num(text: str) -> float:
+    return math.nan if text in ("n/a", "–") else float(text)
+
+
+def test_tables_and_summary_show_one_set_of_numbers_per_bucket(tmp_path: Path) -> None:
+    shape_a, shape_b = SHAPES
+    w = RunFolder(tmp_path)
+    for m in MS:
+        t_gemm, t_comm = 0.1 * m / 1024, 0.08 * m / 1024
+        t_base = t_gemm + t_comm
+        # shape a: the baseline's own record is slower than the reference measured before the strategies
+        w.append(_record(shape_a, m, "baseline", 1.05 * t_base, t_gemm, t_comm, t_base))
+        w.append(_record(shape_a, m, "chunked", (0.8 if m == MS[-1] else 1.1) * t_base, t_gemm, t_comm, t_base, 4,
+                         "stream"))
+        w.append(_record(shape_b, m, "chunked", 1.1 * t_base, t_gemm, t_comm, t_base, 2, "stream"))  # no baseline
+    decisions = select.decide(load_records(tmp_path).records)
+    write_tables(decisions, tmp_path)
+    summary = write_report(tmp_path, decisions=decisions)[-1].read_text()
+    tables = {}
+    for part in (tmp_path / "tables.md").read_text().split("\n## ")[1:]:
+        lines = [ln for ln in part.splitlines() if ln.startswith("| ")]
+        header = [c.strip() for c in lines[0].strip("|").split("|")]
+        rows = [dict(zip(header, (c.strip() for c in ln.strip().strip("|").split("|")))) for ln in lines[2:]]
+        tables[part.split(" | ")[0]] = {int(r["M"]): r for r in rows if r["best"] == "✓"}
+    for shape in SHAPES:
+        ticked, rows = tables[shape], _table_rows(_section(summary, shape))
+        assert sorted(ticked) == sorted(rows) == list(MS)
+        for m, row in rows.items():
+            assert ticked[m]["label"] == "**" + row["best setting"].strip("`") + "**"
+            for t_col, s_col in (("t_base_ms", "t_base (ms)"), ("t_ms", "t (ms)"), ("speedup", "speedup"),
+                                 ("eta", "eta"), ("rel_err", "rel_err")):
+                assert _num(ticked[m][t_col]) == pytest.approx(_num(row[s_col]), rel=1e-3, abs=6e-3, nan_ok=True)
+    # a winning baseline shows the reference (speedup 1), not its own slower record; without a record of its own
+    # it is the reference's row
+    base_row = tables[shape_a][1024]
+    assert base_row["t_ms"] == base_row["t_base_ms"] and base_row["speedup"] == "1"
+    assert tables[shape_a][MS[-1]]["label"].startswith("**chunked:")
+    assert {r["status"] for r in tables[shape_b].values()} == {"reference"}

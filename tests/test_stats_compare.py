@@ -207,9 +207,13 @@ def test_markdown_contains_numbers():
     md = to_markdown(df, summary(df), "chunked vs baseline")
     r = df.iloc[0]
     assert "### chunked vs baseline" in md
-    assert "| shape | M | setting | A tok/s (median) | B tok/s (median) | speedup [95% CI] | p | verdict |" in md
-    assert f"{r['median_a']:,.0f}" in md and f"{r['median_b']:,.0f}" in md
-    assert f"{r['speedup']:.3f}× [{r['ci_low']:.3f}, {r['ci_high']:.3f}]" in md
+    assert ("| shape | M | setting | A tok/s median (IQR) | B tok/s median (IQR) | speedup [95% CI] | p | verdict |"
+            in md)
+    iqr = 100 * np.subtract(*np.percentile(a, [75, 25])) / r["median_a"]
+    assert f"{r['median_a']:,.0f} (IQR {iqr:.1f}%)" in md and f"{r['median_b']:,.0f} (IQR " in md
+    # the faster row's CI leaves 1 out: unmarked; the equal row's CI holds 1: marked as within the noise
+    assert f"| {r['speedup']:.3f}× [{r['ci_low']:.3f}, {r['ci_high']:.3f}]" in md
+    assert "| ≈ 1.000× [" in md and "≈: the CI holds 1.0" in md
     assert "baseline → chunked:chunks=4" in md
     assert "m/down\\|proj" in md                       # a pipe in a name must not split the row
     assert f"{summary(df)['geomean_speedup']:.3f}×" in md

@@ -43,14 +43,14 @@ def test_null_buckets_ship_nothing(repeats: int) -> None:
 
 def test_a_3pct_win_among_41_settings_ships() -> None:
     """One of 41 settings truly 3% faster (CV 1%): with the screen it ships in at least 95% of 400 buckets
-    (about 97% measured, SE 0.8%), nothing else ships, and the speedup to expect (the CI's low end) is not
-    inflated by the pick: it stays at or below the truth."""
+    (96.5% measured over 2000, SE 0.9% at 400), nothing else ships, and the speedup to expect (the CI's low
+    end) is not inflated by the pick: it stays at or below the truth."""
     rng = np.random.default_rng(3)
     runs = [sim.bucket(rng, 0.01, {sim.WINNER: 1.03}, n_boot=N_BOOT)[1] for _ in range(400)]
     won = [d for d in runs if d.label == sim.WINNER]
     assert len(won) >= 0.95 * len(runs), f"the 3% win shipped in {len(won)} of {len(runs)} buckets"
     assert all(d.label in (sim.WINNER, "baseline") for d in runs)
-    assert sum(d.ci_low <= 1.03 for d in won) >= 0.99 * len(won)
+    assert sum(d.expected <= 1.03 for d in won) >= 0.99 * len(won)
 
 
 def test_pairs_cancel_shared_drift() -> None:
@@ -78,7 +78,7 @@ def test_compare_and_confirmation_give_the_same_answer_on_the_same_samples() -> 
         row = dict(shape="s", K=1, N=1, M=1, dtype="float32", a_label="baseline", b_label="x",
                    samples_a=list(a), samples_b=list(b), paired=True)
         verdict, lo = build_table([row], n_boot=N_BOOT).iloc[0][["verdict", "ci_low"]]
-        d = confirm.decide({"x": (list(a), list(b))}, ["x"], alpha=0.025, n_boot=N_BOOT)
+        d = confirm.decide({"x": (list(a), list(b))}, alpha=0.025, n_boot=N_BOOT)
         assert (d.label == "x") == (verdict == "faster")
         assert d.leader_ci[0] == lo
         seen.add(verdict)

@@ -25,7 +25,7 @@ from overlap_bench import strategies
 from overlap_bench.research.decoder import (ROW_LAYERS, Dims, LayerWeights, attention, attention_input, mlp_input,
                                             split_attention)
 from overlap_bench.strategies.pipeline import (PendingAllReduce, RowSplit, even_bounds, gloo_note,
-                                               high_priority_group, priority_reason, start_bounds)
+                                               nccl_group, priority_reason, start_bounds)
 
 SplitFn = Callable[[str, int], RowSplit]
 """``split(layer_name, rows) -> RowSplit``: how one nano-batch's row-parallel call splits its rows."""
@@ -91,7 +91,7 @@ def _issue(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, sp: RowSpli
            group: dist.ProcessGroup | None) -> PendingAllReduce:
     comm = sp.comm or settings.comm
     prio = sp.priority or settings.priority
-    comm_group = high_priority_group(group) if prio else group
+    comm_group = nccl_group(group) if prio else group
     return start_bounds(out, x, weight, None, group, sp.bounds, comm, comm_group)
 
 

@@ -1,15 +1,13 @@
-"""The strategy registry: one stable name per implementation of a row-parallel linear + all-reduce.
-
-A strategy is ``fn(x, weight, bias, group, settings) -> y``: ``x`` is ``[M, K/tp]``, ``weight`` is
-``[N, K/tp]`` (nn.Linear layout), ``bias`` is ``[N]`` or None, and ``y`` is the all-reduced ``[M, N]``.
-``settings`` is the strategy's own frozen dataclass: :func:`make_settings` types its values (pydantic) and its
-``__post_init__`` rejects values out of range, each with a ``ValueError`` that names the field.
-"""
+"""The strategy registry: one stable name per implementation of a row-parallel linear + all-reduce, called as
+``fn(x [M, K/tp], weight [N, K/tp], bias [N] | None, group, settings) -> y [M, N]`` (all-reduced). ``settings`` is
+a frozen dataclass whose ``__post_init__`` rejects out-of-range values with a ``ValueError`` naming the field."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
+import pkgutil
 import typing
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,40 +25,37 @@ class StrategyUnavailable(RuntimeError):
 
 
 @dataclass(frozen=True)
+class NoSettings:
+    """The settings of a strategy whose numbers are fixed."""
+
+
+@dataclass(frozen=True)
 class Strategy:
-    """One registered implementation."""
+    """One registered implementation: ``fn`` under a stable ``name``, its frozen ``settings_cls`` and a one-line
+    ``doc``. ``check(backend, settings)`` says why it cannot run there, ``note(backend, settings)`` how the backend
+    changes it, ``split(M, settings) -> RowSplit`` gives its row ranges (for schedules that wait for the
+    all-reduces later); a ``peer`` is a published scheme to beat, shown beside every best setting."""
 
     name: str
-    """Stable name the CLI and sweep specs use."""
     fn: Callable[..., torch.Tensor]
-    """``fn(x, weight, bias, group, settings) -> y``."""
     settings_cls: type
-    """Frozen dataclass of the strategy's settings (may have no fields)."""
     doc: str
-    """One line for ``overlap-bench strategies``."""
     check: Callable[[str, Any], str | None] | None = None
-    """``check(backend, settings) -> reason`` when it cannot run there, else None."""
     note: Callable[[str, Any], str | None] | None = None
-    """``note(backend, settings) -> text`` when the backend changes how it runs (kept in the record)."""
     split: Callable[[int, Any], Any] | None = None
-    """``split(M, settings) -> RowSplit``: its row ranges and path, for schedules that issue the all-reduces
-    and wait later (model nano-batches); None when the strategy is not a row split of one product."""
     peer: bool = False
-    """A published scheme to beat: its speedup is shown beside every best setting, and in the model benchmark."""
 
 
 REGISTRY: dict[str, Strategy] = {}
 
 
-def register(name: str, settings_cls: type, doc: str, check: Callable[[str, Any], str | None] | None = None,
-             note: Callable[[str, Any], str | None] | None = None, split: Callable[[int, Any], Any] | None = None,
-             peer: bool = False):
-    """Decorator: register ``fn`` under ``name`` (fields as in :class:`Strategy`)."""
+def register(name: str, settings_cls: type, doc: str, **fields: Any):
+    """Decorator: register ``fn`` under ``name`` (``fields``: check, note, split, peer as in :class:`Strategy`)."""
 
     def wrap(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         if name in REGISTRY:
             raise ValueError(f"strategy {name!r} registered twice")
-        REGISTRY[name] = Strategy(name, fn, settings_cls, doc, check, note, split, peer)
+        REGISTRY[name] = Strategy(name, fn, settings_cls, doc, **fields)
         return fn
 
     return wrap
@@ -68,8 +63,7 @@ def register(name: str, settings_cls: type, doc: str, check: Callable[[str, Any]
 
 @functools.cache
 def _schema(settings_cls: type) -> type[BaseModel]:
-    """A pydantic model of a settings dataclass's fields, which types its values; the range checks stay in the
-    dataclass's ``__post_init__``."""
+    """A pydantic model of a settings dataclass's fields that types its values (ranges stay in the dataclass)."""
     hints = typing.get_type_hints(settings_cls)
     fields = {f.name: (hints[f.name], f.default) for f in dataclasses.fields(settings_cls)}
     return create_model(settings_cls.__name__, __base__=Config, **fields)
@@ -129,10 +123,9 @@ def settings_dict(settings: Any) -> dict[str, Any]:
 
 
 def label(name: str, settings: Any) -> str:
-    """Canonical text form, the inverse of :func:`parse`: ``chunked:chunks=4,comm=stream,...``."""
+    """Canonical text form, the inverse of :func:`parse`; defaults are left out unless marked ``show``."""
     items = settings_dict(settings)
     if items:
-        # Defaults are left out to keep labels short, except fields marked ``metadata={"show": True}``.
         shown = {f.name for f in dataclasses.fields(settings) if f.metadata.get("show")}
         defaults = {f.name: f.default for f in dataclasses.fields(settings)}
         items = {k: v for k, v in items.items() if k in shown or v != defaults[k]}
@@ -159,20 +152,11 @@ def run(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return get(name).fn(x, weight, bias, group, settings)
 
 
-_loaded = False
-
-
+@functools.cache
 def _load_builtin() -> None:
-    """Import every module of this package once: each registers its strategies, so a new strategy is one
-    new file here (helpers such as ``pipeline`` register nothing and import harmlessly)."""
-    global _loaded
-    if not _loaded:
-        import importlib
-        import pkgutil
-
-        for mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
-            importlib.import_module(f"{__name__}.{mod}")
-        _loaded = True
+    """Import every module of this package once: each registers its strategies (a new strategy is a new file)."""
+    for mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+        importlib.import_module(f"{__name__}.{mod}")
 
 
 _REPORT: dict[str, Any] = {}
@@ -181,8 +165,8 @@ _DIAGNOSE = [False]
 
 @contextmanager
 def diagnose() -> Iterator[None]:
-    """Within it, strategies may also find out how their call ran (e.g. NCCL's log of the kernel it took) and
-    :func:`report` it. Benchmarks turn it on for a case's checked first call; the drop-in layer never does."""
+    """Within it, strategies may find out how their call ran (e.g. NCCL's log) and :func:`report` it.
+    Benchmarks turn it on for a case's checked first call; the drop-in layer never does."""
     before, _DIAGNOSE[0] = _DIAGNOSE[0], True
     try:
         yield

@@ -1,34 +1,25 @@
-"""``asynctp``: torch's async-TP op as an off-the-shelf peer: ``torch.ops.symm_mem.fused_matmul_reduce_scatter``
-(the product split into per-rank row blocks, each block's partial sent to its owner through symmetric memory
-while the next block multiplies, then a local sum), followed by an all-gather of the reduced rows. This is what
-vLLM's async-TP pass runs for a row-parallel linear; here it stands beside ``pr`` and the tool's own pick."""
+"""``asynctp``: torch's async-TP op as an off-the-shelf peer: ``fused_matmul_reduce_scatter`` (per-rank row
+blocks through symmetric memory while the next block multiplies), then an all-gather of the reduced rows."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from overlap_bench.strategies import register, symm
+from overlap_bench.strategies import NoSettings, register, symm
 
 
-@dataclass(frozen=True)
-class AsyncTPSettings:
-    """No settings: torch's op decides its own pipeline."""
-
-
-def _check(backend: str, s: AsyncTPSettings) -> str | None:
+def _check(backend: str, s: NoSettings) -> str | None:
     if backend != "nccl":
         return f"asynctp needs NCCL and torch's CUDA symmetric memory (torch.ops.symm_mem); {backend} has neither"
-    try:  # the op is registered when torch's symmetric-memory module is imported
+    try:  # importing it registers the op
         import torch.distributed._symmetric_memory  # noqa: F401
     except ImportError:
         return "asynctp needs torch.distributed._symmetric_memory, which this torch lacks"
     if not hasattr(torch.ops.symm_mem, "fused_matmul_reduce_scatter"):
         return "asynctp needs torch.ops.symm_mem.fused_matmul_reduce_scatter, which this torch lacks"
     if symm.symm_backend() == "NCCL":
-        # torch's NCCL symmetric-memory allocator refuses the op's workspace (allocated for a group).
+        # torch's NCCL symmetric-memory allocator refuses the op's workspace.
         return (f"asynctp needs torch's CUDA symmetric-memory backend, and this job's is NCCL "
                 f"({symm.BACKEND_ENV}=NCCL, for comm=symm/ce); it runs in the jobs without that variable")
     return None
@@ -42,10 +33,10 @@ def rows_per_rank(m: int, world: int) -> int:
     return m // world
 
 
-@register("asynctp", AsyncTPSettings, "torch async-TP: fused_matmul_reduce_scatter, then all-gather (as vLLM)",
+@register("asynctp", NoSettings, "torch async-TP: fused_matmul_reduce_scatter, then all-gather (as vLLM)",
           check=_check)
 def asynctp(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-            group: dist.ProcessGroup | None, settings: AsyncTPSettings) -> torch.Tensor:
+            group: dist.ProcessGroup | None, settings: NoSettings) -> torch.Tensor:
     """Row-parallel linear through torch's fused matmul + reduce-scatter, then an all-gather."""
     g = group if group is not None else dist.group.WORLD
     rows_per_rank(x.shape[0], dist.get_world_size(g))

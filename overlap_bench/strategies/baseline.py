@@ -1,19 +1,12 @@
-"""``baseline``: the product, then one all-reduce of the whole output. The reference for numerics and time."""
+"""``baseline``: the product, then one all-reduce of the whole output (the reference)."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from overlap_bench.strategies import register
+from overlap_bench.strategies import NoSettings, register
 from overlap_bench.strategies.pipeline import PATHS, RowSplit, matmul_into, rank_bias
-
-
-@dataclass(frozen=True)
-class BaselineSettings:
-    """No settings."""
 
 
 def baseline_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -25,10 +18,10 @@ def baseline_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias
     return out
 
 
-@register("baseline", BaselineSettings, "product, then one all-reduce of the whole [M, N] output",
+@register("baseline", NoSettings, "product, then one all-reduce of the whole [M, N] output",
           split=lambda m, s: RowSplit(((0, m),)))
 def baseline(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-             group: dist.ProcessGroup | None, settings: BaselineSettings) -> torch.Tensor:
+             group: dist.ProcessGroup | None, settings: NoSettings) -> torch.Tensor:
     """Row-parallel linear the plain way: ``all_reduce(x @ W^T + b)``."""
     out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
     return baseline_into(out, x, weight, bias, group)

@@ -12,7 +12,7 @@ from overlap_bench import strategies
 from overlap_bench.strategies import StrategyUnavailable, greenctx, nccl_log, register, symm
 from overlap_bench.strategies.baseline import baseline_into
 from overlap_bench.strategies.pipeline import (COMM_PATHS, SPLITS, RowSplit, all_reduce_bounds, even_bounds,
-                                               gloo_note, high_priority_group, priority_reason)
+                                               gloo_note, nccl_group, priority_reason)
 
 
 @dataclass(frozen=True)
@@ -20,52 +20,40 @@ class ChunkedSettings:
     """Settings of the chunked overlap."""
 
     chunks: int = field(default=4, metadata={"show": True})
-    """Number of row chunks (>= 1); chunk ``i``'s all-reduce runs while chunk ``i+1`` multiplies."""
+    """Row chunks (>= 1); chunk ``i``'s all-reduce runs while chunk ``i+1`` multiplies."""
     threshold: int = 0
     """Token count below which the baseline path runs instead (>= 0)."""
     comm: str = field(default="stream", metadata={"show": True})
-    """``stream``: all-reduce on a side stream after a CUDA event; ``async``: async work handles; ``symm``: as
-    ``stream``, on an output in an NCCL symmetric window (NCCL's few-CTA symmetric kernel); ``ce``: as
-    ``stream``, each chunk reduced by all-to-all + local sum + all-gather on copy engines (zero-CTA policy)."""
+    """``stream`` (side stream), ``async`` (work handles), ``symm`` (NCCL symmetric window) or ``ce`` (copy engines)."""
     priority: bool = False
-    """Run the all-reduce on a high-priority NCCL stream (a process group created for it)."""
+    """All-reduce on a high-priority NCCL stream (a process group created for it)."""
     align: int = 1
-    """Chunk edges are rounded to multiples of this many rows (GEMM tile alignment, >= 1)."""
+    """Chunk edges round to multiples of this many rows (GEMM tile alignment, >= 1)."""
     split: str = "even"
-    """``even`` chunks; ``edges``: first and last chunk half size (shorter pipeline fill and drain);
-    ``geo``: each chunk ``ratio`` times the previous one."""
+    """``even``, ``edges`` (first and last half size) or ``geo`` (each ``ratio`` times the one before)."""
     ratio: float = 1.0
     """Size ratio of consecutive chunks for ``split=geo`` (> 0; about t_comm / t_gemm is the aim)."""
     gemm_sms: int = 0
-    """Run the chunk products in a CUDA green context of this many SMs (0: the whole GPU), leaving the rest
-    to communication; works with every ``comm``."""
+    """Chunk products in a CUDA green context of this many SMs (0: the whole GPU), the rest left to comm."""
 
     def __post_init__(self) -> None:
-        if self.chunks < 1:
-            raise ValueError(f"setting 'chunks' must be >= 1, got {self.chunks}")
-        if self.threshold < 0:
-            raise ValueError(f"setting 'threshold' must be >= 0 tokens, got {self.threshold}")
-        if self.comm not in COMM_PATHS:
-            raise ValueError(f"setting 'comm' must be one of {', '.join(COMM_PATHS)}, got {self.comm!r}")
-        if self.align < 1:
-            raise ValueError(f"setting 'align' must be >= 1, got {self.align}")
-        if not self.ratio > 0:
-            raise ValueError(f"setting 'ratio' must be > 0, got {self.ratio}")
-        if self.gemm_sms < 0:
-            raise ValueError(f"setting 'gemm_sms' must be >= 0 SMs (0: the whole GPU), got {self.gemm_sms}")
-        if self.split not in SPLITS:
-            raise ValueError(f"setting 'split' must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        for ok, problem in [
+            (self.chunks >= 1, f"'chunks' must be >= 1, got {self.chunks}"),
+            (self.threshold >= 0, f"'threshold' must be >= 0 tokens, got {self.threshold}"),
+            (self.comm in COMM_PATHS, f"'comm' must be one of {', '.join(COMM_PATHS)}, got {self.comm!r}"),
+            (self.align >= 1, f"'align' must be >= 1, got {self.align}"),
+            (self.ratio > 0, f"'ratio' must be > 0, got {self.ratio}"),
+            (self.gemm_sms >= 0, f"'gemm_sms' must be >= 0 SMs (0: the whole GPU), got {self.gemm_sms}"),
+            (self.split in SPLITS, f"'split' must be one of {', '.join(SPLITS)}, got {self.split!r}"),
+        ]:
+            if not ok:
+                raise ValueError(f"setting {problem}")
 
 
 def _check(backend: str, s: ChunkedSettings) -> str | None:
-    why = priority_reason(s.priority, backend)
-    if why:
-        return why
-    if s.comm in WINDOW_PATHS:
-        reason = symm.window_reason(s.comm, backend)
-        if reason:
-            return reason
-    return greenctx.green_reason(s.gemm_sms, backend) if s.gemm_sms else None
+    return (priority_reason(s.priority, backend)
+            or (symm.window_reason(s.comm, backend) if s.comm in WINDOW_PATHS else None)
+            or (greenctx.green_reason(s.gemm_sms, backend) if s.gemm_sms else None))
 
 
 def _note(backend: str, s: ChunkedSettings) -> str | None:
@@ -73,10 +61,8 @@ def _note(backend: str, s: ChunkedSettings) -> str | None:
 
 
 def chunked_split(m: int, s: ChunkedSettings) -> RowSplit:
-    """One range below the threshold (the baseline path), else the chunk ranges on the chosen path.
-
-    The SM-light settings (``comm=symm``/``ce``, ``gemm_sms``) have no split of this kind: their buffers and
-    streams are their own, so a schedule that issues the all-reduces itself (nano-batches) refuses them."""
+    """One range below the threshold (the baseline path), else the chunk ranges on the chosen path; the
+    SM-light settings (``comm=symm``/``ce``, ``gemm_sms``) own their buffers and streams, so have none."""
     bounds = _bounds(m, s)
     if bounds is None:
         return RowSplit(((0, m),))
@@ -87,8 +73,7 @@ def chunked_split(m: int, s: ChunkedSettings) -> RowSplit:
 
 
 def _bounds(m: int, s: ChunkedSettings) -> list[tuple[int, int]] | None:
-    """The chunk row ranges for ``m`` rows, or None below the threshold (the baseline path): decided here
-    for both the strategy and its split."""
+    """The chunk row ranges for ``m`` rows, or None below the threshold (the baseline path)."""
     if m < s.threshold:
         return None
     return even_bounds(m, s.chunks, s.align, s.split, s.ratio)
@@ -107,12 +92,11 @@ def chunked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if settings.comm in WINDOW_PATHS:
         return window_chunks(x, weight, bias, group, settings, bounds, gemm_stream)
     out = torch.empty(m, weight.shape[0], dtype=x.dtype, device=x.device)
-    comm_group = high_priority_group(group) if settings.priority else group
+    comm_group = nccl_group(group) if settings.priority else group
     return all_reduce_bounds(out, x, weight, bias, group, bounds, settings.comm, comm_group, gemm_stream=gemm_stream)
 
 
-WINDOW_PATHS = ("symm", "ce")
-"""The ``comm`` paths whose buffers live in NCCL symmetric windows."""
+WINDOW_PATHS = ("symm", "ce")  # the ``comm`` paths whose buffers live in NCCL symmetric windows
 _LOGGED: set[tuple] = set()
 _FIRST_ON_COMM: dict[int, str] = {}
 
@@ -120,16 +104,14 @@ _FIRST_ON_COMM: dict[int, str] = {}
 def window_chunks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: dist.ProcessGroup | None,
                   settings: ChunkedSettings, bounds: list[tuple[int, int]],
                   gemm_stream: torch.cuda.Stream | None) -> torch.Tensor:
-    """``comm=symm`` / ``comm=ce``: the chunk pipeline on buffers in NCCL symmetric windows.
-
-    Under :func:`strategies.diagnose` the first call of each (settings, shape) runs with NCCL's INFO log on and
-    reports the path NCCL took (symmetric kernel, copy engine, or a fallback to SM kernels)."""
+    """``comm=symm`` / ``ce``: the chunk pipeline on buffers in NCCL symmetric windows. Under
+    :func:`strategies.diagnose` the first call per (settings, shape) reports the path NCCL's log shows."""
     m, n = x.shape[0], weight.shape[0]
     if settings.comm == "ce":
         symm.check_chunks(bounds, n, dist.get_world_size(group))  # before any collective, alike on every rank
-        comm_group = symm.zero_cta_group(group, settings.priority)
+        comm_group = nccl_group(group, settings.priority, zero_cta=True)
     else:
-        comm_group = high_priority_group(group) if settings.priority else (group or dist.group.WORLD)
+        comm_group = nccl_group(group) if settings.priority else (group or dist.group.WORLD)
     rows = max(e - s for s, e in bounds)
 
     def call() -> torch.Tensor:
@@ -149,8 +131,7 @@ def window_chunks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     box: list[torch.Tensor] = []
     got = nccl_log.capture(lambda: box.append(call()), lambda: torch.cuda.synchronize(x.device))
     path = got.why or nccl_log.summary(nccl_log.classify(got.lines))
-    # The copy engines are set up (and logged) on a communicator's first copy-engine call only; later calls on
-    # it log no path line, so the first call's verdict is kept beside each later one.
+    # Only a communicator's first copy-engine call logs its path: keep that verdict beside later ones.
     first = _FIRST_ON_COMM.setdefault(id(comm_group), path)
     strategies.report(nccl_path=path, nccl_first_call_on_comm=first, nccl_lines=list(got.lines[:24]),
                       nccl_sym_ctas=os.environ.get("NCCL_SYM_CTAS", "unset (NCCL chooses)"))

@@ -1,5 +1,4 @@
-"""``gemm_sms=N``: the chunk products in a CUDA green context of N SMs, leaving the rest to communication (the
-driver rounds N up to its SM-group size; a GEMM tiled for the whole device may lose more than the SMs' share)."""
+"""``gemm_sms=N``: the chunk products in a CUDA green context of N SMs, the rest left to communication."""
 
 from __future__ import annotations
 

@@ -1,9 +1,5 @@
-"""Which path NCCL took for one call (symmetric kernel, copy engine, SM kernel), from its own INFO log.
-
-:func:`capture` switches the log on for one call only (NCCL re-reads ``NCCL_DEBUG*`` after
-``ncclResetDebugInit``); :func:`classify` turns the lines into one verdict per collective. Benchmarks use it
-through :func:`overlap_bench.strategies.diagnose`; a production call never logs.
-"""
+"""Which path NCCL took for one call (symmetric kernel, copy engine, SM kernel), from its own INFO log, switched
+on for that call only; used under :func:`overlap_bench.strategies.diagnose`, never in production calls."""
 
 from __future__ import annotations
 
@@ -14,9 +10,6 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from typing import Callable
-
-KEEP = ("NCCL INFO",)
-"""Only NCCL's INFO lines are kept; of those, :data:`_RELEVANT` picks the ones about the path taken."""
 
 _RELEVANT = re.compile(r"opCount|Bytes -> |Init CE|via P2P|via SHM|via NET")
 _COLL = re.compile(r"NCCL INFO (\w+): opCount \w+ sendbuff \S+ recvbuff \S+ count (\d+) .*\[nranks=(\d+)\]")
@@ -52,8 +45,8 @@ class Captured:
 
 
 def capture(fn: Callable[[], object], sync: Callable[[], None]) -> Captured:
-    """Run ``fn`` once with NCCL's INFO log on and return the relevant lines; ``sync`` waits for the GPU
-    (the copy-engine set-up is logged at the end of the call's group). ``NCCL_DEBUG*`` are restored after."""
+    """Run ``fn`` once with NCCL's INFO log on and return the lines about its path; ``sync`` waits for the GPU.
+    NCCL re-reads ``NCCL_DEBUG*`` after ``ncclResetDebugInit``; they are restored after."""
     lib = _libnccl()
     if lib is None:
         fn()
@@ -77,17 +70,14 @@ def capture(fn: Callable[[], object], sync: Callable[[], None]) -> Captured:
     lines: list[str] = []
     for name in sorted(os.listdir(tmp)):
         with open(os.path.join(tmp, name), encoding="utf-8", errors="replace") as fh:
-            lines += [ln.rstrip("\n") for ln in fh if any(k in ln for k in KEEP) and _RELEVANT.search(ln)]
+            lines += [ln.rstrip("\n") for ln in fh if "NCCL INFO" in ln and _RELEVANT.search(ln)]
     shutil.rmtree(tmp, ignore_errors=True)
     return Captured(tuple(lines))
 
 
 def classify(lines: tuple[str, ...] | list[str]) -> list[str]:
-    """One verdict per collective in ``lines``, in order, e.g. ``"AllReduce count=3145728: symmetric kernel
-    AllReduce_RSxLD_AGxST on 16 CTAs"``, ``"... SM kernel RING/SIMPLE on 24 channels"``, ``"... copy engine"``,
-    ``"... one-rank local copy"`` or ``"... no path line"``. A collective's lines run from its ``opCount``
-    line to the next; a copy-engine call logs no kernel line, only the first one on a communicator ``Init CE``.
-    """
+    """One verdict per collective (its lines run from its ``opCount`` line to the next), in order, e.g.
+    ``"AllReduce count=3145728: symmetric kernel AllReduce_RSxLD_AGxST on 16 CTAs"`` or ``"...: copy engine"``."""
     calls: list[tuple[str, int, int, list[str]]] = []
     for ln in lines:
         m = _COLL.search(ln)
@@ -95,37 +85,26 @@ def classify(lines: tuple[str, ...] | list[str]) -> list[str]:
             calls.append((m.group(1), int(m.group(2)), int(m.group(3)), []))
         elif calls:
             calls[-1][3].append(ln)
-    out = []
-    for name, count, nranks, rest in calls:
-        verdict = None
-        for ln in rest:
-            if (m := _SYM.search(ln)) and m.group(1) == name:
-                verdict = f"symmetric kernel {m.group(3)} on {m.group(4)} CTAs"
-                break
-            if (m := _ALGO.search(ln)) and m.group(1) == name:
-                lo, hi = int(m.group(5)), int(m.group(6))
-                verdict = f"SM kernel {m.group(3)}/{m.group(4)} on {hi - lo + 1} channels"
-                break
-        if verdict is None:
-            if nranks == 1:
-                verdict = "one-rank local copy"
-            elif any(_CE.search(ln) for ln in rest):
-                verdict = "copy engine"
-            elif any(_P2P.search(ln) for ln in rest):
-                verdict = "SM kernels (send/recv)"
-            else:
-                verdict = "no path line"
-        out.append(f"{name} count={count}: {verdict}")
-    return out
+    return [f"{name} count={count}: {_verdict(name, nranks, rest)}" for name, count, nranks, rest in calls]
+
+
+def _verdict(name: str, nranks: int, rest: list[str]) -> str:
+    for ln in rest:
+        if (m := _SYM.search(ln)) and m.group(1) == name:
+            return f"symmetric kernel {m.group(3)} on {m.group(4)} CTAs"
+        if (m := _ALGO.search(ln)) and m.group(1) == name:
+            lo, hi = int(m.group(5)), int(m.group(6))
+            return f"SM kernel {m.group(3)}/{m.group(4)} on {hi - lo + 1} channels"
+    if nranks == 1:
+        return "one-rank local copy"
+    if any(_CE.search(ln) for ln in rest):
+        return "copy engine"
+    if any(_P2P.search(ln) for ln in rest):
+        return "SM kernels (send/recv)"
+    return "no path line"
 
 
 def summary(verdicts: list[str]) -> str:
     """The distinct verdicts, joined (a chunked call repeats the same collective per chunk)."""
-    seen: list[str] = []
-    for v in verdicts:
-        path = v.split(": ", 1)[-1]
-        name = v.split(" ", 1)[0]
-        item = f"{name}: {path}"
-        if item not in seen:
-            seen.append(item)
-    return "; ".join(seen) if seen else "no NCCL collective logged"
+    seen = dict.fromkeys(f"{v.split(' ', 1)[0]}: {v.split(': ', 1)[-1]}" for v in verdicts)
+    return "; ".join(seen) or "no NCCL collective logged"

@@ -1,21 +1,15 @@
-"""NCCL symmetric-memory windows (``comm=symm`` of ``chunked``: NCCL's few-CTA symmetric kernel) and the
-copy-engine all-reduce (``comm=ce``: all-to-all + local sum + all-gather, which NCCL >= 2.28 runs on the copy
-engines with the zero-CTA policy). Both need torch's ``NCCL`` symmetric-memory backend (``TORCH_SYMMMEM=NCCL``,
-set before the first allocation), while ``asynctp`` needs the default ``CUDA`` one: a sweep runs each in its
-own environment variant.
-"""
+"""NCCL symmetric-memory windows (``chunked``'s ``comm=symm``) and the copy-engine all-reduce (``comm=ce``:
+all-to-all + local sum + all-gather with the zero-CTA policy). Both need torch's ``NCCL`` symmetric-memory
+backend, ``asynctp`` the default ``CUDA`` one: a sweep runs each in its own environment variant."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-SYMM_NCCL = (2, 27, 0)
-"""First NCCL with symmetric windows and kernels."""
-CE_NCCL = (2, 28, 0)
-"""First NCCL with copy-engine collectives (zero-CTA policy)."""
-BACKEND_ENV = "TORCH_SYMMMEM"
-"""torch reads the symmetric-memory backend from this variable (``NCCL`` here)."""
+SYMM_NCCL = (2, 27, 0)  # first NCCL with symmetric windows and kernels
+CE_NCCL = (2, 28, 0)  # first NCCL with copy-engine collectives (zero-CTA policy)
+BACKEND_ENV = "TORCH_SYMMMEM"  # torch reads the symmetric-memory backend from this variable
 
 
 def nccl_version() -> tuple[int, ...] | None:
@@ -69,8 +63,7 @@ _READY: set[int] = set()
 
 
 def ensure_comm(group: dist.ProcessGroup, device: torch.device) -> None:
-    """Make sure ``group``'s NCCL communicator exists: registration needs it, and NCCL creates it at the
-    group's first collective (a one-element all-reduce here, once per group; collective)."""
+    """Create ``group``'s NCCL communicator (registration needs it) by a one-element all-reduce, once."""
     if id(group) not in _READY:
         dist.all_reduce(torch.zeros(1, device=device), group=group)
         _READY.add(id(group))
@@ -78,10 +71,8 @@ def ensure_comm(group: dist.ProcessGroup, device: torch.device) -> None:
 
 def window_empty(rows: int, cols: int, dtype: torch.dtype, device: torch.device,
                  group: dist.ProcessGroup) -> torch.Tensor:
-    """A ``[rows, cols]`` tensor in an NCCL symmetric window registered on ``group``'s communicator.
-
-    From torch's symmetric-memory pool, whose reused blocks keep their registration; every rank must allocate
-    the same sizes in the same order (the registration is collective)."""
+    """A ``[rows, cols]`` tensor in an NCCL symmetric window on ``group`` (from torch's pool, whose blocks keep
+    their registration); every rank must allocate the same sizes in the same order."""
     from torch.distributed import _symmetric_memory as sm
 
     ensure_comm(group, device)
@@ -91,25 +82,8 @@ def window_empty(rows: int, cols: int, dtype: torch.dtype, device: torch.device,
     return t
 
 
-_ZERO_CTA: dict[tuple[int, bool], dist.ProcessGroup] = {}
-
-
-def zero_cta_group(group: dist.ProcessGroup | None, high_priority: bool) -> dist.ProcessGroup:
-    """A process group over the same ranks with the zero-CTA policy (copy engines); created once per
-    (group, priority), collectively."""
-    key = (id(group), high_priority)
-    if key not in _ZERO_CTA:
-        opts = dist.ProcessGroupNCCL.Options()
-        opts.config.cta_policy = dist.ProcessGroupNCCL.NCCL_CTA_POLICY_ZERO
-        opts.is_high_priority_stream = high_priority
-        ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
-        _ZERO_CTA[key] = dist.new_group(ranks, backend="nccl", pg_options=opts)
-    return _ZERO_CTA[key]
-
-
 def slice_len(numel: int, world: int) -> int:
-    """Elements of each rank's slice of a chunk of ``numel`` elements; a ``ValueError`` when they do not split
-    evenly (NCCL's all-to-all and all-gather move equal counts)."""
+    """Elements of each rank's slice of a chunk; a ``ValueError`` when it does not split into equal slices."""
     if world < 1:
         raise ValueError(f"world size must be >= 1, got {world}")
     if numel % world:
@@ -125,8 +99,8 @@ def check_chunks(bounds: list[tuple[int, int]], n: int, world: int) -> None:
 
 
 def ce_all_reduce(chunk: torch.Tensor, group: dist.ProcessGroup, scratch: torch.Tensor) -> None:
-    """Sum the contiguous ``chunk`` over ``group`` in place: all-to-all, local sum, all-gather. ``scratch``
-    holds at least ``chunk.numel()`` elements; on gloo these are plain collectives (the tests' stand-in)."""
+    """Sum the contiguous ``chunk`` over ``group`` in place: all-to-all into ``scratch`` (>= ``chunk.numel()``
+    elements), local sum, all-gather (plain collectives on gloo)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     flat = chunk.view(-1)
     size = slice_len(flat.numel(), world)
@@ -136,14 +110,3 @@ def ce_all_reduce(chunk: torch.Tensor, group: dist.ProcessGroup, scratch: torch.
     torch.sum(recv.view(world, size), dim=0, out=mine)
     dist.all_gather_into_tensor(flat, mine, group=group)  # in place: `mine` already sits at its offset
 
-
-def simulate_ce(parts: list[torch.Tensor]) -> list[torch.Tensor]:
-    """What :func:`ce_all_reduce` leaves on each rank, from every rank's chunk without a process group (tests)."""
-    world = len(parts)
-    size = slice_len(parts[0].numel(), world)
-    flats = [p.reshape(-1) for p in parts]
-    # all-to-all: rank r receives slice r of every rank's chunk, in rank order.
-    received = [torch.cat([flats[j][r * size:(r + 1) * size] for j in range(world)]) for r in range(world)]
-    summed = [received[r].view(world, size).sum(0) for r in range(world)]
-    gathered = torch.cat(summed)  # all-gather: slice r comes from rank r
-    return [gathered.view_as(parts[0]).clone() for _ in range(world)]
