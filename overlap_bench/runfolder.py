@@ -19,7 +19,7 @@ from typing import IO, Any, Iterator
 from overlap_bench import envinfo
 from overlap_bench.envinfo import utc_now
 from overlap_bench.errors import UserError, describe_os_error
-from overlap_bench.records import CONFIRM, RECORDS, Loaded, RecordsError, json_safe, load_records, open_regular
+from overlap_bench.records import CONFIRM, RECORDS, SCREEN, Loaded, RecordsError, json_safe, load_records, open_regular
 
 log = logging.getLogger("overlap_bench.runfolder")
 
@@ -109,7 +109,7 @@ class RunFolder:
         records = load_records(self.path).records
         if records:
             return records[0].kind, RECORDS
-        only = {CONFIRM: "sweep", MODEL: "model", COMPARE_JSON: "compare", INTERFERENCE_MD: "interference"}
+        only = {MODEL: "model", COMPARE_JSON: "compare", INTERFERENCE_MD: "interference"}
         return next(((k, name) for name, k in only.items() if (self.path / name).exists()), None)
 
     def write_text(self, name: str, text: str) -> Path:
@@ -148,14 +148,14 @@ class RunFolder:
             os.fsync(fh.fileno())
 
     def load(self, name: str = RECORDS) -> Loaded:
-        """The records of the log ``name`` (:func:`records.load_records`). A confirmation record must confirm
-        a case of this folder's records.jsonl (bucket and label): one that does not is another run's, refused."""
+        """The records of the log ``name`` (:func:`records.load_records`). A screen or confirmation record must
+        re-measure a case of this folder's records.jsonl (bucket and label): one that does not is another run's."""
         loaded = load_records(self.path, name)
-        if name == CONFIRM and loaded.records:
+        if name in (SCREEN, CONFIRM) and loaded.records:
             cases = {(r.bucket, r.label) for r in load_records(self.path).records}
             for r in loaded.records:
                 if (r.bucket, r.ab.pair[1]) not in cases:
-                    raise RecordsError(f"{self.path / name}: it confirms {r.ab.pair[1]} at {r.shape} M={r.M} "
+                    raise RecordsError(f"{self.path / name}: it re-measures {r.ab.pair[1]} at {r.shape} M={r.M} "
                                        f"({r.dtype}, {r.world} ranks, {r.device}), a case its {RECORDS} does not "
                                        "hold: it belongs to another run; move it away")
         return loaded

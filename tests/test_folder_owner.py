@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from overlap_bench import confirm, records, runfolder, strategies
 from overlap_bench.cli import app
 from overlap_bench.errors import UserError
-from overlap_bench.records import CONFIRM, Record
+from overlap_bench.records import CONFIRM, SCREEN, Record
 from overlap_bench.runfolder import RunFolder
 
 runner = CliRunner()
@@ -158,12 +158,15 @@ def test_garbage_lines_in_the_confirm_log_are_counted_and_reported(tmp_path, cap
     assert f"{run / CONFIRM}: 2 line(s) skipped" in caplog.text and "line 1, 34" in caplog.text
 
 
-def test_confirmations_of_another_run_are_refused_with_the_path(tmp_path):
+@pytest.mark.parametrize("log", [CONFIRM, SCREEN])
+def test_confirmations_of_another_run_are_refused_with_the_path(tmp_path, log):
     run = sweep_folder(tmp_path / "run", confirmed=())
     for r in confirmation(64, 1.2):  # M=64: a case this run never measured
-        RunFolder(run).append(r, CONFIRM)
-    with pytest.raises(records.RecordsError, match="another run"):
-        confirm.load(run)
+        RunFolder(run).append(r, log)
+    with pytest.raises(records.RecordsError, match=f"{log}: it re-measures .* M=64 .* belongs to another run"):
+        confirm.load(run, log)
+    if log == SCREEN:
+        return
     res = runner.invoke(app, ["export", str(run), "-o", str(tmp_path / "p.yaml")])
     one_line_exit_2(res, f"{run / CONFIRM}", "M=64", "belongs to another run")
 

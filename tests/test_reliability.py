@@ -476,7 +476,8 @@ def test_a_tables_error_does_not_hide_why_the_sweep_stopped(finished_run, tmp_pa
     out = tmp_path / "run"
     shutil.copytree(done, out)
     (out / RECORDS).write_text("".join((out / RECORDS).read_text().splitlines(keepends=True)[:5]))
-    (out / runfolder.CONFIRM).unlink()  # a run cut short in its first pass has confirmed nothing yet
+    for log in (runfolder.SCREEN, runfolder.CONFIRM):  # a run cut short in its first pass re-measured nothing yet
+        (out / log).unlink(missing_ok=True)
 
     def rank_dies(*a, **k):
         raise RankFailed(1, "process killed by SIGKILL")
