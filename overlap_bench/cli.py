@@ -7,7 +7,7 @@ import functools
 import json
 import math
 import os
-import select
+import select as io_select
 import signal
 import statistics
 import sys
@@ -140,8 +140,8 @@ def _guard(fn: Callable[[], Any], out_dir: Path | None = None, resume: bool = Fa
 def _reader_gone(stream: Any) -> bool:
     """Whether the pipe ``stream`` writes to has lost its reader (then it polls as an error)."""
     try:
-        (poll := select.poll()).register(stream, select.POLLOUT)
-        return any(ev & select.POLLERR for _, ev in poll.poll(0))
+        (poll := io_select.poll()).register(stream, io_select.POLLOUT)
+        return any(ev & io_select.POLLERR for _, ev in poll.poll(0))
     except (OSError, ValueError):  # not a file (a test's capture), or closed
         return False
 
@@ -316,7 +316,8 @@ def _estimate(spec: SweepSpec, out: Path) -> str:
 def sweep(
     spec_path: Optional[Path] = typer.Argument(None, metavar="SPEC", help="Sweep YAML (see sweeps/); default: one "
                                                                           "that suits this machine."),
-    out: Path = typer.Option(Path("runs/latest"), "--out", "-o", parser=_out, help="Run directory (records.jsonl, env, tables)."),
+    out: Path = typer.Option(Path("runs/latest"), "--out", "-o", parser=_out,
+                             help="Run directory (records.jsonl, env, tables)."),
     resume: bool = typer.Option(False, help="Skip the cases already recorded in --out."),
     force: bool = typer.Option(False, "--force", help="With --resume: continue a folder of another spec or timing "
                                                      "options (both runs' records side by side)."),
@@ -626,7 +627,7 @@ def interference(
     comm_ctas: float = typer.Option(itf.DEFAULT_COMM_CTAS, help="CTAs the all-reduce holds (NCCL channels), for "
                                                                 "s(k) in predictions."),
     from_dir: Optional[Path] = typer.Option(None, "--from", help="Predict from this interference run; no GPU needed."),
-    out: Optional[Path] = typer.Option(None, help="Run folder (default runs/interference, or --from's)."),
+    out: Optional[Path] = typer.Option(None, parser=_out, help="Run folder (default runs/interference, or --from's)."),
     as_json: AsJson = False,
 ) -> None:
     """On one GPU: the GEMM's slowdown beside communication-like CTAs, copy-engine traffic and green contexts;

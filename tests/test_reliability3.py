@@ -65,7 +65,7 @@ def test_resume_is_suggested_only_by_commands_that_have_it(command, resumable, t
         out.mkdir(parents=True, exist_ok=True)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("overlap_bench.sweep.run_sweep", interrupted)
+    monkeypatch.setattr("overlap_bench.cli.run_sweep", interrupted)  # the CLI calls its own imported name
     spec = tmp_path / "s.yaml"
     spec.write_text(yaml.safe_dump(TINY))
     args = ["run", "--shape", "16,16", "--tokens", "8", "--dtype", "float32", "--backend", "gloo"] \
