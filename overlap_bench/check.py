@@ -26,14 +26,13 @@ class Config(BaseModel):
 
 
 def listed(v: Any) -> list:
-    """``v`` as a non-empty list (a single value becomes a list of one)."""
+    """``v`` as a non-empty list (a single value becomes a list of one; ``Listed`` on a field)."""
     if v == []:
         raise ValueError("is empty; give at least one value")
     return v if isinstance(v, list) else [v]
 
 
 Listed = BeforeValidator(listed)
-"""A non-empty list field that also takes a single value (``dtypes: float32`` is ``[float32]``)."""
 
 
 def _dtype(v: str) -> str:
@@ -42,8 +41,7 @@ def _dtype(v: str) -> str:
     return v
 
 
-Dtype = Annotated[str, AfterValidator(_dtype)]
-"""An element type the strategies and the layer serve (:data:`metrics.DTYPES`)."""
+Dtype = Annotated[str, AfterValidator(_dtype)]  # an element type the strategies serve (metrics.DTYPES)
 
 PROBLEMS = {"missing": "is missing; add it", "extra_forbidden": "unknown key; remove it or fix its spelling",
             "invalid_key": "unknown key; keys are names", "int_type": "must be an integer", "float_type": "must be a "
@@ -51,10 +49,10 @@ PROBLEMS = {"missing": "is missing; add it", "extra_forbidden": "unknown key; re
             "must be text", "dict_type": "must be a mapping", "model_type": "must be a mapping", "list_type": "must be "
             "a list", "greater_than_equal": "must be >= {ge}", "greater_than": "must be > {gt}", "less_than_equal":
             "must be <= {le}", "less_than": "must be < {lt}", "too_short": "must have at least {min_length} item(s)",
-            "too_long": "must have at most {max_length} item(s)"}
+            "too_long": "must have at most {max_length} item(s)",
+            "literal_error": "must be one of {expected}"}
 """pydantic's error types in our words (``int_parsing`` reads as ``int_type``: a value from text)."""
-FIRST = ("extra_forbidden", "invalid_key")
-"""Unknown keys are named before other errors: a misspelt key is also a missing one."""
+FIRST = ("extra_forbidden", "invalid_key")  # named before other errors: a misspelt key is also a missing one
 
 
 def problem(err: dict) -> str:
@@ -68,8 +66,7 @@ def problem(err: dict) -> str:
 
 
 def dotted(loc: tuple, root: str = "") -> str:
-    """``('shapes', 0, 'N')`` -> ``shapes[0].N`` (below ``root`` if given); a mapping's key that is not a name
-    is quoted (``shapes['8,6']``), and a bad key itself reads ``buckets key 'x'``."""
+    """``('shapes', 0, 'N')`` -> ``shapes[0].N`` below ``root``; a key not a name is quoted (``shapes['8,6']``)."""
     if loc and loc[-1] == "[key]":
         return f"{dotted(loc[:-2], root)} key {loc[-2]!r}"
     for part in loc:
@@ -118,8 +115,7 @@ class UniqueKeyLoader(yaml.SafeLoader):
 
 
 def read_yaml(path: Path) -> Any:
-    """The YAML document in ``path``; a :class:`FieldError` saying why (not naming the path: the caller does)
-    when it cannot be read or parsed."""
+    """The YAML document in ``path``, else a :class:`FieldError` saying why (the caller names the path)."""
     try:
         return yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
     except OSError as exc:

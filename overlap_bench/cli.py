@@ -1,39 +1,90 @@
-"""The ``overlap-bench`` command line (typer): run, sweep, compare, export, report, strategies."""
+"""The ``overlap-bench`` command line (typer): run, sweep, compare, export, report, model, interference, ..."""
 
 from __future__ import annotations
 
+import errno
+import functools
 import json
 import math
 import os
+import select
+import signal
+import statistics
 import sys
 import tempfile
+import time
+from contextlib import nullcontext
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Callable, List, Optional
 
+import torch
 import typer
-from pydantic import Field
+import typer.core
+from pydantic import Field, TypeAdapter
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 import overlap_bench
 from overlap_bench import check, confirm, runfolder, select, strategies
-from overlap_bench.confirm import TOP as CONFIRM_TOP
-from overlap_bench.research import interference as itf
-from overlap_bench.research import interference_report as itf_report
-from overlap_bench.research.model import MODES as MODEL_MODES
-from overlap_bench.research.model import model_main, model_table
+from overlap_bench import compare as cmp
+from overlap_bench.bench import BenchOptions, run_ab
+from overlap_bench.confirm import TOP as CONFIRM_TOP, load as load_confirmations
+from overlap_bench.errors import UserError
+from overlap_bench.export import export_policy
+from overlap_bench.launch import JobConfig, launch
+from overlap_bench.records import json_safe, load_records
+from overlap_bench.research import interference as itf, interference_report as itf_report
+from overlap_bench.research.model import MODES as MODEL_MODES, model_main, model_table
 from overlap_bench.research.nanobatch import NanoSettings
-from overlap_bench.spec import CONFIRM_REPEATS
+from overlap_bench.spec import CONFIRM_REPEATS, Case, SweepSpec, check_memory, default_spec_raw, load_spec, parse_spec
 from overlap_bench.stats import MIN_EFFECT
+from overlap_bench.sweep import finish_run, run_sweep
 from overlap_bench.timing import REPS, WARMUP
 from overlap_bench.world import refuse_world_one
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+class _NoBoolType:
+    """Help without a ``<bool>`` type beside flags (they take no value)."""
+
+    def get_params(self, ctx: Any) -> list:
+        params = super().get_params(ctx)
+        for p in params:
+            if getattr(p, "is_flag", False):
+                p.metavar = ""
+        return params
+
+
+class _Command(_NoBoolType, typer.core.TyperCommand):
+    """A command of :data:`app`."""
+
+
+class _Group(_NoBoolType, typer.core.TyperGroup):
+    """The root of :data:`app`."""
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=_Group,
                   help="Measure, tune and ship GEMM / all-reduce overlap for tensor-parallel row-parallel layers.")
+command = functools.partial(app.command, cls=_Command)
 # Wide when piped, so tables are not squeezed into 80 columns in logs.
 out_console = Console(width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+# Options several commands share.
+Shapes = Annotated[List[str], typer.Option("--shape", "-s", help="K,N (K per rank) or a model preset (its o_proj "
+                                           "and down_proj at tp=nproc); default: one that suits this machine.")]
+Tokens = Annotated[Optional[str], typer.Option("--tokens", "-m", help="Token counts M, comma-separated (default: "
+                                               "ones that suit this machine).")]
+Dtype = Annotated[Optional[str], typer.Option(help="bfloat16, float16 or float32 (default: bfloat16 on GPUs, "
+                                              "float32 on CPU).")]
+Nproc = Annotated[Optional[int], typer.Option(help="Ranks (default: every GPU, or 2 on CPU).")]
+Backend = Annotated[str, typer.Option(help="auto, nccl or gloo.")]
+Warmup = Annotated[int, typer.Option(help="Untimed calls before each timed region.")]
+Reps = Annotated[int, typer.Option(help="Timed calls per region (median over them).")]
+EnvVars = Annotated[List[str], typer.Option(help="KEY=VALUE set in every rank before CUDA starts (repeatable).")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+RunDir = Annotated[Path, typer.Argument(help="A sweep's run directory.")]
 
 
 def _version(value: bool) -> None:
@@ -48,34 +99,61 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """overlap-bench: is overlapping the row-parallel GEMM with its all-reduce worth it here, and how?"""
 
 
-def _guard(fn: Callable[[], Any], out_dir: Path | None = None) -> Any:
+def _guard(fn: Callable[[], Any], out_dir: Path | None = None, resume: bool = False) -> Any:
     """Run a command body: bad input -> one line + exit 2; a failed rank -> one line + exit 1; Ctrl-C -> 130;
-    an operating-system error -> one line + exit 2 (a path given) or 1 (the machine)."""
+    an operating-system error -> one line + exit 2 (a path given) or 1 (the machine); stdout's reader gone
+    (``| head``) -> quiet exit 141, as a tool killed by SIGPIPE. A stop names ``out_dir`` and, for a command
+    with ``--resume``, that flag."""
     from overlap_bench.errors import UserError, os_error_exit
     from overlap_bench.launch import RankFailed
 
-    # escape(): messages carry paths like "[/__w/...]" that rich would read as markup tags.
-    kept = escape(f" Records so far are kept in {out_dir}; add --resume to continue.") if out_dir else ""
+    def kept() -> str:  # escaped: rich would read paths like "[/__w/...]" as markup tags
+        if out_dir is None or not out_dir.is_dir():
+            return ""
+        return escape(f" Records so far are kept in {out_dir}" + ("; add --resume to continue." if resume else "."))
+
     # Under torchrun every rank meets the same input and signals: one rank per machine says so, all exit alike.
     says = os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) == "0"
     try:
         return fn()
     except RankFailed as exc:
-        err_console.print(f"[red]error:[/] {escape(str(exc))}.{kept}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/] {escape(str(exc))}.{kept()}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     except KeyboardInterrupt as exc:
         word, code = ("terminated.", 143) if isinstance(exc, Terminated) else ("interrupted.", 130)
         if says:
-            err_console.print(f"[yellow]{word}[/]{kept}", highlight=False, soft_wrap=True)
+            err_console.print(f"[yellow]{word}[/]{kept()}", highlight=False, soft_wrap=True)
         raise typer.Exit(code)
     except UserError as exc:  # SpecError, LaunchError, PolicyError, bad flags
         if says:
             err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
     except OSError as exc:  # exists, permission, name too long, is a directory; disk full
+        if exc.errno == errno.EPIPE and _reader_gone(sys.stdout):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush has nowhere to fail
+            raise typer.Exit(141)
         msg, code = os_error_exit(exc)
-        err_console.print(f"[red]error:[/] {escape(msg)}{kept}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/] {escape(msg)}.{kept()}", highlight=False, soft_wrap=True)
         raise typer.Exit(code)
+
+
+def _reader_gone(stream: Any) -> bool:
+    """Whether the pipe ``stream`` writes to has lost its reader (then it polls as an error)."""
+    try:
+        (poll := select.poll()).register(stream, select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poll.poll(0))
+    except (OSError, ValueError):  # not a file (a test's capture), or closed
+        return False
+
+
+def _out(text: str | Path) -> Path:
+    """``--out`` as a path; an empty one (read as the current directory) is refused in one line, exit 2."""
+    def given() -> Path:
+        if str(text) == "":
+            raise check.FieldError("--out: is empty; give a path, e.g. --out runs/mine (. for this folder)")
+        return Path(text)
+
+    return _guard(given)
 
 
 def _rank0() -> bool:
@@ -87,9 +165,26 @@ def _shapes_raw(shapes: list[str]) -> list[dict]:
     return [dict(zip("KN", _ints(text, "--shape", 2))) if "," in text else {"preset": text} for text in shapes]
 
 
+def _cases_raw(shapes: list[str], tokens: str | None, dtype: str | None, backend: str | None) -> dict:
+    """The spec fields of ``--shape``, ``--tokens`` and ``--dtype``; each one not given is the machine's
+    (``spec.default_spec_raw``: tiny float32 shapes on CPU, Qwen2.5-72B at tp = GPU count on GPUs)."""
+    default = default_spec_raw(backend)
+    return {"shapes": _shapes_raw(shapes) if shapes else default["shapes"],
+            "tokens": default["tokens"] if tokens is None else _ints(tokens, "--tokens"),
+            "dtypes": default["dtypes"] if dtype is None else [dtype]}
+
+
+def _spec(raw: dict, nproc: int | None, backend: str | None) -> SweepSpec:
+    """``raw`` validated with the job flags and against this machine's memory (a note when far from quick)."""
+    spec = parse_spec(raw, world_size=nproc, backend=backend)
+    note = check_memory(spec)
+    if note and _rank0():
+        err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+    return spec
+
+
 def _strategies_raw(labels: list[str]) -> list[dict]:
-    """``--strategy`` texts, parsed (and so checked) once, in the sweep YAML's form: ``run`` builds its spec
-    from the same mapping a spec file gives, and keeps it as the run folder's ``spec.yaml``."""
+    """``--strategy`` texts, parsed (so checked) once, in the sweep YAML's form (the run folder's spec.yaml)."""
     out: list[dict] = [{"name": "baseline"}]
     for text in labels:
         try:
@@ -101,10 +196,11 @@ def _strategies_raw(labels: list[str]) -> list[dict]:
     return out
 
 
-def _need_records(run_dir: Path) -> None:
-    """Refuse (exit 2) a RUN_DIR that holds no records."""
+def _need_records(run_dir: Path, field: str = "RUN_DIR") -> Path:
+    """Refuse (exit 2) a run folder (the argument ``field``) without a records file; that file."""
     if not (run_dir / runfolder.RECORDS).exists():
-        raise check.FieldError(f"RUN_DIR: {run_dir} has no {runfolder.RECORDS}; give a sweep's --out directory")
+        raise check.FieldError(f"{field}: {run_dir} has no {runfolder.RECORDS}; give a sweep's --out directory")
+    return run_dir / runfolder.RECORDS
 
 
 def _ints(text: str, flag: str, count: int | None = None) -> list[int]:
@@ -122,103 +218,124 @@ def _env_raw(items: list[str]) -> dict[str, str]:
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
     if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
+        return "-" if math.isnan(v) else f"{v:.{digits}f}"
+    return "-" if v is None else str(v)
+
+
+def _table(title: str, header: list[str], rows: list[list[str]], left: tuple[str, ...]) -> Table:
+    """A rich table; the ``left`` columns are left-aligned, the others (numbers) right-aligned."""
+    t = Table(title=title)
+    for c in header:
+        t.add_column(c, justify="left" if c in left else "right")
+    for r in rows:
+        t.add_row(*r)
+    return t
 
 
 def records_table(records: list, title: str) -> Table:
     """A rich table, one row per record, with the metrics and the numerics check."""
-    t = Table(title=title, show_lines=False)
     cols = ["shape", "M", "strategy", "t ms", "t_base", "t_gemm", "t_comm", "speedup", "eta", "TFLOP/s",
             "busbw GB/s", "rel_err", "status"]
-    for c in cols:
-        t.add_column(c, justify="left" if c in ("shape", "strategy", "status") else "right")
-    for r in records:
-        status = r.status if r.ok else f"[red]{r.status}[/]: {r.reason}"
-        t.add_row(r.shape, str(r.M), r.label, _fmt(r.t_ms), _fmt(r.t_base_ms), _fmt(r.t_gemm_ms), _fmt(r.t_comm_ms),
-                  _fmt(r.speedup), _fmt(r.eta, 2), _fmt(r.tflops, 1), _fmt(r.busbw_gbps, 1),
-                  f"{r.rel_err:.1e}" if not math.isnan(r.rel_err) else "-", status)
-    return t
+    rows = [[r.shape, str(r.M), r.label, _fmt(r.t_ms), _fmt(r.t_base_ms), _fmt(r.t_gemm_ms), _fmt(r.t_comm_ms),
+             _fmt(r.speedup), _fmt(r.eta, 2), _fmt(r.tflops, 1), _fmt(r.busbw_gbps, 1),
+             f"{r.rel_err:.1e}" if not math.isnan(r.rel_err) else "-",
+             r.status if r.ok else f"[red]{r.status}[/]: {r.reason}"] for r in records]
+    return _table(title, cols, rows, ("shape", "strategy", "status"))
 
 
-@app.command()
+@command()
 def run(
-    shape: List[str] = typer.Option(["qwen2.5-72b"], "--shape", "-s",
-                                    help="K,N (K per rank) or a model preset (its o_proj and down_proj at tp=nproc)."),
-    tokens: str = typer.Option("4096,16384", "--tokens", "-m", help="Token counts M, comma-separated."),
+    shape: Shapes = [],
+    tokens: Tokens = None,
     strategy: List[str] = typer.Option(["pr", "chunked:chunks=4"], "--strategy", "-S",
                                        help="Strategy with settings, e.g. chunked:chunks=4,comm=async (repeatable); "
                                             "baseline always runs."),
-    dtype: str = typer.Option("bfloat16", help="bfloat16, float16 or float32."),
-    nproc: Optional[int] = typer.Option(None, help="Ranks (default: every GPU, or 2 on CPU)."),
-    backend: str = typer.Option("auto", help="auto, nccl or gloo."),
-    warmup: int = typer.Option(WARMUP, help="Untimed calls before each timed region."),
-    reps: int = typer.Option(REPS, help="Timed calls per region."),
+    dtype: Dtype = None,
+    nproc: Nproc = None,
+    backend: Backend = "auto",
+    warmup: Warmup = WARMUP,
+    reps: Reps = REPS,
     bias: bool = typer.Option(False, help="Give the layer a bias."),
-    env: List[str] = typer.Option([], help="KEY=VALUE set in every rank before CUDA starts (repeatable)."),
-    out: Optional[Path] = typer.Option(None, help="Keep the run directory here (default: a temp dir)."),
-    as_json: bool = typer.Option(False, "--json", help="Print records as JSON lines instead of a table."),
+    env: EnvVars = [],
+    out: Optional[Path] = typer.Option(None, parser=_out, help="Keep the run directory here (default: a temp dir)."),
+    as_json: AsJson = False,
 ) -> None:
     """Measure one or a few cases: one table row per strategy with the metrics and rel_err."""
-    from overlap_bench.records import load_records
-    from overlap_bench.spec import parse_spec
-    from overlap_bench.sweep import run_sweep
 
     def body() -> None:
-        raw = {"name": "run", "dtypes": [dtype], "shapes": _shapes_raw(shape), "tokens": _ints(tokens, "--tokens"),
-               "strategies": _strategies_raw(strategy), "env": [_env_raw(env)], "warmup": warmup, "reps": reps,
-               "bias": bias}
-        spec = parse_spec(raw, world_size=nproc, backend=backend)
+        raw = {"name": "run", **_cases_raw(shape, tokens, dtype, backend), "strategies": _strategies_raw(strategy),
+               "env": [_env_raw(env)], "warmup": warmup, "reps": reps, "bias": bias}
+        spec = _spec(raw, nproc, backend)
         raw.update(backend=spec.backend, world_size=spec.world_size)
         run_dir = out or Path(tempfile.mkdtemp(prefix="overlap-bench-run-"))
         run_sweep(spec, raw, run_dir, progress=False, rank0=_rank0(), confirm=False)  # a one-off table
         if not _rank0():
             return
-        from overlap_bench.select import score
-
-        recs = score(load_records(run_dir).records)  # speedup and eta against the one reference
+        recs = select.score(load_records(run_dir).records)  # speedup and eta against the one reference
         if as_json:
             for r in recs:
                 print(r.to_json())
         else:
             dev = recs[0].device if recs else "?"
-            out_console.print(records_table(recs, f"{dev} x{spec.world_size} ({spec.backend}), {dtype}"))
+            out_console.print(records_table(recs, f"{dev} x{spec.world_size} ({spec.backend}), "
+                                                  f"{', '.join(spec.dtypes)}"))
 
     _guard(body, out)
 
 
-@app.command()
+def _estimate(spec: SweepSpec, out: Path) -> str:
+    """The first pass's duration: its cases times a per-case cost, from the time stamps of the run in ``out`` (its
+    start and sweep records, scaled to this spec's warmup + reps), else measured here on one tiny case."""
+    recs = [r for r in load_records(out).records if r.kind == "sweep" and r.time]
+    created = (runfolder.read_identity(out) or {}).get("created")
+    stamps = sorted(datetime.fromisoformat(t).timestamp() for t in [created, *(r.time for r in recs)] if t)
+    gaps = [b - a for a, b in zip(stamps, stamps[1:]) if b - a < 3600]  # not the pause before a --resume
+    if recs and sum(gaps) > 0:
+        calls = statistics.median(r.warmup + r.reps for r in recs) or 1
+        per = sum(gaps) / len(recs) * (spec.warmup + spec.reps) / calls
+        source = f"per-case cost from the {len(recs)} records in {out / runfolder.RECORDS}, start-up included"
+    else:
+        device = "cuda" if spec.backend == "nccl" else "cpu"
+        x, w = torch.randn(64, 128, device=device), torch.randn(256, 128, device=device)
+        torch.mm(x, w.T)  # lazy initialisation is no part of a case
+        start = time.perf_counter()
+        for _ in range(3 * (spec.warmup + spec.reps)):  # the reference, the GEMM alone, the strategy
+            torch.mm(x, w.T)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        per = time.perf_counter() - start
+        source = ("per-case cost measured here on one tiny case's GEMMs (K=128, N=256, M=64), without "
+                  "communication or start-up: a lower bound")
+    total = len(spec.cases()) * per
+    took = f"{total:.0f} s" if total < 120 else f"{total / 60:.0f} min" if total < 7200 else f"{total / 3600:.1f} h"
+    return f"estimate: {len(spec.cases())} cases x {per:.2g} s = about {took} for the first pass ({source})"
+
+
+@command()
 def sweep(
-    spec_path: Optional[Path] = typer.Argument(None, metavar="SPEC",
-                                               help="Sweep YAML (see sweeps/); default: one that suits this machine."),
-    out: Path = typer.Option(Path("runs/latest"), "--out", "-o", help="Run directory (records.jsonl, env, tables)."),
+    spec_path: Optional[Path] = typer.Argument(None, metavar="SPEC", help="Sweep YAML (see sweeps/); default: one "
+                                                                          "that suits this machine."),
+    out: Path = typer.Option(Path("runs/latest"), "--out", "-o", parser=_out, help="Run directory (records.jsonl, env, tables)."),
     resume: bool = typer.Option(False, help="Skip the cases already recorded in --out."),
-    force: bool = typer.Option(False, "--force", help="With --resume: continue a folder made by another spec or "
-                                                     "timing options (both runs' records then sit side by side)."),
+    force: bool = typer.Option(False, "--force", help="With --resume: continue a folder of another spec or timing "
+                                                     "options (both runs' records side by side)."),
     world_size: Optional[int] = typer.Option(None, "--world-size", "--nproc", help="Override the spec's world size."),
     backend: Optional[str] = typer.Option(None, help="Override the spec's backend (auto, nccl, gloo)."),
     seed: int = typer.Option(0, help="Seed of the random inputs."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and list the cases; start nothing."),
-    timeout: Optional[float] = typer.Option(None, "--timeout",
-                                            help="Collective timeout in seconds (overrides the spec's timeout_s)."),
-    tp: Optional[int] = typer.Option(None, "--tp", help="Run the spec's preset shapes at this tensor-parallel "
-                                                       "size, on that many ranks (e.g. a tp=8 spec on 4 GPUs)."),
-    confirm: bool = typer.Option(True, "--confirm/--no-confirm",
-                                 help="After the first pass, re-measure each bucket's leading candidates against "
-                                      "the baseline, interleaved (what export ships needs it)."),
-    confirm_repeats: Optional[int] = typer.Option(None, help="Interleaved repeats per side in the "
-                                                                    "confirmation (default: the spec's "
-                                                                    f"confirm_repeats, else {CONFIRM_REPEATS})."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the cases and estimate the time; run nothing."),
+    timeout: Optional[float] = typer.Option(None, help="Collective timeout in s (overrides the spec's timeout_s)."),
+    tp: Optional[int] = typer.Option(None, help="Run the spec's preset shapes at this tensor-parallel size, on that "
+                                                "many ranks (e.g. a tp=8 spec on 4 GPUs)."),
+    confirm: bool = typer.Option(True, help="After the first pass, re-measure each bucket's leading candidates "
+                                            "against the baseline, interleaved (what export ships needs it)."),
+    confirm_repeats: Optional[int] = typer.Option(None, help="Interleaved repeats per side in the confirmation "
+                                                             f"(default: the spec's, else {CONFIRM_REPEATS})."),
     confirm_top: int = typer.Option(CONFIRM_TOP, min=1, help="Candidates confirmed per bucket besides the peers "
-                                                             "(pr): the best this many of the first pass."),
+                                                             "(pr): the first pass's best this many."),
 ) -> None:
-    """Sweep shapes x tokens x settings (each record appended to OUT/records.jsonl as it is measured), then
-    confirm each bucket's leaders by interleaved re-measurement (OUT/confirm.jsonl)."""
-    from overlap_bench.spec import load_spec
-    from overlap_bench.sweep import run_sweep
+    """Sweep shapes x tokens x settings (each record appended to OUT/records.jsonl as it is measured), confirm
+    each bucket's leaders by interleaved re-measurement (OUT/confirm.jsonl), and show what export would ship."""
 
     def body() -> None:
         spec, raw = load_spec(spec_path, world_size=world_size, backend=backend, timeout_s=timeout, tp=tp,
@@ -231,6 +348,7 @@ def sweep(
             for c in cases:
                 env = " ".join(f"{k}={v}" for k, v in c.env)
                 print(f"{c.shape}\tK={c.K}\tN={c.N}\tM={c.M}\t{c.dtype}\t{c.label}\t{env}")
+            out_console.print(escape(_estimate(spec, out)), highlight=False)
             return
         repeats = spec.confirm_repeats
         res = run_sweep(spec, raw, out, resume=resume, seed=seed, rank0=_rank0(), force=force, confirm=confirm,
@@ -251,77 +369,76 @@ def sweep(
         out_console.print(escape(f"{msg}. Results in {out}/ (records.jsonl, tables.md, summary.md)"))
         for line in res.not_run:
             err_console.print(f"[yellow]not run:[/] {escape(line)}")
+        decisions = select.decide(load_records(out).records, load_confirmations(out))
+        out_console.print(_shipped_table(decisions, False))
+        out_console.print(escape(f"next: overlap-bench export {out} -o policy.yaml"), highlight=False)
 
-    _guard(body, out)
+    _guard(body, out, resume=True)
 
 
 def _compare_cases(spec_path: Optional[Path], preset: Optional[str], tokens: Optional[str], dtype: Optional[str],
-                   nproc: Optional[int], backend: str, env: dict[str, str]):
-    """The cases and the job shape of a strategy comparison (spec, preset, or the machine's default); ``env``:
-    the variables the job runs with (part of each case)."""
-    from overlap_bench.spec import SMOKE, Case, load_spec, parse_spec
-    from overlap_bench.world import resolve
-
+                   nproc: Optional[int], backend: str, env: dict[str, str]) -> tuple[SweepSpec, list[Case]]:
+    """The baseline cases and the job of a strategy comparison (a spec, a preset, or the machine's default);
+    ``env``: the variables the job runs with (part of each case)."""
+    be = None if backend == "auto" else backend
     if spec_path is not None:
-        be, world = None if backend == "auto" else backend, nproc
-        _, raw = load_spec(spec_path, world_size=world, backend=be)
-    else:  # Qwen2.5-72B at tp = ranks on GPUs; the smoke spec's tiny shapes on CPU
-        be, world = resolve(backend, nproc)
-        gpu = be == "nccl"
-        raw = {"name": "compare", "dtypes": ["bfloat16" if gpu else "float32"], "strategies": ["baseline"],
-               "shapes": [{"preset": preset or "qwen2.5-72b"}] if preset or gpu else SMOKE["shapes"],
-               "tokens": [16384, 32768] if gpu else SMOKE["tokens"]}
-    flags = {"tokens": _ints(tokens, "--tokens") if tokens else None, "dtypes": [dtype] if dtype else None}
-    spec = parse_spec({**raw, **{k: v for k, v in flags.items() if v}}, world_size=world, backend=be)
+        raw = load_spec(spec_path, world_size=nproc, backend=be)[1]
+        flags = {"tokens": _ints(tokens, "--tokens") if tokens else None, "dtypes": [dtype] if dtype else None}
+        raw = {**raw, **{k: v for k, v in flags.items() if v}}
+    else:
+        raw = {"name": "compare", "strategies": ["baseline"], **_cases_raw([preset] if preset else [], tokens,
+                                                                           dtype, backend)}
+    spec = _spec(raw, nproc, be)
     base = strategies.make_settings("baseline")
     cases = [Case(s.name, s.K, s.N, m, d, spec.bias, "baseline", base, tuple(sorted(env.items())))
              for d in spec.dtypes for s in spec.shapes for m in spec.tokens]
     return spec, cases
 
 
-@app.command()
+@command()
 def compare(
     a: str = typer.Argument(..., help="Strategy (baseline, pr, chunked:chunks=4,comm=stream) or a run directory."),
     b: str = typer.Argument(..., help="Strategy or run directory, compared against A (speedup = B over A)."),
     spec_path: Optional[Path] = typer.Option(None, "--spec", help="Take shapes, tokens and dtypes from a sweep YAML."),
-    preset: Optional[str] = typer.Option(None, help="Model preset (default on GPU: qwen2.5-72b at tp = ranks)."),
-    tokens: Optional[str] = typer.Option(None, "--tokens", "-m", help="Token counts, comma-separated."),
-    dtype: Optional[str] = typer.Option(None, help="Element type (default bfloat16 on GPU, float32 on CPU)."),
+    preset: Optional[str] = typer.Option(None, help="Model preset (default: one that suits this machine)."),
+    tokens: Tokens = None,
+    dtype: Dtype = None,
     repeats: int = typer.Option(5, min=1, help="Interleaved repeats per side (A B A B ...)."),
     min_effect: float = typer.Option(MIN_EFFECT, help="Smallest relative change called faster/slower (noise floor)."),
-    nproc: Optional[int] = typer.Option(None, help="Ranks (default: every GPU, or 2 on CPU)."),
-    backend: str = typer.Option("auto", help="auto, nccl or gloo."),
-    warmup: int = typer.Option(WARMUP, help="Untimed calls before each timed region."),
-    reps: int = typer.Option(REPS, help="Timed calls per region (one repeat = one region's median)."),
-    env: List[str] = typer.Option([], help="KEY=VALUE set in every rank before CUDA starts (repeatable)."),
-    out: Optional[Path] = typer.Option(None, help="Write compare.json, compare.md and env.json here."),
+    nproc: Nproc = None,
+    backend: Backend = "auto",
+    warmup: Warmup = WARMUP,
+    reps: Reps = REPS,
+    env: EnvVars = [],
+    out: Optional[Path] = typer.Option(None, parser=_out, help="Write compare.json, compare.md and env.json here."),
     markdown: Optional[Path] = typer.Option(None, help="Write the markdown table (for a pull request) here."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    as_json: AsJson = False,
 ) -> None:
     """Compare two strategies side by side (interleaved repeats; ratio of medians, its bootstrap CI) or two runs."""
-    from contextlib import nullcontext
-
-    from overlap_bench import compare as cmp
 
     def body() -> None:
         check.validate(Annotated[float, Field(ge=0, allow_inf_nan=False)], min_effect, "--min-effect")
-        live = not (Path(a).is_dir() and Path(b).is_dir())
+        dirs = [Path(a).is_dir(), Path(b).is_dir()]
+        live = not all(dirs)
+        if any(dirs) and live:  # one side is a run folder: the other is a missing one, not a strategy
+            name, side = ("B", b) if dirs[0] else ("A", a)
+            raise check.FieldError(f"{name}: no run directory at {side}; give two run directories or two strategies")
+        if not live:
+            for name, side in zip("AB", (a, b)):
+                if _need_records(Path(side), name).stat().st_size == 0:
+                    raise check.FieldError(f"{name}: {side}/{runfolder.RECORDS} is empty; give a run directory "
+                                           "with records")
         if live:  # every input checked before a folder is made or a rank started
-            from overlap_bench.bench import BenchOptions, run_ab
-            from overlap_bench.launch import JobConfig, launch
-            from overlap_bench.spec import check_memory
-
             sides = []
-            for side in (a, b):
+            for name, side in zip("AB", (a, b)):
                 try:
                     sides.append(strategies.parse(side))
                 except ValueError as exc:
-                    raise check.FieldError(f"A/B: '{side}' is neither a run directory nor a strategy: {exc}") \
+                    raise check.FieldError(f"{name}: '{side}' is neither a run directory nor a strategy: {exc}") \
                         from None
             job_env = _env_raw(env)
             spec, cases = _compare_cases(spec_path, preset, tokens, dtype, nproc, backend, job_env)
             refuse_world_one(spec.world_size, "a comparison of two strategies")
-            check_memory(spec)
         folder = None
         if out is not None:  # a folder that cannot be written is refused before anything is measured
             folder = runfolder.RunFolder(runfolder.ensure_folder(out, "--out"))
@@ -365,24 +482,27 @@ def compare(
 def _shipped_table(decisions: list, running: bool) -> Table:
     """What ships per bucket and why (``Decision.why``; a bucket not confirmed names its best candidate)."""
     t = Table(title="shipped per bucket")
-    for c in ("shape", "M", "dtype", "world", "env", "ships", "speedup", "CI", "why"):
-        t.add_column(c, justify="right" if c in ("M", "world", "speedup", "CI") else "left")
+    for c in ("shape", "M", "dtype", "world", "env", "ships", "speedup", "CI", "eta", "why"):
+        t.add_column(c, justify="right" if c in ("M", "world", "speedup", "CI", "eta") else "left")
     for d in decisions:
         c, why = d.confirmation, d.why
         if c is not None and d.label == "baseline" and c.leader:
             why += f" (best: {c.leader} {_fmt(c.leader_speedup)}x, CI {_fmt(c.leader_ci[0])}..{_fmt(c.leader_ci[1])})"
         elif c is None and running:
             why += " (run still being written)"
+        if not d.in_policy:
+            why += " (not in the policy: another env variant or shape ships this slot)"
         ci = f"{_fmt(c.ci[0])}..{_fmt(c.ci[1])}" if c is not None and d.label != "baseline" else "-"
         t.add_row(escape(d.key.shape), str(d.key.M), d.key.dtype, str(d.key.world), escape(d.key.env.text),
-                  escape(d.label), _fmt(d.speedup), ci, escape(why))
+                  escape(d.label), _fmt(d.speedup), ci, _fmt(d.eta, 2), escape(why))
     return t
 
 
-@app.command()
+@command()
 def export(
     run_dir: Path = typer.Argument(..., help="A sweep's run directory."),
-    out: Path = typer.Option(..., "-o", "--out", help="Policy file (.yaml) or a folder (one file per device/world/dtype)."),
+    out: Path = typer.Option(..., "-o", "--out", parser=_out,
+                             help="Policy file (.yaml) or a folder (one file per device/world/dtype)."),
     env: List[str] = typer.Option([], help="KEY=VALUE: export this environment variant (default: the fastest)."),
     dtype: Optional[str] = typer.Option(None, help="Export only this dtype."),
     unconfirmed: bool = typer.Option(False, "--unconfirmed", help="Where a bucket has no confirmation, ship the "
@@ -391,7 +511,6 @@ def export(
     force: bool = typer.Option(False, "--force", help="Export a run still being written (what it holds now)."),
 ) -> None:
     """Write each bucket's decision as a policy YAML, and print what ships per bucket and why."""
-    from overlap_bench.export import export_policy
 
     def body() -> None:
         _need_records(run_dir)
@@ -416,10 +535,9 @@ def export(
     _guard(body)
 
 
-@app.command()
-def report(run_dir: Path = typer.Argument(..., help="A sweep's run directory.")) -> None:
+@command()
+def report(run_dir: RunDir) -> None:
     """Write plots (PNG) and summary.md for a run directory (also done at the end of every sweep)."""
-    from overlap_bench.sweep import finish_run
 
     def body() -> None:
         _need_records(run_dir)
@@ -430,40 +548,35 @@ def report(run_dir: Path = typer.Argument(..., help="A sweep's run directory."))
     _guard(body)
 
 
-@app.command()
+@command()
 def model(
-    preset: Optional[str] = typer.Option(None, help="Model preset (qwen2.5-72b, llama-3.1-70b, llama-3.1-405b, tiny; "
-                                         "default: qwen2.5-72b on GPUs, tiny on CPU)."),
+    preset: Optional[str] = typer.Option(None, help="Model preset (qwen2.5-72b, llama-3.1-70b, llama-3.1-405b, "
+                                                    "tiny; default: qwen2.5-72b on GPUs, tiny on CPU)."),
     tp: Optional[int] = typer.Option(None, help="Tensor-parallel size (default: every rank)."),
     policy: Optional[Path] = typer.Option(None, help="Policy YAML from `overlap-bench export` (adds the policy mode)."),
-    tokens: Optional[str] = typer.Option(None, "--tokens", "-m", help="Prefill token counts, comma-separated "
-                                         "(default: 8192,16384,32768 on GPUs, 64,256 on CPU)."),
+    tokens: Tokens = None,
     layers: int = typer.Option(4, help="Decoder layers in the synthetic stack."),
-    dtype: Optional[str] = typer.Option(None, help="bfloat16, float16 or float32 (default: bfloat16 on GPUs, "
-                                        "float32 on CPU)."),
+    dtype: Dtype = None,
     warmup: int = typer.Option(2, help="Untimed forwards per mode before timing."),
     reps: int = typer.Option(9, help="Timed forwards per mode (split into interleaved rounds)."),
-    nproc: Optional[int] = typer.Option(None, help="Ranks (default: every GPU, or 2 on CPU)."),
-    backend: Optional[str] = typer.Option(None, help="auto, nccl or gloo."),
-    out: Path = typer.Option(Path("runs/model"), help="Appends to model.jsonl (and writes env.json) here."),
+    nproc: Nproc = None,
+    backend: Backend = "auto",
+    out: Path = typer.Option(Path("runs/model"), parser=_out, help="Appends to model.jsonl (and writes env.json) here."),
     resume: bool = typer.Option(False, help="Continue the run in --out: record only the (M, mode) rows missing."),
-    as_json: bool = typer.Option(False, "--json", help="Print the records as a JSON array instead of a table."),
-    mode: str = typer.Option("all", "--mode", help="Modes, comma-separated: baseline, pr, policy, nanobatch, "
-                             "nanobatch+policy, nocomm, or all (baseline and nocomm always run)."),
-    nanobatches: int = typer.Option(NanoSettings.nanobatches,
-                                    help="Nano-batches (token ranges) of the nanobatch modes."),
+    as_json: AsJson = False,
+    mode: str = typer.Option("all", help="Modes, comma-separated: baseline, pr, policy, nanobatch, "
+                                         "nanobatch+policy, nocomm, or all (baseline and nocomm always run)."),
+    nanobatches: int = typer.Option(NanoSettings.nanobatches, help="Nano-batches (token ranges) of nanobatch modes."),
     nano_comm: str = typer.Option(NanoSettings.comm, help="The nanobatch modes' all-reduce path: stream or async."),
-    nano_priority: bool = typer.Option(NanoSettings.priority,
-                                       help="The nanobatch modes' all-reduce on a high-priority NCCL stream."),
-    nano_attention: str = typer.Option(NanoSettings.attention,
-                                       help="How a later nano-batch attends to the earlier ones' keys: split "
-                                            "(two calls merged by log-sum-exp) or lower-right (one masked call)."),
+    nano_priority: bool = typer.Option(NanoSettings.priority, help="The nanobatch modes' all-reduce on a "
+                                                                   "high-priority NCCL stream."),
+    nano_attention: str = typer.Option(NanoSettings.attention, help="How a later nano-batch attends to earlier keys: "
+                                       "split (two calls merged by log-sum-exp) or lower-right (one masked call)."),
     shapes_tp: Optional[int] = typer.Option(None, help="Per-rank shapes of this tensor-parallel size on fewer ranks "
-                                            "(e.g. tp=4 shapes on 1 GPU: a schedule's overhead alone)."),
+                                                       "(tp=4 shapes on 1 GPU: a schedule's overhead alone)."),
 ) -> None:
     """Prefill a synthetic TP decoder stack: tokens/s per mode (baseline, pr, policy, nano-batches), the
     communication share and how much of it each mode hid."""
-    from overlap_bench.errors import UserError
 
     def body() -> None:
         modes = MODEL_MODES if mode.strip() == "all" else tuple(m.strip() for m in mode.split(",") if m.strip())
@@ -482,43 +595,42 @@ def model(
         else:
             out_console.print(model_table(records))
 
-    _guard(body, out)
+    _guard(body, out, resume=True)
 
 
-@app.command()
+@command()
 def interference(
-    spec_path: Optional[Path] = typer.Argument(None, metavar="[SPEC]", help="Take shapes, tokens, dtype from a sweep YAML."),
-    preset: Optional[str] = typer.Option(None, help="Model preset (default qwen2.5-72b): its o_proj and down_proj at --tp."),
+    spec_path: Optional[Path] = typer.Argument(None, metavar="SPEC", help="Take shapes, tokens, dtype from a sweep "
+                                                                          "YAML."),
+    preset: Optional[str] = typer.Option(None, help="Model preset (default qwen2.5-72b): o_proj, down_proj at --tp."),
     tp: int = typer.Option(4, help="Tensor-parallel size that sets K per rank of the preset shapes."),
     shape: List[str] = typer.Option([], "--shape", "-s", help="K,N (K per rank), repeatable."),
     tokens: Optional[str] = typer.Option(None, "--tokens", "-m", help="Token counts (default 4096,8192,16384,32768)."),
     dtype: Optional[str] = typer.Option(None, help="bfloat16 (default), float16 or float32."),
-    ctas: str = typer.Option(",".join(map(str, itf.DEFAULT_CTAS)),
-                             help="CTA counts of the communication-like kernel (none: skip)."),
-    cta_gbps: str = typer.Option(f"{itf.DEFAULT_CTA_GBPS:g}",
-                                 help="GB/s each CTA reads and writes (0 = full speed); comma-separated."),
-    copy: str = typer.Option(",".join(itf.COPY_PATHS),
-                             help="Full-speed copies beside the GEMM: d2d (same device), h2d, d2h "
-                                  "(pinned host); each record says if it waited for SMs (none: skip)."),
+    ctas: str = typer.Option(",".join(map(str, itf.DEFAULT_CTAS)), help="CTA counts of the communication-like "
+                                                                        "kernel (none: skip)."),
+    cta_gbps: str = typer.Option(f"{itf.DEFAULT_CTA_GBPS:g}", help="GB/s each CTA reads and writes (0 = full "
+                                                                   "speed); comma-separated."),
+    copy: str = typer.Option(",".join(itf.COPY_PATHS), help="Full-speed copies beside the GEMM: d2d (same device), "
+                             "h2d, d2h (pinned host); each record says if it waited for SMs (none: skip)."),
     sms: str = typer.Option(",".join(itf.DEFAULT_SMS), help="Green-context sizes for the GEMM alone (none: skip)."),
     rounds: int = typer.Option(itf.ROUNDS, help="Passes over the conditions, each bracketed by references."),
     warmup: int = typer.Option(itf.WARMUP, help="Untimed repetitions per block."),
     reps: int = typer.Option(itf.REPS, help="Timed repetitions per block."),
     pace: bool = typer.Option(True, help="Give every repetition the side work's wall period, so references do not "
                                          "run hotter (power-limited) than interfered GEMMs."),
-    comm_from: List[Path] = typer.Option([], "--comm-from", help="Multi-GPU run dir: predict its t_joint from its "
-                                                                  "t_gemm, t_comm and this run's s(k) (repeatable)."),
+    comm_from: List[Path] = typer.Option([], help="Multi-GPU run dir: predict its t_joint from its t_gemm, t_comm "
+                                                  "and this run's s(k) (repeatable)."),
     busbw: Optional[float] = typer.Option(None, help="Predict with t_comm from this all-reduce busbw (GB/s)..."),
     world: Optional[int] = typer.Option(None, help="...over this many ranks (nccl-tests' formula)."),
-    comm_ctas: float = typer.Option(itf.DEFAULT_COMM_CTAS,
-                                    help="CTAs the all-reduce holds (NCCL channels), for s(k) in predictions."),
+    comm_ctas: float = typer.Option(itf.DEFAULT_COMM_CTAS, help="CTAs the all-reduce holds (NCCL channels), for "
+                                                                "s(k) in predictions."),
     from_dir: Optional[Path] = typer.Option(None, "--from", help="Predict from this interference run; no GPU needed."),
     out: Optional[Path] = typer.Option(None, help="Run folder (default runs/interference, or --from's)."),
-    as_json: bool = typer.Option(False, "--json", help="Print records and predictions as JSON."),
+    as_json: AsJson = False,
 ) -> None:
     """On one GPU: the GEMM's slowdown beside communication-like CTAs, copy-engine traffic and green contexts;
     and the joint time and eta a multi-GPU run could reach."""
-    from overlap_bench.records import json_safe
 
     def body() -> None:
         cfg = None
@@ -540,35 +652,40 @@ def interference(
                                         "predictions": [p.to_dict() for p in preds]})))
             return
         header, rows = itf_report.slowdown_table(records)
-        t = Table(title=f"GEMM slowdown, {records[0].device if records else '?'} ({run_dir})")
-        for c in header:
-            t.add_column(c, justify="left" if c == "shape" else "right")
-        for r in rows:
-            t.add_row(*[escape(c) for c in r])
-        out_console.print(t)
+        out_console.print(_table(f"GEMM slowdown, {records[0].device if records else '?'} ({run_dir})", header,
+                                 [list(map(escape, r)) for r in rows], ("shape",)))
         if preds:
-            t = Table(title=f"predicted joint time and eta (s at {comm_ctas:g} CTAs)")
-            for c in itf_report.PRED_HEADER:
-                t.add_column(c, justify="left" if c in ("shape", "env", "t_comm from") else "right")
-            for r in itf_report.prediction_rows(preds):
-                t.add_row(*[escape(c) for c in r])
-            out_console.print(t)
+            out_console.print(_table(f"predicted joint time and eta (s at {comm_ctas:g} CTAs)",
+                                     itf_report.PRED_HEADER, [list(map(escape, r)) for r in
+                                                              itf_report.prediction_rows(preds)],
+                                     ("shape", "env", "t_comm from")))
 
     _guard(body, None)
 
 
-@app.command("strategies")
-def list_strategies() -> None:
-    """List the registered strategies and their settings."""
-    import dataclasses
+_BOUNDS = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
 
-    strategies.get("baseline")
+
+def _allowed(field: dict) -> str:
+    """A setting's JSON schema as text: its choices, or its type and range (``integer >= 1``)."""
+    if "enum" in field:
+        return ", ".join(map(str, field["enum"]))
+    kind = "true, false" if field.get("type") == "boolean" else field.get("type", "-")
+    return " ".join([kind, *(f"{op} {field[k]}" for k, op in _BOUNDS.items() if k in field)])
+
+
+@command("strategies")
+def list_strategies() -> None:
+    """List the registered strategies and each setting's allowed values (choices or range) and default."""
     t = Table(title="strategies")
-    for c in ("name", "settings (default)", "what"):
+    for c in ("name", "setting", "allowed", "default", "what"):
         t.add_column(c)
-    for name, s in sorted(strategies.REGISTRY.items()):
-        fields = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(s.settings_cls)) or "-"
-        t.add_row(name, fields, s.doc)
+    for name in strategies.names():
+        s = strategies.get(name)
+        fields = TypeAdapter(s.settings_cls).json_schema().get("properties", {})
+        for i, (key, field) in enumerate(fields.items() or [("-", {})]):
+            default = str(field["default"]).lower() if "default" in field else "-"
+            t.add_row(name if i == 0 else "", key, _allowed(field), default, s.doc if i == 0 else "")
     out_console.print(t)
 
 
@@ -582,8 +699,6 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 def main() -> None:
     """Console-script entry point."""
-    import signal
-
     signal.signal(signal.SIGTERM, _on_sigterm)
     app()
 

@@ -3,7 +3,9 @@
 Local ranks are spawned by ``torch.multiprocessing.start_processes`` and meet at a TCPStore the launcher
 holds on a free localhost port. The first rank to fail ends the job: its peers get ``grace_s`` to fail on
 their own and report why, then every rank left is stopped, and :class:`RankFailed` names the rank that
-caused it and the cause in one line. A rank dies with the launcher, however the launcher ends.
+caused it and the cause in one line. A job environment in which Python itself cannot start (``PYTHONHOME``)
+is found before any rank starts, with the interpreter's own error. A rank dies with the launcher, however the
+launcher ends.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -118,6 +121,9 @@ def launch(fn: Callable[..., Any], args: tuple, cfg: JobConfig, grace_s: float =
         finally:
             dist.destroy_process_group()
         return
+    broken = _start_failure(cfg.env) if cfg.env else None
+    if broken:  # every rank would die so, before it could report, its start data unread (a hang if large)
+        raise RankFailed(0, broken)
     # Held by the launcher on a port the kernel picks: no port to race for, nothing left on disk.
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     saved = {k: os.environ.get(k) for k in cfg.env}
@@ -148,7 +154,24 @@ def launch(fn: Callable[..., Any], args: tuple, cfg: JobConfig, grace_s: float =
     _stop_all(procs, grace_s)
     failures = {i: store.get(f"failure/{i}").decode().split(" ", 1) for i in range(cfg.nproc)
                 if store.check([f"failure/{i}"])}
-    raise _cause(failures, first, ended, cfg.nproc) from None
+    up = {i for i in range(cfg.nproc) if store.check([f"up/{i}"])}
+    raise _cause(failures, first, ended, cfg.nproc, up) from None
+
+
+def _start_failure(env: dict[str, str]) -> str | None:
+    """How Python fails to start as a rank's does (with the job's ``env``), in one line with its last error
+    line; None when it starts."""
+    try:
+        res = subprocess.run([sys.executable, "-c", "import multiprocessing.spawn"], env={**os.environ, **env},
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if res.returncode == 0:
+        return None
+    lines = [line.strip() for line in res.stderr.splitlines() if line.strip()]
+    said = next((line for line in reversed(lines) if "Error" in line), lines[-1] if lines else "no message")
+    job = " ".join(f"{k}={v}" for k, v in env.items())
+    return f"process exited with code {res.returncode} before it started: {said} (the job's environment: {job})"
 
 
 def _first_failure(procs: list) -> int | None:
@@ -188,15 +211,18 @@ def _how(code: int) -> str:
     return f"process killed by {next((s.name for s in signal.Signals if s == -code), f'signal {-code}')}"
 
 
-def _cause(failures: dict[int, list[str]], first: int, ended: dict[int, int], nproc: int) -> RankFailed:
+def _cause(failures: dict[int, list[str]], first: int, ended: dict[int, int], nproc: int,
+           up: set[int]) -> RankFailed:
     """The failure that ended the job, from what had ``ended`` (rank -> exit code) before any rank was signalled:
-    a rank that died without reporting why (a signal, a crash in C++) caused its peers' errors, which follow
-    as context; else the first reported failure, naming the ranks still running then (hung elsewhere)."""
+    a rank that died without reporting why (a signal, a crash in C++; before it was ``up`` at the rendezvous)
+    caused its peers' errors, which follow as context; else the first reported failure, naming the ranks still
+    running then (hung elsewhere)."""
     earliest = min(failures, key=lambda i: int(failures[i][0]), default=None)  # rank -> [order, cause]
     silent = sorted((i for i, code in ended.items() if code != 0 and i not in failures), key=lambda i: i != first)
     if silent:
         then = f" (then rank {earliest}: {failures[earliest][1]})" if earliest is not None else ""
-        return RankFailed(silent[0], _how(ended[silent[0]]) + then)
+        early = "" if silent[0] in up else " before it started (its stderr says why)"
+        return RankFailed(silent[0], _how(ended[silent[0]]) + early + then)
     if earliest is not None:
         running = [str(i) for i in range(nproc) if i not in ended]
         still = f" (rank {', '.join(running)} was still running)" if running else ""

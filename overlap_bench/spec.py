@@ -15,44 +15,38 @@ from pydantic import (AfterValidator, BeforeValidator, Field, TypeAdapter, Valid
 
 from overlap_bench import check, strategies
 from overlap_bench.check import Config, Dtype, FieldError, Listed
-from overlap_bench.world import LaunchError, in_torchrun, resolve
+from overlap_bench.world import LaunchError, gpu_count, in_torchrun, resolve
 from overlap_bench.metrics import DTYPES
 from overlap_bench.timing import REPS, WARMUP
 from overlap_bench.presets import row_parallel_shapes
 
 
-SpecError = FieldError
-"""An invalid sweep spec or flag; the message is one line: ``field: problem; fix``."""
-
-MAX_CASES = 100_000
-"""More cases than this is a mistake (a range with step 1, a grid too fine): refused before it is built."""
-MAX_DIM = 2 ** 31 - 1
-"""Largest K, N or M: GEMM libraries index with 32-bit integers, and larger products overflow a tensor's size."""
-CONFIRM_REPEATS = 20
-"""Default interleaved repeats per side in a sweep's confirmation stage."""
-MIN_CONFIRM_REPEATS = 5
-"""Fewer repeats per side than this give the confirmation's bootstrap no verdict to speak of."""
+SpecError = FieldError  # an invalid sweep spec or flag; the message is one line: ``field: problem; fix``
+MAX_CASES = 100_000  # more is a mistake (a range with step 1, a grid too fine): refused before it is built
+MAX_DIM = 2 ** 31 - 1  # largest K, N or M: GEMM libraries index with 32-bit integers
+CONFIRM_REPEATS = 20  # default interleaved repeats per side in a sweep's confirmation stage
+MIN_CONFIRM_REPEATS = 5  # fewer give the confirmation's bootstrap no verdict to speak of
+# The command-line flags that replace spec fields (:func:`parse_spec`): their errors name the flag.
 FLAGS = {"world_size": "--nproc", "backend": "--backend", "timeout_s": "--timeout",
          "confirm_repeats": "--confirm-repeats"}
-"""The command-line flags that replace spec fields (:func:`parse_spec`): their errors name the flag."""
+CPU_NOTE_FLOP = 1e12  # GEMM work per gloo rank from which :func:`check_memory` notes the scale (minutes on CPUs)
 
 Dim = Annotated[int, Field(ge=1, le=MAX_DIM)]
 
 
 @dataclass(frozen=True)
 class Shape:
-    """One row-parallel GEMM shape."""
+    """One row-parallel GEMM shape: K per rank (the inner dimension), N output features."""
 
     name: str
     K: int
-    """Inner dimension per rank."""
     N: int
-    """Output features."""
 
 
 @dataclass(frozen=True)
 class Case:
-    """One measurement: a shape at M tokens, a dtype, a strategy setting, a process environment."""
+    """One measurement: a shape at M tokens, a dtype, a strategy with its typed settings
+    (``strategies.make_settings``), and the process environment variant as sorted items (hashable)."""
 
     shape: str
     K: int
@@ -61,11 +55,8 @@ class Case:
     dtype: str
     bias: bool
     strategy: str
-    """A registered strategy's name."""
     settings: Any
-    """Its typed settings (``strategies.make_settings``)."""
     env: tuple[tuple[str, str], ...]
-    """Process environment variant, as sorted items (hashable)."""
 
     @property
     def env_dict(self) -> dict[str, str]:
@@ -178,8 +169,16 @@ def _env(env: dict[str, str]) -> dict[str, str]:
     return env
 
 
+def _distinct(envs: list[dict[str, str]]) -> list[dict[str, str]]:
+    for i, env in enumerate(envs):  # dicts compare by items: a variant in another key order is the same one
+        if env in envs[:i]:
+            check.fail((i,), f"the same variables as env[{envs.index(env)}] ({env}), which would be measured "
+                             "twice; give each variant once")
+    return envs
+
+
+# An environment value; a YAML integer (``CUDA_DEVICE_MAX_CONNECTIONS: 1``) is its text.
 EnvValue = Annotated[str, BeforeValidator(lambda v: str(v) if type(v) is int else v)]
-"""An environment value; a YAML integer (``CUDA_DEVICE_MAX_CONNECTIONS: 1``) is its text."""
 
 
 class SweepSpec(Config):
@@ -205,7 +204,7 @@ class SweepSpec(Config):
     bias: bool = False
     """Give the layer a bias (counted once in the reduced output)."""
     env: Annotated[list[Annotated[dict[str, EnvValue], BeforeValidator(lambda v: {} if v is None else v),
-                                  AfterValidator(_env)]], Listed] = [{}]
+                                  AfterValidator(_env)]], Listed, AfterValidator(_distinct)] = [{}]
     """Process environment variants; each runs as its own job (some knobs act only before CUDA starts)."""
     warmup: int = Field(WARMUP, ge=0)
     """Untimed calls before each timed region."""
@@ -262,31 +261,37 @@ class SweepSpec(Config):
         return [strategies.label(*s) for s in self.strategies]
 
 
-def check_memory(spec: SweepSpec) -> None:
-    """On gloo every rank runs on this machine: a case that cannot fit in its memory is refused before the job
-    starts (on CPU it would end in the kernel's OOM killer, which no rank can report). Not part of
-    :func:`parse_spec`, so that a GPU spec still validates on a CPU machine; on GPUs an OOM is a recorded case."""
+def check_memory(spec: SweepSpec) -> str | None:
+    """On gloo every rank runs on this machine: a case that cannot fit in its memory is refused (the OOM killer
+    would end it, which no rank can report), and a note is returned when the GEMM work is far from a quick run.
+    Not part of :func:`parse_spec`, so a GPU spec still validates on a CPU machine."""
     if spec.backend != "gloo":
-        return
+        return None
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (OSError, ValueError, AttributeError):
-        return
-    for shape in spec.shapes:
-        for m in spec.tokens:
-            for dtype in spec.dtypes:
-                size = DTYPES[dtype].itemsize
-                # float32 draws of x and w, their casts, and five [M, N] outputs (reference, scratch, comm buffer,
-                # the strategy's output, a temporary), per rank.
-                need = spec.world_size * ((4 + size) * (m + shape.N) * shape.K + 5 * size * m * shape.N)
-                if need > ram:
-                    raise SpecError(f"tokens: M={m} with {shape.name} (K={shape.K}, N={shape.N}, {dtype}) needs "
-                                    f"about {need / 2**30:.1f} GiB on {spec.world_size} gloo ranks, more than this "
-                                    f"machine's {ram / 2**30:.1f} GiB; use fewer tokens or a smaller shape")
+        ram = math.inf
+    for shape, m, dtype in itertools.product(spec.shapes, spec.tokens, spec.dtypes):
+        size = DTYPES[dtype].itemsize
+        # float32 draws of x and w, their casts, and five [M, N] outputs (reference, scratch, comm buffer, the
+        # strategy's output, a temporary), per rank.
+        need = spec.world_size * ((4 + size) * (m + shape.N) * shape.K + 5 * size * m * shape.N)
+        if need > ram:
+            raise SpecError(f"tokens: M={m} with {shape.name} (K={shape.K}, N={shape.N}, {dtype}) needs about "
+                            f"{need / 2**30:.1f} GiB on {spec.world_size} gloo ranks, more than this machine's "
+                            f"{ram / 2**30:.1f} GiB; use fewer tokens or a smaller shape")
+    cases = spec.cases()  # each times the strategy, and about as often the reference and the GEMM alone
+    flop = sum(2 * c.M * c.N * c.K for c in cases) * 3 * (spec.warmup + spec.reps)
+    if flop < CPU_NOTE_FLOP:
+        return None
+    big = max(cases, key=lambda c: c.M * c.N * c.K)
+    return (f"{big.shape} (K={big.K}, N={big.N}) at M={big.M} is {2 * big.M * big.N * big.K / 1e9:.0f} GFLOP a "
+            f"call; the run is about {flop / 1e12:.0f} TFLOP per gloo rank (minutes to hours on CPUs); for a small "
+            "run leave out the shape flags (this machine's default: tiny float32 shapes)")
 
 
 def parse_spec(raw: Any, **flags: Any) -> SweepSpec:
-    """Validate a spec mapping into a :class:`SweepSpec`. ``flags`` (``world_size``, ``backend``, ``timeout_s``,
+    """Validate a spec mapping into a :class:`SweepSpec`; ``flags`` (``world_size``, ``backend``, ``timeout_s``,
     ``confirm_repeats``; None: not given) replace the spec's fields, and their errors name the flag."""
     given = {k: v for k, v in flags.items() if v is not None and v != ""}
     raw = check.validate(dict, {} if raw is None else raw, "spec")
@@ -295,7 +300,7 @@ def parse_spec(raw: Any, **flags: Any) -> SweepSpec:
 
 def with_tp(raw: Any, tp: int) -> dict:
     """A copy of a raw spec run at tensor parallel ``tp``: every preset shape's ``tp`` and the world size
-    become ``tp`` (e.g. a tp=8 spec measured on the 4 GPUs at hand). Explicit K, N shapes are kept."""
+    become ``tp`` (e.g. a tp=8 spec measured on the 4 GPUs at hand); explicit K, N shapes are kept."""
     check.integer(tp, "--tp", 1)
     out = dict(check.validate(dict, raw if raw is not None else {}, "spec"))
     shapes = out.get("shapes")
@@ -307,10 +312,10 @@ def with_tp(raw: Any, tp: int) -> dict:
 
 
 def load_spec(path: str | os.PathLike | None, **overrides: Any) -> tuple[SweepSpec, dict]:
-    """Read and validate a spec file (or the embedded default when ``path`` is None); returns it with the raw
-    mapping. ``overrides``: the flags of :func:`parse_spec`, and ``tp`` (see :func:`with_tp`)."""
+    """Read and validate a spec file (None: :func:`default_spec_raw` for the ``backend`` override); returns it
+    with the raw mapping. ``overrides``: the flags of :func:`parse_spec`, and ``tp`` (:func:`with_tp`)."""
     if path is None:
-        raw = default_spec_raw()
+        raw = default_spec_raw(overrides.get("backend"))
     elif not Path(path).is_file():
         raise SpecError(f"SPEC: no file at {path}; give the path of a sweep YAML (see sweeps/)")
     else:
@@ -336,11 +341,10 @@ SMOKE: dict[str, Any] = {
 """The embedded CPU default: seconds on gloo; mirrors sweeps/smoke.yaml."""
 
 
-def default_spec_raw() -> dict[str, Any]:
-    """The spec that suits this machine: the CPU smoke spec, or Qwen2.5-72B shapes at tp = GPU count."""
-    import torch
-
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+def default_spec_raw(backend: str | None = None) -> dict[str, Any]:
+    """The spec that suits this machine, also the shapes, tokens and dtype of ``run`` and ``compare`` when not
+    given: the CPU smoke spec (also with ``backend`` gloo), or Qwen2.5-72B shapes at tp = GPU count."""
+    gpus = gpu_count() if (backend or "auto").lower() != "gloo" else 0
     if gpus == 0:
         return dict(SMOKE)
     return {

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from overlap_bench import __version__, confirm
+from overlap_bench import __version__, cli, confirm, select
 from overlap_bench.cli import app
 from overlap_bench.policy import load_policy
 from overlap_bench.records import load_records
@@ -33,8 +33,20 @@ def _bad(args, *words):
 
 def test_version_and_help():
     assert _ok(["--version"]).output.strip() == f"overlap-bench {__version__}"
-    for cmd in ["run", "sweep", "compare", "export", "report", "model", "strategies"]:
-        assert "Usage" in _ok([cmd, "--help"]).output
+    for cmd in ["run", "sweep", "compare", "export", "report", "model", "strategies", "interference"]:
+        text = runner.invoke(app, [cmd, "--help"], terminal_width=200).output
+        assert "Usage" in text and "<bool>" not in text and "[[" not in text, text
+    text = runner.invoke(app, ["sweep", "--help"], terminal_width=200).output
+    assert "[SPEC]" in text and "--dry-run" in text and "--no-confirm" in text
+
+
+def test_strategies_lists_every_settings_values_and_range():
+    text = runner.invoke(app, ["strategies"], terminal_width=200).output
+    chunked = [line for line in text.splitlines() if "│" in line and line.split("│")[2].strip()]
+    allowed = {line.split("│")[2].strip(): line.split("│")[3].strip() for line in chunked}
+    assert allowed["comm"] == "stream, async, symm, ce" and allowed["split"] == "even, edges, geo"
+    assert allowed["chunks"] == "integer >= 1" and allowed["ratio"] == "number > 0"
+    assert allowed["priority"] == "true, false"
 
 
 def test_run_json_has_every_metric_and_checks_numerics():
@@ -63,8 +75,17 @@ def test_ready_specs_validate(spec):
 
 def test_sweep_resume_export_report(tmp_path):
     out = tmp_path / "run"
-    _ok(["sweep", "--out", str(out)])  # the embedded default (CPU smoke)
+    res = runner.invoke(app, ["sweep", "--out", str(out)], terminal_width=250)  # the embedded default (CPU smoke)
+    assert res.exit_code == 0, res.output
     recs = load_records(out).records
+    table = res.output[res.output.index("shipped per bucket"):]
+    decisions = select.decide(recs, confirm.load(out))
+    assert len(decisions) == 4 and f"next: overlap-bench export {out} -o policy.yaml" in res.output
+    for d in decisions:  # every bucket's row: its shape, M and shipped label
+        assert any(d.key.shape in line and f" {d.key.M} " in line and f" {d.label} " in line
+                   for line in table.splitlines()), (d.label, table)
+    res = _ok(["sweep", "--dry-run", "--out", str(out)])
+    assert f"from the {len(recs)} records in {out / 'records.jsonl'}" in res.output
     spec, _ = load_spec(None)
     assert len(recs) == len(spec.cases()) and all(r.ok for r in recs)
     for name in ["records.jsonl", "env.json", "spec.yaml", "tables.csv", "tables.md", "summary.md"]:
@@ -99,12 +120,30 @@ def test_compare_strategies_and_run_dirs(tmp_path):
     doc = json.loads(res.output[res.output.index("{"):])
     assert len(doc["rows"]) == 2 and all(len(r["samples_a"]) == 2 for r in doc["rows"])
     assert (tmp_path / "cmp" / "compare.md").read_text().count("|") > 10
+    assert {r["shape"] for r in doc["rows"]} == {s["name"] for s in SMOKE["shapes"]}  # no shape given: the machine's
     a, b = tmp_path / "a", tmp_path / "b"
     for d in (a, b):
-        _ok(["run", "--shape", "64,96", "--tokens", "40", "--strategy", "pr", "--dtype", "float32", "--reps", "2",
-             "--warmup", "1", "--out", str(d)])
+        _ok(["run", "--tokens", "40", "--strategy", "pr", "--reps", "2", "--warmup", "1", "--out", str(d)])
+    recs = load_records(a).records
+    assert {(r.shape, r.K, r.N) for r in recs} == {(s["name"], s["K"], s["N"]) for s in SMOKE["shapes"]}
+    assert {r.dtype for r in recs} == {"float32"} and len(recs) == 4
     res = _ok(["compare", str(a), str(b), "--json"])
-    assert len(json.loads(res.output)["rows"]) == 2
+    assert len(json.loads(res.output)["rows"]) == 4
+
+
+def test_large_explicit_shape_on_cpu_notes_the_scale(monkeypatch):
+    ran = []
+    monkeypatch.setattr(cli, "run_sweep", lambda spec, *a, **k: ran.append(spec))  # the note, not the hours
+    res = _ok(["run", "--shape", "qwen2.5-72b", "--strategy", "pr"])
+    assert "note:" in res.output and "TFLOP" in res.output and "leave out the shape flags" in res.output
+    assert ran[0].dtypes == ["float32"] and ran[0].tokens == SMOKE["tokens"]  # the rest is still the machine's
+    ran.clear()
+    assert "note:" not in _ok(["run", "--shape", "64,96", "--strategy", "pr"]).output
+
+
+def test_dry_run_estimates_from_a_tiny_case_without_records(tmp_path):
+    res = _ok(["sweep", "--dry-run", "--out", str(tmp_path / "new")])
+    assert "estimate: 24 cases x" in res.output and "measured here on one tiny case" in res.output
 
 
 @pytest.mark.parametrize("args,words", [

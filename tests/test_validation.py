@@ -32,7 +32,7 @@ HUGE = 10 ** 400  # a YAML integer no float holds
 
 def _values_for(f: dataclasses.Field) -> st.SearchStrategy:
     """Values a careless user might give a setting of this type: in range, out of range, the wrong type."""
-    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+    kind = f.type.removeprefix("Annotated[").split(",")[0] if isinstance(f.type, str) else f.type.__name__
     junk = st.one_of(st.none(), st.text(max_size=4), st.lists(st.integers(), max_size=2), st.just({"a": 1}))
     if kind == "int":
         return st.one_of(st.integers(-2, 70), st.just(HUGE), st.booleans(), st.floats(0, 5), junk)

@@ -1,6 +1,7 @@
 """The strategy registry: one stable name per implementation of a row-parallel linear + all-reduce, called as
 ``fn(x [M, K/tp], weight [N, K/tp], bias [N] | None, group, settings) -> y [M, N]`` (all-reduced). ``settings`` is
-a frozen dataclass whose ``__post_init__`` rejects out-of-range values with a ``ValueError`` naming the field."""
+a frozen dataclass whose field types bound its values (``Annotated[int, Field(ge=1)]``, ``Literal``), checked by
+:func:`make_settings` with a ``ValueError`` naming the field."""
 
 from __future__ import annotations
 
@@ -63,8 +64,8 @@ def register(name: str, settings_cls: type, doc: str, **fields: Any):
 
 @functools.cache
 def _schema(settings_cls: type) -> type[BaseModel]:
-    """A pydantic model of a settings dataclass's fields that types its values (ranges stay in the dataclass)."""
-    hints = typing.get_type_hints(settings_cls)
+    """A pydantic model of a settings dataclass's fields, which checks their values (types, ranges, choices)."""
+    hints = typing.get_type_hints(settings_cls, include_extras=True)
     fields = {f.name: (hints[f.name], f.default) for f in dataclasses.fields(settings_cls)}
     return create_model(settings_cls.__name__, __base__=Config, **fields)
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
 import torch
 import torch.distributed as dist
+from pydantic import Field
 
 from overlap_bench import strategies
 from overlap_bench.strategies import StrategyUnavailable, greenctx, nccl_log, register, symm
@@ -17,37 +19,24 @@ from overlap_bench.strategies.pipeline import (COMM_PATHS, SPLITS, RowSplit, all
 
 @dataclass(frozen=True)
 class ChunkedSettings:
-    """Settings of the chunked overlap."""
+    """Settings of the chunked overlap; the types bound the values (``strategies.make_settings`` checks them)."""
 
-    chunks: int = field(default=4, metadata={"show": True})
-    """Row chunks (>= 1); chunk ``i``'s all-reduce runs while chunk ``i+1`` multiplies."""
-    threshold: int = 0
-    """Token count below which the baseline path runs instead (>= 0)."""
-    comm: str = field(default="stream", metadata={"show": True})
+    chunks: Annotated[int, Field(ge=1)] = field(default=4, metadata={"show": True})
+    """Row chunks; chunk ``i``'s all-reduce runs while chunk ``i+1`` multiplies."""
+    threshold: Annotated[int, Field(ge=0)] = 0
+    """Token count below which the baseline path runs instead."""
+    comm: Literal[COMM_PATHS] = field(default="stream", metadata={"show": True})
     """``stream`` (side stream), ``async`` (work handles), ``symm`` (NCCL symmetric window) or ``ce`` (copy engines)."""
     priority: bool = False
     """All-reduce on a high-priority NCCL stream (a process group created for it)."""
-    align: int = 1
-    """Chunk edges round to multiples of this many rows (GEMM tile alignment, >= 1)."""
-    split: str = "even"
+    align: Annotated[int, Field(ge=1)] = 1
+    """Chunk edges round to multiples of this many rows (GEMM tile alignment)."""
+    split: Literal[SPLITS] = "even"
     """``even``, ``edges`` (first and last half size) or ``geo`` (each ``ratio`` times the one before)."""
-    ratio: float = 1.0
-    """Size ratio of consecutive chunks for ``split=geo`` (> 0; about t_comm / t_gemm is the aim)."""
-    gemm_sms: int = 0
+    ratio: Annotated[float, Field(gt=0)] = 1.0
+    """Size ratio of consecutive chunks for ``split=geo`` (about t_comm / t_gemm is the aim)."""
+    gemm_sms: Annotated[int, Field(ge=0)] = 0
     """Chunk products in a CUDA green context of this many SMs (0: the whole GPU), the rest left to comm."""
-
-    def __post_init__(self) -> None:
-        for ok, problem in [
-            (self.chunks >= 1, f"'chunks' must be >= 1, got {self.chunks}"),
-            (self.threshold >= 0, f"'threshold' must be >= 0 tokens, got {self.threshold}"),
-            (self.comm in COMM_PATHS, f"'comm' must be one of {', '.join(COMM_PATHS)}, got {self.comm!r}"),
-            (self.align >= 1, f"'align' must be >= 1, got {self.align}"),
-            (self.ratio > 0, f"'ratio' must be > 0, got {self.ratio}"),
-            (self.gemm_sms >= 0, f"'gemm_sms' must be >= 0 SMs (0: the whole GPU), got {self.gemm_sms}"),
-            (self.split in SPLITS, f"'split' must be one of {', '.join(SPLITS)}, got {self.split!r}"),
-        ]:
-            if not ok:
-                raise ValueError(f"setting {problem}")
 
 
 def _check(backend: str, s: ChunkedSettings) -> str | None:
