@@ -101,7 +101,8 @@ def run_sweep(spec: SweepSpec, raw: dict, out_dir: str | os.PathLike, *, resume:
     for the whole sweep; ``force`` lets ``resume`` continue a folder of another spec or options."""
     out = Path(out_dir)
     check_memory(spec)
-    with runfolder.RunFolder(out).claim("sweep", command=command or envinfo.command_line()) if rank0 else nullcontext():
+    claim = runfolder.RunFolder(out).claim("sweep", command=command or envinfo.command_line())
+    with claim if rank0 else nullcontext():
         # The folder is rank 0's (on another node it may not be there): the other ranks run rank 0's case list.
         done, torn = (open_run_folder(out, spec, raw, resume=resume, force=force, seed=seed, command=command)
                       if rank0 else (set(), []))
