@@ -8,8 +8,9 @@ import platform
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -83,3 +84,18 @@ def collect(command: str | None = None) -> dict[str, Any]:
         "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)},
         "time": utc_now(),
     }
+
+
+@contextmanager
+def environ(values: Mapping[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``values`` set inside the block, each variable restored (or removed) after it."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from overlap_bench.envinfo import environ
 from overlap_bench.world import LaunchError, in_torchrun, resolve  # noqa: F401  (re-exported)
 
 # NVLink multicast off in every process we start (set when missing): it can take a shared host's GPUs out of service.
@@ -126,22 +127,16 @@ def launch(fn: Callable[..., Any], args: tuple, cfg: JobConfig, grace_s: float =
         raise RankFailed(0, broken)
     # Held by the launcher on a port the kernel picks: no port to race for, nothing left on disk.
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    saved = {k: os.environ.get(k) for k in cfg.env}
     procs: list[Any] = []
     try:
         # A rank's environment is the launcher's when it starts (before anything in it reads a variable);
         # Ctrl-C / SIGTERM wait until every started rank is in procs, so that all of them are stopped.
         held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        os.environ.update(cfg.env)
         try:
-            procs = mp.start_processes(_rank, (os.getpid(), store.port, fn, args, cfg), cfg.nproc,
-                                       join=False, start_method="spawn").processes
+            with environ(cfg.env):
+                procs = mp.start_processes(_rank, (os.getpid(), store.port, fn, args, cfg), cfg.nproc,
+                                           join=False, start_method="spawn").processes
         finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
         first = _first_failure(procs)
         if first is None:

@@ -11,6 +11,8 @@ import tempfile
 from dataclasses import dataclass
 from typing import Callable
 
+from overlap_bench.envinfo import environ
+
 _RELEVANT = re.compile(r"opCount|Bytes -> |Init CE|via P2P|via SHM|via NET")
 _COLL = re.compile(r"NCCL INFO (\w+): opCount \w+ sendbuff \S+ recvbuff \S+ count (\d+) .*\[nranks=(\d+)\]")
 _SYM = re.compile(r"NCCL INFO (\w+) \[Symmetric\]: (\d+) Bytes -> Kernel (\S+) nchannels (\d+)")
@@ -54,18 +56,12 @@ def capture(fn: Callable[[], object], sync: Callable[[], None]) -> Captured:
     tmp = tempfile.mkdtemp(prefix="ob-nccl-")
     on = {"NCCL_DEBUG": "INFO", "NCCL_DEBUG_SUBSYS": "INIT,COLL,TUNING,P2P",
           "NCCL_DEBUG_FILE": os.path.join(tmp, "nccl.%p.log")}
-    saved = {k: os.environ.get(k) for k in on}
     try:
-        os.environ.update(on)
-        lib.ncclResetDebugInit()
-        fn()
-        sync()
+        with environ(on):
+            lib.ncclResetDebugInit()
+            fn()
+            sync()
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         lib.ncclResetDebugInit()  # NCCL re-reads the restored environment at its next log call
     lines: list[str] = []
     for name in sorted(os.listdir(tmp)):
