@@ -27,6 +27,8 @@ from overlap_bench.timing import REPS, WARMUP, Timing, allreduce_max, time_regio
 
 # Failures that stay inside one case (recorded, the sweep goes on): raised before the call's first collective.
 CASE_ERRORS = (ValueError, strategies.StrategyUnavailable, torch.cuda.OutOfMemoryError, MemoryError)
+UNAVAILABLE = f"{strategies.StrategyUnavailable.__name__}: "
+"""How :func:`try_case` begins the reason of a case that raised :class:`strategies.StrategyUnavailable`."""
 BRACKET_EVERY = 4
 """The reference ``t_base`` is measured again after every this many timed candidates and after the last."""
 
@@ -193,8 +195,9 @@ def check_against_baseline(name: str, settings: Any, x: torch.Tensor, w: torch.T
         y, err = try_case(lambda: strategies.run(name, x, w, b, None, settings))
     said = strategies.take_report()
     err = agree_failure(err, ctx)
-    if err:
-        return Checked("failed", err, math.nan, said)
+    if err:  # a strategy that finds at call time that it cannot take this case (dtype, size) is unavailable
+        gone = err.startswith(UNAVAILABLE)
+        return Checked("unavailable" if gone else "failed", err[len(UNAVAILABLE):] if gone else err, math.nan, said)
     e = allreduce_max([rel_err(y, y_base)], None, ctx.device)[0]
     if not within_tolerance(e, dtype):
         return Checked("failed", f"rel_err {e:.3g} above the {dtype} tolerance {TOLERANCE[dtype]:g}", e, said)

@@ -34,6 +34,7 @@ from overlap_bench.confirm import TOP as CONFIRM_TOP, load as load_confirmations
 from overlap_bench.errors import UserError
 from overlap_bench.export import export_policy
 from overlap_bench.launch import JobConfig, launch
+from overlap_bench.metrics import is_reference
 from overlap_bench.records import json_safe, load_records
 from overlap_bench.research import interference as itf, interference_report as itf_report
 from overlap_bench.research.model import MODES as MODEL_MODES, model_main, model_table
@@ -191,7 +192,7 @@ def _strategies_raw(labels: list[str]) -> list[dict]:
             name, settings = strategies.parse(text)
         except ValueError as exc:
             raise check.FieldError(f"--strategy: {exc}") from None
-        if name != "baseline":
+        if not is_reference(strategies.label(name, settings)):  # a plain reference (baseline:comm=...) runs too
             out.append({"name": name, **strategies.settings_dict(settings)})
     return out
 
@@ -487,13 +488,13 @@ def _shipped_table(decisions: list, running: bool) -> Table:
         t.add_column(c, justify="right" if c in ("M", "world", "speedup", "CI", "eta") else "left")
     for d in decisions:
         c, why = d.confirmation, d.why
-        if c is not None and d.label == "baseline" and c.leader:
+        if c is not None and is_reference(d.label) and c.leader:
             why += f" (best: {c.leader} {_fmt(c.leader_speedup)}x, CI {_fmt(c.leader_ci[0])}..{_fmt(c.leader_ci[1])})"
         elif c is None and running:
             why += " (run still being written)"
         if not d.in_policy:
             why += " (not in the policy: another env variant or shape ships this slot)"
-        ci = f"{_fmt(c.ci[0])}..{_fmt(c.ci[1])}" if c is not None and d.label != "baseline" else "-"
+        ci = f"{_fmt(c.ci[0])}..{_fmt(c.ci[1])}" if c is not None and not is_reference(d.label) else "-"
         t.add_row(escape(d.key.shape), str(d.key.M), d.key.dtype, str(d.key.world), escape(d.key.env.text),
                   escape(d.label), _fmt(d.speedup), ci, _fmt(d.eta, 2), escape(why))
     return t

@@ -12,6 +12,7 @@ from typing import Iterable, Mapping, Sequence
 
 from overlap_bench import runfolder
 from overlap_bench.keys import BucketKey
+from overlap_bench.metrics import REFERENCE, is_reference
 from overlap_bench.records import CONFIRM, Record
 from overlap_bench.stats import MIN_EFFECT, SCREEN_TOP, SHIP_ALPHA, judge, screen_speedups
 
@@ -22,10 +23,11 @@ Samples = Mapping[str, tuple[Sequence[float], Sequence[float]]]
 
 
 def leaders(scores: Mapping[str, float], peers: Iterable[str] = (), top: int = TOP) -> list[str]:
-    """The best ``top`` non-baseline labels by speedup, then every label whose strategy is a peer (e.g. ``pr``),
-    each once. Labels without a finite speedup (failed, unavailable) are never candidates."""
+    """The best ``top`` labels by speedup other than the reference (plain references are candidates), then every
+    label whose strategy is a peer (e.g. ``pr``), each once. Labels without a finite speedup (failed,
+    unavailable) are never candidates."""
     usable = {lab: s for lab, s in scores.items()
-              if lab != "baseline" and isinstance(s, (int, float)) and math.isfinite(s)}
+              if not is_reference(lab) and isinstance(s, (int, float)) and math.isfinite(s)}
     ranked = sorted(usable, key=lambda lab: (-usable[lab], lab))
     peers = set(peers)
     return ranked[:top] + [lab for lab in ranked[top:] if lab.split(":", 1)[0] in peers]
@@ -93,7 +95,7 @@ def decide(samples: Samples, first_pass: Mapping[str, float] | None = None, *, m
              (lc.ci_low, lc.ci_high) if lc else (math.nan, math.nan))
     passing = [lab for lab, c in results.items() if c.verdict == "faster"]
     if not passing:
-        return Outcome("baseline", 1.0, (math.nan, math.nan), 1.0, *about)
+        return Outcome(REFERENCE, 1.0, (math.nan, math.nan), 1.0, *about)
     win = max(passing, key=lambda lab: (results[lab].ci_low, lab))
     c = results[win]
     return Outcome(win, c.speedup, (c.ci_low, c.ci_high), c.expected, *about)

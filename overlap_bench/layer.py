@@ -10,10 +10,11 @@ import torch.distributed as dist
 from torch import nn
 
 from overlap_bench import strategies
+from overlap_bench.metrics import REFERENCE, is_reference
 from overlap_bench.policy import Choice, Policy
 
 log = logging.getLogger("overlap_bench.layer")
-_BASELINE = strategies.make_settings("baseline")
+_BASELINE = strategies.make_settings(REFERENCE)
 
 
 def _group_size(group: dist.ProcessGroup | None) -> int:
@@ -72,32 +73,33 @@ class RowParallelLinear(nn.Module):
     def choose(self, m: int) -> Choice:
         """The strategy for ``m`` token rows."""
         if self.policy is None or m == 0:
-            return Choice("baseline", _BASELINE, None, "no policy" if self.policy is None else "no rows")
+            return Choice(REFERENCE, _BASELINE, None, "no policy" if self.policy is None else "no rows")
         return self.policy.choose(K=self.in_features_per_rank, N=self.out_features, M=m)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``[..., in_features_per_rank]`` -> ``[..., out_features]``, all-reduced over the group.
 
-        A choice that cannot run here (unavailable, or a ``ValueError`` before its first collective) runs the
-        baseline for this call instead, warned once per setting; every rank sees the same choice, so all do."""
+        A choice that cannot run here (unavailable, also at call time, or a ``ValueError`` before its first
+        collective) runs the baseline for this call instead, warned once per setting; every rank sees the same
+        choice, so all do. A plain reference (``baseline:comm=...``) is a choice like any other."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features_per_rank)
         choice = self.last_choice = self.choose(x2.shape[0])
         with torch.no_grad():
-            if choice.strategy != "baseline":
+            if not is_reference(choice.label):
                 why = strategies.unavailable_reason(choice.strategy, choice.settings, dist.get_backend(self.group))
                 if why is None:
                     try:
                         y = strategies.run(choice.strategy, x2, self.weight, self.bias, self.group, choice.settings)
                         return y.reshape(*lead, self.out_features)
-                    except ValueError as exc:
+                    except (ValueError, strategies.StrategyUnavailable) as exc:
                         why = f"{type(exc).__name__}: {exc}"
                 self._fall_back(choice, x2.shape[0], why)
-            y = strategies.run("baseline", x2, self.weight, self.bias, self.group, _BASELINE)
+            y = strategies.run(REFERENCE, x2, self.weight, self.bias, self.group, _BASELINE)
         return y.reshape(*lead, self.out_features)
 
     def _fall_back(self, choice: Choice, m: int, why: str) -> None:
-        self.last_choice = Choice("baseline", _BASELINE, choice.bucket, f"{choice.label} cannot run for M={m}: {why}")
+        self.last_choice = Choice(REFERENCE, _BASELINE, choice.bucket, f"{choice.label} cannot run for M={m}: {why}")
         if choice.label not in self._warned:
             self._warned.add(choice.label)
             log.warning("RowParallelLinear K=%d, N=%d: %s (%s) cannot run for M=%d (%s); the baseline runs for "

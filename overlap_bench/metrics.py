@@ -39,6 +39,32 @@ def speedup(t_base: float, t: float) -> float:
     return t_base / t if t > 0 else math.nan
 
 
+REFERENCE = "baseline"
+"""The label of THE reference: the product, then NCCL's default all-reduce (the ring baseline)."""
+
+
+def is_reference(label: str) -> bool:
+    """Whether ``label`` is THE reference of every speedup and eta (the ring baseline's default settings)."""
+    return label == REFERENCE
+
+
+def is_plain(strategy: str) -> bool:
+    """Whether ``strategy`` is a plain all-reduce after the product (no overlap): the ring baseline or another
+    all-reduce (``baseline:comm=...``)."""
+    return strategy == REFERENCE
+
+
+def best_plain(t_base: float, plain: Iterable[float]) -> float:
+    """``t_plain``: a bucket's fastest plain all-reduce, the reference ``t_base`` or a plain reference's time."""
+    usable = [t for t in (t_base, *plain) if finite(t) and t > 0]
+    return min(usable) if usable else math.nan
+
+
+def speedup_vs_plain(t_plain: float, t: float) -> float:
+    """``t_plain / t`` (``t_plain`` from :func:`best_plain`): above 1 beats every plain all-reduce measured."""
+    return speedup(t_plain, t)
+
+
 ETA_MIN_ROOM = 0.05
 """eta is n/a when the hideable time ``t_base - ideal`` is below this fraction of ``t_base`` ..."""
 ETA_MIN_SPREADS = 3.0
@@ -54,6 +80,12 @@ def eta(t_base: float, t: float, t_gemm: float, t_comm: float, spread: float = 0
     if not room > max(ETA_MIN_ROOM * t_base, ETA_MIN_SPREADS * spread, 0.0):
         return math.nan
     return (t_base - t) / room
+
+
+def eta_vs_plain(t_plain: float, t: float, t_gemm: float, t_comm: float, spread: float = 0.0) -> float:
+    """:func:`eta` against ``t_plain`` (:func:`best_plain`): the hidden fraction of what the fastest plain
+    all-reduce still costs, ``(t_plain - t) / (t_plain - ideal)``; n/a by the same rule."""
+    return eta(t_plain, t, t_gemm, t_comm, spread)
 
 
 def model_eta(t_base: float, t: float, t_nocomm: float, noise: float = 0.0) -> float:

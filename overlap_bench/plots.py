@@ -16,7 +16,7 @@ import numpy as np
 
 from overlap_bench import strategies
 from overlap_bench.keys import GroupKey
-from overlap_bench.metrics import finite
+from overlap_bench.metrics import REFERENCE, finite, is_plain, is_reference
 from overlap_bench.records import Record
 from overlap_bench.runfolder import RunFolder, plot_name
 from overlap_bench.select import Best, Decision
@@ -100,12 +100,13 @@ def _line(ax: Any, pts: list[tuple[int, float, float, float]], colour: str, **kw
 
 def _plot_speedup(plt: Any, g: Group) -> Any:
     """Bold and shaded by their spread: the best setting per M (named in the legend by marker), the peers and the
-    baseline; the ideal bound; faint: every other setting; a point above the bound (impossible) marked a fault."""
+    baseline; the ideal bound; dotted: the best plain all-reduce per M where a plain reference was measured;
+    faint: every other setting; a point above the bound (impossible) marked a fault."""
     from matplotlib.ticker import NullLocator
 
     lines: dict[str, list[Record]] = {}
     for r in sorted(g.scored, key=lambda r: r.M):
-        if r.strategy != "baseline" and finite(r.speedup):
+        if not is_reference(r.label) and finite(r.speedup):
             lines.setdefault(r.label, []).append(r)
     ideal = _ideal_by_m(g)
     bests = [b for b in g.bests if finite(b.speedup)]
@@ -121,6 +122,14 @@ def _plot_speedup(plt: Any, g: Group) -> Any:
     for i, lab in enumerate(sorted(lab for lab in lines if lab.split(":")[0] in peers)):
         _line(ax, [(r.M, r.t_base_ms, r.t_ms, r.t_iqr_ms) for r in lines[lab]], f"C{1 + i}", linewidth=2.2,
               marker="s", label=lab)
+    plain = [b for b in bests if b.references and finite(b.t_plain_ms)]
+    if plain:
+        ax.plot([b.M for b in plain], [b.t_base_ms / b.t_plain_ms for b in plain], color="C3", linestyle=":",
+                linewidth=2.2, marker="x", markersize=9, label="best plain all-reduce per M: t_base / t_plain")
+        for b in plain:
+            if b.plain != REFERENCE:
+                ax.annotate(b.plain.partition(":")[2], (b.M, b.t_base_ms / b.t_plain_ms), xytext=(4, 4),
+                            textcoords="offset points", fontsize=7, color="C3")
     if bests:
         _line(ax, [(b.M, b.t_base_ms, b.t_base_ms, b.t_base_iqr_ms) for b in bests], "black", linewidth=1.8)
         _line(ax, [(b.M, b.t_base_ms, b.t_ms, b.t_iqr_ms) for b in bests], "C0", linewidth=2.6,
@@ -129,7 +138,8 @@ def _plot_speedup(plt: Any, g: Group) -> Any:
             at = [b for b in bests if b.label == lab]
             ax.plot([b.M for b in at], [b.speedup for b in at], linestyle="none", color="C0", markersize=8,
                     marker=_MARKERS[i % len(_MARKERS)], label=_wrap(lab, 40))
-    faults = Counter(r.M for recs in lines.values() for r in recs if r.speedup > ideal.get(r.M, math.inf) * 1.001)
+    faults = Counter(r.M for recs in lines.values() for r in recs  # the bound is the ring's: not a plain one's
+                     if not is_plain(r.strategy) and r.speedup > ideal.get(r.M, math.inf) * 1.001)
     if faults:
         ax.scatter(list(faults), [ideal[m] for m in faults], marker="X", s=140, color="red", zorder=5,
                    label="settings above the ideal bound: a measurement fault")
@@ -149,8 +159,8 @@ def _plot_speedup(plt: Any, g: Group) -> Any:
 
 
 def _others(g: Group) -> list[Record]:
-    """The records an eta heatmap can show: of strategies other than the baseline and the peers."""
-    return [r for r in g.scored if r.strategy != "baseline" and r.strategy not in strategies.peers()]
+    """The records an eta heatmap can show: of strategies that overlap, other than the peers."""
+    return [r for r in g.scored if not is_plain(r.strategy) and r.strategy not in strategies.peers()]
 
 
 def no_eta_reason(g: Group) -> str:

@@ -18,16 +18,17 @@ import pandas as pd
 
 from overlap_bench import confirm, plots, select, strategies
 from overlap_bench.markdown import cell, table
-from overlap_bench.metrics import finite
+from overlap_bench.metrics import REFERENCE, finite, is_plain, is_reference
 from overlap_bench.plots import Group
 from overlap_bench.records import Loaded, Record, load_records
 from overlap_bench.runfolder import ENV, SPEC, SUMMARY, TABLES_CSV, TABLES_MD, RunFolder
-from overlap_bench.select import RULE, Decision
+from overlap_bench.select import PLAIN_RULE, RULE, Decision
 
 _ENV_KEYS = ("gpu_name", "gpu_count", "torch", "nccl", "cuda", "host", "git_commit", "command")
 """env.json keys shown first, in this order; any others follow in sorted order."""
 _TABLE_COLS = ["shape", "K", "N", "M", "dtype", "world", "env", "label", "t_base_ms", "t_ms", "speedup", "eta",
-               "rel_err", "status", "best"]
+               "rel_err", "status", "best", "t_plain_ms", "vs_plain", "eta_plain"]
+_NO_PLAIN = (math.nan, math.nan)
 SLUG_MAX = 96
 """Longest slug: with a prefix and ``.png`` a file name stays far below the 255-byte limit of file systems."""
 
@@ -62,7 +63,8 @@ def _groups(decisions: list[Decision]) -> list[Group]:
 def table_rows(decisions: list[Decision]) -> list[dict[str, Any]]:
     """Every scored record of the decisions' buckets as a row (key order, then label). The first pass's winner
     is marked ``best`` with its :class:`select.Best` numbers, as the summary shows them: a winning baseline
-    shows the reference (speedup 1), as a row of its own (status ``reference``) where it has no record."""
+    shows the reference (speedup 1), as a row of its own (status ``reference``) where it has no record.
+    ``vs_plain``, ``eta_plain``: against the best plain all-reduce ``t_plain_ms`` (:attr:`select.Best.vs_plain`)."""
     rows = []
     for d in decisions:
         b, k = d.best, d.key
@@ -70,7 +72,8 @@ def table_rows(decisions: list[Decision]) -> list[dict[str, Any]]:
         cells += [(b.label, "reference", b)] if b.label not in {r.label for r in b.scored} else []
         rows += [{"shape": k.shape, "K": k.K, "N": k.N, "M": k.M, "dtype": k.dtype, "world": k.world,
                   "env": k.env.text, "label": label, "t_base_ms": b.t_base_ms, "t_ms": x.t_ms, "speedup": x.speedup,
-                  "eta": x.eta, "rel_err": x.rel_err, "status": status, "best": x is b}
+                  "eta": x.eta, "rel_err": x.rel_err, "status": status, "best": x is b, "t_plain_ms": b.t_plain_ms,
+                  "vs_plain": b.vs_plain.get(label, _NO_PLAIN)[0], "eta_plain": b.vs_plain.get(label, _NO_PLAIN)[1]}
                  for label, status, x in sorted(cells, key=lambda c: c[0])]
     return rows
 
@@ -89,10 +92,12 @@ def write_tables(decisions: list[Decision], run_dir: str | os.PathLike) -> list[
     folder = RunFolder(run_dir)
     rows = pd.DataFrame(table_rows(decisions), columns=_TABLE_COLS)
     csv_path = folder.write_text(TABLES_CSV, rows.to_csv(index=False))
-    parts = ["# Results", "", "Winner per M marked ✓. " + RULE]
-    cols = ["M", "label", "t_base_ms", "t_ms", "speedup", "eta", "rel_err", "status", "best"]
+    parts = ["# Results", "", "Winner per M marked ✓. " + RULE + " " + PLAIN_RULE]
     for key, ds in groupby(decisions, key=lambda d: d.key.group):
         ds = list(ds)
+        refs = _references(ds)
+        cols = ["M", "label", "t_base_ms", "t_ms", "speedup"] + (["t_plain_ms", "vs_plain"] if refs else []) \
+            + ["eta"] + (["eta_plain"] if refs else []) + ["rel_err", "status", "best"]
         thr = select.threshold((d.key.M, d.best.strategy) for d in ds)
         md = [[_tfmt(row[c]) for c in cols] for row in table_rows(ds)]
         for row in md:
@@ -100,10 +105,42 @@ def write_tables(decisions: list[Decision], run_dir: str | os.PathLike) -> list[
         parts += ["", f"## {key.shape} | {key.dtype}{' +bias' if key.bias else ''} | world={key.world} | "
                   f"{key.device} | {key.backend} | {key.env.text}", "",
                   f"K={key.K}, N={key.N}; overlap wins from M = "
-                  + (str(thr) if thr is not None else "never (baseline at the largest M)"), "", table(cols, md)]
+                  + (str(thr) if thr is not None else "never (a plain all-reduce at the largest M)"), "",
+                  _plain_note(refs), "", table(cols, md)]
         flagged = [f"- M={d.key.M}: {'; '.join(d.best.flags)}" for d in ds if d.best.flags]
         parts += ["", "Flags (numbers at these M are doubtful):", ""] + flagged if flagged else []
     return [csv_path, folder.write_text(TABLES_MD, "\n".join(parts) + "\n")]
+
+
+def _references(decisions: list[Decision]) -> list[str]:
+    """The plain references (``baseline:comm=...``) with a record in these decisions' buckets."""
+    return sorted({lab for d in decisions for lab in d.best.references})
+
+
+def _plain_note(refs: list[str]) -> str:
+    """Which plain references ``vs best plain`` takes, or that there are none (then it equals vs baseline)."""
+    if not refs:
+        return ("No plain reference besides the ring baseline was measured here: vs best plain equals vs baseline "
+                "(not repeated).")
+    return "Plain references measured: " + ", ".join(f"`{cell(r)}`" for r in refs) + "."
+
+
+def verdict(d: Decision) -> str:
+    """One sentence: whether overlap, a faster plain all-reduce or neither wins the bucket (what ships where it
+    was confirmed, else the first pass's best), with its speedups against the baseline and the best plain."""
+    b, confirmed = d.best, d.confirmation is not None
+    strategy, label, sp = (d.strategy, d.label, d.speedup) if confirmed else (b.strategy, b.label, b.speedup)
+    how = "first pass, unconfirmed" if not confirmed else "nothing confirmed faster" if is_reference(label) \
+        else "confirmed"
+    if is_reference(label):
+        what = "neither wins: the ring baseline"
+    elif is_plain(strategy):
+        what = f"a faster plain all-reduce (`{cell(label)}`) wins, {_fmt(sp, '.3f')}× vs baseline"
+    else:
+        plain = b.vs_plain.get(label, _NO_PLAIN)[0]
+        what = (f"overlap wins (`{cell(label)}`), {_fmt(sp, '.3f')}× vs baseline, {_fmt(plain, '.3f')}× vs best "
+                f"plain" + (f" (`{cell(b.plain)}`)" if b.plain != REFERENCE else ""))
+    return f"M={d.key.M}: {what} ({how})."
 
 
 # ---- summary.md ----------------------------------------------------------------------------------------------
@@ -140,20 +177,25 @@ def _group_section(g: Group, pngs: dict[str, Path]) -> list[str]:
     thr = select.threshold((d.key.M, d.best.strategy) for d in g.decisions)
     lines = [f"## {cell(k.shape)} · K×N = {k.K}×{k.N} · {k.dtype} · world {k.world} · {cell(k.device)}", "",
              "; ".join(extra) + ".", "",
-             f"**Threshold: M = {thr}** — from here on, every measured M's best setting is not the baseline and "
-             "beats it beyond the measured spread." if thr is not None else
-             "**Threshold: none** — at the largest measured M the best setting is the baseline.", ""]
-    peers = strategies.peers()
-    header = ["M", "t_gemm (ms)", "t_comm (ms)", "t_base (ms)", "best setting", "t (ms)", "speedup", "eta",
-              "rel_err"] + [f"{p} speedup" for p in peers]
+             f"**Threshold: M = {thr}** — from here on, every measured M's best setting overlaps (is not a plain "
+             "all-reduce) and beats the baseline beyond the measured spread." if thr is not None else
+             "**Threshold: none** — at the largest measured M the best setting is a plain all-reduce.", ""]
+    peers, refs = strategies.peers(), _references(g.decisions)
+    header = ["M", "t_gemm (ms)", "t_comm (ms)", "t_base (ms)", "best setting", "t (ms)", "speedup", "eta"] \
+        + (["t_plain (ms)", "best plain", "vs best plain", "eta vs plain"] if refs else []) \
+        + ["rel_err"] + [f"{p} speedup" for p in peers]
     rows = [[str(b.M), _fmt(b.t_gemm_ms, ".3f"), _fmt(b.t_comm_ms, ".3f"), _fmt(b.t_base_ms, ".3f"),
-             f"`{cell(b.label)}`", _fmt(b.t_ms, ".3f"), _fmt(b.speedup, ".3f"),
-             _fmt(b.eta, ".2f") if finite(b.eta) else "n/a", _fmt(b.rel_err, ".2e")]
-            + [_fmt(b.peers.get(p), ".3f") for p in peers] for b in g.bests]
+             f"`{cell(b.label)}`", _fmt(b.t_ms, ".3f"), _fmt(b.speedup, ".3f"), _eta(b.eta)]
+            + ([_fmt(b.t_plain_ms, ".3f"), f"`{cell(b.plain)}`", _fmt(b.speedup_plain, ".3f"), _eta(b.eta_plain)]
+               if refs else [])
+            + [_fmt(b.rel_err, ".2e")] + [_fmt(b.peers.get(p), ".3f") for p in peers] for b in g.bests]
     flagged = [f"- M={b.M}: {cell('; '.join(b.flags))}" for b in g.bests if b.flags]
-    lines += [table(header, rows, "rrrrlrrrr" + "r" * len(peers)), ""]
+    lines += [table(header, rows, "rrrrlrrr" + ("rlrr" if refs else "") + "r" + "r" * len(peers)), ""]
+    ms = {b.M for b in g.bests}
+    lines += ["Who wins at each M (overlap, a faster plain all-reduce, or neither):", ""]
+    lines += [f"- {verdict(d)}" for d in g.decisions if d.key.M in ms] + [""]
     lines += (["Flags (numbers at these M are doubtful):", ""] + flagged + [""]) if flagged else []
-    lines += [RULE, ""]
+    lines += [RULE, "", PLAIN_RULE if refs else _plain_note(refs), ""]
     for kind, caption in (("speedup", "Speedup vs tokens"), ("eta", "Hidden fraction (chunked)"),
                           ("breakdown", "Time breakdown")):
         if kind in pngs:
@@ -161,6 +203,10 @@ def _group_section(g: Group, pngs: dict[str, Path]) -> list[str]:
         elif kind == "eta":
             lines += [f"_No eta heatmap: {plots.no_eta_reason(g)}._", ""]
     return lines
+
+
+def _eta(x: float) -> str:
+    return _fmt(x, ".2f") if finite(x) else "n/a"
 
 
 def _ci(lo: Any, hi: Any) -> str:

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 from overlap_bench import confirm, metrics, strategies
 from overlap_bench.keys import BucketKey, Env
-from overlap_bench.metrics import finite
+from overlap_bench.metrics import REFERENCE, finite, is_plain, is_reference
 from overlap_bench.records import Record
 from overlap_bench.stats import MIN_EFFECT, geomean
 
@@ -27,6 +27,11 @@ RULE = ("t_base is the reference: the fastest baseline measurement at that M (th
         "The best setting is the fastest ok one if it beats t_base beyond the measured spread (t + iqr/2 < "
         "t_base − iqr_base/2) and the references are consistent, else the baseline.")
 """The first pass's rule, stated once for tables.md and summary.md."""
+PLAIN_RULE = ("vs best plain = t_plain / t, where t_plain is the fastest plain all-reduce at that M (t_base, or a "
+              "faster `baseline:comm=...` record: no overlap, another all-reduce); eta vs plain = (t_plain − t) / "
+              "(t_plain − max(t_gemm, t_comm)), n/a by the same rule: the hidden fraction of what the fastest plain "
+              "all-reduce still costs.")
+"""How the numbers against the best plain all-reduce are taken, stated once where they are shown."""
 
 
 def latest(records: Iterable[Record]) -> list[Record]:
@@ -40,7 +45,7 @@ def _reference(group: list[Record]) -> tuple[float, float, tuple[str, ...]]:
     """``(t_base, iqr, flags)`` of one bucket: its fastest baseline measurement and what makes it doubtful."""
     base = [(r.t_base_ms, r.t_base_iqr_ms) for r in group if finite(r.t_base_ms)]
     base += [v for r in group for v in r.base_refs[1:]]  # the bracketing references
-    base += [(r.t_ms, r.t_iqr_ms) for r in group if r.strategy == "baseline" and r.ok and finite(r.t_ms)]
+    base += [(r.t_ms, r.t_iqr_ms) for r in group if is_reference(r.label) and r.ok and finite(r.t_ms)]
     t_ref, ref_iqr = metrics.reference(base)
     flags = []
     times = sorted({t for t, _ in base if finite(t) and t > 0})
@@ -48,9 +53,9 @@ def _reference(group: list[Record]) -> tuple[float, float, tuple[str, ...]]:
     if len(times) > 1 and times[-1] - times[0] > widest:
         flags.append(f"reference drift: baseline measured {times[0]:.4g}..{times[-1]:.4g} ms")
     flags += sorted({metrics.inconsistent(t_ref, r.t_gemm_ms, r.t_comm_ms, ref_iqr) for r in group} - {None})
-    over = sorted({r.label for r in group if r.ok and finite(r.t_ms) and r.t_ms < t_ref and
-                   metrics.eta(t_ref, r.t_ms, r.t_gemm_ms, r.t_comm_ms) > 1})
-    if over:  # t below the ideal bound
+    over = sorted({r.label for r in group if r.ok and finite(r.t_ms) and r.t_ms < t_ref and not is_plain(r.strategy)
+                   and metrics.eta(t_ref, r.t_ms, r.t_gemm_ms, r.t_comm_ms) > 1})
+    if over:  # t below the ideal bound (the ring's t_comm: a faster plain all-reduce is not bound by it)
         flags.append(f"eta above 1 (t below the ideal bound, a measurement fault): {', '.join(over)}")
     return t_ref, ref_iqr, tuple(flags)
 
@@ -103,16 +108,39 @@ class Best:
     """What makes the bucket's numbers doubtful."""
     scored: tuple[Record, ...] = field(default=(), repr=False)
     """The bucket's latest records, scored (every row of its tables)."""
+    t_plain_ms: float = math.nan
+    """The fastest plain all-reduce here (``metrics.best_plain``): ``t_base``, or a faster reference's time."""
+    plain: str = REFERENCE
+    """Its label: ``baseline``, or the faster ``baseline:comm=...``."""
+    vs_plain: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Per ok label (and the winner's), ``(speedup, eta)`` against ``t_plain_ms`` (``metrics.speedup_vs_plain``,
+    ``metrics.eta_vs_plain``)."""
 
     @property
     def M(self) -> int:
         return self.key.M
 
+    @property
+    def speedup_plain(self) -> float:
+        """The winner's speedup against the best plain all-reduce."""
+        return self.vs_plain.get(self.label, (math.nan, math.nan))[0]
+
+    @property
+    def eta_plain(self) -> float:
+        """The winner's eta against the best plain all-reduce."""
+        return self.vs_plain.get(self.label, (math.nan, math.nan))[1]
+
+    @property
+    def references(self) -> list[str]:
+        """Labels of the plain references (not the ring baseline) measured here (ok records)."""
+        return sorted({r.label for r in self.scored if r.ok and is_plain(r.strategy) and not is_reference(r.label)})
+
 
 def best(records: Iterable[Record]) -> list[Best]:
-    """The winner per bucket, in key order. Among ok records the lowest ``t_ms`` wins, but a non-baseline winner
-    is kept only when it beats the reference beyond the measured spread (``t + iqr/2 < t_base - iqr_base/2``)
-    and the references are consistent; otherwise, and when nothing passed, the winner is ``baseline``."""
+    """The winner per bucket, in key order. Among ok records the lowest ``t_ms`` wins (a plain reference too),
+    but a winner other than the reference is kept only when it beats it beyond the measured spread (``t + iqr/2
+    < t_base - iqr_base/2``) and the references are consistent; otherwise, and when nothing passed, the winner
+    is ``baseline``. Each gets its numbers against the best plain all-reduce (:attr:`Best.vs_plain`)."""
     scored, refs = _scored(records)
     peer_names = strategies.peers()
     out = []
@@ -120,30 +148,43 @@ def best(records: Iterable[Record]) -> list[Best]:
         g = [r for r in scored if r.bucket == key]
         ok = [r for r in g if r.ok and finite(r.t_ms)]
         win = min(ok, key=lambda r: r.t_ms) if ok else None
-        if win is not None and win.strategy != "baseline":
+        if win is not None and not is_reference(win.label):
             beats = win.t_ms + (win.t_iqr_ms if finite(win.t_iqr_ms) else 0.0) / 2 < t_ref - ref_iqr / 2
             if not beats or any(f.startswith("references inconsistent") for f in flags):
                 win = None
-        if win is None or win.strategy == "baseline":
+        if win is None or is_reference(win.label):
             ref = ([r for r in g if finite(r.t_gemm_ms)] or g)[-1]
-            base = min((r for r in ok if r.strategy == "baseline"), key=lambda r: r.t_ms, default=None)
-            win = dataclasses.replace(ref, strategy="baseline", settings={}, label="baseline", t_ms=t_ref,
+            base = min((r for r in ok if is_reference(r.label)), key=lambda r: r.t_ms, default=None)
+            win = dataclasses.replace(ref, strategy=REFERENCE, settings={}, label=REFERENCE, t_ms=t_ref,
                                       t_iqr_ms=ref_iqr, rel_err=base.rel_err if base else math.nan,
                                       speedup=1.0 if finite(t_ref) else math.nan,
                                       eta=metrics.eta(t_ref, t_ref, ref.t_gemm_ms, ref.t_comm_ms, ref_iqr))
         peers = {p: r.speedup for p in peer_names for r in ok if r.strategy == p}
+        plain = [r for r in ok if is_plain(r.strategy) and not is_reference(r.label)]
+        t_plain = metrics.best_plain(t_ref, [r.t_ms for r in plain])
+        by = next((r for r in plain if r.t_ms == t_plain), None)  # a reference faster than t_base, else None
+        plain_iqr = by.t_iqr_ms if by else ref_iqr
+        vs_plain = {r.label: _vs_plain(t_plain, plain_iqr, r) for r in [*ok, win]}
         out.append(Best(key, win.strategy, dict(win.settings), win.label, win.t_ms, win.t_iqr_ms, t_ref, ref_iqr,
                         win.t_gemm_ms, win.t_comm_ms, win.speedup, win.eta, win.rel_err, len(ok), peers,
-                        tuple(flags), tuple(g)))
+                        tuple(flags), tuple(g), t_plain, by.label if by else REFERENCE, vs_plain))
     return out
 
 
+def _vs_plain(t_plain: float, plain_iqr: float, r: Record) -> tuple[float, float]:
+    """``(speedup, eta)`` of ``r`` against the best plain all-reduce ``t_plain`` (spread: the larger IQR)."""
+    spread = max(plain_iqr if finite(plain_iqr) else 0.0, r.t_iqr_ms if finite(r.t_iqr_ms) else 0.0)
+    return (metrics.speedup_vs_plain(t_plain, r.t_ms),
+            metrics.eta_vs_plain(t_plain, r.t_ms, r.t_gemm_ms, r.t_comm_ms, spread))
+
+
 def threshold(winners: Iterable[tuple[int, str]]) -> int | None:
-    """Smallest M from which every larger M's ``(M, strategy)`` is not the baseline (None if the largest is)."""
+    """Smallest M from which every larger M's ``(M, strategy)`` overlaps (is not a plain all-reduce: not the
+    baseline in any ``comm``); None if the largest M's is plain."""
     winners = sorted(winners, reverse=True)
     if len({m for m, _ in winners}) != len(winners):
         raise ValueError("threshold() takes one winner per M")
-    run = [int(m) for m, _ in takewhile(lambda w: w[1] != "baseline", winners)]
+    run = [int(m) for m, _ in takewhile(lambda w: not is_plain(w[1]), winners)]
     return run[-1] if run else None
 
 
@@ -189,20 +230,20 @@ def _ship(b: Best, got: dict[str, list[Record]] | None, samples: dict, unconfirm
         if unconfirmed:
             return Decision(b.key, b, b.strategy, b.settings, b.label, b.speedup, b.eta, "first pass (unconfirmed)")
         eta = metrics.eta(b.t_base_ms, b.t_base_ms, b.t_gemm_ms, b.t_comm_ms, b.t_base_iqr_ms)
-        return Decision(b.key, b, "baseline", {}, "baseline", 1.0, eta, "baseline: no confirmation")
+        return Decision(b.key, b, REFERENCE, {}, REFERENCE, 1.0, eta, "baseline: no confirmation")
     first_pass = {lab: recs[0].ab.first_pass_speedup for lab, recs in got.items()}
     screened = max(recs[0].extra.get("screened", 0) for recs in got.values())
     d = dataclasses.replace(confirm.decide(samples, first_pass, min_effect=min_effect), candidates=b.candidates,
                             screened=screened)
-    if d.label == "baseline":
-        name, settings, t_a, t_b = "baseline", {}, b.t_base_ms, b.t_base_ms
+    if is_reference(d.label):
+        name, settings, t_a, t_b = REFERENCE, {}, b.t_base_ms, b.t_base_ms
     else:  # strategy and settings come from the candidate's own records
         side = {s: [x for x in got[d.label] if x.ab.side == s] for s in "ab"}
         name, settings = side["b"][0].strategy, dict(side["b"][0].settings)
         t_a, t_b = (float(statistics.median(x.t_ms for x in side[s])) for s in "ab")
     return Decision(b.key, b, name, settings, d.label, d.speedup,
                     metrics.eta(t_a, t_b, b.t_gemm_ms, b.t_comm_ms, b.t_base_iqr_ms),
-                    "baseline: not confirmed" if d.label == "baseline" else "confirmed", d)
+                    "baseline: not confirmed" if is_reference(d.label) else "confirmed", d)
 
 
 def _pick_env(decisions: list[Decision]) -> Env:

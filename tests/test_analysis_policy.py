@@ -112,8 +112,9 @@ def test_tables_match_records(tmp_path):
     csv_path, md_path = report.write_tables(decisions, tmp_path)
     back = pd.read_csv(csv_path)
     assert list(back.columns) == ["shape", "K", "N", "M", "dtype", "world", "env", "label", "t_base_ms", "t_ms",
-                                  "speedup", "eta", "rel_err", "status", "best"]
+                                  "speedup", "eta", "rel_err", "status", "best", "t_plain_ms", "vs_plain", "eta_plain"]
     assert len(back) == len(recs)
+    assert back.vs_plain.tolist() == pytest.approx(back.speedup.tolist(), nan_ok=True)  # no plain reference here
     by_key = {(r.env and "CUDA_DEVICE_MAX_CONNECTIONS=1" or "default", r.M, r.label): r for r in recs}
     for row in back.itertuples(index=False):
         r = by_key[(row.env, row.M, row.label)]

@@ -111,7 +111,7 @@ def test_tables_and_policy_ship_the_same_numbers(tmp_path):
     assert best[1024].strategy == "baseline" and best[1024].speedup == approx(1.0)
     assert best[4096].speedup == approx(1.25) and best[4096].eta == approx(0.4)
     buckets = export(tmp_path, recs)["shapes"]["512,1024"]["buckets"]
-    assert buckets[1024] == {"strategy": "baseline", "settings": {}, "speedup": 1.0, "eta": 0.0}
+    assert buckets[1024] == {"strategy": "baseline", "settings": {"comm": "nccl"}, "speedup": 1.0, "eta": 0.0}
     assert buckets[4096]["speedup"] == 1.25 and buckets[4096]["eta"] == 0.4
     assert buckets[4096]["settings"]["chunks"] == 2
     loaded = policy.load_policy(tmp_path / "p.yaml")

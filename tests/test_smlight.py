@@ -59,6 +59,7 @@ def test_sweep_records_unavailable_and_goes_on(tmp_path):
     spec = {"name": "sm-light-gloo", "backend": "gloo", "world_size": 2, "dtypes": ["float32"],
             "shapes": [{"name": "tiny", "K": 16, "N": 24}], "tokens": [12],
             "strategies": ["baseline", "asynctp", {"name": "chunked", "comm": ["symm", "ce"], "gemm_sms": [0, 8]},
+                           {"name": "baseline", "comm": ["symm", "oneshot", "twoshot"]},
                            {"name": "chunked", "chunks": 3}],
             "warmup": 1, "reps": 2, "timeout_s": 60}
     path = tmp_path / "s.yaml"
@@ -68,11 +69,14 @@ def test_sweep_records_unavailable_and_goes_on(tmp_path):
     recs = [json.loads(line) for line in (tmp_path / "run" / "records.jsonl").read_text().splitlines()]
     by = {r["label"]: r for r in recs}
     assert by["baseline"]["status"] == "ok" and by["chunked:chunks=3,comm=stream"]["status"] == "ok"
-    new = [r for r in recs if r["strategy"] == "asynctp" or r["settings"].get("comm") in ("symm", "ce")
+    new = [r for r in recs if r["strategy"] == "asynctp" or r["settings"].get("comm") in ("symm", "ce", "oneshot",
+                                                                                         "twoshot")
            or r["settings"].get("gemm_sms")]
-    assert len(new) == 5
+    assert len(new) == 8  # the plain references (baseline:comm=...) as well: unavailable, and the sweep went on
     for r in new:
         assert r["status"] == "unavailable" and "gloo" in r["reason"], r
+    summary = (tmp_path / "run" / "summary.md").read_text()
+    assert "**unavailable** `baseline:comm=oneshot`" in summary and "vs best plain equals vs baseline" in summary
 
 
 def test_ready_sm_light_spec_validates():

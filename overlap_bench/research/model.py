@@ -28,7 +28,7 @@ from overlap_bench import check, metrics, runfolder, strategies
 from overlap_bench.bench import agree_failure, try_case
 from overlap_bench.errors import UserError
 from overlap_bench.launch import JobConfig, RankContext, launch
-from overlap_bench.metrics import DTYPES, model_eta
+from overlap_bench.metrics import DTYPES, is_reference, model_eta
 from overlap_bench.numerics import TOLERANCE, rel_err, within_tolerance
 from overlap_bench.policy import PolicyError, load_policy
 from overlap_bench.presets import PRESETS, ModelPreset
@@ -487,7 +487,7 @@ def model_table(records: list[Record], title: str | None = None) -> Table:
         title = (f"{r.shape} x{x.get('layers', '?')} layers, tp={x.get('tp', r.world)}{ranks} "
                  f"({r.backend}, {r.device}), {r.dtype}")
     t = Table(title=title, caption="(spread): the larger of the IQR and the rounds' range")
-    base = {r.M: _spread(r) for r in records if r.strategy == "baseline"}
+    base = {r.M: _spread(r) for r in records if is_reference(r.label)}
     for c in ("M", "mode", "ms (spread)", "tokens/s", "speedup vs baseline", "comm share", "eta (model)", "rel_err",
               "notes"):
         t.add_column(c, justify="left" if c in ("mode", "notes") else "right")
@@ -505,7 +505,7 @@ def model_table(records: list[Record], title: str | None = None) -> Table:
                          f"comm={nb['comm']}" + (", priority" if nb.get("priority") else ""))
         share = x.get("comm_share")
         spread = _spread(r)
-        near = r.strategy != "baseline" and abs(r.t_base_ms - r.t_ms) <= max(spread, base.get(r.M, r.t_base_iqr_ms))
+        near = not is_reference(r.label) and abs(r.t_base_ms - r.t_ms) <= max(spread, base.get(r.M, r.t_base_iqr_ms))
         if near:
             t.caption = "(spread): the larger of the IQR and the rounds' range; ~: speedup within spread"
         t.add_row(str(r.M), r.label, _fmt(r.t_ms, ".2f") + (f" ({spread:.2f})" if spread >= 0 else ""),

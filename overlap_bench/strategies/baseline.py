@@ -1,12 +1,34 @@
-"""``baseline``: the product, then one all-reduce of the whole output (the reference)."""
+"""``baseline``: the product, then one all-reduce of the whole output. ``comm=nccl`` (the default) is THE
+reference (NCCL's default all-reduce, a ring on the SMs); the other ``comm`` values are faster plain all-reduces
+that engines pick by message size, measured as references: no overlap, the same product."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 
-from overlap_bench.strategies import NoSettings, register
+from overlap_bench import strategies
+from overlap_bench.strategies import StrategyUnavailable, nccl_log, register, symm
 from overlap_bench.strategies.pipeline import PATHS, RowSplit, matmul_into, rank_bias
+
+SYMM_MEM_OPS = {"oneshot": "one_shot_all_reduce", "twoshot": "two_shot_all_reduce_"}
+"""torch's symmetric-memory all-reduce per ``comm`` (no multicast: never the ``multimem`` ops)."""
+TWO_SHOT_OUT_WORLDS = (2, 4, 8)
+"""World sizes torch's out-of-place two-shot kernel is built for; elsewhere the in-place one runs, then a copy."""
+SYMM_MEM_DTYPES = (torch.bfloat16, torch.float32)
+"""Element types torch's one-shot and two-shot kernels are built for."""
+
+
+@dataclass(frozen=True)
+class BaselineSettings:
+    """Which plain all-reduce follows the product (no overlap)."""
+
+    comm: Literal["nccl", "symm", "oneshot", "twoshot"] = "nccl"
+    """``nccl`` (NCCL's default: the reference), ``symm`` (NCCL's symmetric kernel on a registered window),
+    ``oneshot`` / ``twoshot`` (torch's symmetric-memory all-reduces, without multicast)."""
 
 
 def baseline_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -18,10 +40,132 @@ def baseline_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias
     return out
 
 
-@register("baseline", NoSettings, "product, then one all-reduce of the whole [M, N] output",
-          split=lambda m, s: RowSplit(((0, m),)))
+def _check(backend: str, s: BaselineSettings) -> str | None:
+    if s.comm == "nccl":
+        return None
+    if s.comm == "symm":
+        return symm.window_reason("symm", backend)
+    if backend != "nccl":
+        return f"comm={s.comm} needs torch's CUDA symmetric memory (GPUs, backend nccl); {backend} has none"
+    try:  # importing it registers the ops
+        from torch.distributed import _symmetric_memory as sm
+    except ImportError:
+        return f"comm={s.comm} needs torch.distributed._symmetric_memory, which this torch lacks"
+    lacks = [f"{sm.__name__}.{f}" for f in ("empty", "rendezvous") if not hasattr(sm, f)]
+    lacks += [f"torch.ops.symm_mem.{op}" for op in [SYMM_MEM_OPS[s.comm]] if not hasattr(torch.ops.symm_mem, op)]
+    if lacks:
+        return f"comm={s.comm} needs {', '.join(lacks)}, which this torch lacks"
+    if symm.symm_backend() == "NCCL":
+        return (f"comm={s.comm} needs torch's CUDA symmetric-memory backend, and this job's is NCCL "
+                f"({symm.BACKEND_ENV}=NCCL, for comm=symm); it runs in the jobs without that variable")
+    return None
+
+
+def _note(backend: str, s: BaselineSettings) -> str | None:
+    if s.comm == "symm":
+        return symm.world_note("symm")
+    if s.comm == "nccl" or backend != "nccl" or not dist.is_initialized():
+        return None
+    world = dist.get_world_size()
+    if world == 1:
+        return f"world 1: comm={s.comm} reduces one buffer (no peer); this checks the allocation and numerics only"
+    if s.comm == "twoshot" and not _two_shot_out(world):
+        return f"world {world}: torch's in-place two-shot kernel ran, then a copy to the output"
+    return None
+
+
+def _two_shot_out(world: int) -> bool:
+    """Whether torch's out-of-place two-shot kernel runs at ``world`` (else the in-place one, then a copy)."""
+    return world in TWO_SHOT_OUT_WORLDS and hasattr(torch.ops.symm_mem, "two_shot_all_reduce_out")
+
+
+def _split(m: int, s: BaselineSettings) -> RowSplit:
+    if s.comm != "nccl":
+        raise StrategyUnavailable(f"baseline:comm={s.comm} has no plain row split (its output lives in "
+                                  "symmetric memory)")
+    return RowSplit(((0, m),))
+
+
+@register("baseline", BaselineSettings, "product, then one all-reduce of the whole [M, N] output (comm: which)",
+          check=_check, note=_note, split=_split)
 def baseline(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-             group: dist.ProcessGroup | None, settings: NoSettings) -> torch.Tensor:
+             group: dist.ProcessGroup | None, settings: BaselineSettings) -> torch.Tensor:
     """Row-parallel linear the plain way: ``all_reduce(x @ W^T + b)``."""
-    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-    return baseline_into(out, x, weight, bias, group)
+    m, n = x.shape[0], weight.shape[0]
+    if settings.comm == "nccl":
+        return baseline_into(torch.empty(m, n, dtype=x.dtype, device=x.device), x, weight, bias, group)
+    g = group if group is not None else dist.group.WORLD
+    if settings.comm == "symm":
+        return _symm(x, weight, bias, g)
+    return _symm_mem(settings.comm, x, weight, bias, g)
+
+
+def _symm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, g: dist.ProcessGroup) -> torch.Tensor:
+    """The product into an NCCL symmetric window, all-reduced there (NCCL may take its symmetric kernel); under
+    :func:`strategies.diagnose` the path NCCL's log shows is reported."""
+    symm.ensure_comm(g, x.device)  # outside the logged call: only the path's own collective is logged
+
+    def call() -> torch.Tensor:
+        out = symm.window_empty(x.shape[0], weight.shape[0], x.dtype, x.device, g)
+        matmul_into(out, x, weight, rank_bias(bias, g))
+        dist.all_reduce(out, group=g)
+        return out
+
+    if not strategies.diagnosing():
+        return call()
+    box: list[torch.Tensor] = []
+    got = nccl_log.capture(lambda: box.append(call()), lambda: torch.cuda.synchronize(x.device))
+    strategies.report(nccl_path=got.why or nccl_log.summary(nccl_log.classify(got.lines)),
+                      nccl_lines=list(got.lines[:24]))
+    return box[0]
+
+
+def symm_mem_reason(comm: str, m: int, n: int, dtype: torch.dtype) -> str | None:
+    """Why torch's ``comm`` kernel cannot reduce an ``[m, n]`` output of ``dtype`` (None when it can): it is built
+    for bfloat16 and float32, and needs the buffer's size a multiple of 4 bytes."""
+    if dtype not in SYMM_MEM_DTYPES:
+        return f"comm={comm}: torch's {SYMM_MEM_OPS[comm]} takes bfloat16 or float32, not {str(dtype)[6:]}"
+    if m * n * dtype.itemsize % 4:
+        return f"comm={comm}: an {m}x{n} {str(dtype)[6:]} output is not a multiple of 4 bytes, as torch's kernel needs"
+    return None
+
+
+_BUFFERS: dict[tuple, torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []
+
+
+def symm_mem_buffer(numel: int, dtype: torch.dtype, device: torch.device, g: dist.ProcessGroup) -> torch.Tensor:
+    """A flat buffer of at least ``numel`` elements in torch's symmetric memory, rendezvoused on ``g``: one per
+    (group, dtype, device), grown to twice its size or ``numel`` when too small (every rank at the same call, as
+    all see the same M). A grown-out buffer stays allocated: peers map it, and freeing it is not ordered with them."""
+    from torch.distributed import _symmetric_memory as sm
+
+    key = (g.group_name, dtype, device)
+    buf = _BUFFERS.get(key)
+    if buf is None or buf.numel() < numel:
+        if buf is not None:
+            _RETIRED.append(buf)
+        buf = sm.empty(max(numel, 2 * buf.numel() if buf is not None else 0), dtype=dtype, device=device)
+        sm.rendezvous(buf, g)
+        _BUFFERS[key] = buf
+    return buf
+
+
+def _symm_mem(comm: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+              g: dist.ProcessGroup) -> torch.Tensor:
+    """The product into a symmetric-memory buffer, reduced by torch's one-shot (each rank reads every peer's
+    buffer) or two-shot (reduce-scatter, then all-gather through peers' buffers) kernel into a fresh output."""
+    m, n = x.shape[0], weight.shape[0]
+    why = symm_mem_reason(comm, m, n, x.dtype)
+    if why:
+        raise StrategyUnavailable(why)  # before any collective, alike on every rank
+    buf = symm_mem_buffer(m * n, x.dtype, x.device, g)[: m * n].view(m, n)
+    matmul_into(buf, x, weight, rank_bias(bias, g))
+    ops = torch.ops.symm_mem
+    if comm == "oneshot":
+        return ops.one_shot_all_reduce(buf, "sum", g.group_name)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if _two_shot_out(dist.get_world_size(g)):
+        return ops.two_shot_all_reduce_out(buf, "sum", g.group_name, out)
+    ops.two_shot_all_reduce_(buf, "sum", g.group_name)
+    return out.copy_(buf)
