@@ -137,10 +137,10 @@ def verdict(d: Decision) -> str:
     elif is_plain(strategy):
         what = f"a faster plain all-reduce (`{cell(label)}`) wins, {_fmt(sp, '.3f')}× vs baseline"
     else:
-        plain = b.vs_plain.get(label, _NO_PLAIN)[0]
-        what = (f"overlap wins (`{cell(label)}`), {_fmt(sp, '.3f')}× vs baseline, {_fmt(plain, '.3f')}× vs best "
-                f"plain" + (f" (`{cell(b.plain)}`)" if b.plain != REFERENCE else ""))
-    return f"M={d.key.M}: {what} ({how})."
+        what = f"overlap wins (`{cell(label)}`), {_fmt(sp, '.3f')}× vs baseline"
+        if b.plain != REFERENCE:  # else the ring is the best plain: vs best plain is vs baseline
+            what += f", {_fmt(b.vs_plain.get(label, _NO_PLAIN)[0], '.3f')}× vs best plain (`{cell(b.plain)}`)"
+    return f"At M={d.key.M}, {what} ({how})."
 
 
 # ---- summary.md ----------------------------------------------------------------------------------------------

@@ -159,7 +159,13 @@ def _symm_mem(comm: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     why = symm_mem_reason(comm, m, n, x.dtype)
     if why:
         raise StrategyUnavailable(why)  # before any collective, alike on every rank
-    buf = symm_mem_buffer(m * n, x.dtype, x.device, g)[: m * n].view(m, n)
+    try:
+        buf = symm_mem_buffer(m * n, x.dtype, x.device, g)[: m * n].view(m, n)
+    except RuntimeError as exc:  # e.g. no peer access between the GPUs; running out of memory stays an error
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            raise
+        raise StrategyUnavailable(f"comm={comm}: torch's symmetric memory cannot be set up here: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     matmul_into(buf, x, weight, rank_bias(bias, g))
     ops = torch.ops.symm_mem
     if comm == "oneshot":
