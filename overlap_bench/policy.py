@@ -74,7 +74,8 @@ class ShapePolicy(Config):
     name: str | None = None
     """The shapes' names (``+``-joined when several share K, N)."""
     threshold: int | None = Field(None, ge=0)
-    """Token count below which the baseline runs (information only: the buckets say what runs)."""
+    """Token count from which every bucket overlaps; below it a plain all-reduce runs (information only: the
+    buckets say what runs)."""
     buckets: Annotated[dict[Annotated[int, Field(ge=1)], Entry], Field(min_length=1),
                        AfterValidator(lambda b: dict(sorted(b.items())))]
     """``M: entry``, sorted by M on load."""
