@@ -92,7 +92,8 @@ def write_tables(decisions: list[Decision], run_dir: str | os.PathLike) -> list[
     folder = RunFolder(run_dir)
     rows = pd.DataFrame(table_rows(decisions), columns=_TABLE_COLS)
     csv_path = folder.write_text(TABLES_CSV, rows.to_csv(index=False))
-    parts = ["# Results", "", "Winner per M marked ✓. " + RULE + " " + PLAIN_RULE]
+    anywhere = bool(_references(decisions))
+    parts = ["# Results", "", "Winner per M marked ✓. " + RULE + " " + (PLAIN_RULE if anywhere else _plain_note([]))]
     for key, ds in groupby(decisions, key=lambda d: d.key.group):
         ds = list(ds)
         refs = _references(ds)
@@ -106,7 +107,7 @@ def write_tables(decisions: list[Decision], run_dir: str | os.PathLike) -> list[
                   f"{key.device} | {key.backend} | {key.env.text}", "",
                   f"K={key.K}, N={key.N}; overlap wins from M = "
                   + (str(thr) if thr is not None else "never (a plain all-reduce at the largest M)"), "",
-                  _plain_note(refs), "", table(cols, md)]
+                  *([_plain_note(refs), ""] if anywhere else []), table(cols, md)]
         flagged = [f"- M={d.key.M}: {'; '.join(d.best.flags)}" for d in ds if d.best.flags]
         parts += ["", "Flags (numbers at these M are doubtful):", ""] + flagged if flagged else []
     return [csv_path, folder.write_text(TABLES_MD, "\n".join(parts) + "\n")]
@@ -120,8 +121,8 @@ def _references(decisions: list[Decision]) -> list[str]:
 def _plain_note(refs: list[str]) -> str:
     """Which plain references ``vs best plain`` takes, or that there are none (then it equals vs baseline)."""
     if not refs:
-        return ("No plain reference besides the ring baseline was measured here: vs best plain equals vs baseline "
-                "(not repeated).")
+        return ("No plain reference besides the ring baseline (`baseline:comm=...`) was measured here: vs best "
+                "plain equals vs baseline, so it is not repeated.")
     return "Plain references measured: " + ", ".join(f"`{cell(r)}`" for r in refs) + "."
 
 
@@ -167,7 +168,8 @@ def _env_section(run_dir: Path) -> list[str]:
     return out + ([table(["key", "value"], rows), ""] if rows else ["`env.json` is empty.", ""])
 
 
-def _group_section(g: Group, pngs: dict[str, Path]) -> list[str]:
+def _group_section(g: Group, pngs: dict[str, Path], anywhere: bool) -> list[str]:
+    """One group's section; ``anywhere``: whether the run measured a plain reference (else the head says so)."""
     k = g.key
     n_labels = len({r.label for r in g.scored})
     extra = [f"backend `{k.backend}`"] + (["with bias"] if k.bias else [])
@@ -195,7 +197,7 @@ def _group_section(g: Group, pngs: dict[str, Path]) -> list[str]:
     lines += ["Who wins at each M (overlap, a faster plain all-reduce, or neither):", ""]
     lines += [f"- {verdict(d)}" for d in g.decisions if d.key.M in ms] + [""]
     lines += (["Flags (numbers at these M are doubtful):", ""] + flagged + [""]) if flagged else []
-    lines += [RULE, "", PLAIN_RULE if refs else _plain_note(refs), ""]
+    lines += [RULE, ""] + ([PLAIN_RULE if refs else _plain_note(refs), ""] if anywhere else [])
     for kind, caption in (("speedup", "Speedup vs tokens"), ("eta", "Hidden fraction (chunked)"),
                           ("breakdown", "Time breakdown")):
         if kind in pngs:
@@ -267,13 +269,15 @@ def write_report(run_dir: str | os.PathLike, loaded: Loaded | None = None,
     records = select.latest(loaded.records)
     drawn = [(g, plots.draw(run_dir, g)) for g in _groups(decisions)]
     written = [p for _, pngs in drawn for p in pngs.values()]
-    sections = [line for g, pngs in drawn for line in _group_section(g, pngs)]
+    anywhere = bool(_references(decisions))
+    sections = [line for g, pngs in drawn for line in _group_section(g, pngs, anywhere)]
     tally = ", ".join(f"{n} {s}" for s, n in sorted(Counter(r.status for r in records).items())) or "none"
     head = [f"# overlap-bench report: {cell(run_dir.resolve().name)}", "",
             f"Records: {len(records)} ({tally}) in `records.jsonl`"
             + (f"; sweep spec: [{SPEC}]({SPEC})" if (run_dir / SPEC).exists() else "") + ".", ""]
     ok = any(r.ok for r in records)
     head += [] if ok else ["**No ok records in this run: nothing to plot or tabulate.**", ""]
+    head += [] if anywhere or not ok else [_plain_note([]), ""]
     text = "\n".join(head + _env_section(run_dir) + (_confirmation_section(decisions) if ok else []) + sections
                      + _problems_section(records, loaded.torn_lines))
     written.append(RunFolder(run_dir).write_text(SUMMARY, text.rstrip("\n") + "\n"))

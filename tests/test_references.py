@@ -155,9 +155,13 @@ def test_without_references_vs_plain_is_said_once_and_equals_vs_baseline(tmp_pat
     recs = [r for r in bucket_records() if not r.label.startswith("baseline:")]
     decisions = select.decide(recs, unconfirmed=True)
     assert all(d.best.speedup_plain == approx(d.best.speedup) for d in decisions)
+    for r in recs:
+        RunFolder(tmp_path).append(r)
     report.write_tables(decisions, tmp_path)
-    md = (tmp_path / "tables.md").read_text()
+    report.write_report(tmp_path, decisions=decisions)
+    md, summary = (tmp_path / "tables.md").read_text(), (tmp_path / "summary.md").read_text()
     assert "vs_plain" not in md and md.count("vs best plain equals vs baseline") == 1
+    assert "vs best plain |" not in summary and summary.count("vs best plain equals vs baseline") == 1
 
 
 # ---- a confirmed reference ships, exports, loads and is served ---------------------------------------------------
