@@ -22,7 +22,7 @@ from overlap_bench.launch import RankContext
 from overlap_bench.layer import RowParallelLinear
 from overlap_bench.records import CONFIRM, Record
 from overlap_bench.runfolder import RunFolder
-from overlap_bench.spec import load_spec
+from overlap_bench.spec import SpecError, load_spec, parse_spec
 from overlap_bench.strategies.baseline import BaselineSettings, symm_mem_reason
 from overlap_bench.sweep import plan_stage
 
@@ -55,6 +55,10 @@ def test_references_are_settings_of_the_baseline_listed_from_their_type():
         assert not metrics.is_reference(text) and metrics.is_plain(name)
     with pytest.raises(ValueError, match="'comm'"):
         strategies.parse("baseline:comm=multimem")  # no multicast path
+    bad = {"backend": "gloo", "world_size": 2, "shapes": [{"name": "t", "K": 8, "N": 8}], "tokens": [4],
+           "strategies": [{"name": "baseline", "comm": ["ring"]}]}
+    with pytest.raises(SpecError, match=r"^strategies\[0\]\.comm: .*'oneshot' or 'twoshot', got 'ring'$"):
+        parse_spec(bad)
 
 
 @pytest.mark.parametrize("text", REFS)
