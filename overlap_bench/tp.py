@@ -37,12 +37,23 @@ class _RowParallel(torch.autograd.Function):
                 grad.sum(0) if ctx.bias and need[2] else None, None, None)
 
 
+def _one_range(choice: Choice, m: int) -> bool:
+    """Whether ``choice`` runs one product and one all-reduce at ``m`` rows (its baseline path: a strategy below
+    its own threshold, as ``pr`` below 16384 tokens)."""
+    split = strategies.get(choice.strategy).split
+    try:
+        return split is not None and len(split(m, choice.settings).bounds) == 1
+    except (ValueError, strategies.StrategyUnavailable):  # no plain row split: the strategy's own path decides
+        return False
+
+
 class PolicyRowwiseParallel(RowwiseParallel):
     """A drop-in for ``RowwiseParallel``: torch shards the weight (``Shard(1)``, bias replicated) and lays out
     input and output; on an ``nn.Linear`` the policy's choice for its ``(K per rank, N)`` and the call's token
-    rows (every leading dimension) runs the product and all-reduce. Where the policy answers baseline, for an
-    output layout other than ``Replicate`` (torch's reduce-scatter) or a K the mesh does not split evenly, the
-    layer runs ``RowwiseParallel``'s own forward. ``module.last_choice`` says what ran."""
+    rows (every leading dimension) runs the product and all-reduce. Where the policy answers baseline (or a
+    choice below its own threshold), for an output layout other than ``Replicate`` (torch's reduce-scatter) or
+    a K the mesh does not split evenly, the layer runs ``RowwiseParallel``'s own forward.
+    ``module.last_choice`` says what ran."""
 
     def __init__(self, *, policy: Policy, input_layouts: Placement | None = None,
                  output_layouts: Placement | None = None, use_local_output: bool = True) -> None:
@@ -64,13 +75,18 @@ class PolicyRowwiseParallel(RowwiseParallel):
     def choose(self, module: nn.Linear, mesh: DeviceMesh, m: int) -> Choice:
         """What ``module`` runs for ``m`` token rows (the policy's choice, or why torch's own path runs)."""
         k, n = module.weight.shape[1], module.weight.shape[0]
+        bucket = None
         if self.output_layouts != (Replicate(),):
             why = f"output layout {self.output_layouts[0]}: RowwiseParallel's reduce-scatter"
         elif k % mesh.size():
             why = f"K={k} does not split evenly over {mesh.size()} ranks"
         else:
-            return self.policy.choose(K=k // mesh.size(), N=n, M=m)
-        return Choice("baseline", strategies.make_settings("baseline"), None, why)
+            choice = self.policy.choose(K=k // mesh.size(), N=n, M=m)
+            if choice.strategy == "baseline" or not _one_range(choice, m):
+                return choice
+            bucket = choice.bucket
+            why = f"{choice.label} at M={m} is one product and all-reduce (below its own threshold)"
+        return Choice("baseline", strategies.make_settings("baseline"), bucket, why)
 
     def _forward(self, module: nn.Linear, mesh: DeviceMesh, x: DTensor) -> DTensor:
         """``x``: Shard(-1) (torch's input hook made it so); a Replicate output for torch's output hook."""
