@@ -566,8 +566,9 @@ def model(
     out: Path = typer.Option(Path("runs/model"), parser=_out, help="Appends to model.jsonl (and writes env.json) here."),
     resume: bool = typer.Option(False, help="Continue the run in --out: record only the (M, mode) rows missing."),
     as_json: AsJson = False,
-    mode: str = typer.Option("all", help="Modes, comma-separated: baseline, pr, policy, nanobatch, "
-                                         "nanobatch+policy, nocomm, or all (baseline and nocomm always run)."),
+    mode: str = typer.Option("all", help="Modes, comma-separated: baseline, pr, policy, rowwise, rowwise+policy, "
+                                         "nanobatch, nanobatch+policy, nocomm, or all (baseline and nocomm always "
+                                         "run)."),
     nanobatches: int = typer.Option(NanoSettings.nanobatches, help="Nano-batches (token ranges) of nanobatch modes."),
     nano_comm: str = typer.Option(NanoSettings.comm, help="The nanobatch modes' all-reduce path: stream or async."),
     nano_priority: bool = typer.Option(NanoSettings.priority, help="The nanobatch modes' all-reduce on a "

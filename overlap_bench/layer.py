@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,26 @@ def _group_size(group: dist.ProcessGroup | None) -> int:
         raise RuntimeError("RowParallelLinear needs torch.distributed initialised: call dist.init_process_group() "
                            "first and run under torchrun (e.g. torchrun --nproc-per-node 2 app.py)")
     return dist.get_world_size(group)
+
+
+def run_choice(choice: Choice, m: int, backend: str, warned: set[str], where: str,
+               run: Callable[[Choice], torch.Tensor]) -> tuple[torch.Tensor | None, Choice]:
+    """``(run(choice), choice)`` for a non-baseline choice at ``m`` rows, else ``(None, the baseline's Choice)``:
+    also where it cannot run on ``backend`` (unavailable, or a ``ValueError`` before its first collective),
+    then saying why, warned once per ``where`` and setting (``warned`` remembers)."""
+    if is_reference(choice.label):
+        return None, choice
+    why = strategies.unavailable_reason(choice.strategy, choice.settings, backend)
+    if why is None:
+        try:
+            return run(choice), choice
+        except (ValueError, strategies.StrategyUnavailable) as exc:
+            why = f"{type(exc).__name__}: {exc}"
+    if f"{where} {choice.label}" not in warned:
+        warned.add(f"{where} {choice.label}")
+        log.warning("%s: %s (%s) cannot run for M=%d (%s); the baseline runs for such calls (warned once)",
+                    where, choice.label, choice.reason, m, why)
+    return None, Choice(REFERENCE, _BASELINE, choice.bucket, f"{choice.label} cannot run for M={m}: {why}")
 
 
 class RowParallelLinear(nn.Module):
@@ -84,27 +105,14 @@ class RowParallelLinear(nn.Module):
         choice, so all do. A plain reference (``baseline:comm=...``) is a choice like any other."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features_per_rank)
-        choice = self.last_choice = self.choose(x2.shape[0])
         with torch.no_grad():
-            if not is_reference(choice.label):
-                why = strategies.unavailable_reason(choice.strategy, choice.settings, dist.get_backend(self.group))
-                if why is None:
-                    try:
-                        y = strategies.run(choice.strategy, x2, self.weight, self.bias, self.group, choice.settings)
-                        return y.reshape(*lead, self.out_features)
-                    except (ValueError, strategies.StrategyUnavailable) as exc:
-                        why = f"{type(exc).__name__}: {exc}"
-                self._fall_back(choice, x2.shape[0], why)
-            y = strategies.run(REFERENCE, x2, self.weight, self.bias, self.group, _BASELINE)
+            y, self.last_choice = run_choice(
+                self.choose(x2.shape[0]), x2.shape[0], dist.get_backend(self.group), self._warned,
+                f"RowParallelLinear K={self.in_features_per_rank}, N={self.out_features}",
+                lambda c: strategies.run(c.strategy, x2, self.weight, self.bias, self.group, c.settings))
+            if y is None:
+                y = strategies.run(REFERENCE, x2, self.weight, self.bias, self.group, _BASELINE)
         return y.reshape(*lead, self.out_features)
-
-    def _fall_back(self, choice: Choice, m: int, why: str) -> None:
-        self.last_choice = Choice(REFERENCE, _BASELINE, choice.bucket, f"{choice.label} cannot run for M={m}: {why}")
-        if choice.label not in self._warned:
-            self._warned.add(choice.label)
-            log.warning("RowParallelLinear K=%d, N=%d: %s (%s) cannot run for M=%d (%s); the baseline runs for "
-                        "such calls (warned once)", self.in_features_per_rank, self.out_features, choice.label,
-                        choice.reason, m, why)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, in_features_per_rank={self.in_features_per_rank}, "

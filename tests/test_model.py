@@ -87,7 +87,7 @@ def test_modes_agree_and_records_are_written(tmp_path):
         assert r.t_ms > 0 and r.tokens_per_s == pytest.approx(r.M / r.t_ms * 1e3)
         assert r.speedup > 0 and (r.warmup, r.reps) == (1, 2)
         assert f"--tokens {r.M} --mode {r.strategy}" in r.repro and "--policy" in r.repro
-        if r.strategy in ("pr", "policy"):
+        if r.strategy in ("pr", "policy", "rowwise", "rowwise+policy"):
             assert r.rel_err <= 1e-5
         assert ("comm_share" in r.extra) == (r.strategy == "baseline")
     by = _by(records)
@@ -95,6 +95,8 @@ def test_modes_agree_and_records_are_written(tmp_path):
     assert by[64, "policy"].extra["choices"] == {"o_proj": chunked, "down_proj": "baseline"}
     assert "below the smallest bucket" in by[64, "policy"].extra["choice_reasons"]["down_proj"]
     assert by[100, "policy"].extra["choices"] == {"o_proj": chunked, "down_proj": chunked}
+    assert by[100, "rowwise+policy"].extra["choices"] == by[100, "policy"].extra["choices"]
+    assert by[64, "rowwise+policy"].extra["choice_reasons"] == by[64, "policy"].extra["choice_reasons"]
     assert by[100, "baseline"].extra["choices"] == {"o_proj": "baseline", "down_proj": "baseline"}
     assert by[100, "baseline"].speedup == 1.0
     assert by[100, "baseline"].rel_err == 0.0 and math.isnan(by[100, "nocomm"].rel_err)

@@ -23,6 +23,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from rich.table import Table
+from torch.distributed.tensor import init_device_mesh
+from torch.distributed.tensor.parallel import RowwiseParallel
 
 from overlap_bench import check, metrics, runfolder, strategies
 from overlap_bench.bench import agree_failure, try_case
@@ -35,15 +37,21 @@ from overlap_bench.presets import PRESETS, ModelPreset
 from overlap_bench.records import Record
 from overlap_bench.research import progress_bar
 from overlap_bench.research.decoder import (ROW_LAYERS, Dims, LayerWeights, RowFn, build_stack, hidden_states,
-                                            stack_forward)
+                                            parallel_rows, stack_forward)
 from overlap_bench.research.nanobatch import NanoSettings, mode_plans
 from overlap_bench.timing import allreduce_max, time_region
+from overlap_bench.tp import PolicyRowwiseParallel
 from overlap_bench.world import in_torchrun, resolve
 
 log = logging.getLogger("overlap_bench.model")
 
-MODES = ("baseline", *strategies.peers(), "policy", "nanobatch", "nanobatch+policy", "nocomm")
+MODES = ("baseline", *strategies.peers(), "policy", "rowwise", "rowwise+policy", "nanobatch", "nanobatch+policy",
+         "nocomm")
 """Modes in the order they are checked and timed (interleaved in that order, round after round)."""
+POLICY_MODES = ("policy", "rowwise+policy", "nanobatch+policy")
+"""Modes that need a policy file (skipped without one)."""
+TORCH_TP_MODES = ("rowwise", "rowwise+policy")
+"""Modes whose row-parallel layers are ``parallelize_module``'s: torch's ``RowwiseParallel`` or the policy's style."""
 REFERENCE_MODES = ("baseline", "nocomm")
 """Modes every run includes: the numerics reference and the communication share (model eta needs both)."""
 MAX_ROUNDS = 3
@@ -105,20 +113,25 @@ def _policy_plan(policy, d: Dims, m: int, backend: str, notes: list[str]) -> dic
     return plan
 
 
-def _plans(policy, d: Dims, m: int, backend: str, nano: NanoSettings, notes: list[str]) -> dict[str, dict]:
+def _plans(policy, d: Dims, m: int, backend: str, nano: NanoSettings, notes: list[str],
+           styled: dict[str, RowFn]) -> dict[str, dict]:
     """Per mode at ``M = m``: a ``row`` (or a whole ``forward``), the ``choices`` text, a ``note``, and a
-    ``skip`` / ``unavailable`` reason where the mode cannot run."""
+    ``skip`` / ``unavailable`` reason where the mode cannot run; ``styled``: the torch-TP modes' rows."""
     plan: dict[str, dict[str, Any]] = {}
     for name in ("baseline", *strategies.peers()):
         choice = {layer: (name, strategies.make_settings(name)) for layer in ROW_LAYERS}
         plan[name] = {"row": strategy_row(choice), "choices": _choices_text(choice),
                       "note": strategies.backend_note(name, choice["o_proj"][1], backend)}
     choose = None
+    plan["rowwise"] = {"row": styled.get("rowwise"), "choices": {layer: "RowwiseParallel" for layer in ROW_LAYERS},
+                       "note": "torch's parallelize_module + RowwiseParallel"}
     if policy is None:
-        plan["policy"] = {"skip": "no policy file given (--policy): policy mode skipped", "choices": None,
+        for mode in ("policy", "rowwise+policy"):
+            plan[mode] = {"skip": f"no policy file given (--policy): {mode} mode skipped", "choices": None,
                           "note": None}
     else:
         plan["policy"] = _policy_plan(policy, d, m, backend, notes)
+        plan["rowwise+policy"] = {**plan["policy"], "row": styled.get("rowwise+policy")}
 
         def choose(layer: str, rows: int) -> Any:
             return policy.choose(K=d.row_shape(layer)[0], N=d.hidden, M=rows)
@@ -218,12 +231,19 @@ def run_model(ctx: RankContext, preset: str, tokens: list[int], layers: int, pol
     if err:  # nothing can be measured at any M: record why and stop
         return write([job.record(m, mode, "failed", f"weights: {err}") for m, run in todo.items() for mode in run])
 
+    styled: dict[str, RowFn] = {}
+    if set(TORCH_TP_MODES) & set(modes):
+        mesh = init_device_mesh(ctx.device.type, (ctx.world,))
+        styled["rowwise"] = parallel_rows(weights, mesh, RowwiseParallel())
+        if policy is not None:
+            styled["rowwise+policy"] = parallel_rows(weights, mesh, PolicyRowwiseParallel(policy=policy))
+
     finished = 0  # progress steps: one per mode and timing round
     with progress_bar("model", sum(map(len, todo.values())) * rounds, progress and ctx.rank == 0) as step:
         for m, run in todo.items():
             step(f"M={m}", advance=0, completed=finished)  # modes that failed their check were not timed
             finished += len(run) * rounds
-            plan = _plans(policy, d, m, ctx.backend, nano, policy_notes)
+            plan = _plans(policy, d, m, ctx.backend, nano, policy_notes, styled)
             if ctx.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(ctx.device)
             x, err = try_case(lambda: hidden_states(m, d.hidden, dtype=dt, device=ctx.device, seed=seed))
@@ -412,9 +432,9 @@ def model_main(preset: str | None, tp_world: int | None, tokens: list[int] | Non
     preset, dtype = preset or ("qwen2.5-72b" if gpu else "tiny"), dtype or ("bfloat16" if gpu else "float32")
     tokens = list(tokens or ((8192, 16384, 32768) if gpu else (64, 256)))
     validate(preset, tp_world or 1, tokens, layers, dtype, warmup, reps, modes, nano)  # before resolve
-    if policy is None and modes != MODES and {"policy", "nanobatch+policy"} & set(modes):
+    if policy is None and modes != MODES and set(POLICY_MODES) & set(modes):
         raise UserError("--policy: the policy modes need a policy file; give --policy P.yaml (from "
-                        "`overlap-bench export`) or leave policy and nanobatch+policy out of --mode")
+                        f"`overlap-bench export`) or leave {', '.join(POLICY_MODES)} out of --mode")
     if tp_world is not None and nproc is not None and tp_world != nproc:
         raise UserError(f"--tp {tp_world} and --nproc {nproc} differ: the model runs one rank per tensor-parallel "
                         "shard; give one of them")
@@ -495,7 +515,7 @@ def model_table(records: list[Record], title: str | None = None) -> Table:
         notes, x = [], r.extra
         if not r.ok:
             notes.append(f"[red]{r.status}[/]: {r.reason}")
-        if r.strategy in ("policy", "nanobatch+policy") and x.get("choices"):
+        if r.strategy in POLICY_MODES and x.get("choices"):
             notes.append(", ".join(f"{k}={v}" for k, v in x["choices"].items()))
         if r.strategy == "nocomm" and r.ok:
             notes.append("no all-reduce (timing only)")
