@@ -39,7 +39,7 @@ from overlap_bench.research import interference as itf, interference_report as i
 from overlap_bench.research.model import MODES as MODEL_MODES, model_main, model_table
 from overlap_bench.research.nanobatch import NanoSettings
 from overlap_bench.spec import CONFIRM_REPEATS, Case, SweepSpec, check_memory, default_spec_raw, load_spec, parse_spec
-from overlap_bench.stats import MIN_EFFECT
+from overlap_bench.stats import MIN_EFFECT, SHIP_ALPHA, fewest
 from overlap_bench.sweep import finish_run, run_sweep
 from overlap_bench.timing import REPS, WARMUP
 from overlap_bench.world import refuse_world_one
@@ -342,6 +342,9 @@ def sweep(
         spec, raw = load_spec(spec_path, world_size=world_size, backend=backend, timeout_s=timeout, tp=tp,
                               confirm_repeats=confirm_repeats)
         refuse_world_one(spec.world_size, "a sweep")
+        if confirm and spec.confirm_repeats < (need := fewest(SHIP_ALPHA / (confirm_top + 1))):
+            raise check.FieldError(f"--confirm-repeats: {spec.confirm_repeats} cannot resolve the ship rule for "
+                                   f"{confirm_top} candidates and pr; give {need} or more, or a smaller --confirm-top")
         cases = spec.cases()
         if dry_run:
             out_console.print(f"{escape(spec.name)}: {len(cases)} cases on {spec.world_size} ranks ({spec.backend}); "

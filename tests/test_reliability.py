@@ -51,7 +51,7 @@ SPEC = {
     "warmup": 1,
     "reps": 3,
     "timeout_s": 60,
-    "confirm_repeats": 5,  # the confirmation stage runs in these sweeps too: the fewest repeats a spec takes
+    "confirm_repeats": 7,  # the confirmation stage runs in these sweeps too: the fewest repeats a spec takes
 }
 
 
