@@ -362,8 +362,6 @@ def sweep(
         msg = f"{spec.name}: {res.planned - res.skipped_done} cases measured"
         if res.skipped_done:
             msg += f", {res.skipped_done} already recorded (skipped)"
-        if res.torn_lines:
-            msg += f"; torn line(s) {res.torn_lines} in records.jsonl were skipped"
         if confirm:
             msg += f"; {res.screened} screened, {res.confirmed} candidate(s) confirmed ({repeats} interleaved repeats)"
             if res.confirmed_before:
@@ -523,10 +521,10 @@ def export(
             raise check.FieldError(f"RUN_DIR: {run_dir} is still being written by {held}; export it once that run "
                                    "has ended, or add --force to export what it holds now")
         env_map = _env_raw(env) if env else None
-        paths = export_policy(run_dir, out, env=env_map, dtype=dtype, unconfirmed=unconfirmed)
         confirmations = confirm.load(run_dir)
         decisions = select.decide(runfolder.RunFolder(run_dir).load().records, confirmations,
                                   unconfirmed=unconfirmed, env=env_map)
+        paths = export_policy(run_dir, out, env=env_map, dtype=dtype, unconfirmed=unconfirmed, decisions=decisions)
         out_console.print(_shipped_table([d for d in decisions if d.in_policy and dtype in (None, d.key.dtype)],
                                          bool(held)))
         if not confirmations:
