@@ -34,7 +34,7 @@ from overlap_bench.confirm import TOP as CONFIRM_TOP, load as load_confirmations
 from overlap_bench.errors import UserError
 from overlap_bench.export import export_policy
 from overlap_bench.launch import JobConfig, launch
-from overlap_bench.records import json_safe, load_records
+from overlap_bench.records import json_safe, load_records, report_skipped_afresh
 from overlap_bench.research import interference as itf, interference_report as itf_report
 from overlap_bench.research.model import MODES as MODEL_MODES, model_main, model_table
 from overlap_bench.research.nanobatch import NanoSettings
@@ -114,6 +114,7 @@ def _guard(fn: Callable[[], Any], out_dir: Path | None = None, resume: bool = Fa
 
     # Under torchrun every rank meets the same input and signals: one rank per machine says so, all exit alike.
     says = os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) == "0"
+    report_skipped_afresh()
     try:
         return fn()
     except RankFailed as exc:

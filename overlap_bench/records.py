@@ -198,6 +198,11 @@ def open_regular(path: Path) -> IO[str] | None:
 _reported: set[tuple[str, int]] = set()
 
 
+def report_skipped_afresh() -> None:
+    """Forget which files' skipped lines were reported: each command reports them once (the CLI calls this)."""
+    _reported.clear()
+
+
 def load_records(run_dir: str | os.PathLike, name: str = RECORDS) -> Loaded:
     """Read ``run_dir/name`` (:func:`open_regular`); torn lines (not JSON: a write cut short) are skipped,
     listed and reported once as a warning. A line that is JSON but not a record raises :class:`RecordsError`."""
