@@ -35,12 +35,12 @@ from overlap_bench.errors import UserError
 from overlap_bench.export import export_policy
 from overlap_bench.launch import JobConfig, launch
 from overlap_bench.metrics import is_reference
-from overlap_bench.records import json_safe, load_records
+from overlap_bench.records import json_safe, load_records, report_skipped_afresh
 from overlap_bench.research import interference as itf, interference_report as itf_report
 from overlap_bench.research.model import MODES as MODEL_MODES, model_main, model_table
 from overlap_bench.research.nanobatch import NanoSettings
 from overlap_bench.spec import CONFIRM_REPEATS, Case, SweepSpec, check_memory, default_spec_raw, load_spec, parse_spec
-from overlap_bench.stats import MIN_EFFECT
+from overlap_bench.stats import MIN_EFFECT, SHIP_ALPHA, fewest
 from overlap_bench.sweep import finish_run, run_sweep
 from overlap_bench.timing import REPS, WARMUP
 from overlap_bench.world import refuse_world_one
@@ -115,6 +115,7 @@ def _guard(fn: Callable[[], Any], out_dir: Path | None = None, resume: bool = Fa
 
     # Under torchrun every rank meets the same input and signals: one rank per machine says so, all exit alike.
     says = os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) == "0"
+    report_skipped_afresh()
     try:
         return fn()
     except RankFailed as exc:
@@ -343,6 +344,9 @@ def sweep(
         spec, raw = load_spec(spec_path, world_size=world_size, backend=backend, timeout_s=timeout, tp=tp,
                               confirm_repeats=confirm_repeats)
         refuse_world_one(spec.world_size, "a sweep")
+        if confirm and spec.confirm_repeats < (need := fewest(SHIP_ALPHA / (confirm_top + 1))):
+            raise check.FieldError(f"--confirm-repeats: {spec.confirm_repeats} cannot resolve the ship rule for "
+                                   f"{confirm_top} candidates and pr; give {need} or more, or a smaller --confirm-top")
         cases = spec.cases()
         if dry_run:
             out_console.print(f"{escape(spec.name)}: {len(cases)} cases on {spec.world_size} ranks ({spec.backend}); "
@@ -360,8 +364,6 @@ def sweep(
         msg = f"{spec.name}: {res.planned - res.skipped_done} cases measured"
         if res.skipped_done:
             msg += f", {res.skipped_done} already recorded (skipped)"
-        if res.torn_lines:
-            msg += f"; torn line(s) {res.torn_lines} in records.jsonl were skipped"
         if confirm:
             msg += f"; {res.screened} screened, {res.confirmed} candidate(s) confirmed ({repeats} interleaved repeats)"
             if res.confirmed_before:
@@ -521,10 +523,10 @@ def export(
             raise check.FieldError(f"RUN_DIR: {run_dir} is still being written by {held}; export it once that run "
                                    "has ended, or add --force to export what it holds now")
         env_map = _env_raw(env) if env else None
-        paths = export_policy(run_dir, out, env=env_map, dtype=dtype, unconfirmed=unconfirmed)
         confirmations = confirm.load(run_dir)
         decisions = select.decide(runfolder.RunFolder(run_dir).load().records, confirmations,
                                   unconfirmed=unconfirmed, env=env_map)
+        paths = export_policy(run_dir, out, env=env_map, dtype=dtype, unconfirmed=unconfirmed, decisions=decisions)
         out_console.print(_shipped_table([d for d in decisions if d.in_policy and dtype in (None, d.key.dtype)],
                                          bool(held)))
         if not confirmations:

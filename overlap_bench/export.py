@@ -73,19 +73,19 @@ def _shapes_doc(decisions: list[Decision]) -> dict[str, Any]:
 
 
 def export_policy(run_dir: str | os.PathLike, out: str | os.PathLike, env: dict[str, str] | None = None,
-                  dtype: str | None = None, world: int | None = None, unconfirmed: bool = False) -> list[Path]:
-    """Write the run's decisions (:func:`select.decide`: ``env`` and ``unconfirmed`` as there) as policy YAML,
-    one file per (dtype, world size); returns the paths. ``out`` ending in ``.yaml``/``.yml`` is the file itself
-    (then the run, filtered by ``dtype``/``world``, must hold one of each), else a folder of
-    :func:`policy_filename` files. ``meta.required_env`` is the env variant chosen, to be set on the serving
-    process before CUDA starts; ``meta.unconfirmed`` says how unconfirmed buckets were shipped."""
+                  dtype: str | None = None, world: int | None = None, unconfirmed: bool = False,
+                  decisions: list[Decision] | None = None) -> list[Path]:
+    """Write the run's decisions (:func:`select.decide`: ``env`` and ``unconfirmed`` as there; ``decisions``:
+    already made so) as policy YAML, one file per (dtype, world size); returns the paths. ``out`` ending in
+    ``.yaml``/``.yml`` is the file itself (then the run, filtered by ``dtype``/``world``, must hold one of each),
+    else a folder of :func:`policy_filename` files. ``meta.required_env`` is the env variant chosen, to be set on
+    the serving process before CUDA starts; ``meta.unconfirmed`` says how unconfirmed buckets were shipped."""
     run_dir, out = Path(run_dir), Path(out)
-    loaded = load_records(run_dir)
-    if loaded.torn_lines:
-        log.warning("%s: skipped torn lines %s", run_dir, loaded.torn_lines)
-    if not loaded.records:
-        raise ExportError(f"{run_dir}: no records to export")
-    decisions = select.decide(loaded.records, confirm.load(run_dir), unconfirmed=unconfirmed, env=env)
+    if decisions is None:
+        records = load_records(run_dir).records  # lines skipped are reported there
+        if not records:
+            raise ExportError(f"{run_dir}: no records to export")
+        decisions = select.decide(records, confirm.load(run_dir), unconfirmed=unconfirmed, env=env)
     decisions = [d for d in decisions if dtype in (None, d.key.dtype) and world in (None, d.key.world)]
     if env is not None:
         have = sorted({d.key.env.text for d in decisions})

@@ -159,11 +159,12 @@ class ABTag:
     repeat: int | None = None  # None: the side failed its check and nothing of the case was timed
     first_pass_speedup: float | None = None  # confirmation only: the candidate's first-pass speedup
     first: str | None = None  # the side run first in this repeat (order alternates); None in older records
+    run: str | None = None  # a screen's or confirmation's run (run.json's run_id); None in older records
 
     @classmethod
     def of(cls, extra: dict[str, Any]) -> "ABTag":
         return cls(extra["side"], tuple(extra["pair"]), int(extra["repeats"]), extra.get("repeat"),
-                   extra.get("first_pass_speedup"), extra.get("first"))
+                   extra.get("first_pass_speedup"), extra.get("first"), extra.get("run"))
 
 
 class Loaded(NamedTuple):
@@ -195,6 +196,11 @@ def open_regular(path: Path) -> IO[str] | None:
 
 
 _reported: set[tuple[str, int]] = set()
+
+
+def report_skipped_afresh() -> None:
+    """Forget which files' skipped lines were reported: each command reports them once (the CLI calls this)."""
+    _reported.clear()
 
 
 def load_records(run_dir: str | os.PathLike, name: str = RECORDS) -> Loaded:

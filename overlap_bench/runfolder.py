@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Iterator
@@ -148,17 +149,31 @@ class RunFolder:
             os.fsync(fh.fileno())
 
     def load(self, name: str = RECORDS) -> Loaded:
-        """The records of the log ``name`` (:func:`records.load_records`). A screen or confirmation record must
-        re-measure a case of this folder's records.jsonl (bucket and label): one that does not is another run's."""
+        """The records of the log ``name`` (:func:`records.load_records`); a screen's or confirmation's are
+        checked to be this run's (:meth:`check_stage`)."""
         loaded = load_records(self.path, name)
         if name in (SCREEN, CONFIRM) and loaded.records:
-            cases = {(r.bucket, r.label) for r in load_records(self.path).records}
-            for r in loaded.records:
-                if (r.bucket, r.ab.pair[1]) not in cases:
-                    raise RecordsError(f"{self.path / name}: it re-measures {r.ab.pair[1]} at {r.shape} M={r.M} "
-                                       f"({r.dtype}, {r.world} ranks, {r.device}), a case its {RECORDS} does not "
-                                       "hold: it belongs to another run; move it away")
+            self.check_stage(name, loaded.records, read_identity(self.path, strict=False) or {},
+                             load_records(self.path).records)
         return loaded
+
+    def check_stage(self, name: str, records: list[Any], ident: dict[str, Any], first: list[Any] | None) -> None:
+        """Refuse (:class:`RecordsError`, naming the log) screen or confirmation ``records`` of another run: one
+        stamped with another ``run_id`` than ``ident``'s, one without a stamp where the run stamps all of its own
+        (records made before stamps load where ``ident`` has no ``run_id`` or ``stamped_since``), or one that
+        re-measures a case the ``first`` pass does not hold (None: not checked, the pass may be unfinished)."""
+        run, legacy = ident.get("run_id"), "run_id" not in ident or "stamped_since" in ident
+        cases = {(r.bucket, r.label) for r in first or ()}
+        for r in records:
+            why = None
+            if r.ab.run != run and (r.ab.run is not None or not legacy):
+                why = f"it was measured by run {r.ab.run}" if r.ab.run else "its records carry no run stamp"
+                why += f", and this folder's {IDENTITY} is run {run}"
+            elif first is not None and (r.bucket, r.ab.pair[1]) not in cases:
+                why = (f"it re-measures {r.ab.pair[1]} at {r.shape} M={r.M} ({r.dtype}, {r.world} ranks, "
+                       f"{r.device}), a case its {RECORDS} does not hold")
+            if why:
+                raise RecordsError(f"{self.path / name}: {why}: it belongs to another run; move it away")
 
 
 class FolderBusy(UserError):
@@ -268,9 +283,11 @@ def writer(folder: str | os.PathLike) -> str | None:
 
 
 def identity(grid: dict[str, Any], options: dict[str, Any], version: str) -> dict[str, Any]:
-    """A sweep's ``run.json`` at creation: the case grid's SHA-256, the options, the tool version, the time."""
+    """A sweep's ``run.json`` at creation: a new ``run_id`` (its screen and confirmation records carry it), the
+    case grid's SHA-256, the options, the tool version, the time."""
     sha = hashlib.sha256(json.dumps(grid, sort_keys=True, separators=(",", ":"), default=str).encode())
-    return {"kind": "sweep", "command": envinfo.command_line(), "spec_sha256": sha.hexdigest(),
+    return {"kind": "sweep", "run_id": uuid.uuid4().hex, "command": envinfo.command_line(),
+            "spec_sha256": sha.hexdigest(),
             "options": dict(options), "overlap_bench": version, "created": utc_now(), "host": socket.gethostname(),
             "resumes": []}
 
@@ -309,7 +326,8 @@ def check_identity(folder: Path, new: dict[str, Any], *, has_records: bool, forc
     if old is None:
         diffs = (_diffs(opts, new["options"], known_only=True) for opts in records_options or [])
         why = next((f"its records were measured with other options ({d})" for d in diffs if d), None)
-        old = dict(new, adopted=utc_now(), note="run.json added on resume; the folder had none")
+        old = {k: v for k, v in new.items() if k != "run_id"}
+        old.update(adopted=utc_now(), note="run.json added on resume; the folder had none")
     elif old.get("spec_sha256") != new["spec_sha256"]:
         why = "it was made by another spec (its case grid differs)"
     else:
@@ -318,6 +336,8 @@ def check_identity(folder: Path, new: dict[str, Any], *, has_records: bool, forc
     if why and not force:
         raise UserError(f"--resume: {folder} cannot be resumed with this spec: {why}; use the spec and "
                         "options it was made with, a new --out, or --force to mix them knowingly")
+    if "run_id" not in old:
+        old.update(run_id=new["run_id"], stamped_since=utc_now())  # its records so far carry no run stamp
     old.setdefault("resumes", []).append({"time": utc_now(), "host": socket.gethostname(),
                                           "spec_sha256": new["spec_sha256"], "options": new["options"],
                                           "overlap_bench": new["overlap_bench"], "forced": bool(why)})

@@ -16,7 +16,7 @@ SHIP_ALPHA = 0.01
 """The ship rule's one-sided family-wise error (Bonferroni over the candidates confirmed): where nothing beats
 the baseline, at most this share of buckets ships a setting."""
 MIN_SAMPLES = 5
-"""Fewer samples than this on a side: no CI, no verdict, no headline (a bootstrap of two covers ~68%)."""
+"""Fewer samples than this on a side: no CI, no verdict, no headline (``fewest`` at compare's two-sided 95%)."""
 SCREEN_TOP = 10
 """The screen re-measures the best this many first-pass settings (and the peers) of a bucket."""
 SCREEN_REPEATS = 3
@@ -39,13 +39,24 @@ def _median(x: np.ndarray) -> np.ndarray:
     return (s[..., (x.shape[-1] - 1) // 2] + s[..., x.shape[-1] // 2]) / 2
 
 
+def resolvable(n_a: int, n_b: int, tail: float, *, paired: bool = False) -> bool:
+    """Whether the samples can show a one-sided ``tail``: the orders where B beats A everywhere or all but once
+    (``n + 1`` of ``2 ** n`` sign patterns of pairs, 2 of ``C(n_a + n_b, n_a)`` rankings) must be rarer than it,
+    for a median's bootstrap cannot tell them apart and would claim a smaller tail (under-covering)."""
+    return (n_a + 1) * 0.5 ** n_a <= tail if paired else 2 / math.comb(n_a + n_b, n_a) <= tail
+
+
+def fewest(tail: float) -> int:
+    """The fewest samples a side that :func:`resolvable` accepts (unpaired) at ``tail``."""
+    return next(n for n in range(1, 1000) if resolvable(n, n, tail))
+
+
 def _distribution(a: np.ndarray, b: np.ndarray, n_boot: int, seed: int, paired: bool,
                   tail: float) -> tuple[np.ndarray, bool]:
     """The sorted bootstrap distribution of ``median(b) / median(a)``, and whether it was paired (resampled by
-    pair index, so drift a repeat's pair shares cancels): only for equal lengths, and only when ``n`` pairs can
-    resolve ``tail`` (they cannot show a tail below ``2 ** -n``, the chance that every pair favours one side)."""
+    pair index, so drift a repeat's pair shares cancels): only for equal lengths whose pairs resolve ``tail``."""
     rng = np.random.default_rng(seed)
-    paired = paired and a.size == b.size and 0.5 ** a.size <= tail
+    paired = paired and a.size == b.size and resolvable(a.size, b.size, tail, paired=True)
     ia = rng.integers(0, a.size, size=(n_boot, a.size))
     ib = ia if paired else rng.integers(0, b.size, size=(n_boot, b.size))
     return np.sort(_median(b[ib]) / _median(a[ia])), paired
@@ -111,7 +122,7 @@ def judge(a: Iterable[float], b: Iterable[float], *, min_effect: float = MIN_EFF
     tail = alpha / family / (1 if one_sided else 2)
     lo = hi = p = math.nan
     used_pairs = False
-    if min(a.size, b.size) < MIN_SAMPLES:
+    if min(a.size, b.size) < MIN_SAMPLES or not resolvable(a.size, b.size, tail):
         verdict = "too few samples"
     else:
         dist, used_pairs = _distribution(a, b, n_boot, seed, paired, tail)

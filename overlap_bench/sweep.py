@@ -67,6 +67,8 @@ def open_run_folder(out: Path, spec: SweepSpec, raw: dict, *, resume: bool, forc
         out, runfolder.identity(grid, options, overlap_bench.__version__), has_records=has_records, force=force,
         records_options=[{"warmup": r.warmup, "reps": r.reps, "world_size": r.world, "backend": r.backend}
                          for r in loaded.records])
+    for name in (SCREEN, CONFIRM):  # another run's second stages: refused before anything is measured or written
+        folder.check_stage(name, load_records(out, name).records, ident, None)
     env = envinfo.collect(command)
     if not has_records or not (out / runfolder.SPEC).exists():
         folder.write_text(runfolder.SPEC, yaml.safe_dump(raw, sort_keys=False))
@@ -155,11 +157,13 @@ class ABJob:
 
 
 def plan_stage(records: Iterable[Record], done: set[tuple], screen: dict | None = None, *, top: int = TOP,
-               world: int | None = None, backend: str | None = None) -> list[ABJob]:
+               world: int | None = None, backend: str | None = None, run: str | None = None) -> list[ABJob]:
     """A second stage's candidates per bucket of the scored first pass: the screen's (:func:`confirm.shortlist`)
     with ``screen`` None, else the confirmation's (:func:`confirm.finalists` of ``screen``: bucket -> the screen's
-    samples); the ``confirm.candidate_key`` values in ``done`` are left out (a resumed sweep has them)."""
+    samples); the ``confirm.candidate_key`` values in ``done`` are left out (a resumed sweep has them). Their
+    records carry ``run`` (run.json's ``run_id``), so another run's are known."""
     at: dict[BucketKey, dict[str, Record]] = {}
+    stamp = {"run": run} if run else {}
     for r in select.score(records):
         if world in (None, r.world) and backend in (None, r.backend) and r.ok and math.isfinite(r.t_ms):
             at.setdefault(r.bucket, {})[r.label] = r
@@ -167,10 +171,10 @@ def plan_stage(records: Iterable[Record], done: set[tuple], screen: dict | None 
     for bucket, first in sorted(at.items()):
         speedups = {lab: r.speedup for lab, r in first.items()}
         if screen is None:
-            labels, tags = confirm.shortlist(speedups, strategies.peers(), top), {}
+            labels, tags = confirm.shortlist(speedups, strategies.peers(), top), dict(stamp)
         else:
             mine = {lab: s for lab, s in screen.get(bucket, {}).items() if lab in first}
-            labels, tags = confirm.finalists(speedups, mine, strategies.peers(), top), {"screened": len(mine)}
+            labels, tags = confirm.finalists(speedups, mine, strategies.peers(), top), {"screened": len(mine), **stamp}
         for r in (first[lab] for lab in labels if (bucket, lab) not in done):
             settings = strategies.make_settings(r.strategy, r.settings)
             jobs.append(ABJob(Case(r.shape, r.K, r.N, r.M, r.dtype, bool(r.bias), r.strategy, settings, bucket.env),
@@ -191,7 +195,8 @@ def second_stages(spec: SweepSpec, out: Path, seed: int, repeats: int, top: int,
     """The screen (``SCREEN_REPEATS`` each), then the confirmation (``repeats`` each), one job per environment
     variant each; candidates already in ``screen.jsonl`` / ``confirm.jsonl`` are not measured again."""
     first = load_records(out).records
-    where = dict(top=top, world=spec.world_size, backend=spec.backend)
+    run = (runfolder.read_identity(out, strict=False) or {}).get("run_id")
+    where = dict(top=top, world=spec.world_size, backend=spec.backend, run=run)
     opts = BenchOptions(str(out), spec.warmup, spec.reps, seed, 0, 0, False)
     for name, reps in ((SCREEN, SCREEN_REPEATS), (CONFIRM, repeats)):
         done = {confirm.candidate_key(r) for r in confirm.load(out, name)}

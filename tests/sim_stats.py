@@ -72,3 +72,14 @@ def rates(seed: int, trials: int, sigma: float, gain: float, **kw) -> tuple[floa
     true = sum(gains.get(lab, 1.0) > 1 for lab in shipped)
     false = sum(lab != "baseline" and gains.get(lab, 1.0) <= 1 for lab in shipped)
     return true / trials, false / trials
+
+
+if __name__ == "__main__":  # python tests/sim_stats.py TRIALS GAIN SIGMA[,SIGMA..] REPEATS[,REPEATS..] [SEED]
+    import sys
+
+    trials, gain, sigmas, reps = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3], sys.argv[4]
+    for s in map(float, sigmas.split(",")):
+        for r in map(int, reps.split(",")):
+            true, false = rates(int(sys.argv[5]) if len(sys.argv) > 5 else 1, trials, s, gain, repeats=r)
+            print(f"noise {s:.0%}, {r} repeats, {trials} buckets, winner {gain}: ships it {true:.2%}, "
+                  f"ships a non-win {false:.2%} ({round(false * trials)})", flush=True)

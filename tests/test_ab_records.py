@@ -143,7 +143,7 @@ def confirmed(tmp_path_factory) -> Path:
     spec = root / "s.yaml"
     spec.write_text(yaml.safe_dump({
         "name": "t", "backend": "gloo", "world_size": 2, "dtypes": ["float32"], "shapes": [{"name": "t/o", "K": 64,
-        "N": 64}], "tokens": [32, 48], "warmup": 1, "reps": 2, "confirm_repeats": 5,
+        "N": 64}], "tokens": [32, 48], "warmup": 1, "reps": 2, "confirm_repeats": 7,
         "strategies": [{"name": "baseline"}, {"name": "pr"}, {"name": "chunked", "chunks": [2, 3]}]}))
     _ok(["sweep", spec, "--out", root / "run", "--confirm-top", "1"])  # 3 settings: the screen runs
     return root / "run"
@@ -177,7 +177,7 @@ def test_confirmation_is_decided_once_and_rendered_alike(confirmed, tmp_path):
         raw.setdefault(r["M"], {}).setdefault(b, ([], []))[r["extra"]["side"] == "b"].append(r["tokens_per_s"])
         first[r["M"], b] = r["extra"]["first_pass_speedup"]
     assert sorted(raw) == [32, 48]
-    assert all(len(sa) == len(sb) == 5 for per in raw.values() for sa, sb in per.values())
+    assert all(len(sa) == len(sb) == 7 for per in raw.values() for sa, sb in per.values())
     # the screen measured all 3 settings (more than the 1 + pr confirmed), and the confirmation took its best
     screen = confirm.by_bucket(confirm.load(confirmed, SCREEN))
     scored = select.score(load_records(confirmed).records)
@@ -205,7 +205,7 @@ def test_confirmation_is_decided_once_and_rendered_alike(confirmed, tmp_path):
         assert dec.speedup == pytest.approx(d.speedup)
         c = dec.confirmation
         assert c.leader == order[0] and c.leader_first_pass_speedup == first[M, order[0]]
-        assert c.leader_speedup == pytest.approx(d.leader_speedup) and c.repeats == 5 and c.screened == 3
+        assert c.leader_speedup == pytest.approx(d.leader_speedup) and c.repeats == 7 and c.screened == 3
         if d.label != "baseline":  # strategy and settings come from the candidate's own records
             cand = next(r for r in lines if r["M"] == M and r["label"] == d.label)
             assert (dec.strategy, dec.settings) == (cand["strategy"], cand["settings"])
@@ -239,7 +239,7 @@ def test_a_candidate_cut_short_is_measured_again_on_resume(confirmed, tmp_path):
     (run / runfolder.CONFIRM).write_text("".join(text[:-1]) + text[-1][:40])
     key = confirm.candidate_key(Record.from_json(cut))
     kept = confirm.load(run)
-    assert key not in {confirm.candidate_key(r) for r in kept} and len(kept) == len(text) - 10
+    assert key not in {confirm.candidate_key(r) for r in kept} and len(kept) == len(text) - 14
     screen = confirm.by_bucket(confirm.load(run, SCREEN))
     jobs = plan_stage(runfolder.RunFolder(run).load().records, {confirm.candidate_key(r) for r in kept}, screen, top=1)
     assert [(j.case.M, j.case.label) for j in jobs] == [(cut["M"], cut["extra"]["pair"][1])]
@@ -248,7 +248,7 @@ def test_a_candidate_cut_short_is_measured_again_on_resume(confirmed, tmp_path):
     out = _ok(["sweep", confirmed.parent / "s.yaml", "--out", run, "--resume", "--confirm-top", "1"])
     assert "0 screened, 1 candidate(s) confirmed" in out and (run / SCREEN).read_text() == screened
     again = confirm.load(run)
-    assert len(again) == len(text) and sum(confirm.candidate_key(r) == key for r in again) == 10
+    assert len(again) == len(text) and sum(confirm.candidate_key(r) == key for r in again) == 14
 
 
 def test_every_environment_variant_gets_its_own_confirmation(tmp_path):
@@ -258,9 +258,9 @@ def test_every_environment_variant_gets_its_own_confirmation(tmp_path):
     spec = tmp_path / "s.yaml"
     spec.write_text(yaml.safe_dump({
         "name": "t", "backend": "gloo", "world_size": 2, "dtypes": ["float32"], "shapes": [{"name": "t/o", "K": 64,
-        "N": 64}], "tokens": [32], "warmup": 1, "reps": 2, "confirm_repeats": 5, "env": [{}, variant],
+        "N": 64}], "tokens": [32], "warmup": 1, "reps": 2, "confirm_repeats": 7, "env": [{}, variant],
         "strategies": [{"name": "baseline"}, {"name": "chunked", "chunks": 2}]}))
     _ok(["sweep", spec, "--out", tmp_path / "run"])
     recs = confirm.load(tmp_path / "run")
     assert {tuple(sorted(r.env.items())) for r in recs} == {(), tuple(variant.items())}
-    assert all(len([r for r in recs if r.env == env]) == 2 * 5 for env in ({}, variant))  # 2 sides x 5 repeats
+    assert all(len([r for r in recs if r.env == env]) == 2 * 7 for env in ({}, variant))  # 2 sides x 7 repeats

@@ -11,7 +11,7 @@ import stat
 import pytest
 from typer.testing import CliRunner
 
-from overlap_bench import confirm, records, runfolder, strategies
+from overlap_bench import confirm, records, runfolder, select, strategies
 from overlap_bench.cli import app
 from overlap_bench.errors import UserError
 from overlap_bench.records import CONFIRM, SCREEN, Record
@@ -28,13 +28,14 @@ def rec(M, label, t=1.0, **kw):
                   env={}, t_ms=t, t_iqr_ms=0.0, t_base_ms=1.0, t_base_iqr_ms=0.0, t_gemm_ms=0.3, t_comm_ms=0.3, **kw)
 
 
-def confirmation(M, ratio, n=8):
-    """``n`` interleaved repeats of baseline (a) and the candidate (b), the candidate ``ratio`` times as fast."""
+def confirmation(M, ratio, n=8, run=None):
+    """``n`` interleaved repeats of baseline (a) and the candidate (b), the candidate ``ratio`` times as fast,
+    stamped with the ``run`` that measured them (None: unstamped, as before stamps)."""
     out = []
     for i in range(n):
         for side, tps in (("a", 1000.0 + i % 3), ("b", 1000.0 * ratio + (i + 1) % 3)):
             extra = {"side": side, "pair": ["baseline", CAND], "repeats": n, "repeat": i, "first": "a",
-                     "first_pass_speedup": 1.25, "candidates": 2}
+                     "first_pass_speedup": 1.25, "candidates": 2, **({"run": run} if run else {})}
             out.append(rec(M, "baseline" if side == "a" else CAND, 1000.0 / tps, kind="confirm",
                            tokens_per_s=tps, extra=extra))
     return out
@@ -44,13 +45,14 @@ def sweep_folder(path, confirmed=((16, 1.2), (48, 1.0)), ms=(16, 32, 48)):
     """A sweep's folder: run.json, env.json, a first pass where the candidate leads at every M, and the
     confirmation of the ``confirmed`` Ms (M, confirmed ratio)."""
     f = RunFolder(path)
-    f.write_json(runfolder.IDENTITY, runfolder.identity({"g": 1}, {"reps": 2}, "test"))
+    ident = runfolder.identity({"g": 1}, {"reps": 2}, "test")
+    f.write_json(runfolder.IDENTITY, ident)
     f.write_json(runfolder.ENV, {"gpu_name": "cpu", "mark": "the sweep's"})
     for m in ms:
         f.append(rec(m, "baseline", 1.0))
         f.append(rec(m, CAND, 0.8))
     for m, ratio in confirmed:
-        for r in confirmation(m, ratio):
+        for r in confirmation(m, ratio, run=ident["run_id"]):
             f.append(r, CONFIRM)
     return path
 
@@ -161,7 +163,8 @@ def test_garbage_lines_in_the_confirm_log_are_counted_and_reported(tmp_path, cap
 @pytest.mark.parametrize("log", [CONFIRM, SCREEN])
 def test_confirmations_of_another_run_are_refused_with_the_path(tmp_path, log):
     run = sweep_folder(tmp_path / "run", confirmed=())
-    for r in confirmation(64, 1.2):  # M=64: a case this run never measured
+    own = json.loads((run / runfolder.IDENTITY).read_text())["run_id"]
+    for r in confirmation(64, 1.2, run=own):  # M=64: a case this run never measured
         RunFolder(run).append(r, log)
     with pytest.raises(records.RecordsError, match=f"{log}: it re-measures .* M=64 .* belongs to another run"):
         confirm.load(run, log)
@@ -169,6 +172,67 @@ def test_confirmations_of_another_run_are_refused_with_the_path(tmp_path, log):
         return
     res = runner.invoke(app, ["export", str(run), "-o", str(tmp_path / "p.yaml")])
     one_line_exit_2(res, f"{run / CONFIRM}", "M=64", "belongs to another run")
+
+
+@pytest.mark.parametrize("log", [CONFIRM, SCREEN])
+def test_second_stages_of_another_run_of_the_same_spec_are_refused_with_the_path(tmp_path, log):
+    """Records of this run's own cases, stamped by another run (copied from its folder, or left by one before
+    the folder was started afresh), or unstamped in a run that stamps all of its own: refused, naming the log."""
+    run = sweep_folder(tmp_path / "run", confirmed=())
+    own = json.loads((run / runfolder.IDENTITY).read_text())["run_id"]
+    for stamp, words in ((None, "its records carry no run stamp"), ("f" * 32, f"it was measured by run {'f' * 32}")):
+        (run / log).unlink(missing_ok=True)
+        for r in confirmation(16, 1.2, run=stamp):
+            RunFolder(run).append(r, log)
+        with pytest.raises(records.RecordsError, match=f"^{run / log}: {words}, and this folder's run.json is run "
+                                                       f"{own}: it belongs to another run; move it away$"):
+            confirm.load(run, log)
+        if log == CONFIRM:  # export reads no screen
+            res = runner.invoke(app, ["export", str(run), "-o", str(tmp_path / "p.yaml")])
+            one_line_exit_2(res, f"{run / log}", words, "belongs to another run")
+    (run / log).unlink()
+    for r in confirmation(16, 1.2, run=own):
+        RunFolder(run).append(r, log)
+    assert len(confirm.load(run, log)) == 16
+
+
+def test_second_stages_from_before_stamps_still_load(tmp_path):
+    """A folder made before runs were stamped (run.json without ``run_id``, or one given on a later resume:
+    ``stamped_since``) keeps its unstamped records; stamped ones must still be its own."""
+    run = sweep_folder(tmp_path / "run", confirmed=())
+    for r in confirmation(16, 1.2):
+        RunFolder(run).append(r, CONFIRM)
+    ident = json.loads((run / runfolder.IDENTITY).read_text())
+    del ident["run_id"]
+    RunFolder(run).write_json(runfolder.IDENTITY, ident)
+    assert len(confirm.load(run)) == 16
+    out = runner.invoke(app, ["export", str(run), "-o", str(tmp_path / "p.yaml")])
+    assert out.exit_code == 0 and CAND in _rows(out.output)[16], out.output
+    RunFolder(run).write_json(runfolder.IDENTITY, {**ident, "run_id": "a" * 32, "stamped_since": "then"})
+    assert len(confirm.load(run)) == 16
+    for r in confirmation(48, 1.2, run="b" * 32):
+        RunFolder(run).append(r, CONFIRM)
+    with pytest.raises(records.RecordsError, match=f"measured by run {'b' * 32}, and this folder's run.json is run "
+                                                   f"{'a' * 32}"):
+        confirm.load(run)
+
+
+def test_lines_skipped_are_reported_once_and_export_decides_once(tmp_path, caplog, monkeypatch):
+    run = sweep_folder(tmp_path / "run")
+    for name in (records.RECORDS, CONFIRM):
+        with open(run / name, "a") as fh:
+            fh.write("garbage\n")
+    calls = []
+    real = select.decide
+    monkeypatch.setattr(select, "decide", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for _ in range(2):  # each command reports them once
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            res = runner.invoke(app, ["export", str(run), "-o", str(tmp_path / "p.yaml")])
+        assert res.exit_code == 0, res.output
+        said = [m for m in caplog.messages if "skipped" in m]
+        assert len(said) == 2 and {m.split(":")[0] for m in said} == {str(run / records.RECORDS), str(run / CONFIRM)}
+    assert len(calls) == 2  # once per export
 
 
 # ------------------------------------------------------------------------------------------- export

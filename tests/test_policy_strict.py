@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from overlap_bench import policy
 from overlap_bench.cli import app
-from overlap_bench.spec import SMOKE, SpecError, load_spec, parse_spec
+from overlap_bench.spec import MIN_CONFIRM_REPEATS, SMOKE, SpecError, load_spec, parse_spec
 
 META = "meta: {device: cpu, world_size: 2, dtype: float32}\n"
 SHAPE = "shapes:\n  '8,6': {buckets: {1: {strategy: pr}}}\n"
@@ -44,14 +44,18 @@ def cli_refused(args: list[str], *words: str) -> None:
 # ------------------------------------------------------------------------------------------------ spec
 
 
-def test_confirm_repeats_below_five_is_refused_in_the_spec_and_on_the_command_line(tmp_path):
-    assert parse_spec({**SMOKE, "confirm_repeats": 5}).confirm_repeats == 5
-    for bad in (4, 1, 0):
-        with pytest.raises(SpecError, match=r"^confirm_repeats: must be >= 5, got .*no verdict"):
+def test_confirm_repeats_below_the_floor_is_refused_in_the_spec_and_on_the_command_line(tmp_path):
+    assert MIN_CONFIRM_REPEATS == 7 and parse_spec({**SMOKE, "confirm_repeats": 7}).confirm_repeats == 7
+    for bad in (6, 1, 0):
+        with pytest.raises(SpecError, match=r"^confirm_repeats: must be >= 7, got .*false ships under 1%"):
             parse_spec({**SMOKE, "confirm_repeats": bad})
     spec = tmp_path / "s.yaml"
     spec.write_text(yaml.safe_dump(SMOKE))
-    cli_refused(["sweep", str(spec), "--confirm-repeats", "4", "--dry-run"], "--confirm-repeats: must be >= 5")
+    cli_refused(["sweep", str(spec), "--confirm-repeats", "6", "--dry-run"], "--confirm-repeats: must be >= 7")
+    # more candidates, a smaller tail each: 7 repeats cannot resolve 17 leaders and pr
+    cli_refused(["sweep", str(spec), "--confirm-top", "17", "--dry-run"], "--confirm-repeats: 7 cannot resolve",
+                "give 8 or more")
+    assert CliRunner().invoke(app, ["sweep", str(spec), "--confirm-top", "16", "--dry-run"]).exit_code == 0
 
 
 def test_a_key_given_twice_in_a_spec_file_is_refused(tmp_path):

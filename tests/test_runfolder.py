@@ -11,9 +11,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from overlap_bench import runfolder
+from overlap_bench import confirm, runfolder
 from overlap_bench.cli import app
-from overlap_bench.records import load_records
+from overlap_bench.records import CONFIRM, RECORDS, SCREEN, load_records
 from overlap_bench.spec import SMOKE
 
 runner = CliRunner()
@@ -158,6 +158,7 @@ def test_resume_with_another_spec_or_options_is_refused_unless_forced(made, tmp_
 def test_a_folder_without_run_json_is_checked_against_its_records(made, tmp_path):
     out = copy_run(made, tmp_path)
     (out / runfolder.IDENTITY).unlink()
+    _unstamp(out)  # as a folder from before run.json: its records carry no run stamp either
     res = sweep(spec_file(tmp_path, reps=7), "--out", out, "--resume")
     assert_one_line_exit(res, 2, "measured with other options", "reps 2 -> 7")
     assert sweep(made[1], "--out", out, "--resume").exit_code == 0
@@ -168,3 +169,55 @@ def test_identity_records_hash_options_and_version(made):
     ident = json.loads((made[2] / runfolder.IDENTITY).read_text())
     assert len(ident["spec_sha256"]) == 64 and ident["overlap_bench"]
     assert ident["options"] == {"warmup": 1, "reps": 2, "seed": 0, "world_size": 2, "backend": "gloo"}
+
+
+def _unstamp(out):
+    """Remove the run stamp from every screen and confirmation record of ``out``."""
+    for name in (SCREEN, CONFIRM):
+        if (out / name).exists():
+            docs = [json.loads(line) for line in (out / name).read_text().splitlines()]
+            (out / name).write_text("".join(json.dumps({**d, "extra": {k: v for k, v in d["extra"].items()
+                                                                        if k != "run"}}) + "\n" for d in docs))
+
+
+def _stages(out):
+    return [json.loads(line) for name in (SCREEN, CONFIRM) if (out / name).exists()
+            for line in (out / name).read_text().splitlines()]
+
+
+def test_second_stages_carry_the_run_and_another_runs_are_refused_before_anything_is_written(made, tmp_path):
+    """Every screen and confirmation record names the run that measured it; copied into another run of the
+    same spec (here: that run's run.json), or left in a folder started afresh, they are refused in one line."""
+    own = json.loads((made[2] / runfolder.IDENTITY).read_text())["run_id"]
+    lines = _stages(made[2])
+    assert lines and {r["extra"]["run"] for r in lines} == {own}
+    out = copy_run(made, tmp_path)
+    ident = json.loads((out / runfolder.IDENTITY).read_text())
+    runfolder.write_atomic(out / runfolder.IDENTITY, json.dumps({**ident, "run_id": "c" * 32}))
+    kept = {p.name: p.read_bytes() for p in out.iterdir()}
+    res = sweep(made[1], "--out", out, "--resume")
+    assert_one_line_exit(res, 2, f"{out / CONFIRM}: it was measured by run {own}", "belongs to another run")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == kept  # run.json, env.json, records: untouched
+    (out / RECORDS).unlink()  # started afresh: the old run's second stages are still there
+    res = sweep(made[1], "--out", out)
+    assert_one_line_exit(res, 2, f"{out / CONFIRM}: it was measured by run {own}", "belongs to another run")
+    assert not (out / RECORDS).exists()
+
+
+def test_a_folder_from_before_stamps_is_stamped_from_its_next_resume(made, tmp_path, caplog):
+    """run.json without run_id and unstamped records (a folder older than stamps): a resume keeps them and gives
+    the run an id from then on (``stamped_since``); a torn line is reported once."""
+    out = copy_run(made, tmp_path)
+    ident = json.loads((out / runfolder.IDENTITY).read_text())
+    del ident["run_id"]
+    runfolder.write_atomic(out / runfolder.IDENTITY, json.dumps(ident))
+    _unstamp(out)
+    with open(out / RECORDS, "a") as fh:
+        fh.write("garbage\n")
+    with caplog.at_level(logging.WARNING):
+        res = sweep(made[1], "--out", out, "--resume")
+    assert res.exit_code == 0, res.output
+    assert (caplog.text + res.output).count("line(s)") == 1, (caplog.text, res.output)
+    after = json.loads((out / runfolder.IDENTITY).read_text())
+    assert len(after["run_id"]) == 32 and after["stamped_since"] and after["resumes"]
+    assert confirm.load(out) and not any("run" in r["extra"] for r in _stages(out))
