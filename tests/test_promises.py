@@ -13,8 +13,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import yaml
+from typer.testing import CliRunner
 
 from overlap_bench import confirm, export, policy, runfolder, strategies, sweep
+from overlap_bench.cli import app
 from overlap_bench.errors import UserError
 from overlap_bench.keys import case_key
 from overlap_bench.layer import RowParallelLinear
@@ -106,6 +108,9 @@ def test_export_ships_a_setting_only_where_the_confirmation_cleared_1_plus_min_e
     assert buckets[128]["confirmation"]["expected"] == 1.0 and buckets[1024]["confirmation"]["expected"] == 1.0
     assert all("confirmation" not in buckets[m] for m in (256, 512, 2048))
     assert doc["meta"]["unconfirmed"] is False
+    res = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "-o", str(tmp_path / "cli.yaml")])
+    assert res.exit_code == 0, res.output
+    assert yaml.safe_load((tmp_path / "cli.yaml").read_text())["shapes"] == doc["shapes"]  # the command ships alike
 
 
 def test_export_unconfirmed_ships_first_pass_picks_only_where_nothing_was_confirmed(tmp_path):
@@ -300,6 +305,14 @@ def test_unequal_sample_sizes_resample_each_side_at_its_own_size():
     assert judge([1.0] * 4, [1.0] * 50).verdict == "too few samples"  # below 5 on one side
 
 
+def test_pairs_are_resampled_as_pairs_from_six_for_a_95_percent_ci():
+    """README, compare: an A/B run's repeats are resampled as pairs; with too few pairs to resolve the tail
+    (2^-n above it: fewer than 6 for 95%) the sides are resampled on their own."""
+    a, b = [100.0, 101.0, 99.0, 102.0, 98.0, 100.5], [110.0, 111.0, 109.0, 112.0, 108.0, 110.5]
+    assert judge(a[:5], b[:5], paired=True).paired is False
+    assert judge(a, b, paired=True).paired is True and judge(a, b).paired is False
+
+
 # ------------------------------------------------------------------------------ what --resume accepts
 
 RAW = {"name": "t", "backend": "gloo", "world_size": 2, "dtypes": ["float32", "bfloat16"],
@@ -347,6 +360,18 @@ def test_resume_accepts_the_same_spec_written_in_another_order(tmp_path, what):
     ident = runfolder.read_identity(out)
     assert ident["spec_sha256"] == made["spec_sha256"] == ident["resumes"][-1]["spec_sha256"]
     assert ident["resumes"][-1]["forced"] is False and "spec" not in ident["resumes"][-1]
+
+
+def test_a_folder_hashed_before_lists_were_sorted_still_resumes_with_its_own_spec(tmp_path, monkeypatch):
+    """A folder made by an older version (the grid hashed as listed) resumes with the spec it was made with."""
+    sorted_sha = runfolder.grid_sha256
+    monkeypatch.setattr(runfolder, "grid_sha256", lambda grid, listed=False: sorted_sha(grid, listed=True))
+    out = _started(tmp_path)
+    monkeypatch.setattr(runfolder, "grid_sha256", sorted_sha)
+    _open(out, RAW)
+    assert runfolder.read_identity(out)["resumes"][-1]["forced"] is False
+    with pytest.raises(UserError, match="another spec"):
+        _open(out, {**RAW, "tokens": [8, 16]})
 
 
 def test_resume_of_another_spec_needs_force_and_then_says_forced(tmp_path):
