@@ -282,12 +282,22 @@ def writer(folder: str | os.PathLike) -> str | None:
 # ---------------------------------------------------------------------------------------------- identity
 
 
+def _text(x: Any) -> str:
+    return json.dumps(x, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def grid_sha256(grid: dict[str, Any], listed: bool = False) -> str:
+    """SHA-256 of a sweep's case grid, its lists sorted (the same cases listed in another order are the same
+    grid); ``listed``: in the spec's order, as folders made before that were hashed."""
+    canon = grid if listed else {k: sorted(v, key=_text) if isinstance(v, list) else v for k, v in grid.items()}
+    return hashlib.sha256(_text(canon).encode()).hexdigest()
+
+
 def identity(grid: dict[str, Any], options: dict[str, Any], version: str) -> dict[str, Any]:
     """A sweep's ``run.json`` at creation: a new ``run_id`` (its screen and confirmation records carry it), the
     case grid's SHA-256, the options, the tool version, the time."""
-    sha = hashlib.sha256(json.dumps(grid, sort_keys=True, separators=(",", ":"), default=str).encode())
     return {"kind": "sweep", "run_id": uuid.uuid4().hex, "command": envinfo.command_line(),
-            "spec_sha256": sha.hexdigest(),
+            "spec_sha256": grid_sha256(grid),
             "options": dict(options), "overlap_bench": version, "created": utc_now(), "host": socket.gethostname(),
             "resumes": []}
 
@@ -316,10 +326,11 @@ def _diffs(old: dict[str, Any], new: dict[str, Any], known_only: bool = False) -
 
 
 def check_identity(folder: Path, new: dict[str, Any], *, has_records: bool, force: bool,
-                   records_options: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                   records_options: list[dict[str, Any]] | None = None, listed_sha256: str = "") -> dict[str, Any]:
     """The identity to write for a sweep in ``folder``: ``new`` for a folder without records, else the
     folder's own with this resume appended. Another spec or other options raise :class:`UserError` unless
-    ``force``; a folder without ``run.json`` is checked against its records' options (``records_options``)."""
+    ``force``; a folder without ``run.json`` is checked against its records' options (``records_options``);
+    ``listed_sha256`` (:func:`grid_sha256` ``listed``) is this spec's hash in a folder made before lists were sorted."""
     if not has_records:  # nothing measured yet (or a run that ended before its first record): start afresh
         return new
     old = read_identity(folder)
@@ -328,7 +339,7 @@ def check_identity(folder: Path, new: dict[str, Any], *, has_records: bool, forc
         why = next((f"its records were measured with other options ({d})" for d in diffs if d), None)
         old = {k: v for k, v in new.items() if k != "run_id"}
         old.update(adopted=utc_now(), note="run.json added on resume; the folder had none")
-    elif old.get("spec_sha256") != new["spec_sha256"]:
+    elif old.get("spec_sha256") not in (new["spec_sha256"], listed_sha256):
         why = "it was made by another spec (its case grid differs)"
     else:
         why = _diffs(old["options"], new["options"]) or None

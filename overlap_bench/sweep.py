@@ -66,7 +66,7 @@ def open_run_folder(out: Path, spec: SweepSpec, raw: dict, *, resume: bool, forc
     ident = runfolder.check_identity(
         out, runfolder.identity(grid, options, overlap_bench.__version__), has_records=has_records, force=force,
         records_options=[{"warmup": r.warmup, "reps": r.reps, "world_size": r.world, "backend": r.backend}
-                         for r in loaded.records])
+                         for r in loaded.records], listed_sha256=runfolder.grid_sha256(grid, listed=True))
     for name in (SCREEN, CONFIRM):  # another run's second stages: refused before anything is measured or written
         folder.check_stage(name, load_records(out, name).records, ident, None)
     env = envinfo.collect(command)

@@ -29,10 +29,20 @@ def launch_ctas(k: int, src: Any, dst: Any, stamps: Any, *, slice_elems: int, du
     """Launch the communication-like kernel with ``k`` CTAs on the current stream: ``src``/``dst`` float32
     buffers of ``n_slices * slice_elems``, ``stamps`` int64 ``[k, 4]``, ``rate_gbps`` per CTA (0: full speed)."""
     kernel, _ = _kernels()
-    period_ns = 0 if rate_gbps <= 0 else max(1, round(CHUNK_BYTES / rate_gbps))  # bytes / (GB/s) = ns
     n_slices = src.numel() // slice_elems
-    kernel[(k,)](src, dst, stamps, n_slices, slice_elems, int(duration_ns), int(period_ns),
+    kernel[(k,)](src, dst, stamps, n_slices, slice_elems, int(duration_ns), period_ns(rate_gbps),
                  CHUNK=CHUNK_ELEMS, BLOCK=CHUNK_ELEMS, num_warps=THREADS_PER_CTA // 32)
+
+
+def period_ns(rate_gbps: float) -> int:
+    """Nanoseconds from one chunk's start to the next's for ``rate_gbps`` GB/s (10^9 bytes/s) per CTA; 0 (no
+    wait) for 0, full speed."""
+    return 0 if rate_gbps <= 0 else max(1, round(CHUNK_BYTES / rate_gbps))  # bytes / (GB/s) = ns
+
+
+def achieved_gbps(chunks: int, start_ns: int, end_ns: int) -> float:
+    """GB/s one CTA moved: ``chunks`` chunks between its start and end stamps (ns)."""
+    return chunks * CHUNK_BYTES / max(end_ns - start_ns, 1)
 
 
 def stamp(out: Any, idx: int) -> None:

@@ -200,6 +200,18 @@ class Block:
     period_ms: float = 0.0
 
 
+def side_duration_ns(gemm_ms: float) -> int:
+    """How long the side work runs (ns): long enough to outlast a GEMM of ``gemm_ms`` slowed 3.6x, plus 0.5 ms
+    of launch slack."""
+    return int((3.6 * gemm_ms + 0.5) * 1e6)
+
+
+def rep_period_s(duration_ns: int, paced: bool) -> float:
+    """The wall time (s) every repetition is given (:func:`pace`): the side work's ``duration_ns`` when
+    ``paced``, else none."""
+    return duration_ns / 1e9 if paced else 0.0
+
+
 def pace(last: float | None, period_s: float) -> float:
     """Sleep until ``period_s`` has passed since ``last`` (``perf_counter``; None: no wait); the new start.
     Equal periods keep a GEMM repeated back to back from running hotter (power-limited) than one beside side
@@ -320,7 +332,7 @@ class _Bench:
         n_copies = 0
         if cond.kind == "copy":
             n_copies = max(1, math.ceil(duration_ns / 1e6 / self.copy_ms[cond.value]))
-        period_s, last = (duration_ns / 1e9 if cfg.pace else 0.0), None
+        period_s, last = rep_period_s(duration_ns, cfg.pace), None
         for i in range(n):
             torch.cuda.synchronize(self.dev)
             last = pace(last, period_s)
@@ -351,7 +363,7 @@ class _Bench:
             starts = [max(cta[0] for cta in rep) for rep in c]
             ends = [min(cta[1] for cta in rep) for rep in c]
             blk.covered = sum(s <= gs and e >= ge for s, e, (gs, ge) in zip(starts, ends, g))
-            rates = [cta[3] * comm_like.CHUNK_BYTES / max(cta[1] - cta[0], 1) for rep in c for cta in rep]
+            rates = [comm_like.achieved_gbps(cta[3], cta[0], cta[1]) for rep in c for cta in rep]
             blk.checks = {
                 "distinct_sms_min": min(len({cta[2] for cta in rep}) for rep in c),
                 "cta_gbps_achieved": statistics.median(rates),
@@ -397,8 +409,7 @@ def measure(cfg: InterferenceConfig, out_dir: Path, *, progress: bool = True) ->
             out = torch.empty(m, shape.N, device=bench.dev, dtype=dt)
             y_ref = torch.mm(x, w.t())
             est = bench.block(Condition("ref"), x, w, out, 0).median_ms
-            # Long enough that the side work outlasts a GEMM slowed by 3.6x, plus launch slack.
-            duration_ns = int((3.6 * est + 0.5) * 1e6)
+            duration_ns = side_duration_ns(est)
             per: dict[Condition, list[tuple[Block, Block, Block]]] = {c: [] for c in conds}
             errs: dict[Condition, float] = {}
             unavailable: dict[Condition, str] = {}

@@ -62,7 +62,7 @@ ATTENTION = ("split", "lower-right")
 
 
 def nano_bounds(m: int, n: int) -> list[tuple[int, int]]:
-    """``n`` contiguous near-equal token ranges covering ``m`` rows (the first ones shorter when uneven)."""
+    """``n`` contiguous near-equal token ranges covering ``m`` rows (sizes differ by at most one row)."""
     if n > m:
         raise ValueError(f"nanobatches={n} is more than the {m} token rows; use nanobatches <= tokens")
     return even_bounds(m, n)
