@@ -14,7 +14,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 from torch.torch_version import TorchVersion
 
 from overlap_bench.presets import ModelPreset
@@ -130,6 +129,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
         k, v = _repeat_kv(q, k, v)
     if q.shape[2] == k.shape[2]:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
+    from torch.nn.attention.bias import causal_lower_right  # here: its import starts torch._dynamo (~1.5 s)
+
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]), **gqa)
 
 
