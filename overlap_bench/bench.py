@@ -168,6 +168,7 @@ def measure_group(ctx: RankContext, group: list[Case], opts: BenchOptions, devic
         refs = {"t_base_ms": t_base.median_ms, "t_base_iqr_ms": t_base.iqr_ms, "t_gemm_ms": t_gemm.median_ms,
                 "t_comm_ms": t_comm.median_ms}
         extra["t_base_refs"] = [[t_base.median_ms, t_base.iqr_ms]]
+        extra["t_gemm_iqr_ms"], extra["t_comm_iqr_ms"] = t_gemm.iqr_ms, t_comm.iqr_ms
         timed = 0
         for i, case in enumerate(group):
             where, name, settings = case.label, case.strategy, case.settings
