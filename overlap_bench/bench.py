@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import math
 import shlex
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from itertools import groupby
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -105,20 +106,29 @@ def _record(case: Case, ctx: RankContext, opts: BenchOptions, device_name: str, 
                   repro=f"{env} {cmd}".strip(), time=utc_now(), **values)
 
 
+@contextmanager
+def progress(label: str, total: int, *, show: bool, done: int = 0) -> Iterator[Callable[[str], None]]:
+    """A rich bar ``label`` over ``total`` steps, ``done`` of them before; yields ``step(description)``, which
+    advances it by one. Draws nothing unless ``show``."""
+    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  TextColumn("{task.description}"), disable=not show) as bar:
+        task = bar.add_task("", total=total or None, completed=done)
+        yield lambda what: bar.update(task, advance=1, description=what)
+
+
 def run_cases(ctx: RankContext, cases: list[Case], opts: BenchOptions) -> None:
-    """Entry point of every rank of a sweep job (``launch`` calls it); rank 0 draws the progress bar."""
+    """The first pass on every rank of a sweep job (rank 0's ``cases``); rank 0 draws the progress bar."""
     cases = same_cases(cases, ctx)
+    if not cases:
+        return
     device_name = ctx.device_name
 
     def bucket(c: Case) -> BucketKey:  # cases of one bucket share their inputs and references
         return BucketKey.of(c, world=ctx.world, device=device_name, backend=ctx.backend)
 
-    with Progress(TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  TextColumn("{task.description}"), disable=ctx.rank != 0 or not opts.progress) as bar:
-        task = bar.add_task("", total=opts.total or None, completed=opts.done_before)
+    with progress("sweep", opts.total, show=ctx.rank == 0 and opts.progress, done=opts.done_before) as step:
         for _, group in groupby(sorted(cases, key=bucket), key=bucket):
-            measure_group(ctx, list(group), opts, device_name,
-                          lambda what: bar.update(task, advance=1, description=what))
+            measure_group(ctx, list(group), opts, device_name, step)
 
 
 def measure_group(ctx: RankContext, group: list[Case], opts: BenchOptions, device_name: str,
@@ -160,6 +170,7 @@ def measure_group(ctx: RankContext, group: list[Case], opts: BenchOptions, devic
         refs = {"t_base_ms": t_base.median_ms, "t_base_iqr_ms": t_base.iqr_ms, "t_gemm_ms": t_gemm.median_ms,
                 "t_comm_ms": t_comm.median_ms}
         extra["t_base_refs"] = [[t_base.median_ms, t_base.iqr_ms]]
+        extra["t_gemm_iqr_ms"], extra["t_comm_iqr_ms"] = t_gemm.iqr_ms, t_comm.iqr_ms
         timed = 0
         for i, case in enumerate(group):
             where, name, settings = case.label, case.strategy, case.settings

@@ -34,7 +34,7 @@ from overlap_bench.confirm import TOP as CONFIRM_TOP, load as load_confirmations
 from overlap_bench.errors import UserError
 from overlap_bench.export import export_policy
 from overlap_bench.launch import JobConfig, launch
-from overlap_bench.metrics import is_reference
+from overlap_bench.metrics import beyond_spread, finite, is_reference
 from overlap_bench.records import json_safe, load_records, report_skipped_afresh
 from overlap_bench.research import interference as itf, interference_report as itf_report
 from overlap_bench.research.model import MODES as MODEL_MODES, model_main, model_table
@@ -236,14 +236,31 @@ def _table(title: str, header: list[str], rows: list[list[str]], left: tuple[str
 
 
 def records_table(records: list, title: str) -> Table:
-    """A rich table, one row per record, with the metrics and the numerics check."""
-    cols = ["shape", "M", "strategy", "t ms", "t_base", "t_gemm", "t_comm", "speedup", "eta", "TFLOP/s",
-            "busbw GB/s", "rel_err", "status"]
-    rows = [[r.shape, str(r.M), r.label, _fmt(r.t_ms), _fmt(r.t_base_ms), _fmt(r.t_gemm_ms), _fmt(r.t_comm_ms),
-             _fmt(r.speedup), _fmt(r.eta, 2), _fmt(r.tflops, 1), _fmt(r.busbw_gbps, 1),
+    """A rich table, one row per record, with the metrics, each time's spread (IQR) beside it, a ``~`` on a
+    speedup whose difference from the reference is inside the spread (:func:`metrics.beyond_spread`), and the
+    numerics check."""
+    cols = ["shape", "M", "strategy", "t ms (IQR)", "t_base (IQR)", "t_gemm (IQR)", "t_comm (IQR)", "speedup",
+            "eta", "TFLOP/s", "busbw GB/s", "rel_err", "status"]
+
+    def near(r: Any) -> bool:
+        return r.strategy != "baseline" and finite(r.speedup) and not beyond_spread(
+            r.t_ms, r.t_iqr_ms, r.t_base_ms, r.t_base_iqr_ms)
+
+    rows = [[r.shape, str(r.M), r.label, _spread(r.t_ms, r.t_iqr_ms), _spread(r.t_base_ms, r.t_base_iqr_ms),
+             _spread(r.t_gemm_ms, r.extra.get("t_gemm_iqr_ms")), _spread(r.t_comm_ms, r.extra.get("t_comm_iqr_ms")),
+             _fmt(r.speedup) + (" ~" if near(r) else ""), _fmt(r.eta, 2), _fmt(r.tflops, 1), _fmt(r.busbw_gbps, 1),
              f"{r.rel_err:.1e}" if not math.isnan(r.rel_err) else "-",
              r.status if r.ok else f"[red]{r.status}[/]: {r.reason}"] for r in records]
-    return _table(title, cols, rows, ("shape", "strategy", "status"))
+    t = _table(title, cols, rows, ("shape", "strategy", "status"))
+    t.caption = "(IQR): the spread of each time's calls" + (
+        "; ~: the difference from t_base is inside the spread (half an IQR each side)" if any(map(near, records))
+        else "")
+    return t
+
+
+def _spread(t: Any, iqr: Any) -> str:
+    """A time with its spread beside it: ``0.123 (0.004)``; the time alone where no IQR was recorded."""
+    return _fmt(t) + (f" ({iqr:.3f})" if finite(t) and finite(iqr) else "")
 
 
 @command()

@@ -83,7 +83,8 @@ def _init(rank: int, world: int, local_rank: int, cfg: JobConfig, store: dist.St
 
 
 def _rank(rank: int, launcher: int, port: int, fn: Callable[..., Any], args: tuple, cfg: JobConfig) -> None:
-    """One local rank, as ``start_processes`` calls it: run ``fn``; on any failure report it and exit 1."""
+    """One local rank, as ``start_processes`` calls it: run ``fn``; on any failure report it and exit 1, else
+    exit 0 (both at once, without the interpreter's teardown)."""
     # start_processes asks for SIGINT when the launcher dies, which a rank inside a collective never acts on.
     mp._prctl_pr_set_pdeathsig(signal.SIGKILL)
     if os.getppid() != launcher:  # the launcher died before that took effect: run nothing
@@ -104,6 +105,9 @@ def _rank(rank: int, launcher: int, port: int, fn: Callable[..., Any], args: tup
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)  # no interpreter teardown: a broken process group can hang in it
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # nor after success: tearing torch down takes a second or more and does nothing a rank needs
 
 
 def launch(fn: Callable[..., Any], args: tuple, cfg: JobConfig, grace_s: float = 5.0) -> None:

@@ -34,6 +34,13 @@ def reference(baselines: Iterable[tuple[float, float]]) -> tuple[float, float]:
     return min(usable) if usable else (math.nan, 0.0)
 
 
+def beyond_spread(t: float, iqr: float, t_base: float, iqr_base: float) -> bool:
+    """Whether ``t`` differs from ``t_base`` by more than the measured spread: the bands of half an IQR around
+    each do not overlap (how a first-pass winner must beat the reference; a missing IQR counts as 0)."""
+    h, hb = ((x if finite(x) else 0.0) / 2 for x in (iqr, iqr_base))
+    return t + h < t_base - hb or t - h > t_base + hb
+
+
 def speedup(t_base: float, t: float) -> float:
     """``t_base / t`` (``t_base`` from :func:`reference`): above 1 is faster than the baseline."""
     return t_base / t if t > 0 else math.nan

@@ -14,8 +14,6 @@ from itertools import groupby
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from overlap_bench import confirm, plots, select, strategies
 from overlap_bench.markdown import cell, table
 from overlap_bench.metrics import REFERENCE, finite, is_plain, is_reference
@@ -89,6 +87,8 @@ def _tfmt(v: Any) -> str:
 def write_tables(decisions: list[Decision], run_dir: str | os.PathLike) -> list[Path]:
     """Write ``tables.csv`` (every row) and ``tables.md`` (a section per group, winners marked, flags listed)
     into ``run_dir``; returns both paths."""
+    import pandas as pd  # here: every rank imports this module (through sweep), only a launcher writes tables
+
     folder = RunFolder(run_dir)
     rows = pd.DataFrame(table_rows(decisions), columns=_TABLE_COLS)
     csv_path = folder.write_text(TABLES_CSV, rows.to_csv(index=False))

@@ -149,7 +149,7 @@ def best(records: Iterable[Record]) -> list[Best]:
         ok = [r for r in g if r.ok and finite(r.t_ms)]
         win = min(ok, key=lambda r: r.t_ms) if ok else None
         if win is not None and not is_reference(win.label):
-            beats = win.t_ms + (win.t_iqr_ms if finite(win.t_iqr_ms) else 0.0) / 2 < t_ref - ref_iqr / 2
+            beats = win.t_ms < t_ref and metrics.beyond_spread(win.t_ms, win.t_iqr_ms, t_ref, ref_iqr)
             if not beats or any(f.startswith("references inconsistent") for f in flags):
                 win = None
         if win is None or is_reference(win.label):

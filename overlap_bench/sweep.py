@@ -15,7 +15,7 @@ import yaml
 
 import overlap_bench
 from overlap_bench import confirm, envinfo, report, runfolder, select, strategies
-from overlap_bench.bench import BenchOptions, run_ab, run_cases, same_cases
+from overlap_bench.bench import BenchOptions, progress, run_ab, run_cases, same_cases
 from overlap_bench.confirm import TOP
 from overlap_bench.keys import BucketKey, Env, case_key
 from overlap_bench.launch import JobConfig, RankContext, in_torchrun, launch
@@ -99,8 +99,9 @@ def run_sweep(spec: SweepSpec, raw: dict, out_dir: str | os.PathLike, *, resume:
               force: bool = False, confirm: bool = True, confirm_repeats: int = CONFIRM_REPEATS,
               confirm_top: int = TOP) -> SweepResult:
     """Run every case of ``spec`` not yet recorded in ``out_dir``, then (``confirm``) the screen and the
-    confirmation (:func:`second_stages`); tables are written even on failure. Rank 0 holds the folder's lock
-    for the whole sweep; ``force`` lets ``resume`` continue a folder of another spec or options."""
+    confirmation, in one job per environment variant (:func:`run_variant`); tables are written even on failure.
+    Rank 0 holds the folder's lock for the whole sweep; ``force`` lets ``resume`` continue a folder of another
+    spec or options."""
     out = Path(out_dir)
     check_memory(spec)
     claim = runfolder.RunFolder(out).claim("sweep", command=command or envinfo.command_line())
@@ -112,13 +113,21 @@ def run_sweep(spec: SweepSpec, raw: dict, out_dir: str | os.PathLike, *, resume:
         todo = [c for c in cases if _key(c, spec) not in done]
         result = SweepResult(len(cases), len(cases) - len(todo), torn)
         finished = result.skipped_done
+        run = (runfolder.read_identity(out, strict=False) or {}).get("run_id") if rank0 else None
+        stages = Stages(confirm_repeats, confirm_top, run) if confirm else None
+        where = dict(top=confirm_top, world=spec.world_size, backend=spec.backend, run=run)
+        before = {name: _candidates(out, name) for name in (SCREEN, CONFIRM)} if confirm and rank0 else {}
+        # Variants whose first pass is done but not their second stages (a resume) still get a job.
+        pending = {j.case.env for name in before for j in stage_jobs(out, name, **where)}
         try:
-            for env, group in _by_variant(spec, todo, lambda c: c.env, result, "cases"):
+            for env, group in _by_variant(spec, todo, lambda c: c.env, result, "cases", pending):
                 opts = BenchOptions(str(out), spec.warmup, spec.reps, seed, finished, len(cases), progress)
-                launch(run_cases, (group, opts), JobConfig(spec.world_size, spec.backend, spec.timeout_s, env))
+                launch(run_variant, (group, opts, stages, Env(env)),
+                       JobConfig(spec.world_size, spec.backend, spec.timeout_s, env))
                 finished += len(group)
-            if confirm:
-                second_stages(spec, out, seed, confirm_repeats, confirm_top, result)
+            if before:
+                result.screened, result.confirmed = (len(_candidates(out, n) - before[n]) for n in (SCREEN, CONFIRM))
+                result.confirmed_before = len(before[CONFIRM])
         except BaseException:
             if rank0:
                 try:
@@ -132,17 +141,20 @@ def run_sweep(spec: SweepSpec, raw: dict, out_dir: str | os.PathLike, *, resume:
 
 
 def _by_variant(spec: SweepSpec, items: list, env_of: Callable[[Any], tuple], result: SweepResult,
-                what: str) -> Iterator[tuple[dict[str, str], list]]:
-    """Each environment variant of ``spec`` with its ``items``, one job each: the variables must be set before
-    CUDA starts, so under torchrun only the variant it was started with runs (the others' items are named in
-    ``result.not_run``), and every rank joins its job, also one its own list leaves empty (rank 0's runs)."""
+                what: str, also: set[Env] | frozenset = frozenset()) -> Iterator[tuple[dict[str, str], list]]:
+    """Each environment variant of ``spec`` with its ``items``, one job each (also one with no items where it
+    is in ``also``): the variables must be set before CUDA starts, so under torchrun only the variant it was
+    started with runs (the others are named in ``result.not_run``), and every rank joins its job, also one its
+    own list leaves empty (rank 0's runs)."""
     for env in spec.env:
         mine = [x for x in items if env_of(x) == Env(env)]
         if in_torchrun() and any(os.environ.get(k) != v for k, v in env.items()):
+            want = " ".join(f"{k}={v}" for k, v in Env(env))
             if mine:
-                want = " ".join(f"{k}={v}" for k, v in Env(env))
                 result.not_run.append(f"{len(mine)} {what} need {want} set on the torchrun command")
-        elif mine or in_torchrun():
+            elif Env(env) in also:
+                result.not_run.append(f"the confirmation of its buckets needs {want} set on the torchrun command")
+        elif mine or in_torchrun() or Env(env) in also:
             yield dict(env), mine
 
 
@@ -183,34 +195,53 @@ def plan_stage(records: Iterable[Record], done: set[tuple], screen: dict | None 
 
 
 def measure_stage(ctx: RankContext, jobs: list[ABJob], repeats: int, opts: BenchOptions, name: str) -> None:
-    """Every rank's function of a second-stage job: each candidate against the baseline (``bench.run_ab``);
-    rank 0 appends the records to the log ``name`` (``kind``: its stem, screen or confirm)."""
+    """Every rank's part of a second stage: each candidate against the baseline (``bench.run_ab``); rank 0
+    appends the records to the log ``name`` (``kind``: its stem, screen or confirm) and draws its bar."""
     base = ("baseline", strategies.make_settings("baseline"))
-    for job in same_cases(jobs, ctx):
-        run_ab(ctx, [job.case], (base, (job.case.strategy, job.case.settings)), repeats, opts, name,
-               name.split(".")[0], job.tags)
+    jobs, kind = same_cases(jobs, ctx), name.split(".")[0]
+    with progress(kind, len(jobs), show=ctx.rank == 0 and opts.progress and bool(jobs)) as step:
+        for job in jobs:
+            run_ab(ctx, [job.case], (base, (job.case.strategy, job.case.settings)), repeats, opts, name, kind,
+                   job.tags)
+            step(f"{job.case.shape} M={job.case.M} {job.case.label}")
 
 
-def second_stages(spec: SweepSpec, out: Path, seed: int, repeats: int, top: int, result: SweepResult) -> None:
-    """The screen (``SCREEN_REPEATS`` each), then the confirmation (``repeats`` each), one job per environment
-    variant each; candidates already in ``screen.jsonl`` / ``confirm.jsonl`` are not measured again."""
-    first = load_records(out).records
-    run = (runfolder.read_identity(out, strict=False) or {}).get("run_id")
-    where = dict(top=top, world=spec.world_size, backend=spec.backend, run=run)
-    opts = BenchOptions(str(out), spec.warmup, spec.reps, seed, 0, 0, False)
-    for name, reps in ((SCREEN, SCREEN_REPEATS), (CONFIRM, repeats)):
-        done = {confirm.candidate_key(r) for r in confirm.load(out, name)}
-        screen = confirm.by_bucket(confirm.load(out, SCREEN)) if name == CONFIRM else None
-        jobs = plan_stage(first, done, screen, **where)
-        for env, mine in _by_variant(spec, jobs, lambda j: j.case.env, result, "candidates"):
-            launch(measure_stage, (mine, reps, opts, name),
-                   JobConfig(spec.world_size, spec.backend, spec.timeout_s, env))
-            if name == SCREEN:
-                result.screened += len(mine)
-            else:
-                result.confirmed += len(mine)
-        if name == CONFIRM:
-            result.confirmed_before = len(done)
+@dataclass(frozen=True)
+class Stages:
+    """The second stages a sweep's jobs run after their first pass."""
+
+    repeats: int
+    """Interleaved repeats per side in the confirmation (the screen takes ``SCREEN_REPEATS``)."""
+    top: int
+    """Candidates confirmed per bucket besides the peers."""
+    run: str | None = None
+    """The run's ``run_id`` (run.json), stamped on every screen and confirmation record."""
+
+
+def run_variant(ctx: RankContext, cases: list[Case], opts: BenchOptions, stages: Stages | None, env: Env) -> None:
+    """Every rank's function of one environment variant's job: the first pass of ``cases``, then (``stages``)
+    the screen and the confirmation of the variant's buckets, each planned by rank 0 from the run folder as it
+    starts; candidates already in ``screen.jsonl`` / ``confirm.jsonl`` are not measured again."""
+    run_cases(ctx, cases, opts)
+    if stages is None:
+        return
+    out, where = Path(opts.out_dir), dict(top=stages.top, world=ctx.world, backend=ctx.backend, run=stages.run)
+    for name, reps in ((SCREEN, SCREEN_REPEATS), (CONFIRM, stages.repeats)):
+        jobs = [j for j in stage_jobs(out, name, **where) if j.case.env == env] if ctx.rank == 0 else []
+        measure_stage(ctx, jobs, reps, opts, name)
+
+
+def stage_jobs(out: Path, name: str, *, top: int, world: int, backend: str, run: str | None = None) -> list[ABJob]:
+    """The candidates the stage ``name`` (``SCREEN`` or ``CONFIRM``) of the run in ``out`` has yet to measure
+    (:func:`plan_stage`; the confirmation's from the screen recorded so far)."""
+    screen = confirm.by_bucket(confirm.load(out, SCREEN)) if name == CONFIRM else None
+    return plan_stage(load_records(out).records, _candidates(out, name), screen, top=top, world=world,
+                      backend=backend, run=run)
+
+
+def _candidates(out: Path, name: str) -> set[tuple]:
+    """The ``confirm.candidate_key`` of every candidate the log ``name`` holds whole."""
+    return {confirm.candidate_key(r) for r in confirm.load(out, name)}
 
 
 def finish_run(out: Path) -> None:

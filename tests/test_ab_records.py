@@ -251,16 +251,21 @@ def test_a_candidate_cut_short_is_measured_again_on_resume(confirmed, tmp_path):
     assert len(again) == len(text) and sum(confirm.candidate_key(r) == key for r in again) == 14
 
 
-def test_every_environment_variant_gets_its_own_confirmation(tmp_path):
-    # The stage runs one job per variant (its variables are set before CUDA starts) with that variant's
-    # buckets: a variant whose buckets were not matched to its job would go unconfirmed without a word.
+def test_every_environment_variant_gets_its_own_confirmation(tmp_path, capfd):
+    # The stages run in each variant's job (its variables are set before CUDA starts) on that variant's
+    # buckets: a variant whose buckets were not matched to its job would go unscreened or unconfirmed.
     variant = {"OVERLAP_BENCH_TEST_VARIANT": "1"}
     spec = tmp_path / "s.yaml"
     spec.write_text(yaml.safe_dump({
         "name": "t", "backend": "gloo", "world_size": 2, "dtypes": ["float32"], "shapes": [{"name": "t/o", "K": 64,
         "N": 64}], "tokens": [32], "warmup": 1, "reps": 2, "confirm_repeats": 7, "env": [{}, variant],
-        "strategies": [{"name": "baseline"}, {"name": "chunked", "chunks": 2}]}))
-    _ok(["sweep", spec, "--out", tmp_path / "run"])
-    recs = confirm.load(tmp_path / "run")
-    assert {tuple(sorted(r.env.items())) for r in recs} == {(), tuple(variant.items())}
-    assert all(len([r for r in recs if r.env == env]) == 2 * 7 for env in ({}, variant))  # 2 sides x 7 repeats
+        "strategies": [{"name": "baseline"}, {"name": "chunked", "chunks": [2, 3]}]}))
+    _ok(["sweep", spec, "--out", tmp_path / "run", "--confirm-top", "1"])  # 2 settings: the screen runs
+    for name, n, repeats in ((SCREEN, 2, SCREEN_REPEATS), (runfolder.CONFIRM, 1, 7)):
+        recs = confirm.load(tmp_path / "run", name)
+        assert {tuple(sorted(r.env.items())) for r in recs} == {(), tuple(variant.items())}
+        assert all(len([r for r in recs if r.env == env]) == n * 2 * repeats for env in ({}, variant))  # 2 sides
+    # Rank 0 draws a bar per stage of each variant's job, on the sweep's stdout (here a pipe: its last state).
+    bars = [ln.split()[:3] for ln in capfd.readouterr().out.splitlines() if ln.split()[1:2] and "━" in ln.split()[1]]
+    assert [(b[0], b[2]) for b in bars] == [("sweep", "3/6"), ("screen", "2/2"), ("confirm", "1/1"),
+                                            ("sweep", "6/6"), ("screen", "2/2"), ("confirm", "1/1")], bars

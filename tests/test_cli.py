@@ -191,3 +191,29 @@ def test_tp_override_expands_a_tp8_spec_at_tp4():
     res = _ok(["sweep", "sweeps/llama-3.1-70b-tp8.yaml", "--backend", "gloo", "--dry-run"])
     assert "on 8 ranks" in res.output and "K=3584\tN=8192" in res.output
     _bad(["sweep", "sweeps/llama-3.1-70b-tp8.yaml", "--tp", "0", "--dry-run"], "--tp")
+
+
+def test_run_table_shows_every_times_spread_and_marks_a_speedup_inside_it():
+    from rich.console import Console
+
+    from overlap_bench.records import Record
+
+    def rec(label: str, t: float, iqr: float, **kw) -> Record:
+        return Record(shape="t/a", K=64, N=64, M=32, dtype="float32", world=2, backend="gloo", device="cpu",
+                      strategy=label.split(":")[0], settings={}, label=label, env={}, t_ms=t, t_iqr_ms=iqr,
+                      t_base_ms=1.0, t_base_iqr_ms=0.1, t_gemm_ms=0.5, t_comm_ms=0.4,
+                      extra={"t_gemm_iqr_ms": 0.02, "t_comm_iqr_ms": 0.03}, **kw)
+
+    # Against the reference 1.000 (IQR 0.100): bands of half an IQR either side.
+    recs = select.score([rec("baseline", 1.0, 0.1), rec("pr", 0.96, 0.04), rec("chunked:chunks=2", 0.8, 0.04),
+                         rec("chunked:chunks=4", 1.2, 0.04), rec("chunked:chunks=8", 0.97, 0.2)])
+    console = Console(record=True, width=250)
+    console.print(cli.records_table(recs, "title"))
+    text = console.export_text()
+    rows = {cells[2]: cells for cells in ([c.strip() for c in ln.split("│")[1:-1]] for ln in text.splitlines()
+                                          if ln.startswith("│"))}
+    assert rows["pr"][3:7] == ["0.960 (0.040)", "1.000 (0.100)", "0.500 (0.020)", "0.400 (0.030)"]
+    speedups = {lab: row[7] for lab, row in rows.items()}
+    assert speedups == {"baseline": "1.000", "pr": "1.042 ~", "chunked:chunks=2": "1.250",
+                        "chunked:chunks=4": "0.833", "chunked:chunks=8": "1.031 ~"}, speedups
+    assert "~: the difference from t_base is inside the spread" in text

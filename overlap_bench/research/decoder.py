@@ -14,10 +14,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.distributed.tensor import DeviceMesh, DTensor, Shard
-from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
-from torch.nn.attention.bias import causal_lower_right
 from torch.torch_version import TorchVersion
 
 from overlap_bench.presets import ModelPreset
@@ -133,6 +129,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
         k, v = _repeat_kv(q, k, v)
     if q.shape[2] == k.shape[2]:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
+    from torch.nn.attention.bias import causal_lower_right  # here: its import starts torch._dynamo (~1.5 s)
+
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]), **gqa)
 
 
@@ -202,26 +200,6 @@ def layer_forward(w: LayerWeights, x: torch.Tensor, d: Dims, row: RowFn) -> torc
     h.add_(x)
     out = row("down_proj", mlp_input(w, h, d), w.down)
     return out.add_(h)
-
-
-def parallel_rows(weights: list[LayerWeights], mesh: DeviceMesh, style: ParallelStyle) -> RowFn:
-    """The row-parallel layers as ``nn.Linear`` modules laid out by ``parallelize_module`` with ``style`` (torch's
-    ``RowwiseParallel`` or ``PolicyRowwiseParallel``), as a deployment builds them: on the meta device, then
-    given this rank's shards (shared, not copied)."""
-    fields = dict(zip(ROW_LAYERS, ("o_proj", "down")))  # the LayerWeights field of each row-parallel layer
-    with torch.device("meta"):
-        stack = nn.ModuleList(nn.ModuleDict({
-            name: nn.Linear(getattr(w, f).shape[1] * mesh.size(), getattr(w, f).shape[0], bias=False)
-            for name, f in fields.items()}) for w in weights)
-    parallelize_module(stack, mesh, {f"*.{name}": style for name in ROW_LAYERS}, src_data_rank=None)
-    by_shard = {}
-    for w, mods in zip(weights, stack):
-        for name, f in fields.items():
-            shard = getattr(w, f)
-            mods[name].weight = nn.Parameter(DTensor.from_local(shard, mesh, [Shard(1)], run_check=False),
-                                             requires_grad=False)
-            by_shard[id(shard)] = mods[name]
-    return lambda layer, x, weight: by_shard[id(weight)](x)
 
 
 def stack_forward(weights: list[LayerWeights], x: torch.Tensor, d: Dims, row: RowFn) -> torch.Tensor:

@@ -23,8 +23,6 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from rich.table import Table
-from torch.distributed.tensor import init_device_mesh
-from torch.distributed.tensor.parallel import RowwiseParallel
 
 from overlap_bench import check, metrics, runfolder, strategies
 from overlap_bench.bench import agree_failure, try_case
@@ -37,10 +35,9 @@ from overlap_bench.presets import PRESETS, ModelPreset
 from overlap_bench.records import Record
 from overlap_bench.research import progress_bar
 from overlap_bench.research.decoder import (ROW_LAYERS, Dims, LayerWeights, RowFn, build_stack, hidden_states,
-                                            parallel_rows, stack_forward)
+                                            stack_forward)
 from overlap_bench.research.nanobatch import NanoSettings, mode_plans
 from overlap_bench.timing import allreduce_max, time_region
-from overlap_bench.tp import PolicyRowwiseParallel
 from overlap_bench.world import in_torchrun, resolve
 
 log = logging.getLogger("overlap_bench.model")
@@ -233,10 +230,9 @@ def run_model(ctx: RankContext, preset: str, tokens: list[int], layers: int, pol
 
     styled: dict[str, RowFn] = {}
     if set(TORCH_TP_MODES) & set(modes):
-        mesh = init_device_mesh(ctx.device.type, (ctx.world,))
-        styled["rowwise"] = parallel_rows(weights, mesh, RowwiseParallel())
-        if policy is not None:
-            styled["rowwise+policy"] = parallel_rows(weights, mesh, PolicyRowwiseParallel(policy=policy))
+        from overlap_bench.research.rowwise import torch_tp_rows  # torch.distributed.tensor: 0.6 s, only here
+
+        styled = torch_tp_rows(weights, ctx.device, ctx.world, policy)
 
     finished = 0  # progress steps: one per mode and timing round
     with progress_bar("model", sum(map(len, todo.values())) * rounds, progress and ctx.rank == 0) as step:
