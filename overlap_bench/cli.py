@@ -540,9 +540,11 @@ def export(
             raise check.FieldError(f"RUN_DIR: {run_dir} is still being written by {held}; export it once that run "
                                    "has ended, or add --force to export what it holds now")
         env_map = _env_raw(env) if env else None
+        records = runfolder.RunFolder(run_dir).load().records
+        if not records:  # before the confirmation is read: its cases are checked against these
+            raise check.FieldError(f"RUN_DIR: {run_dir}: no records to export; give a sweep's --out directory")
         confirmations = confirm.load(run_dir)
-        decisions = select.decide(runfolder.RunFolder(run_dir).load().records, confirmations,
-                                  unconfirmed=unconfirmed, env=env_map)
+        decisions = select.decide(records, confirmations, unconfirmed=unconfirmed, env=env_map)
         paths = export_policy(run_dir, out, env=env_map, dtype=dtype, unconfirmed=unconfirmed, decisions=decisions)
         out_console.print(_shipped_table([d for d in decisions if d.in_policy and dtype in (None, d.key.dtype)],
                                          bool(held)))

@@ -90,9 +90,9 @@ def test_sweep_resume_export_report(tmp_path):
     assert len(recs) == len(spec.cases()) and all(r.ok for r in recs)
     for name in ["records.jsonl", "env.json", "spec.yaml", "tables.csv", "tables.md", "summary.md"]:
         assert (out / name).stat().st_size > 0, name
-    # the confirmation stage ran: every bucket's leaders re-measured against the baseline, 5 repeats a side
+    # the confirmation stage ran: every bucket's leaders re-measured against the baseline, 7 repeats a side
     samples = confirm.by_bucket(confirm.load(out))
-    assert len(samples) == 4 and all(len(a) == len(b) == 5 for per in samples.values() for a, b in per.values())
+    assert len(samples) == 4 and all(len(a) == len(b) == 7 for per in samples.values() for a, b in per.values())
     assert {lab for per in samples.values() for lab in per} >= {"pr"} and all("baseline" not in per
                                                                               for per in samples.values())
     lines = (out / "confirm.jsonl").read_text()
@@ -106,7 +106,7 @@ def test_sweep_resume_export_report(tmp_path):
     for shape in doc["shapes"].values():
         for b in shape["buckets"].values():  # shipped only where the confirmed CI's lower bound clears 1.01
             c = b["confirmation"]
-            assert c["repeats"] == 5 and c["candidates"] == 6
+            assert c["repeats"] == 7 and c["candidates"] == 6
             assert b["strategy"] == "baseline" or c["ci"][0] > 1 + confirm.MIN_EFFECT
     choice = load_policy(pol).choose(K=128, N=256, M=300)
     assert choice.bucket == 256
