@@ -1,4 +1,4 @@
-"""Issue 18, point 5: operating-system errors and malformed records are one line and a non-zero exit (2 for
+"""Operating-system errors and malformed records are one line and a non-zero exit (2 for
 the user's input, 1 for the machine) in every command, never a traceback; file names made from user text
 are safe and short before anything is measured."""
 

@@ -67,7 +67,7 @@ def test_env_variant_and_safety_vars_reach_children(tmp_path, monkeypatch):
     assert "OB_TEST_KNOB" not in os.environ  # restored in the launcher
 
 
-# ------------------------------------------------------------------- issue 18: no rank outlives the launcher
+# -------------------------------------------------------------------------- no rank outlives the launcher
 
 import signal  # noqa: E402
 import subprocess  # noqa: E402
@@ -204,7 +204,7 @@ def test_torchrun_of_another_world_size_is_said_once_and_every_rank_exits_2(tmp_
     assert not (tmp_path / "run").exists()
 
 
-# ------------------------------------------------------------------- issue 18: no more ranks than the machine
+# -------------------------------------------------------------------------- no more ranks than the machine
 
 
 def test_far_more_cpu_ranks_than_cores_are_refused_unless_overridden(monkeypatch):

@@ -1,4 +1,4 @@
-"""Issue 8, reliability: faults, hangs and bad input cost nothing already measured (CPU / gloo, 2 ranks).
+"""Reliability: faults, hangs and bad input cost nothing already measured (CPU / gloo, 2 ranks).
 
 Mid-sweep faults are made deterministic with the test-only hook in ``tests/faults`` (``OVERLAP_BENCH_FAULT``):
 ``kill:rank=R:after=N`` (rank R SIGKILLs itself after its N-th recorded case) and ``hang:rank=R:after=N`` (rank R

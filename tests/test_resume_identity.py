@@ -62,7 +62,7 @@ def _seed(run_dir, env, bias):
 def _sweep(tmp_path, out, **changes):
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump({**SPEC, **changes}))
-    # --force: these resumes change the spec on purpose (a folder's own spec resumes without it, issue 18).
+    # --force: these resumes change the spec on purpose (a folder's own spec resumes without it).
     # --no-confirm: these tests are about which cases a resume measures; the confirmation stage has its own.
     res = CliRunner().invoke(app, ["sweep", str(path), "--out", str(out), "--resume", "--force", "--no-confirm"])
     assert res.exit_code == 0, res.output
@@ -81,7 +81,7 @@ def _check_formulas(r: Record) -> list[str]:
     }
     room = r.t_base_ms - max(r.t_gemm_ms, r.t_comm_ms)
     bad = [f"{k} {getattr(r, k)} != {v}" for k, v in want.items() if getattr(r, k) != pytest.approx(v, rel=1e-9)]
-    measurable = room > 0.05 * r.t_base_ms  # issue 12/13: eta is n/a below 5% of t_base (a record has no spread)
+    measurable = room > 0.05 * r.t_base_ms  # eta is n/a below 5% of t_base (a record has no spread)
     if measurable and r.eta != pytest.approx((r.t_base_ms - r.t_ms) / room, rel=1e-9):
         bad.append(f"eta {r.eta}")
     if not measurable and not math.isnan(r.eta):

@@ -1,4 +1,4 @@
-"""Issue 18, points 2 and 3: one writer per run folder, and a run folder that knows what made it."""
+"""One writer per run folder, and a run folder that knows what made it."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 12 points 1 and 5: a case carries its strategy's typed settings, and its label (display, keys, the repro
+"""A case carries its strategy's typed settings, and its label (display, keys, the repro
 command) says exactly those settings; the spec's defaults are the model's own (no second default in the parser)."""
 
 from __future__ import annotations

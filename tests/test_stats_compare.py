@@ -102,7 +102,7 @@ def test_min_effect_suppresses_tiny_shift():
     a, b = _shifted(1.005, 1e-4)
     tiny = judge(a, b, min_effect=0.01)
     assert tiny.p_value < 0.05 and tiny.ci_low > 1        # real...
-    assert tiny.verdict == "below min_effect"             # ...but below the threshold (issue 13: never "no
+    assert tiny.verdict == "below min_effect"             # ...but below the threshold (never "no
     assert judge(a, b, min_effect=0.001).verdict == "faster"  # significant difference" beside such a CI)
     assert judge(b, a, min_effect=0.01).verdict == "below min_effect"
 
@@ -119,7 +119,7 @@ def test_summary_fields():
     c = judge([1.0, 2.0, 3.0], [2.0, 4.0, 9.0])
     assert (c.mean_a, c.median_b) == (2.0, 4.0)
     assert c.std_a == pytest.approx(1.0) and c.std_b == pytest.approx(np.std([2, 4, 9], ddof=1))
-    assert c.speedup == pytest.approx(4.0 / 2.0)  # issue 13: the ratio of medians
+    assert c.speedup == pytest.approx(4.0 / 2.0)  # the ratio of medians
 
 
 def test_geomean():

@@ -13,7 +13,7 @@ from overlap_bench.stats import bootstrap_ratio_ci, judge, geomean
 approx = pytest.approx
 A = [1.0] * 8
 
-# Issue 13: one robust statistic, the ratio of medians, with its own bootstrap CI, p and verdict.
+# One robust statistic, the ratio of medians, with its own bootstrap CI, p and verdict.
 # Seven of eight B samples at 1.10 and one at 0.75: the median of a resample of 8 (mean of its 4th and 5th values)
 # stays 1.10 unless it draws the low value 4+ times, P = 1 - P(0..3) of Binomial(8, 1/8) = 1 - 0.9887 = 0.0113
 # < 0.025: the 95% CI is [1.10, 1.10] and the bootstrap p = 2 * 0.0113 = 0.023. One low sample moves nothing.
@@ -115,7 +115,7 @@ def test_compare_run_dirs_keeps_bias_apart_and_summarises_by_geomean(tmp_path):
                  samples_b=[tb] * 5) for m, tb in ((1, 121.0), (2, 100.0))]
     s = summary(build_table(rows, n_boot=200))
     assert s["rows"] == 2 and s["geomean_speedup"] == approx(1.1)
-    # issue 13: the verdict follows the bootstrap CI of the ratio of medians; equal samples on each side
+    # the verdict follows the bootstrap CI of the ratio of medians; equal samples on each side
     # leave no spread, so the CI of the first row is [1.21, 1.21]: faster; the second's is [1, 1]
     assert s["verdicts"] == {"faster": 1, "slower": 0, "no significant difference": 1, "below min_effect": 0,
                              "too few samples": 0}

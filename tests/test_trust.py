@@ -1,4 +1,4 @@
-"""Issue 13: trust the pick (world-1 refusal, one estimator and verdict)."""
+"""Trust the pick (world-1 refusal, one estimator and verdict)."""
 
 from __future__ import annotations
 

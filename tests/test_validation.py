@@ -1,4 +1,4 @@
-"""Issue 18, point 4: validation equals execution. Whatever a spec, a CLI strategy string or a policy file
+"""Validation equals execution. Whatever a spec, a CLI strategy string or a policy file
 passes validation with runs on gloo and matches the baseline; the drop-in layer never raises for a policy
 that loaded (hypothesis property tests, every registered strategy, its settings drawn by their types)."""
 
