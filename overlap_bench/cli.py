@@ -243,7 +243,7 @@ def records_table(records: list, title: str) -> Table:
             "eta", "TFLOP/s", "busbw GB/s", "rel_err", "status"]
 
     def near(r: Any) -> bool:
-        return r.strategy != "baseline" and finite(r.speedup) and not beyond_spread(
+        return not is_reference(r.label) and finite(r.speedup) and not beyond_spread(
             r.t_ms, r.t_iqr_ms, r.t_base_ms, r.t_base_iqr_ms)
 
     rows = [[r.shape, str(r.M), r.label, _spread(r.t_ms, r.t_iqr_ms), _spread(r.t_base_ms, r.t_base_iqr_ms),
@@ -361,9 +361,11 @@ def sweep(
         spec, raw = load_spec(spec_path, world_size=world_size, backend=backend, timeout_s=timeout, tp=tp,
                               confirm_repeats=confirm_repeats)
         refuse_world_one(spec.world_size, "a sweep")
-        if confirm and spec.confirm_repeats < (need := fewest(SHIP_ALPHA / (confirm_top + 1))):
+        peers = strategies.peers()  # confirmed beside the top candidates: the ship rule's family
+        if confirm and spec.confirm_repeats < (need := fewest(SHIP_ALPHA / (confirm_top + len(peers)))):
             raise check.FieldError(f"--confirm-repeats: {spec.confirm_repeats} cannot resolve the ship rule for "
-                                   f"{confirm_top} candidates and pr; give {need} or more, or a smaller --confirm-top")
+                                   f"{confirm_top} candidates and {', '.join(peers)}; give {need} or more, or a "
+                                   "smaller --confirm-top")
         cases = spec.cases()
         if dry_run:
             out_console.print(f"{escape(spec.name)}: {len(cases)} cases on {spec.world_size} ranks ({spec.backend}); "

@@ -16,7 +16,7 @@ import numpy as np
 
 from overlap_bench import strategies
 from overlap_bench.keys import GroupKey
-from overlap_bench.metrics import REFERENCE, finite, is_plain, is_reference
+from overlap_bench.metrics import finite, is_plain, is_reference
 from overlap_bench.records import Record
 from overlap_bench.runfolder import RunFolder, plot_name
 from overlap_bench.select import Best, Decision
@@ -127,7 +127,7 @@ def _plot_speedup(plt: Any, g: Group) -> Any:
         ax.plot([b.M for b in plain], [b.t_base_ms / b.t_plain_ms for b in plain], color="C3", linestyle=":",
                 linewidth=2.2, marker="x", markersize=9, label="best plain all-reduce per M: t_base / t_plain")
         for b in plain:
-            if b.plain != REFERENCE:
+            if not is_reference(b.plain):
                 ax.annotate(b.plain.partition(":")[2], (b.M, b.t_base_ms / b.t_plain_ms), xytext=(4, 4),
                             textcoords="offset points", fontsize=7, color="C3")
     if bests:

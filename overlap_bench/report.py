@@ -16,7 +16,7 @@ from typing import Any
 
 from overlap_bench import confirm, plots, select, strategies
 from overlap_bench.markdown import cell, table
-from overlap_bench.metrics import REFERENCE, finite, is_plain, is_reference
+from overlap_bench.metrics import finite, is_plain, is_reference
 from overlap_bench.plots import Group
 from overlap_bench.records import Loaded, Record, load_records
 from overlap_bench.runfolder import ENV, SPEC, SUMMARY, TABLES_CSV, TABLES_MD, RunFolder
@@ -139,7 +139,7 @@ def verdict(d: Decision) -> str:
         what = f"a faster plain all-reduce (`{cell(label)}`) wins, {_fmt(sp, '.3f')}× vs baseline"
     else:
         what = f"overlap wins (`{cell(label)}`), {_fmt(sp, '.3f')}× vs baseline"
-        if b.plain != REFERENCE:  # else the ring is the best plain: vs best plain is vs baseline
+        if not is_reference(b.plain):  # else the ring is the best plain: vs best plain is vs baseline
             what += f", {_fmt(b.vs_plain.get(label, _NO_PLAIN)[0], '.3f')}× vs best plain (`{cell(b.plain)}`)"
     return f"At M={d.key.M}, {what} ({how})."
 

@@ -337,8 +337,8 @@ def check_identity(folder: Path, new: dict[str, Any], *, has_records: bool, forc
     if old is None:
         diffs = (_diffs(opts, new["options"], known_only=True) for opts in records_options or [])
         why = next((f"its records were measured with other options ({d})" for d in diffs if d), None)
-        old = {k: v for k, v in new.items() if k != "run_id"}
-        old.update(adopted=utc_now(), note="run.json added on resume; the folder had none")
+        old = dict(new, adopted=utc_now(), note="run.json added on resume; the folder had none",
+                   stamped_since=utc_now())  # its records so far carry no run stamp
     elif old.get("spec_sha256") not in (new["spec_sha256"], listed_sha256):
         why = "it was made by another spec (its case grid differs)"
     else:

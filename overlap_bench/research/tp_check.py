@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def _write(folder: runfolder.RunFolder, rows: list[dict], command: str) -> None:
-    folder.write_json("env.json", envinfo.collect(command))
+    folder.write_json(runfolder.ENV, envinfo.collect(command))
     folder.write_json(RESULT, rows)
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=list(rows[0]))
