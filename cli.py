@@ -8,7 +8,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from overlap_bench.cli import main  # noqa: E402  (after the path insert above)
+import overlap_bench.research.commands  # noqa: E402,F401  (after the path insert; registers model, interference)
+from overlap_bench.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

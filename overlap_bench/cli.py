@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import json
 import math
 import os
 import select as io_select
@@ -15,6 +14,7 @@ import tempfile
 import time
 from contextlib import nullcontext
 from datetime import datetime
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated, Any, Callable, List, Optional
 
@@ -31,14 +31,11 @@ from overlap_bench import check, confirm, runfolder, select, strategies
 from overlap_bench import compare as cmp
 from overlap_bench.bench import BenchOptions, run_ab
 from overlap_bench.confirm import TOP as CONFIRM_TOP, load as load_confirmations
-from overlap_bench.errors import UserError
+from overlap_bench.errors import UserError, os_error_exit
 from overlap_bench.export import export_policy
-from overlap_bench.launch import JobConfig, launch
+from overlap_bench.launch import JobConfig, RankFailed, launch
 from overlap_bench.metrics import beyond_spread, finite, is_reference
-from overlap_bench.records import json_safe, load_records, report_skipped_afresh
-from overlap_bench.research import interference as itf, interference_report as itf_report
-from overlap_bench.research.model import MODES as MODEL_MODES, model_main, model_table
-from overlap_bench.research.nanobatch import NanoSettings
+from overlap_bench.records import load_records, report_skipped_afresh
 from overlap_bench.spec import CONFIRM_REPEATS, Case, SweepSpec, check_memory, default_spec_raw, load_spec, parse_spec
 from overlap_bench.stats import MIN_EFFECT, SHIP_ALPHA, fewest
 from overlap_bench.sweep import finish_run, run_sweep
@@ -63,6 +60,10 @@ class _Command(_NoBoolType, typer.core.TyperCommand):
 
 class _Group(_NoBoolType, typer.core.TyperGroup):
     """The root of :data:`app`."""
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        """In the order registered, plugins' commands included, with the ``strategies`` listing last."""
+        return sorted(super().list_commands(ctx), key=lambda name: name == "strategies")
 
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=_Group,
@@ -100,14 +101,11 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """overlap-bench: is overlapping the row-parallel GEMM with its all-reduce worth it here, and how?"""
 
 
-def _guard(fn: Callable[[], Any], out_dir: Path | None = None, resume: bool = False) -> Any:
+def guard(fn: Callable[[], Any], out_dir: Path | None = None, resume: bool = False) -> Any:
     """Run a command body: bad input -> one line + exit 2; a failed rank -> one line + exit 1; Ctrl-C -> 130;
     an operating-system error -> one line + exit 2 (a path given) or 1 (the machine); stdout's reader gone
     (``| head``) -> quiet exit 141, as a tool killed by SIGPIPE. A stop names ``out_dir`` and, for a command
     with ``--resume``, that flag."""
-    from overlap_bench.errors import UserError, os_error_exit
-    from overlap_bench.launch import RankFailed
-
     def kept() -> str:  # escaped: rich would read paths like "[/__w/...]" as markup tags
         if out_dir is None or not out_dir.is_dir():
             return ""
@@ -148,23 +146,23 @@ def _reader_gone(stream: Any) -> bool:
         return False
 
 
-def _out(text: str | Path) -> Path:
+def out_path(text: str | Path) -> Path:
     """``--out`` as a path; an empty one (read as the current directory) is refused in one line, exit 2."""
     def given() -> Path:
         if str(text) == "":
             raise check.FieldError("--out: is empty; give a path, e.g. --out runs/mine (. for this folder)")
         return Path(text)
 
-    return _guard(given)
+    return guard(given)
 
 
-def _rank0() -> bool:
+def rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
 def _shapes_raw(shapes: list[str]) -> list[dict]:
     """``--shape`` texts in the spec's form: ``K,N`` (K per rank) or a preset's name."""
-    return [dict(zip("KN", _ints(text, "--shape", 2))) if "," in text else {"preset": text} for text in shapes]
+    return [dict(zip("KN", ints(text, "--shape", 2))) if "," in text else {"preset": text} for text in shapes]
 
 
 def _cases_raw(shapes: list[str], tokens: str | None, dtype: str | None, backend: str | None) -> dict:
@@ -172,7 +170,7 @@ def _cases_raw(shapes: list[str], tokens: str | None, dtype: str | None, backend
     (``spec.default_spec_raw``: tiny float32 shapes on CPU, Qwen2.5-72B at tp = GPU count on GPUs)."""
     default = default_spec_raw(backend)
     return {"shapes": _shapes_raw(shapes) if shapes else default["shapes"],
-            "tokens": default["tokens"] if tokens is None else _ints(tokens, "--tokens"),
+            "tokens": default["tokens"] if tokens is None else ints(tokens, "--tokens"),
             "dtypes": default["dtypes"] if dtype is None else [dtype]}
 
 
@@ -180,7 +178,7 @@ def _spec(raw: dict, nproc: int | None, backend: str | None) -> SweepSpec:
     """``raw`` validated with the job flags and against this machine's memory (a note when far from quick)."""
     spec = parse_spec(raw, world_size=nproc, backend=backend)
     note = check_memory(spec)
-    if note and _rank0():
+    if note and rank0():
         err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
     return spec
 
@@ -205,7 +203,7 @@ def _need_records(run_dir: Path, field: str = "RUN_DIR") -> Path:
     return run_dir / runfolder.RECORDS
 
 
-def _ints(text: str, flag: str, count: int | None = None) -> list[int]:
+def ints(text: str, flag: str, count: int | None = None) -> list[int]:
     """Comma-separated integers (``--tokens 4096,16384``), ``count`` of them when given."""
     return check.validate(Annotated[list[int], Field(min_length=count, max_length=count)],
                           [t.strip() for t in text.split(",") if t.strip()], flag, strict=False)
@@ -225,7 +223,7 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return "-" if v is None else str(v)
 
 
-def _table(title: str, header: list[str], rows: list[list[str]], left: tuple[str, ...]) -> Table:
+def table(title: str, header: list[str], rows: list[list[str]], left: tuple[str, ...]) -> Table:
     """A rich table; the ``left`` columns are left-aligned, the others (numbers) right-aligned."""
     t = Table(title=title)
     for c in header:
@@ -251,7 +249,7 @@ def records_table(records: list, title: str) -> Table:
              _fmt(r.speedup) + (" ~" if near(r) else ""), _fmt(r.eta, 2), _fmt(r.tflops, 1), _fmt(r.busbw_gbps, 1),
              f"{r.rel_err:.1e}" if not math.isnan(r.rel_err) else "-",
              r.status if r.ok else f"[red]{r.status}[/]: {r.reason}"] for r in records]
-    t = _table(title, cols, rows, ("shape", "strategy", "status"))
+    t = table(title, cols, rows, ("shape", "strategy", "status"))
     t.caption = "(IQR): the spread of each time's calls" + (
         "; ~: the difference from t_base is inside the spread (half an IQR each side)" if any(map(near, records))
         else "")
@@ -277,7 +275,8 @@ def run(
     reps: Reps = REPS,
     bias: bool = typer.Option(False, help="Give the layer a bias."),
     env: EnvVars = [],
-    out: Optional[Path] = typer.Option(None, parser=_out, help="Keep the run directory here (default: a temp dir)."),
+    out: Optional[Path] = typer.Option(None, parser=out_path,
+                                       help="Keep the run directory here (default: a temp dir)."),
     as_json: AsJson = False,
 ) -> None:
     """Measure one or a few cases: one table row per strategy with the metrics and rel_err."""
@@ -288,8 +287,8 @@ def run(
         spec = _spec(raw, nproc, backend)
         raw.update(backend=spec.backend, world_size=spec.world_size)
         run_dir = out or Path(tempfile.mkdtemp(prefix="overlap-bench-run-"))
-        run_sweep(spec, raw, run_dir, progress=False, rank0=_rank0(), confirm=False)  # a one-off table
-        if not _rank0():
+        run_sweep(spec, raw, run_dir, progress=False, rank0=rank0(), confirm=False)  # a one-off table
+        if not rank0():
             return
         recs = select.score(load_records(run_dir).records)  # speedup and eta against the one reference
         if as_json:
@@ -300,7 +299,7 @@ def run(
             out_console.print(records_table(recs, f"{dev} x{spec.world_size} ({spec.backend}), "
                                                   f"{', '.join(spec.dtypes)}"))
 
-    _guard(body, out)
+    guard(body, out)
 
 
 def _estimate(spec: SweepSpec, out: Path) -> str:
@@ -335,7 +334,7 @@ def _estimate(spec: SweepSpec, out: Path) -> str:
 def sweep(
     spec_path: Optional[Path] = typer.Argument(None, metavar="SPEC", help="Sweep YAML (see sweeps/); default: one "
                                                                           "that suits this machine."),
-    out: Path = typer.Option(Path("runs/latest"), "--out", "-o", parser=_out,
+    out: Path = typer.Option(Path("runs/latest"), "--out", "-o", parser=out_path,
                              help="Run directory (records.jsonl, env, tables)."),
     resume: bool = typer.Option(False, help="Skip the cases already recorded in --out."),
     force: bool = typer.Option(False, "--force", help="With --resume: continue a folder of another spec or timing "
@@ -376,9 +375,9 @@ def sweep(
             out_console.print(escape(_estimate(spec, out)), highlight=False)
             return
         repeats = spec.confirm_repeats
-        res = run_sweep(spec, raw, out, resume=resume, seed=seed, rank0=_rank0(), force=force, confirm=confirm,
+        res = run_sweep(spec, raw, out, resume=resume, seed=seed, rank0=rank0(), force=force, confirm=confirm,
                         confirm_repeats=repeats, confirm_top=confirm_top)
-        if not _rank0():
+        if not rank0():
             return
         msg = f"{spec.name}: {res.planned - res.skipped_done} cases measured"
         if res.skipped_done:
@@ -396,7 +395,7 @@ def sweep(
         out_console.print(_shipped_table(decisions, False))
         out_console.print(escape(f"next: overlap-bench export {out} -o policy.yaml"), highlight=False)
 
-    _guard(body, out, resume=True)
+    guard(body, out, resume=True)
 
 
 def _compare_cases(spec_path: Optional[Path], preset: Optional[str], tokens: Optional[str], dtype: Optional[str],
@@ -406,7 +405,7 @@ def _compare_cases(spec_path: Optional[Path], preset: Optional[str], tokens: Opt
     be = None if backend == "auto" else backend
     if spec_path is not None:
         raw = load_spec(spec_path, world_size=nproc, backend=be)[1]
-        flags = {"tokens": _ints(tokens, "--tokens") if tokens else None, "dtypes": [dtype] if dtype else None}
+        flags = {"tokens": ints(tokens, "--tokens") if tokens else None, "dtypes": [dtype] if dtype else None}
         raw = {**raw, **{k: v for k, v in flags.items() if v}}
     else:
         raw = {"name": "compare", "strategies": ["baseline"], **_cases_raw([preset] if preset else [], tokens,
@@ -433,7 +432,7 @@ def compare(
     warmup: Warmup = WARMUP,
     reps: Reps = REPS,
     env: EnvVars = [],
-    out: Optional[Path] = typer.Option(None, parser=_out, help="Write compare.json, compare.md and env.json here."),
+    out: Optional[Path] = typer.Option(None, parser=out_path, help="Write compare.json, compare.md and env.json here."),
     markdown: Optional[Path] = typer.Option(None, help="Write the markdown table (for a pull request) here."),
     as_json: AsJson = False,
 ) -> None:
@@ -465,19 +464,19 @@ def compare(
         folder = None
         if out is not None:  # a folder that cannot be written is refused before anything is measured
             folder = runfolder.RunFolder(runfolder.ensure_folder(out, "--out"))
-        with folder.claim("compare") if folder is not None and _rank0() else nullcontext():
+        with folder.claim("compare") if folder is not None and rank0() else nullcontext():
             if not live:
                 df, unmatched = cmp.compare_run_dirs(a, b, min_effect=min_effect)
                 title = f"{b} vs {a}"
             else:  # measured into the folder's records.jsonl (a temp folder without --out), judged from them
                 folder = folder or runfolder.RunFolder(tempfile.mkdtemp(prefix="overlap-bench-compare-"))
-                if _rank0() and (folder / runfolder.RECORDS).exists():
+                if rank0() and (folder / runfolder.RECORDS).exists():
                     raise check.FieldError(f"--out: {folder.path} already holds {runfolder.RECORDS} (another "
                                            "comparison); choose a new --out")
                 opts = BenchOptions(str(folder.path), warmup, reps, 0, 0, 0, False)
                 launch(run_ab, (cases, tuple(sides), repeats, opts),
                        JobConfig(spec.world_size, spec.backend, spec.timeout_s, job_env))
-                if not _rank0():
+                if not rank0():
                     return
                 df, unmatched = cmp.compare_run_dirs(folder.path, min_effect=min_effect)
                 labels = [strategies.label(*side) for side in sides]
@@ -499,7 +498,7 @@ def compare(
         for line in unmatched:
             err_console.print(f"[yellow]not compared:[/] {escape(line)}", highlight=False)
 
-    _guard(body)
+    guard(body)
 
 
 def _shipped_table(decisions: list, running: bool) -> Table:
@@ -524,7 +523,7 @@ def _shipped_table(decisions: list, running: bool) -> Table:
 @command()
 def export(
     run_dir: Path = typer.Argument(..., help="A sweep's run directory."),
-    out: Path = typer.Option(..., "-o", "--out", parser=_out,
+    out: Path = typer.Option(..., "-o", "--out", parser=out_path,
                              help="Policy file (.yaml) or a folder (one file per device/world/dtype)."),
     env: List[str] = typer.Option([], help="KEY=VALUE: export this environment variant (default: the fastest)."),
     dtype: Optional[str] = typer.Option(None, help="Export only this dtype."),
@@ -557,7 +556,7 @@ def export(
         for p in paths:
             out_console.print(escape(f"wrote {p}"))
 
-    _guard(body)
+    guard(body)
 
 
 @command()
@@ -570,123 +569,7 @@ def report(run_dir: RunDir) -> None:
             finish_run(run_dir)
         out_console.print(escape(f"wrote {run_dir}/summary.md, tables and plots"))
 
-    _guard(body)
-
-
-@command()
-def model(
-    preset: Optional[str] = typer.Option(None, help="Model preset (qwen2.5-72b, llama-3.1-70b, llama-3.1-405b, "
-                                                    "tiny; default: qwen2.5-72b on GPUs, tiny on CPU)."),
-    tp: Optional[int] = typer.Option(None, help="Tensor-parallel size (default: every rank)."),
-    policy: Optional[Path] = typer.Option(None, help="Policy YAML from `overlap-bench export` (adds the policy mode)."),
-    tokens: Tokens = None,
-    layers: int = typer.Option(4, help="Decoder layers in the synthetic stack."),
-    dtype: Dtype = None,
-    warmup: int = typer.Option(2, help="Untimed forwards per mode before timing."),
-    reps: int = typer.Option(9, help="Timed forwards per mode (split into interleaved rounds)."),
-    nproc: Nproc = None,
-    backend: Backend = "auto",
-    out: Path = typer.Option(Path("runs/model"), parser=_out, help="Appends to model.jsonl (and writes env.json) here."),
-    resume: bool = typer.Option(False, help="Continue the run in --out: record only the (M, mode) rows missing."),
-    as_json: AsJson = False,
-    mode: str = typer.Option("all", help="Modes, comma-separated: baseline, pr, policy, rowwise, rowwise+policy, "
-                                         "nanobatch, nanobatch+policy, nocomm, or all (baseline and nocomm always "
-                                         "run)."),
-    nanobatches: int = typer.Option(NanoSettings.nanobatches, help="Nano-batches (token ranges) of nanobatch modes."),
-    nano_comm: str = typer.Option(NanoSettings.comm, help="The nanobatch modes' all-reduce path: stream or async."),
-    nano_priority: bool = typer.Option(NanoSettings.priority, help="The nanobatch modes' all-reduce on a "
-                                                                   "high-priority NCCL stream."),
-    nano_attention: str = typer.Option(NanoSettings.attention, help="How a later nano-batch attends to earlier keys: "
-                                       "split (two calls merged by log-sum-exp) or lower-right (one masked call)."),
-    shapes_tp: Optional[int] = typer.Option(None, help="Per-rank shapes of this tensor-parallel size on fewer ranks "
-                                                       "(tp=4 shapes on 1 GPU: a schedule's overhead alone)."),
-) -> None:
-    """Prefill a synthetic TP decoder stack: tokens/s per mode (baseline, pr, policy, nano-batches), the
-    communication share and how much of it each mode hid."""
-
-    def body() -> None:
-        modes = MODEL_MODES if mode.strip() == "all" else tuple(m.strip() for m in mode.split(",") if m.strip())
-        try:
-            nano = NanoSettings(nanobatches, nano_comm, nano_priority, nano_attention)
-        except ValueError as e:
-            flag = {"comm": "--nano-comm", "attention": "--nano-attention"}.get(str(e).split()[0], "--nanobatches")
-            raise UserError(f"{flag}: {e}") from None
-        records = model_main(preset, tp, _ints(tokens, "--tokens") if tokens else None, layers, policy, dtype, warmup,
-                             reps, out, backend=backend, nproc=nproc, modes=modes, nano=nano, shapes_tp=shapes_tp,
-                             resume=resume, progress=not as_json)
-        if not _rank0():
-            return
-        if as_json:
-            print("[" + ",\n".join(r.to_json() for r in records) + "]")
-        else:
-            out_console.print(model_table(records))
-
-    _guard(body, out, resume=True)
-
-
-@command()
-def interference(
-    spec_path: Optional[Path] = typer.Argument(None, metavar="SPEC", help="Take shapes, tokens, dtype from a sweep "
-                                                                          "YAML."),
-    preset: Optional[str] = typer.Option(None, help="Model preset (default qwen2.5-72b): o_proj, down_proj at --tp."),
-    tp: int = typer.Option(4, help="Tensor-parallel size that sets K per rank of the preset shapes."),
-    shape: List[str] = typer.Option([], "--shape", "-s", help="K,N (K per rank), repeatable."),
-    tokens: Optional[str] = typer.Option(None, "--tokens", "-m", help="Token counts (default 4096,8192,16384,32768)."),
-    dtype: Optional[str] = typer.Option(None, help="bfloat16 (default), float16 or float32."),
-    ctas: str = typer.Option(",".join(map(str, itf.DEFAULT_CTAS)), help="CTA counts of the communication-like "
-                                                                        "kernel (none: skip)."),
-    cta_gbps: str = typer.Option(f"{itf.DEFAULT_CTA_GBPS:g}", help="GB/s each CTA reads and writes (0 = full "
-                                                                   "speed); comma-separated."),
-    copy: str = typer.Option(",".join(itf.COPY_PATHS), help="Full-speed copies beside the GEMM: d2d (same device), "
-                             "h2d, d2h (pinned host); each record says if it waited for SMs (none: skip)."),
-    sms: str = typer.Option(",".join(itf.DEFAULT_SMS), help="Green-context sizes for the GEMM alone (none: skip)."),
-    rounds: int = typer.Option(itf.ROUNDS, help="Passes over the conditions, each bracketed by references."),
-    warmup: int = typer.Option(itf.WARMUP, help="Untimed repetitions per block."),
-    reps: int = typer.Option(itf.REPS, help="Timed repetitions per block."),
-    pace: bool = typer.Option(True, help="Give every repetition the side work's wall period, so references do not "
-                                         "run hotter (power-limited) than interfered GEMMs."),
-    comm_from: List[Path] = typer.Option([], help="Multi-GPU run dir: predict its t_joint from its t_gemm, t_comm "
-                                                  "and this run's s(k) (repeatable)."),
-    busbw: Optional[float] = typer.Option(None, help="Predict with t_comm from this all-reduce busbw (GB/s)..."),
-    world: Optional[int] = typer.Option(None, help="...over this many ranks (nccl-tests' formula)."),
-    comm_ctas: float = typer.Option(itf.DEFAULT_COMM_CTAS, help="CTAs the all-reduce holds (NCCL channels), for "
-                                                                "s(k) in predictions."),
-    from_dir: Optional[Path] = typer.Option(None, "--from", help="Predict from this interference run; no GPU needed."),
-    out: Optional[Path] = typer.Option(None, parser=_out, help="Run folder (default runs/interference, or --from's)."),
-    as_json: AsJson = False,
-) -> None:
-    """On one GPU: the GEMM's slowdown beside communication-like CTAs, copy-engine traffic and green contexts;
-    and the joint time and eta a multi-GPU run could reach."""
-
-    def body() -> None:
-        cfg = None
-        if from_dir is None:
-            shapes, spec_tokens, spec_dtype = itf.shapes_for(spec_path, preset, tp, shape)
-            d = check.validate(check.Dtype, dtype or spec_dtype or "bfloat16", "--dtype")
-            toks = _ints(tokens, "--tokens") if tokens else (spec_tokens or [4096, 8192, 16384, 32768])
-            cfg = itf.InterferenceConfig(shapes, toks, d, itf.parse_ctas(ctas), itf.parse_rates(cta_gbps),
-                                         itf.parse_copies(copy), itf.parse_sms(sms), rounds, warmup, reps,
-                                         pace=pace)
-        itf.check_inputs(cfg, from_dir, comm_from, busbw, world, comm_ctas)  # before a folder is made
-        run_dir = out or from_dir or Path("runs/interference")
-        with runfolder.RunFolder(run_dir).claim("interference"):  # one writer per run folder
-            records, preds = itf.run_interference(cfg, out=run_dir, from_dir=from_dir, comm_from=comm_from,
-                                                  busbw=busbw, world=world, comm_ctas=comm_ctas,
-                                                  progress=not as_json)
-        if as_json:
-            print(json.dumps(json_safe({"records": [json.loads(r.to_json()) for r in records],
-                                        "predictions": [p.to_dict() for p in preds]})))
-            return
-        header, rows = itf_report.slowdown_table(records)
-        out_console.print(_table(f"GEMM slowdown, {records[0].device if records else '?'} ({run_dir})", header,
-                                 [list(map(escape, r)) for r in rows], ("shape",)))
-        if preds:
-            out_console.print(_table(f"predicted joint time and eta (s at {comm_ctas:g} CTAs)",
-                                     itf_report.PRED_HEADER, [list(map(escape, r)) for r in
-                                                              itf_report.prediction_rows(preds)],
-                                     ("shape", "env", "t_comm from")))
-
-    _guard(body, None)
+    guard(body)
 
 
 _BOUNDS = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
@@ -724,7 +607,10 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point; first imports the command plugins of the ``overlap_bench.commands`` entry points
+    (the research wing's ``model`` and ``interference``), each registering its commands on :data:`app`."""
+    for plugin in entry_points(group="overlap_bench.commands"):
+        plugin.load()
     signal.signal(signal.SIGTERM, _on_sigterm)
     app()
 

@@ -3,6 +3,7 @@ the top-level cli.py)."""
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
@@ -49,6 +50,31 @@ def test_importing_the_layer_loads_no_tooling_and_leaves_nccl_logging_alone():
     own = [p.name for p in (ROOT / "overlap_bench").rglob("*.py")
            if re.search(r"^\s*(from|import) unittest", p.read_text(encoding="utf-8"), re.M)]
     assert own == []
+
+
+def test_the_core_never_imports_the_research_wing():
+    # The research wing builds on the core, never the reverse: its commands join the CLI through an entry point.
+    bad = []
+    for path in (ROOT / "overlap_bench").rglob("*.py"):
+        if "research" in path.relative_to(ROOT / "overlap_bench").parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):  # from overlap_bench import research: overlap_bench.research
+                names = [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            bad += [f"{path.name}: {n}" for n in names if n.startswith("overlap_bench.research")]
+    assert bad == []
+
+
+def test_the_console_entry_lists_the_research_commands_in_order():
+    res = subprocess.run([sys.executable, "-m", "overlap_bench", "--help"], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"})
+    assert res.returncode == 0, res.stderr
+    names = [m.group(1) for m in re.finditer(r"^│ (\w+) ", res.stdout, re.M)]
+    assert names == ["run", "sweep", "compare", "export", "report", "model", "interference", "strategies"], res.stdout
 
 
 def test_validating_a_spec_does_not_load_the_launcher():

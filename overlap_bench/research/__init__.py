@@ -1,5 +1,5 @@
 """The research wing: the model-level benchmark and the one-GPU interference study. It builds on the core and
-the core never imports it (only the CLI does)."""
+the core never imports it (its commands join the CLI through an entry point: research/commands.py)."""
 
 from __future__ import annotations
 
