@@ -102,10 +102,8 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def guard(fn: Callable[[], Any], out_dir: Path | None = None, resume: bool = False) -> Any:
-    """Run a command body: bad input -> one line + exit 2; a failed rank -> one line + exit 1; Ctrl-C -> 130;
-    an operating-system error -> one line + exit 2 (a path given) or 1 (the machine); stdout's reader gone
-    (``| head``) -> quiet exit 141, as a tool killed by SIGPIPE. A stop names ``out_dir`` and, for a command
-    with ``--resume``, that flag."""
+    """Run a command body: bad input -> one line, exit 2; failed rank -> 1; Ctrl-C -> 130; OS error -> 2 (a path)
+    or 1 (the machine); stdout's reader gone -> quiet 141 (as SIGPIPE). A stop names ``out_dir`` (and --resume)."""
     def kept() -> str:  # escaped: rich would read paths like "[/__w/...]" as markup tags
         if out_dir is None or not out_dir.is_dir():
             return ""
@@ -234,9 +232,8 @@ def table(title: str, header: list[str], rows: list[list[str]], left: tuple[str,
 
 
 def records_table(records: list, title: str) -> Table:
-    """A rich table, one row per record, with the metrics, each time's spread (IQR) beside it, a ``~`` on a
-    speedup whose difference from the reference is inside the spread (:func:`metrics.beyond_spread`), and the
-    numerics check."""
+    """One row per record: the metrics, each time's spread (IQR), ``~`` on a speedup within the reference's spread
+    (:func:`metrics.beyond_spread`), and the numerics check."""
     cols = ["shape", "M", "strategy", "t ms (IQR)", "t_base (IQR)", "t_gemm (IQR)", "t_comm (IQR)", "speedup",
             "eta", "TFLOP/s", "busbw GB/s", "rel_err", "status"]
 
@@ -450,7 +447,7 @@ def compare(
                 if _need_records(Path(side), name).stat().st_size == 0:
                     raise check.FieldError(f"{name}: {side}/{runfolder.RECORDS} is empty; give a run directory "
                                            "with records")
-        if live:  # every input checked before a folder is made or a rank started
+        else:  # every input checked before a folder is made or a rank started
             sides = []
             for name, side in zip("AB", (a, b)):
                 try:
@@ -461,9 +458,8 @@ def compare(
             job_env = _env_raw(env)
             spec, cases = _compare_cases(spec_path, preset, tokens, dtype, nproc, backend, job_env)
             refuse_world_one(spec.world_size, "a comparison of two strategies")
-        folder = None
-        if out is not None:  # a folder that cannot be written is refused before anything is measured
-            folder = runfolder.RunFolder(runfolder.ensure_folder(out, "--out"))
+        # A folder that cannot be written is refused before anything is measured.
+        folder = runfolder.RunFolder(runfolder.ensure_folder(out, "--out")) if out is not None else None
         with folder.claim("compare") if folder is not None and rank0() else nullcontext():
             if not live:
                 df, unmatched = cmp.compare_run_dirs(a, b, min_effect=min_effect)
@@ -503,9 +499,7 @@ def compare(
 
 def _shipped_table(decisions: list, running: bool) -> Table:
     """What ships per bucket and why (``Decision.why``; a bucket not confirmed names its best candidate)."""
-    t = Table(title="shipped per bucket")
-    for c in ("shape", "M", "dtype", "world", "env", "ships", "speedup", "CI", "eta", "why"):
-        t.add_column(c, justify="right" if c in ("M", "world", "speedup", "CI", "eta") else "left")
+    rows = []
     for d in decisions:
         c, why = d.confirmation, d.why
         if c is not None and is_reference(d.label) and c.leader:
@@ -515,14 +509,15 @@ def _shipped_table(decisions: list, running: bool) -> Table:
         if not d.in_policy:
             why += " (not in the policy: another env variant or shape ships this slot)"
         ci = f"{_fmt(c.ci[0])}..{_fmt(c.ci[1])}" if c is not None and not is_reference(d.label) else "-"
-        t.add_row(escape(d.key.shape), str(d.key.M), d.key.dtype, str(d.key.world), escape(d.key.env.text),
-                  escape(d.label), _fmt(d.speedup), ci, _fmt(d.eta, 2), escape(why))
-    return t
+        rows.append([escape(d.key.shape), str(d.key.M), d.key.dtype, str(d.key.world), escape(d.key.env.text),
+                     escape(d.label), _fmt(d.speedup), ci, _fmt(d.eta, 2), escape(why)])
+    return table("shipped per bucket", ["shape", "M", "dtype", "world", "env", "ships", "speedup", "CI", "eta", "why"],
+                 rows, ("shape", "dtype", "env", "ships", "why"))
 
 
 @command()
 def export(
-    run_dir: Path = typer.Argument(..., help="A sweep's run directory."),
+    run_dir: RunDir,
     out: Path = typer.Option(..., "-o", "--out", parser=out_path,
                              help="Policy file (.yaml) or a folder (one file per device/world/dtype)."),
     env: List[str] = typer.Option([], help="KEY=VALUE: export this environment variant (default: the fastest)."),
@@ -586,16 +581,15 @@ def _allowed(field: dict) -> str:
 @command("strategies")
 def list_strategies() -> None:
     """List the registered strategies and each setting's allowed values (choices or range) and default."""
-    t = Table(title="strategies")
-    for c in ("name", "setting", "allowed", "default", "what"):
-        t.add_column(c)
+    rows = []
     for name in strategies.names():
         s = strategies.get(name)
         fields = TypeAdapter(s.settings_cls).json_schema().get("properties", {})
         for i, (key, field) in enumerate(fields.items() or [("-", {})]):
             default = str(field["default"]).lower() if "default" in field else "-"
-            t.add_row(name if i == 0 else "", key, _allowed(field), default, s.doc if i == 0 else "")
-    out_console.print(t)
+            rows.append([name if i == 0 else "", key, _allowed(field), default, s.doc if i == 0 else ""])
+    header = ["name", "setting", "allowed", "default", "what"]
+    out_console.print(table("strategies", header, rows, tuple(header)))
 
 
 class Terminated(KeyboardInterrupt):

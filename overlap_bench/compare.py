@@ -74,9 +74,8 @@ def _why(r: Record) -> str:
 def table_from_records(a: Iterable[Record], b: Iterable[Record], *, one_run: bool = False,
                        min_effect: float = MIN_EFFECT, alpha: float = 0.05, n_boot: int = 10000,
                        seed: int = 0) -> tuple[ComparisonTable, list[str]]:
-    """Records ``b`` against records ``a`` case by case (each ok record one sample, its tokens/s), and one line per
-    case not compared. A case: shape, sizes, dtype, bias, env and label; ``one_run`` (the sides of one A/B run,
-    whose labels differ): the label pair instead, and a case a side failed in (nothing timed) is named."""
+    """Records ``b`` against ``a`` per case (shape, sizes, dtype, bias, env, label; ``one_run``, an A/B run's sides:
+    the label pair), each ok record a tokens/s sample; and one line per case not compared (or failed)."""
     key = (lambda r: (_case(r)[0], " → ".join(r.ab.pair))) if one_run else _case
     ok: dict[str, dict[tuple, list[Record]]] = {"A": {}, "B": {}}
     failed: dict[str, dict[tuple, Record]] = {"A": {}, "B": {}}
@@ -111,9 +110,8 @@ def table_from_records(a: Iterable[Record], b: Iterable[Record], *, one_run: boo
 
 def compare_run_dirs(dir_a: str | os.PathLike, dir_b: str | os.PathLike | None = None, **stat: Any,
                      ) -> tuple[ComparisonTable, list[str]]:
-    """Run B's records against run A's, or without ``dir_b`` side b against side a of the one A/B run in
-    ``dir_a`` (:func:`table_from_records`; ``stat``: its statistics options). Torn lines skipped while
-    loading are listed in ``df.attrs["torn_lines"]``."""
+    """Run B's records against run A's, or without ``dir_b`` side b against side a of the A/B run ``dir_a``
+    (``stat``: :func:`table_from_records`' options); torn lines skipped go to ``df.attrs["torn_lines"]``."""
     loaded = {"A": load_records(dir_a)} | ({"B": load_records(dir_b)} if dir_b is not None else {})
     if dir_b is None:
         a, b = ([r for r in loaded["A"].records if r.extra.get("side") == s] for s in "ab")
@@ -155,8 +153,7 @@ def _p(p: float) -> str:
 
 
 def _report(df: ComparisonTable) -> tuple[list[str], list[list[str]]]:
-    """The report's header and rows (every number with its spread: tokens/s with their IQR, the speedup with
-    its CI)."""
+    """The report's header and rows (tokens/s with their IQR, the speedup with its CI)."""
     m = df.attrs.get("min_effect", MIN_EFFECT)
     header = ["shape", "M", "setting", "A tok/s median (IQR)", "B tok/s median (IQR)",
               f"speedup [{100 * (1 - df.attrs.get('alpha', 0.05)):g}% CI]", "p", "verdict"]

@@ -56,8 +56,7 @@ class Group:
 
 
 def draw(run_dir: Path, g: Group) -> dict[str, Path]:
-    """Write the plots of ``g`` into ``run_dir``: ``{kind: path}``, the eta heatmap only where there is a grid
-    to draw (:func:`no_eta_reason` says why not)."""
+    """Write the plots of ``g`` into ``run_dir``: ``{kind: path}`` (no eta heatmap without a grid)."""
     import matplotlib  # heavy, and only needed here
 
     matplotlib.use("Agg")
@@ -89,8 +88,7 @@ def _ideal_by_m(g: Group) -> dict[int, float]:
 
 
 def _line(ax: Any, pts: list[tuple[int, float, float, float]], colour: str, **kw: Any) -> None:
-    """Speedups ``t_base / t`` over M from ``(M, t_base, t, iqr)`` points, shaded across ``t_base / (t ± iqr/2)``:
-    the band the measured spread (IQR) of each time spans."""
+    """Speedups ``t_base / t`` over M from ``(M, t_base, t, iqr)`` points, shaded across ``t_base / (t ± iqr/2)``."""
     m, tb, t, iqr = (np.array(v, dtype=float) for v in zip(*sorted(pts)))
     half = np.nan_to_num(iqr) / 2
     ax.fill_between(m, tb / (t + half), np.where(t > half, tb / np.maximum(t - half, 1e-12), np.nan), color=colour,
@@ -99,9 +97,8 @@ def _line(ax: Any, pts: list[tuple[int, float, float, float]], colour: str, **kw
 
 
 def _plot_speedup(plt: Any, g: Group) -> Any:
-    """Bold and shaded by their spread: the best setting per M (named in the legend by marker), the peers and the
-    baseline; the ideal bound; dotted: the best plain all-reduce per M where a plain reference was measured;
-    faint: every other setting; a point above the bound (impossible) marked a fault."""
+    """Shaded by their spread: the best setting per M (legend by marker), the peers, the baseline; the ideal bound;
+    dotted: the best plain all-reduce per M; faint: the other settings; a point above the bound marked a fault."""
     from matplotlib.ticker import NullLocator
 
     lines: dict[str, list[Record]] = {}
@@ -174,9 +171,8 @@ def no_eta_reason(g: Group) -> str:
 
 
 def _eta_panels(g: Group) -> list[tuple[str, str, dict[tuple[Any, int], float]]]:
-    """Heatmap panels ``(title, row setting, (row value, M) -> best eta)``: per strategy of :func:`_others`,
-    rows are its varying numeric setting with the most values, one panel per value of the next varying setting
-    (if any), each cell the best eta over the remaining settings."""
+    """Heatmap panels ``(title, row setting, (row value, M) -> best eta)`` per strategy of :func:`_others`: rows
+    its varying numeric setting with most values, a panel per value of the next one, cells the best eta."""
     by_strategy: dict[str, list[Record]] = {}
     for r in _others(g):
         if finite(r.eta):

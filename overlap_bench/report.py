@@ -1,6 +1,5 @@
-"""A run rendered for people from its decisions (:func:`select.decide`): ``tables.md``/``tables.csv`` (every
-setting per M, the first pass's winner marked) and ``summary.md`` (environment, confirmation, one section per
-group with its plots, failed cases). Nothing here decides: every number is a :class:`select.Decision`'s."""
+"""A run rendered from its decisions (:func:`select.decide`, which alone decides): ``tables.md``/``tables.csv``
+(every setting per M, winners marked) and ``summary.md`` (environment, confirmation, groups with plots, failures)."""
 
 from __future__ import annotations
 
@@ -36,8 +35,8 @@ def _fmt(x: Any, spec: str) -> str:
 
 
 def slugify(text: str) -> str:
-    """Filesystem-safe ``text``: letters, digits, ``-``, ``_``, ``.``, no leading dot, at most :data:`SLUG_MAX`
-    characters (a longer one keeps its start and a hash of the whole)."""
+    """Filesystem-safe ``text`` (letters, digits, ``-_.``, no leading dot), at most :data:`SLUG_MAX` characters
+    (a longer one keeps its start and a hash of the whole)."""
     s = re.sub(r"-{2,}", "-", re.sub(r"[^A-Za-z0-9._-]+", "-", text)).strip("-.")
     if len(s) > SLUG_MAX:
         s = s[:SLUG_MAX - 9].rstrip("-.") + "-" + hashlib.sha256(text.encode()).hexdigest()[:8]
@@ -59,10 +58,9 @@ def _groups(decisions: list[Decision]) -> list[Group]:
 # ---- tables.md and tables.csv ------------------------------------------------------------------------------
 
 def table_rows(decisions: list[Decision]) -> list[dict[str, Any]]:
-    """Every scored record of the decisions' buckets as a row (key order, then label). The first pass's winner
-    is marked ``best`` with its :class:`select.Best` numbers, as the summary shows them: a winning baseline
-    shows the reference (speedup 1), as a row of its own (status ``reference``) where it has no record.
-    ``vs_plain``, ``eta_plain``: against the best plain all-reduce ``t_plain_ms`` (:attr:`select.Best.vs_plain`)."""
+    """Every scored record of the buckets as a row (key order, then label), the first pass's winner marked ``best``
+    with its :class:`select.Best` numbers (a winning baseline without a record: a ``reference`` row); ``vs_plain``,
+    ``eta_plain``: against the best plain all-reduce ``t_plain_ms``."""
     rows = []
     for d in decisions:
         b, k = d.best, d.key
@@ -85,8 +83,7 @@ def _tfmt(v: Any) -> str:
 
 
 def write_tables(decisions: list[Decision], run_dir: str | os.PathLike) -> list[Path]:
-    """Write ``tables.csv`` (every row) and ``tables.md`` (a section per group, winners marked, flags listed)
-    into ``run_dir``; returns both paths."""
+    """Write ``tables.csv`` (every row) and ``tables.md`` (a section per group, winners marked, flags listed)."""
     import pandas as pd  # here: every rank imports this module (through sweep), only a launcher writes tables
 
     folder = RunFolder(run_dir)
@@ -127,8 +124,8 @@ def _plain_note(refs: list[str]) -> str:
 
 
 def verdict(d: Decision) -> str:
-    """One sentence: whether overlap, a faster plain all-reduce or neither wins the bucket (what ships where it
-    was confirmed, else the first pass's best), with its speedups against the baseline and the best plain."""
+    """One sentence: whether overlap, a faster plain all-reduce or neither wins the bucket (what ships if
+    confirmed, else the first pass's best), with its speedups vs the baseline and the best plain."""
     b, confirmed = d.best, d.confirmation is not None
     strategy, label, sp = (d.strategy, d.label, d.speedup) if confirmed else (b.strategy, b.label, b.speedup)
     how = "first pass, unconfirmed" if not confirmed else "nothing confirmed faster" if is_reference(label) \
@@ -257,9 +254,8 @@ def _problems_section(records: list[Record], torn: list[int]) -> list[str]:
 
 def write_report(run_dir: str | os.PathLike, loaded: Loaded | None = None,
                  decisions: list[Decision] | None = None) -> list[Path]:
-    """Write the plots and ``summary.md`` of ``run_dir`` into it; returns the written paths (summary last).
-    ``loaded``, ``decisions``: the folder's records and decisions when the caller has them. A run with no ok
-    records still gets a ``summary.md`` that says so."""
+    """Write the plots and ``summary.md`` (also for no ok records) of ``run_dir``; the paths, summary last.
+    ``loaded``, ``decisions``: the folder's records and decisions when the caller has them."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist")

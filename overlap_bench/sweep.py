@@ -33,7 +33,6 @@ class SweepResult:
     planned: int
     skipped_done: int
     """Cases already in records.jsonl (``--resume``)."""
-    torn_lines: list[int] = field(default_factory=list)
     not_run: list[str] = field(default_factory=list)
     """Environment variants this process could not start (under torchrun), with why."""
     screened: int = 0
@@ -49,10 +48,9 @@ def _key(c: Case, spec: SweepSpec) -> tuple:
 
 
 def open_run_folder(out: Path, spec: SweepSpec, raw: dict, *, resume: bool, force: bool, seed: int,
-                    command: str | None) -> tuple[set, list[int]]:
-    """Check and write the run folder's identity, spec.yaml and env.json (the caller holds its lock); returns the
-    recorded cases' keys and the torn lines. A folder with records needs ``resume``, which keeps the first
-    spec.yaml and env.json and appends itself to ``run.json`` (and its environment to ``env.json``)."""
+                    command: str | None) -> set:
+    """Check and write the folder's run.json, spec.yaml and env.json (the caller holds its lock); the recorded
+    cases' keys. Records need ``resume``: the first spec.yaml and env.json stay, each resume is appended."""
     loaded = load_records(out)
     has_records = bool(loaded.records or loaded.torn_lines)
     if has_records and not resume:
@@ -84,7 +82,7 @@ def open_run_folder(out: Path, spec: SweepSpec, raw: dict, *, resume: bool, forc
     folder.write_text(runfolder.IDENTITY, json.dumps(ident, indent=2, default=str) + "\n")
     if env is not None:
         folder.write_json(runfolder.ENV, env)
-    return {r.key() for r in loaded.records}, loaded.torn_lines
+    return {r.key() for r in loaded.records}
 
 
 def _read_json(path: Path):
@@ -98,20 +96,19 @@ def run_sweep(spec: SweepSpec, raw: dict, out_dir: str | os.PathLike, *, resume:
               command: str | None = None, progress: bool = True, seed: int = 0, rank0: bool = True,
               force: bool = False, confirm: bool = True, confirm_repeats: int = CONFIRM_REPEATS,
               confirm_top: int = TOP) -> SweepResult:
-    """Run every case of ``spec`` not yet recorded in ``out_dir``, then (``confirm``) the screen and the
-    confirmation, in one job per environment variant (:func:`run_variant`); tables are written even on failure.
-    Rank 0 holds the folder's lock for the whole sweep; ``force`` lets ``resume`` continue a folder of another
-    spec or options."""
+    """Every case of ``spec`` not yet in ``out_dir``, then (``confirm``) the screen and confirmation, one job per
+    env variant (:func:`run_variant`), under rank 0's folder lock; tables are written even on failure.
+    ``force`` lets ``resume`` continue a folder of another spec or options."""
     out = Path(out_dir)
     check_memory(spec)
     claim = runfolder.RunFolder(out).claim("sweep", command=command or envinfo.command_line())
     with claim if rank0 else nullcontext():
         # The folder is rank 0's (on another node it may not be there): the other ranks run rank 0's case list.
-        done, torn = (open_run_folder(out, spec, raw, resume=resume, force=force, seed=seed, command=command)
-                      if rank0 else (set(), []))
+        done = (open_run_folder(out, spec, raw, resume=resume, force=force, seed=seed, command=command)
+                if rank0 else set())
         cases = spec.cases()
         todo = [c for c in cases if _key(c, spec) not in done]
-        result = SweepResult(len(cases), len(cases) - len(todo), torn)
+        result = SweepResult(len(cases), len(cases) - len(todo))
         finished = result.skipped_done
         run = (runfolder.read_identity(out, strict=False) or {}).get("run_id") if rank0 else None
         stages = Stages(confirm_repeats, confirm_top, run) if confirm else None
@@ -142,10 +139,8 @@ def run_sweep(spec: SweepSpec, raw: dict, out_dir: str | os.PathLike, *, resume:
 
 def _by_variant(spec: SweepSpec, items: list, env_of: Callable[[Any], tuple], result: SweepResult,
                 what: str, also: set[Env] | frozenset = frozenset()) -> Iterator[tuple[dict[str, str], list]]:
-    """Each environment variant of ``spec`` with its ``items``, one job each (also one with no items where it
-    is in ``also``): the variables must be set before CUDA starts, so under torchrun only the variant it was
-    started with runs (the others are named in ``result.not_run``), and every rank joins its job, also one its
-    own list leaves empty (rank 0's runs)."""
+    """Each env variant of ``spec`` with its ``items`` (also empty where in ``also``), one job each. Variables are
+    set before CUDA starts, so under torchrun only its own variant runs (others go to ``result.not_run``)."""
     for env in spec.env:
         mine = [x for x in items if env_of(x) == Env(env)]
         if in_torchrun() and any(os.environ.get(k) != v for k, v in env.items()):
@@ -170,10 +165,9 @@ class ABJob:
 
 def plan_stage(records: Iterable[Record], done: set[tuple], screen: dict | None = None, *, top: int = TOP,
                world: int | None = None, backend: str | None = None, run: str | None = None) -> list[ABJob]:
-    """A second stage's candidates per bucket of the scored first pass: the screen's (:func:`confirm.shortlist`)
-    with ``screen`` None, else the confirmation's (:func:`confirm.finalists` of ``screen``: bucket -> the screen's
-    samples); the ``confirm.candidate_key`` values in ``done`` are left out (a resumed sweep has them). Their
-    records carry ``run`` (run.json's ``run_id``), so another run's are known."""
+    """A second stage's candidates per bucket of the scored first pass, less those in ``done``: the screen's
+    (:func:`confirm.shortlist`) without ``screen``, else the confirmation's (:func:`confirm.finalists` of
+    ``screen``: bucket -> samples). Their records carry ``run`` (run.json's ``run_id``)."""
     at: dict[BucketKey, dict[str, Record]] = {}
     stamp = {"run": run} if run else {}
     for r in select.score(records):
@@ -195,8 +189,8 @@ def plan_stage(records: Iterable[Record], done: set[tuple], screen: dict | None 
 
 
 def measure_stage(ctx: RankContext, jobs: list[ABJob], repeats: int, opts: BenchOptions, name: str) -> None:
-    """Every rank's part of a second stage: each candidate against the baseline (``bench.run_ab``); rank 0
-    appends the records to the log ``name`` (``kind``: its stem, screen or confirm) and draws its bar."""
+    """Every rank's part of a second stage: each candidate against the baseline (``bench.run_ab``), recorded in
+    the log ``name`` (``kind``: its stem)."""
     base = ("baseline", strategies.make_settings("baseline"))
     jobs, kind = same_cases(jobs, ctx), name.split(".")[0]
     with progress(kind, len(jobs), show=ctx.rank == 0 and opts.progress and bool(jobs)) as step:
@@ -219,9 +213,8 @@ class Stages:
 
 
 def run_variant(ctx: RankContext, cases: list[Case], opts: BenchOptions, stages: Stages | None, env: Env) -> None:
-    """Every rank's function of one environment variant's job: the first pass of ``cases``, then (``stages``)
-    the screen and the confirmation of the variant's buckets, each planned by rank 0 from the run folder as it
-    starts; candidates already in ``screen.jsonl`` / ``confirm.jsonl`` are not measured again."""
+    """Every rank's function of one env variant's job: the first pass of ``cases``, then (``stages``) the screen
+    and confirmation of its buckets, each planned by rank 0 from the folder (what they hold is not measured again)."""
     run_cases(ctx, cases, opts)
     if stages is None:
         return
@@ -232,8 +225,7 @@ def run_variant(ctx: RankContext, cases: list[Case], opts: BenchOptions, stages:
 
 
 def stage_jobs(out: Path, name: str, *, top: int, world: int, backend: str, run: str | None = None) -> list[ABJob]:
-    """The candidates the stage ``name`` (``SCREEN`` or ``CONFIRM``) of the run in ``out`` has yet to measure
-    (:func:`plan_stage`; the confirmation's from the screen recorded so far)."""
+    """The candidates stage ``name`` (``SCREEN``, ``CONFIRM``: from the screen so far) of ``out`` has yet to measure."""
     screen = confirm.by_bucket(confirm.load(out, SCREEN)) if name == CONFIRM else None
     return plan_stage(load_records(out).records, _candidates(out, name), screen, top=top, world=world,
                       backend=backend, run=run)
