@@ -83,7 +83,7 @@ def _tfmt(v: Any) -> str:
 
 
 def write_tables(decisions: list[Decision], run_dir: str | os.PathLike) -> list[Path]:
-    """Write ``tables.csv`` (every row) and ``tables.md`` (a section per group, winners marked, flags listed)."""
+    """Write ``tables.csv`` (every row) and ``tables.md`` (a section per group, winners marked, flags); both paths."""
     import pandas as pd  # here: every rank imports this module (through sweep), only a launcher writes tables
 
     folder = RunFolder(run_dir)

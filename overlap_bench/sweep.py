@@ -140,7 +140,8 @@ def run_sweep(spec: SweepSpec, raw: dict, out_dir: str | os.PathLike, *, resume:
 def _by_variant(spec: SweepSpec, items: list, env_of: Callable[[Any], tuple], result: SweepResult,
                 what: str, also: set[Env] | frozenset = frozenset()) -> Iterator[tuple[dict[str, str], list]]:
     """Each env variant of ``spec`` with its ``items`` (also empty where in ``also``), one job each. Variables are
-    set before CUDA starts, so under torchrun only its own variant runs (others go to ``result.not_run``)."""
+    set before CUDA starts, so under torchrun only its own variant runs (others go to ``result.not_run``), and
+    every rank joins it, even with an empty list (rank 0's runs)."""
     for env in spec.env:
         mine = [x for x in items if env_of(x) == Env(env)]
         if in_torchrun() and any(os.environ.get(k) != v for k, v in env.items()):
