@@ -1,4 +1,5 @@
-"""The ``overlap-bench`` command line (typer): run, sweep, compare, export, report, model, interference, ..."""
+"""The ``overlap-bench`` command line (typer): run, sweep, compare, export, report, strategies, and the commands
+of the ``overlap_bench.commands`` entry points (the research wing's model and interference)."""
 
 from __future__ import annotations
 
