@@ -1,11 +1,8 @@
 """``overlap-bench model``: does a row-parallel overlap strategy still pay off inside a whole decoder prefill?
 
-The stack of :mod:`.decoder` at a preset's per-rank shapes runs in every mode of :data:`MODES` on the same
-weights and inputs: ``baseline``, each peer strategy (``pr``), a policy's choice per layer (``policy``),
-nano-batches (:mod:`.nanobatch`, with or without the policy), and ``nocomm`` (no all-reduce: timing only,
-which gives the communication share ``(t_baseline - t_nocomm) / t_baseline`` and each mode's model eta).
-Every mode's output is checked against baseline's before it is timed; rank 0 appends one ``Record``
-(``kind: model``) per (M, mode) to ``model.jsonl`` after each M (a log, continued by ``--resume``).
+Every mode of :data:`MODES` runs the :mod:`.decoder` stack on the same weights and inputs, checked against
+``baseline`` before it is timed; ``nocomm`` (no all-reduce) gives the comm share and each mode's model eta.
+Rank 0 appends one ``Record`` (``kind: model``) per (M, mode) to ``model.jsonl`` after each M.
 """
 
 from __future__ import annotations
@@ -112,8 +109,7 @@ def _policy_plan(policy, d: Dims, m: int, backend: str, notes: list[str]) -> dic
 
 def _plans(policy, d: Dims, m: int, backend: str, nano: NanoSettings, notes: list[str],
            styled: dict[str, RowFn]) -> dict[str, dict]:
-    """Per mode at ``M = m``: a ``row`` (or a whole ``forward``), the ``choices`` text, a ``note``, and a
-    ``skip`` / ``unavailable`` reason where the mode cannot run; ``styled``: the torch-TP modes' rows."""
+    """Per mode at ``M = m``: its ``row`` (or ``forward``), ``choices`` text, ``note``, ``skip``/``unavailable``."""
     plan: dict[str, dict[str, Any]] = {}
     for name in ("baseline", *strategies.peers()):
         choice = {layer: (name, strategies.make_settings(name)) for layer in ROW_LAYERS}
@@ -154,13 +150,9 @@ def _check_modes(plan: dict[str, dict], modes: tuple[str, ...], weights: list[La
             status[mode] = {"status": "failed", "reason": err}
             _free(ctx)
             continue
-        if mode == "nocomm":
-            status[mode] = {"status": "ok", "rel_err": math.nan}
-            del y
-            continue
-        e = allreduce_max([rel_err(y, y_base)], None, ctx.device)[0]
+        e = math.nan if mode == "nocomm" else allreduce_max([rel_err(y, y_base)], None, ctx.device)[0]
         del y
-        status[mode] = {"status": "ok", "rel_err": e} if within_tolerance(e, dtype) else {
+        status[mode] = {"status": "ok", "rel_err": e} if mode == "nocomm" or within_tolerance(e, dtype) else {
             "status": "failed", "rel_err": e,
             "reason": f"rel_err {e:.3g} above the {dtype} tolerance {TOLERANCE[dtype]:g}"}
     return status
@@ -198,11 +190,7 @@ def run_model(ctx: RankContext, preset: str, tokens: list[int], layers: int, pol
               shapes_tp: int | None = None, env: dict[str, str] | None = None,
               done: frozenset[tuple[int, str]] = frozenset(), command: str = "", progress: bool = False) -> None:
     """Every rank's part of the model benchmark (``launch`` calls it); rank 0 appends to ``out_dir/model.jsonl``.
-
-    Per M: inputs, the numerics check of every mode, then the timing of those that passed. ``shapes_tp``:
-    per-rank shapes of this tensor-parallel size on fewer ranks; ``env``: the job's variant (recorded);
-    ``done``: the (M, mode) rows already recorded (not recorded again; the references still run beside the
-    others); ``command``: the job's command line (:func:`_command`)."""
+    ``shapes_tp``: per-rank shapes of this tp on fewer ranks; ``done``: (M, mode) rows recorded already."""
     nano = nano or NanoSettings()
     p = PRESETS[preset]
     tp = shapes_tp or ctx.world
@@ -357,8 +345,7 @@ def _forward(info: dict[str, Any], weights: list[LayerWeights], x: torch.Tensor,
 
 def validate(preset: str, tp: int, tokens: list[int], layers: int, dtype: str, warmup: int, reps: int,
              modes: tuple[str, ...] = MODES, nano: NanoSettings | None = None, tp_flag: str = "--tp") -> ModelPreset:
-    """Check the inputs; a :class:`UserError` names the field (``tp_flag``: the flag that set ``tp``) and the
-    fix in one line."""
+    """Check the inputs: a one-line :class:`UserError` naming the field (``tp_flag``: the flag that set ``tp``)."""
     if preset not in PRESETS:
         raise UserError(f"--preset: unknown preset '{preset}' (known: {', '.join(PRESETS)})")
     p = PRESETS[preset]
@@ -418,12 +405,8 @@ def model_main(preset: str | None, tp_world: int | None, tokens: list[int] | Non
                out_dir: str | os.PathLike, backend: str | None = None, nproc: int | None = None, *, seed: int = 0,
                timeout_s: float = 600.0, modes: tuple[str, ...] = MODES, nano: NanoSettings | None = None,
                shapes_tp: int | None = None, resume: bool = False, progress: bool = False) -> list[Record]:
-    """Run the model benchmark as a job of ``tp`` ranks (None: every rank); returns rank 0's records of this
-    job as read back from ``model.jsonl`` (empty on other ranks). ``preset``, ``dtype``, ``tokens`` None:
-    the machine's default (GPUs: qwen2.5-72b in bfloat16 at 8k-32k tokens; CPU: tiny in float32, 64 and 256
-    tokens). A folder that holds records is refused unless ``resume``, which records only the (M, mode) rows
-    this job has not recorded yet. A policy's ``meta.required_env`` is set in every rank; under torchrun it
-    must already be set. ``shapes_tp``: see :func:`run_model`."""
+    """Run the model benchmark on ``tp`` ranks (None: every rank); rank 0's records of this job (others: []).
+    None ``preset``/``dtype``/``tokens``: the machine's default; ``resume``: record only the rows not yet there."""
     gpu = resolve(backend, 1)[0] == "nccl"  # the backend only: the ranks are resolved below
     preset, dtype = preset or ("qwen2.5-72b" if gpu else "tiny"), dtype or ("bfloat16" if gpu else "float32")
     tokens = list(tokens or ((8192, 16384, 32768) if gpu else (64, 256)))
@@ -495,8 +478,8 @@ def _spread(r: Record) -> float:
 
 
 def model_table(records: list[Record], title: str | None = None) -> Table:
-    """A rich table, one row per (M, mode): time and its spread, tokens/s, speedup (``~``: the difference from
-    the baseline is inside the larger spread of the two times), comm share, model eta, rel_err."""
+    """A rich table, one row per (M, mode): time (spread), tokens/s, speedup (``~``: within the larger spread of it
+    and baseline's), comm share, model eta, rel_err."""
     if title is None and records:
         r, x = records[0], records[0].extra
         ranks = f" shapes on {r.world} rank(s)" if r.world != x.get("tp", r.world) else ""

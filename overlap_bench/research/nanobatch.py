@@ -1,16 +1,9 @@
 """Nano-batched prefill: hide each row-parallel all-reduce of one nano-batch behind another's compute.
 
-The token rows split into ``n`` contiguous ranges; attention stays exact because range ``i`` attends to the
-keys and values ranges ``0 .. i`` wrote before it (chunked prefill). Per decoder layer::
-
-    attention phase, i = 0 .. n-1:  wait down_proj all-reduce of i (previous layer); add its residual;
-                                    attention of i; o_proj product of i; issue its all-reduce
-    MLP phase,       i = 0 .. n-1:  wait o_proj all-reduce of i; add its residual;
-                                    gate/up, SiLU; down_proj product of i; issue its all-reduce
-
-Each all-reduce is enqueued right behind its product and each wait just before the compute that needs it, so
-with ``CUDA_DEVICE_MAX_CONNECTIONS=1`` no wait blocks compute that could run. A nano-batch's row-parallel call
-runs a strategy's :class:`RowSplit` through :func:`start_bounds` (baseline: one range; with a policy, its choice).
+The token rows split into ``n`` contiguous ranges; range ``i`` attends to the keys and values ranges ``0 .. i``
+wrote (chunked prefill), so attention stays exact. Per layer and range: wait for the previous down_proj
+all-reduce, attention, o_proj, issue its all-reduce; then per range: wait for it, MLP, down_proj, issue. Each wait
+sits just before the compute that needs it (with ``CUDA_DEVICE_MAX_CONNECTIONS=1`` none blocks runnable compute).
 """
 
 from __future__ import annotations
@@ -30,17 +23,11 @@ from overlap_bench.strategies.pipeline import (PendingAllReduce, RowSplit, even_
 SplitFn = Callable[[str, int], RowSplit]
 """``split(layer_name, rows) -> RowSplit``: how one nano-batch's row-parallel call splits its rows."""
 
-Trace = list
-"""Events :func:`nanobatch_forward` appends (tests check the schedule): ``("attn", layer, i)``,
-``("issue", name, layer, i)``, ``("wait", name, layer, i)``, ``("mlp", layer, i)``."""
-
 
 @dataclass(frozen=True)
 class NanoSettings:
-    """Settings of the nano-batch schedule: ``nanobatches`` token ranges (1: the schedule's overhead alone);
-    ``comm``: the all-reduce path where the strategy has none of its own (``stream`` or ``async``); ``priority``:
-    a high-priority NCCL stream; ``attention``: ``split`` (:func:`split_attention`, the whole-sequence kernel
-    family) or ``lower-right`` (one SDPA call with a bottom-right causal mask)."""
+    """The schedule: ``nanobatches`` token ranges; ``comm``: the all-reduce path where the strategy has none;
+    ``priority``: a high-priority NCCL stream; ``attention``: ``split`` or ``lower-right`` (one masked SDPA call)."""
 
     nanobatches: int = 2
     comm: str = "stream"
@@ -97,8 +84,9 @@ def _issue(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, sp: RowSpli
 
 def nanobatch_forward(weights: list[LayerWeights], x: torch.Tensor, d: Dims, settings: NanoSettings,
                       split: SplitFn = baseline_split, group: dist.ProcessGroup | None = None,
-                      trace: Trace | None = None) -> torch.Tensor:
-    """The stack's prefill forward on nano-batches (see the module docstring): ``[M, hidden]``; ``x`` is kept."""
+                      trace: list | None = None) -> torch.Tensor:
+    """The stack's prefill forward on nano-batches (``x`` is kept); ``trace`` gets its schedule's events:
+    ``("attn", layer, i)``, ``("issue", name, layer, i)``, ``("wait", name, layer, i)``, ``("mlp", layer, i)``."""
     attend = split_attention if settings.attention == "split" else attention
     m = x.shape[0]
     bounds = nano_bounds(m, settings.nanobatches)
@@ -149,9 +137,8 @@ def nanobatch_forward(weights: list[LayerWeights], x: torch.Tensor, d: Dims, set
 def mode_plans(settings: NanoSettings, m: int, backend: str,
                policy_choose: Callable[[str, int], Any] | None = None,
                policy_notes: list[str] | tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
-    """The ``nanobatch`` and ``nanobatch+policy`` model modes' plans at ``M = m`` (``forward``, ``choices``,
-    ``note``, ``skip`` / ``unavailable``). ``policy_choose(layer, rows)``: a policy's ``Choice`` for one
-    nano-batch's rows; without it ``nanobatch+policy`` is skipped."""
+    """The ``nanobatch`` and ``nanobatch+policy`` model modes' plans at ``M = m``; ``policy_choose(layer, rows)``:
+    a policy's ``Choice`` for one nano-batch's rows (None: ``nanobatch+policy`` skipped)."""
     info: dict[str, Any] = asdict(settings)
     if settings.nanobatches > m:
         why_not: str | None = f"nanobatches={settings.nanobatches} is more than the {m} tokens"
