@@ -34,7 +34,7 @@ from overlap_bench.research import progress_bar
 from overlap_bench.research.decoder import (ROW_LAYERS, Dims, LayerWeights, RowFn, build_stack, hidden_states,
                                             stack_forward)
 from overlap_bench.research.nanobatch import NanoSettings, mode_plans
-from overlap_bench.timing import allreduce_max, time_region
+from overlap_bench.timing import Timing, allreduce_max, time_region
 from overlap_bench.world import in_torchrun, resolve
 
 log = logging.getLogger("overlap_bench.model")
@@ -160,14 +160,13 @@ def _check_modes(plan: dict[str, dict], modes: tuple[str, ...], weights: list[La
 
 def _time_modes(plan: dict[str, dict], status: dict[str, dict[str, Any]], modes: tuple[str, ...],
                 weights: list[LayerWeights], x: torch.Tensor, d: Dims, warmup: int, reps: int,
-                ctx: RankContext, step: Callable[[str], None]) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """The modes that passed, interleaved in each round: per mode its medians and IQRs, one per round."""
+                ctx: RankContext, step: Callable[[str], None]) -> dict[str, list[Timing]]:
+    """The modes that passed, interleaved in each round: per mode one ``Timing`` per round."""
     rounds = max(1, min(MAX_ROUNDS, reps))
     per_round = math.ceil(reps / rounds)
-    medians: dict[str, list[float]] = {mode: [] for mode in modes if status[mode]["status"] == "ok"}
-    iqrs: dict[str, list[float]] = {mode: [] for mode in medians}
+    times: dict[str, list[Timing]] = {mode: [] for mode in modes if status[mode]["status"] == "ok"}
     for r in range(rounds):
-        for mode in list(medians):
+        for mode in list(times):
             info = plan[mode]
             t, err = try_case(lambda: time_region(lambda: _forward(info, weights, x, d),
                                                   warmup=warmup if r == 0 else min(warmup, 1), reps=per_round,
@@ -176,12 +175,11 @@ def _time_modes(plan: dict[str, dict], status: dict[str, dict[str, Any]], modes:
             step(f"{mode}, round {r + 1}/{rounds}")
             if err:
                 status[mode] = {**status[mode], "status": "failed", "reason": f"timing: {err}"}
-                medians.pop(mode)
+                times.pop(mode)
                 _free(ctx)
-                continue
-            medians[mode].append(t.median_ms)
-            iqrs[mode].append(t.iqr_ms)
-    return medians, iqrs
+            else:
+                times[mode].append(t)
+    return times
 
 
 def run_model(ctx: RankContext, preset: str, tokens: list[int], layers: int, policy_path: str | None,
@@ -248,21 +246,21 @@ def run_model(ctx: RankContext, preset: str, tokens: list[int], layers: int, pol
                 continue
             status = _check_modes(plan, run, weights, x, d, y_base, dtype, ctx)
             del y_base
-            medians, iqrs = _time_modes(plan, status, run, weights, x, d, warmup, reps, ctx,
-                                        lambda what: step(f"M={m} {what}"))
+            times = _time_modes(plan, status, run, weights, x, d, warmup, reps, ctx, lambda what: step(f"M={m} {what}"))
             del x
             _free(ctx)
-            write(_records_at(job, m, run, plan, status, medians, iqrs, ctx, policy_path))
+            write(_records_at(job, m, run, plan, status, times, ctx, policy_path))
         step("done", advance=0, completed=finished)
 
 
 def _records_at(job: "_Job", m: int, run: tuple[str, ...], plan: dict[str, dict], status: dict[str, dict[str, Any]],
-                medians: dict[str, list[float]], iqrs: dict[str, list[float]], ctx: RankContext,
-                policy_path: str | None) -> list[Record]:
+                times: dict[str, list[Timing]], ctx: RankContext, policy_path: str | None) -> list[Record]:
     """The records of the modes ``run`` at ``M = m`` from their checks and rounds' times."""
     peak_gib = None
     if ctx.device.type == "cuda":
         peak_gib = allreduce_max([torch.cuda.max_memory_allocated(ctx.device) / 2**30], None, ctx.device)[0]
+    medians = {mode: [t.median_ms for t in v] for mode, v in times.items()}
+    iqr = {mode: max(t.iqr_ms for t in v) for mode, v in times.items()}  # the widest round's
     t_ms = {mode: statistics.median(v) for mode, v in medians.items()}
     t_base, t_nocomm = t_ms.get("baseline", math.nan), t_ms.get("nocomm", math.nan)
     comm_share = None
@@ -270,7 +268,7 @@ def _records_at(job: "_Job", m: int, run: tuple[str, ...], plan: dict[str, dict]
         comm_share = (t_base - t_ms["nocomm"]) / t_base
     # The share is hideable only above the spread of the two references' times; at world 1 nothing is
     # communicated, so any difference is noise and there is no model eta.
-    noise = max(max(iqrs[k]) for k in REFERENCE_MODES) if all(t_ms.get(k) for k in REFERENCE_MODES) else 0.0
+    noise = max(iqr[k] for k in REFERENCE_MODES) if all(t_ms.get(k) for k in REFERENCE_MODES) else 0.0
     noise = math.inf if ctx.world == 1 else noise
     records = []
     for mode in run:
@@ -278,19 +276,14 @@ def _records_at(job: "_Job", m: int, run: tuple[str, ...], plan: dict[str, dict]
         t = t_ms.get(mode, math.nan)  # NaN unless it passed and was timed
         records.append(job.record(
             m, mode, st["status"], st.get("reason"), note=info.get("note"), rel_err=st.get("rel_err", math.nan),
-            t_ms=t,
-            t_iqr_ms=max(iqrs[mode]) if mode in t_ms else math.nan,
-            t_base_ms=t_base, t_base_iqr_ms=max(iqrs["baseline"]) if "baseline" in t_ms else math.nan,
-            tokens_per_s=metrics.tokens_per_s(m, t),
-            speedup=metrics.speedup(t_base, t),
+            t_ms=t, t_iqr_ms=iqr.get(mode, math.nan), t_base_ms=t_base, t_base_iqr_ms=iqr.get("baseline", math.nan),
+            tokens_per_s=metrics.tokens_per_s(m, t), speedup=metrics.speedup(t_base, t),
             eta=model_eta(t_base, t, t_nocomm, noise),
-            extra=dict(comm_share=comm_share if mode == "baseline" else None,
-                       t_nocomm_ms=t_ms.get("nocomm"), t_rounds_ms=medians.get(mode),
-                       nanobatch=info.get("nanobatch"),
-                       choices=info.get("choices"), choice_reasons=info.get("choice_reasons"),
+            extra=dict(comm_share=comm_share if mode == "baseline" else None, t_nocomm_ms=t_ms.get("nocomm"),
+                       t_rounds_ms=medians.get(mode), nanobatch=info.get("nanobatch"), choices=info.get("choices"),
+                       choice_reasons=info.get("choice_reasons"),
                        policy_path=str(policy_path) if (mode == "policy" and policy_path) else None,
-                       peak_mem_gib=peak_gib),
-        ))
+                       peak_mem_gib=peak_gib)))
     if ctx.rank == 0:
         log.info("%s tp=%s M=%d: %s", job.fields["shape"], job.extra["tp"], m,
                  ", ".join(f"{k}={v:.2f} ms" for k, v in t_ms.items()))
@@ -428,17 +421,12 @@ def model_main(preset: str | None, tp_world: int | None, tokens: list[int] | Non
     validate(preset, tp, tokens, layers, dtype, warmup, reps, modes, nano, "--shapes-tp" if shapes_tp else "--tp")
     modes = tuple(mode for mode in MODES if mode in modes or mode in REFERENCE_MODES)
     nano = nano or NanoSettings()
-    env: dict[str, str] = {}
-    policy_path = None
-    if policy is not None:
-        policy_path = str(Path(policy))
-        env = _check_policy(policy_path, tp)
-        if in_torchrun():
-            missing = {k: v for k, v in env.items() if os.environ.get(k) != v}
-            if missing:
-                want = " ".join(f"{k}={v}" for k, v in missing.items())
-                raise UserError(f"--policy: {policy_path} needs {want} set before CUDA starts; "
-                                "set it on the torchrun command")
+    policy_path = None if policy is None else str(Path(policy))
+    env = _check_policy(policy_path, tp) if policy_path else {}
+    missing = {k: v for k, v in env.items() if os.environ.get(k) != v}
+    if in_torchrun() and missing:
+        want = " ".join(f"{k}={v}" for k, v in missing.items())
+        raise UserError(f"--policy: {policy_path} needs {want} set before CUDA starts; set it on the torchrun command")
     note = scale_note(preset, tp, tokens, layers, dtype) if not gpu else None
     if note:
         log.warning("note: %s", note)
