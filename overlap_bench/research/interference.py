@@ -523,8 +523,7 @@ def _records_of(run_dir: Path) -> list[Record]:
 def run_interference(cfg: InterferenceConfig | None, *, out: Path, from_dir: Path | None, comm_from: list[Path],
                      busbw: float | None, world: int | None, comm_ctas: float,
                      progress: bool = True) -> tuple[list[Record], list[eta_bound.Prediction]]:
-    """Measure (or load ``from_dir``'s records), predict, and write the run folder ``out`` (inputs checked
-    by :func:`check_inputs` first)."""
+    """Measure (or load ``from_dir``'s records), predict, and write the run folder ``out``."""
     check_inputs(cfg, from_dir, comm_from, busbw, world, comm_ctas)
     if from_dir is not None:
         records = _records_of(from_dir)
@@ -535,9 +534,7 @@ def run_interference(cfg: InterferenceConfig | None, *, out: Path, from_dir: Pat
             raise UserError(f"--out: {out} already has records.jsonl; give a new folder")
         RunFolder(out).write_env()
         records = measure(cfg, out, progress=progress)
-    preds: list[eta_bound.Prediction] = []
-    if comm_from:
-        preds += report.predict_from_runs(records, comm_from, comm_ctas)
+    preds = report.predict_from_runs(records, comm_from, comm_ctas)
     if busbw is not None and world is not None:
         preds += report.predict_from_busbw(records, busbw, world, comm_ctas)
     report.write_outputs(out, records, preds, ctas=comm_ctas)

@@ -124,12 +124,10 @@ def nanobatch_forward(weights: list[LayerWeights], x: torch.Tensor, d: Dims, set
                 down[i] = (_issue(out_all[s:e], g, w.down, split("down_proj", e - s), settings, group), h)
                 del g
             del kv, o_pending
-        result = out_all
-        for i, item in enumerate(down):
-            pend, h = item
+        for i, (pend, h) in enumerate(down):
             log("wait", "down_proj", len(weights) - 1, i)
             pend.wait().add_(h)
-    return result
+    return out_all
 
 
 # ---------------------------------------------------------------------------------------------- model modes
@@ -139,26 +137,23 @@ def mode_plans(settings: NanoSettings, m: int, backend: str,
                policy_notes: list[str] | tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
     """The ``nanobatch`` and ``nanobatch+policy`` model modes' plans at ``M = m``; ``policy_choose(layer, rows)``:
     a policy's ``Choice`` for one nano-batch's rows (None: ``nanobatch+policy`` skipped)."""
-    info: dict[str, Any] = asdict(settings)
     if settings.nanobatches > m:
         why_not: str | None = f"nanobatches={settings.nanobatches} is more than the {m} tokens"
     else:
         why_not = priority_reason(settings.priority, backend)
     sizes = [e - s for s, e in nano_bounds(m, settings.nanobatches)] if why_not is None else []
-    info["rows"] = sizes
+    info = {**asdict(settings), "rows": sizes}
     note = gloo_note(settings.comm, backend)
-    plans: dict[str, dict[str, Any]] = {}
-    plans["nanobatch"] = {
+    plans: dict[str, dict[str, Any]] = {"nanobatch": {
         "forward": lambda weights, x, d: nanobatch_forward(weights, x, d, settings, baseline_split),
-        "choices": {layer: "baseline" for layer in ROW_LAYERS}, "note": note, "nanobatch": info}
+        "choices": {layer: "baseline" for layer in ROW_LAYERS}, "note": note, "nanobatch": info}}
     if why_not:
         plans["nanobatch"]["unavailable"] = why_not
     if policy_choose is None:
         plans["nanobatch+policy"] = {"skip": "no policy file given (--policy): nanobatch+policy mode skipped",
                                      "choices": None, "note": None}
         return plans
-    picked = {layer: {rows: policy_choose(layer, rows) for rows in sorted(set(sizes))}
-              for layer in ROW_LAYERS}
+    picked = {layer: {rows: policy_choose(layer, rows) for rows in sorted(set(sizes))} for layer in ROW_LAYERS}
     notes = list(policy_notes) + ([note] if note else [])
     problems = []
     for layer, by_rows in picked.items():
