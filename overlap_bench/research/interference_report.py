@@ -200,8 +200,7 @@ def plot(out_dir: Path, records: list[Record]) -> list[Path]:
     ok = [r for r in records if r.strategy == STRATEGY and r.ok]
     shapes = sorted({r.shape for r in ok})
     written = []
-    for kind, name, xkey in (("ctas", plot_name("slowdown", "ctas"), "ctas"),
-                             ("green", plot_name("slowdown", "sms"), "sms")):
+    for kind, xkey in (("ctas", "ctas"), ("green", "sms")):
         sel = [r for r in ok if r.settings.get("beside") == kind]
         if not sel:
             continue
@@ -234,6 +233,6 @@ def plot(out_dir: Path, records: list[Record]) -> list[Path]:
             ax.legend(fontsize=7)
         fig.suptitle(f"{ok[0].device}, {ok[0].dtype}: slowdown vs mean of the bracketing references "
                      "(bars: range over rounds)", fontsize=9)
-        written.append(RunFolder(out_dir).save_figure(fig, name))
+        written.append(RunFolder(out_dir).save_figure(fig, plot_name("slowdown", xkey)))
         plt.close(fig)
     return written
