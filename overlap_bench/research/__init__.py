@@ -14,11 +14,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 def progress_bar(label: str, total: int, show: bool = True) -> Iterator[Callable[..., None]]:
     """A rich bar over ``total`` steps on stderr (stdout stays free for ``--json``); yields
     ``step(description, advance=1, **update)``. Draws nothing unless ``show``."""
-    if not show:
-        yield lambda description, advance=1, **update: None
-        return
     with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  TextColumn("{task.description}"), console=Console(stderr=True)) as bar:
+                  TextColumn("{task.description}"), console=Console(stderr=True), disable=not show) as bar:
         task = bar.add_task("", total=total)
         yield lambda description, advance=1, **update: bar.update(task, description=description, advance=advance,
                                                                   **update)

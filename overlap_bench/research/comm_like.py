@@ -1,10 +1,5 @@
-"""Work placed beside a GEMM on one GPU to imitate what an all-reduce costs it (CUDA and Triton only).
-
-:func:`launch_ctas`: ``k`` CTAs of 512 threads (one NCCL ring channel each) that each copy their own slice of a
-large buffer in 64 KiB chunks at ``rate`` bytes/s, spinning on ``%globaltimer`` between chunks (holding the SM
-slot, as a channel does while it polls), and stamp their start, end, SM id and chunks moved.
-:func:`stamp`: one thread writes ``%globaltimer`` into a slot, a marker between kernels on a stream.
-"""
+"""Work placed beside a GEMM on one GPU to imitate what an all-reduce costs it (CUDA and Triton only): CTAs that
+copy 64 KiB chunks at a set rate and spin between them, holding their SM slot as a polling NCCL channel does."""
 
 from __future__ import annotations
 
@@ -26,8 +21,8 @@ def _kernels() -> tuple[Any, Any]:
 
 def launch_ctas(k: int, src: Any, dst: Any, stamps: Any, *, slice_elems: int, duration_ns: int,
                 rate_gbps: float) -> None:
-    """Launch the communication-like kernel with ``k`` CTAs on the current stream: ``src``/``dst`` float32
-    buffers of ``n_slices * slice_elems``, ``stamps`` int64 ``[k, 4]``, ``rate_gbps`` per CTA (0: full speed)."""
+    """``k`` CTAs on the current stream, each copying its slice of float32 ``src`` to ``dst`` at ``rate_gbps``
+    (0: full speed) and stamping ``[start ns, end ns, SM id, chunks]`` into int64 ``stamps [k, 4]``."""
     kernel, _ = _kernels()
     n_slices = src.numel() // slice_elems
     kernel[(k,)](src, dst, stamps, n_slices, slice_elems, int(duration_ns), period_ns(rate_gbps),
@@ -35,8 +30,7 @@ def launch_ctas(k: int, src: Any, dst: Any, stamps: Any, *, slice_elems: int, du
 
 
 def period_ns(rate_gbps: float) -> int:
-    """Nanoseconds from one chunk's start to the next's for ``rate_gbps`` GB/s (10^9 bytes/s) per CTA; 0 (no
-    wait) for 0, full speed."""
+    """Nanoseconds from one chunk's start to the next's at ``rate_gbps`` GB/s per CTA (0: full speed, no wait)."""
     return 0 if rate_gbps <= 0 else max(1, round(CHUNK_BYTES / rate_gbps))  # bytes / (GB/s) = ns
 
 

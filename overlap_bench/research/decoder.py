@@ -1,10 +1,6 @@
-"""The synthetic tensor-parallel decoder stack both model modes run (whole-sequence and nano-batched).
-
-Per layer: ``h = x + o_proj(attn(qkv(rms_norm(x))))``, ``out = h + down_proj(silu(gate) * up)``, with a
-column-parallel fused QKV and gate/up, causal grouped-query attention over one prefill of M tokens, and the two
-row-parallel products (``ROW_LAYERS``) run by a ``RowFn`` that all-reduces (or not). No embedding, RoPE or LM
-head: they carry no tensor-parallel communication.
-"""
+"""The synthetic tensor-parallel decoder stack every model mode runs: per layer
+``h = x + o_proj(attn(qkv(rms_norm(x))))``, ``out = h + down_proj(silu(gate) * up)``, the two row-parallel products
+run by a ``RowFn``. No embedding, RoPE or LM head: they carry no tensor-parallel communication."""
 
 from __future__ import annotations
 
@@ -52,9 +48,8 @@ class Dims:
 
 @dataclass
 class LayerWeights:
-    """One rank's shards of one decoder layer (nn.Linear layout ``[out, in]``): ``qkv`` holds this rank's q,
-    then k, then v heads; ``gate_up`` its gate rows, then its up rows; ``o_proj`` and ``down`` are the
-    row-parallel shards; the norms are ``[hidden]``, identical on every rank."""
+    """One rank's shards of one decoder layer (``[out, in]``): ``qkv`` its q, k, v heads; ``gate_up`` its gate,
+    then up rows; ``o_proj`` and ``down`` the row-parallel shards; the norms ``[hidden]`` (same on every rank)."""
 
     attn_norm: torch.Tensor
     qkv: torch.Tensor
@@ -117,11 +112,8 @@ def _repeat_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal SDPA of ``q [1, Hq, Lq, D]`` over ``k, v [1, Hkv, Lk, D]`` (grouped-query when ``Hkv < Hq``).
-
-    ``Lq < Lk`` is chunked prefill: the queries are the last ``Lq`` positions (bottom-right causal mask).
-    ``enable_gqa`` where flash attention takes it (CUDA, half precision); elsewhere the kv heads are repeated,
-    which keeps the memory-efficient kernel usable instead of the math kernel's ``M x M`` scores."""
+    """Causal SDPA of ``q [1, Hq, Lq, D]`` over ``k, v [1, Hkv, Lk, D]``; ``Lq < Lk``: the last ``Lq`` positions
+    (bottom-right mask). ``enable_gqa`` where flash takes it, else repeated kv heads (not the math kernel)."""
     gqa = {}
     if GQA_NATIVE and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         gqa = {"enable_gqa": q.shape[1] != k.shape[1]}
@@ -163,11 +155,8 @@ def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 
 def attention_input(w: LayerWeights, x: torch.Tensor, d: Dims, kv: torch.Tensor | None = None,
                     start: int = 0, attend: Callable[..., torch.Tensor] = attention) -> torch.Tensor:
-    """RMSNorm, fused QKV, causal GQA attention: this rank's o_proj input ``[M, heads/tp * head_dim]``.
-
-    With ``kv`` (``[M_total, 2 * kv_heads/tp * head_dim]``), ``x`` is rows ``start .. start + M`` of a longer
-    sequence (chunked prefill): their keys/values are written to those rows of ``kv`` and the queries attend to
-    rows ``0 .. start + M``. ``attend(q, k, v)``: :func:`attention` or another exact kernel call."""
+    """RMSNorm, fused QKV, causal GQA attention: this rank's o_proj input ``[M, heads/tp * head_dim]``. With ``kv``,
+    ``x`` is rows ``start ..`` of a longer sequence: its keys/values go to those rows, its queries attend causally."""
     m = x.shape[0]
     qkv = torch.mm(rms_norm(x, w.attn_norm), w.qkv.t())
     q_w, kv_w = d.heads * d.head_dim, d.kv_heads * d.head_dim
@@ -194,17 +183,10 @@ def mlp_input(w: LayerWeights, h: torch.Tensor, d: Dims) -> torch.Tensor:
     return out
 
 
-def layer_forward(w: LayerWeights, x: torch.Tensor, d: Dims, row: RowFn) -> torch.Tensor:
-    """One decoder layer; ``row`` runs the two row-parallel products (and their all-reduce)."""
-    h = row("o_proj", attention_input(w, x, d), w.o_proj)
-    h.add_(x)
-    out = row("down_proj", mlp_input(w, h, d), w.down)
-    return out.add_(h)
-
-
 def stack_forward(weights: list[LayerWeights], x: torch.Tensor, d: Dims, row: RowFn) -> torch.Tensor:
-    """The whole stack's prefill forward; ``x`` is not modified."""
+    """The whole stack's prefill forward, ``row`` running the row-parallel products; ``x`` is not modified."""
     with torch.no_grad():
         for w in weights:
-            x = layer_forward(w, x, d, row)
+            h = row("o_proj", attention_input(w, x, d), w.o_proj).add_(x)
+            x = row("down_proj", mlp_input(w, h, d), w.down).add_(h)
     return x

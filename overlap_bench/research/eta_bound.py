@@ -1,9 +1,6 @@
-"""Bound eta before renting a multi-GPU node: the joint time of a GEMM and an all-reduce launched together,
-from the GEMM's slowdown ``s(k)`` beside k communication-like CTAs (``overlap-bench interference``) and a
-communication time. ``max`` model: ``max(t_gemm (1 + s), t_comm)``; ``rate`` model: the GEMM slowed only while
-the all-reduce runs. A joint launch is the floor of any schedule of the two kernels, so its eta bounds what
-chunked schedules reach. Assumes the all-reduce itself is not slowed and that the launch really overlaps.
-"""
+"""Bound eta before renting a multi-GPU node: the joint time of a GEMM and an all-reduce launched together from
+the GEMM's slowdown ``s(k)`` beside k CTAs (``overlap-bench interference``). ``max`` model:
+``max(t_gemm (1 + s), t_comm)``; ``rate`` model: the GEMM slowed only while the all-reduce runs."""
 
 from __future__ import annotations
 
@@ -18,8 +15,7 @@ MODELS = ("max", "rate")
 
 
 def interp_slowdown(curve: Mapping[float, float], k: float) -> float:
-    """``s(k)`` by linear interpolation of a measured ``{ctas: slowdown}`` curve, with ``s(0) = 0``; NaN outside
-    the measured range (the curve bends: no extrapolation)."""
+    """``s(k)`` interpolated linearly on a measured ``{ctas: slowdown}`` curve, ``s(0) = 0``; NaN outside it."""
     pts = sorted((float(x), float(y)) for x, y in curve.items() if math.isfinite(y))
     if not pts or k < 0:
         return math.nan
@@ -52,9 +48,8 @@ def eta_of_joint(t_gemm: float, t_comm: float, t_joint: float, t_base: float | N
 
 @dataclass(frozen=True)
 class Prediction:
-    """One shape and M: the model's inputs (``env``: the multi-GPU record's variant, ``-`` for ``--busbw``;
-    ``comm_from``: a record's card or ``busbw=G,world=W``; ``slowdown``: ``s(ctas)``), both models' joint
-    times and etas, and against a measured joint launch (``extra.t_joint_ms``) their relative errors."""
+    """One shape and M: the inputs (``slowdown``: ``s(ctas)``), both models' joint times and etas, and their
+    relative errors against a measured joint launch."""
 
     shape: str
     K: int

@@ -1,12 +1,8 @@
 """``overlap-bench interference``: what communication costs the GEMM, measured on one GPU.
 
-Per shape and M, the row-parallel GEMM is timed alone and beside ``k`` communication-like CTAs
-(:mod:`.comm_like`) on a high-priority stream, beside full-speed copies (``d2d``, ``h2d``, ``d2h``; whether a
-path waited for SMs is measured), and alone inside a green context of N SMs. The side work starts first and
-outlasts the GEMM; every repetition gets the same wall period (:func:`pace`), and every condition is
-bracketed by references (order reversed every round), so a slowdown is ``t / mean(ref before, after) - 1``
-(:func:`bracketed`). GPU timestamps check that the side work covered the GEMM. One ``Record`` (strategy
-``interference``) per shape, M and condition goes to ``records.jsonl``.
+Per shape and M the GEMM is timed alone, beside ``k`` communication-like CTAs (:mod:`.comm_like`) or full-speed
+copies, and inside a green context of N SMs. Each condition is bracketed by references, so a slowdown is
+``t / mean(ref before, after) - 1`` (:func:`bracketed`); one ``Record`` per shape, M and condition.
 """
 
 from __future__ import annotations
@@ -38,8 +34,7 @@ COPY_PATHS = ("d2d", "h2d", "d2h")
 DEFAULT_CTAS = (1, 4, 8, 16, 24, 32)
 DEFAULT_SMS = ("all", "all-8", "all-16", "all-32")
 DEFAULT_CTA_GBPS = 14.0
-"""GB/s each CTA reads (and writes): one NCCL ring channel's share of the committed 4x H100 tp=4 busbw
-(about 330 GB/s over about 24 channels)."""
+"""GB/s each CTA reads (and writes): one NCCL ring channel's share of 4x H100 tp=4 busbw (~330 GB/s, ~24 channels)."""
 ROUNDS, WARMUP, REPS = 2, 3, 15
 DEFAULT_COMM_CTAS = 24.0
 """CTAs an NCCL ring all-reduce is assumed to hold when predicting (its channel count; ``--comm-ctas``)."""
@@ -50,8 +45,8 @@ COPY_BYTES = 256 * 1024 * 1024
 
 @dataclass(frozen=True)
 class Condition:
-    """One thing placed beside (or around) the GEMM: ``kind`` ``ref`` (alone), ``ctas`` (``value`` CTAs at
-    ``rate`` GB/s each, 0 = full speed), ``copy`` (``value``: the path) or ``green`` (``value`` SMs)."""
+    """Beside (or around) the GEMM: ``ref`` (alone), ``ctas`` (``value`` CTAs at ``rate`` GB/s each, 0 = full
+    speed), ``copy`` (``value``: the path) or ``green`` (``value`` SMs)."""
 
     kind: str
     value: Any = None
@@ -68,16 +63,13 @@ class Condition:
         """The record's ``settings``."""
         if self.kind == "ctas":
             return {"beside": "ctas", "ctas": self.value, "cta_gbps": self.rate}
-        if self.kind == "copy":
-            return {"beside": "copy", "copy": self.value}
-        return {"beside": "green", "sms": self.value}
+        return {"beside": self.kind, "copy" if self.kind == "copy" else "sms": self.value}
 
 
 @dataclass
 class InterferenceConfig:
-    """What one ``overlap-bench interference`` run measures: row-parallel shapes (K per rank, N) at token
-    counts M; CTA counts at every per-CTA rate, copy paths, green-context sizes (``all``, ``all-N`` or a
-    count); ``rounds`` passes over the conditions of ``warmup`` + ``reps`` repetitions per block."""
+    """What one ``overlap-bench interference`` run measures: shapes (K per rank, N) at token counts M under each
+    condition, in ``rounds`` passes of ``warmup`` + ``reps`` repetitions per block."""
 
     shapes: list[Shape]
     tokens: list[int]
@@ -157,9 +149,8 @@ def resolve_sms(text: str, total: int) -> int:
 
 @dataclass(frozen=True)
 class Bracketed:
-    """A condition's slowdown: the median over rounds of ``t / mean(ref_before, ref_after) - 1`` and its range
-    ``lo..hi``; ``drift``: the largest ``|after - before| / mean``; ``noise``: the references' median relative
-    IQR; ``drift_flag``: drift above both the range and the noise; ``t_ref_ms``: median bracket mean."""
+    """Median over rounds of ``t / mean(ref_before, ref_after) - 1``, its range ``lo..hi``, the largest reference
+    drift ``|after - before| / mean``, the references' median relative IQR (``noise``), the median bracket mean."""
 
     slowdown: float
     lo: float
@@ -189,8 +180,7 @@ def bracketed(t_cond: list[float], ref_before: list[float], ref_after: list[floa
 
 @dataclass
 class Block:
-    """One block of repetitions: the GEMM's median and IQR, the repetitions the side work ``covered`` (started
-    before the GEMM, ended after) out of ``n``, the checks, and each repetition's wall period."""
+    """One block of repetitions: the GEMM's median and IQR, how many of ``n`` the side work ``covered``, checks."""
 
     median_ms: float
     iqr_ms: float
@@ -201,21 +191,18 @@ class Block:
 
 
 def side_duration_ns(gemm_ms: float) -> int:
-    """How long the side work runs (ns): long enough to outlast a GEMM of ``gemm_ms`` slowed 3.6x, plus 0.5 ms
-    of launch slack."""
+    """How long the side work runs (ns): a GEMM of ``gemm_ms`` slowed 3.6x, plus 0.5 ms of launch slack."""
     return int((3.6 * gemm_ms + 0.5) * 1e6)
 
 
 def rep_period_s(duration_ns: int, paced: bool) -> float:
-    """The wall time (s) every repetition is given (:func:`pace`): the side work's ``duration_ns`` when
-    ``paced``, else none."""
+    """The wall time (s) each repetition is given (:func:`pace`): the side work's duration when ``paced``."""
     return duration_ns / 1e9 if paced else 0.0
 
 
 def pace(last: float | None, period_s: float) -> float:
-    """Sleep until ``period_s`` has passed since ``last`` (``perf_counter``; None: no wait); the new start.
-    Equal periods keep a GEMM repeated back to back from running hotter (power-limited) than one beside side
-    work, which would let the reference, not the interference, set the slowdown."""
+    """Sleep until ``period_s`` has passed since ``last`` (None: no wait); returns the new start. Equal periods
+    keep back-to-back references from running hotter (power-limited) than a GEMM beside side work."""
     if last is not None:
         rest = period_s - (time.perf_counter() - last)
         if rest > 0:
@@ -249,12 +236,9 @@ class _Bench:
 
     # -- side work
     def _copy_once(self, path: str) -> None:
-        if path == "d2d":
-            self.copy_dst.copy_(self.copy_src, non_blocking=True)
-        elif path == "h2d":
-            self.copy_dst.copy_(self.host, non_blocking=True)
-        else:
-            self.host.copy_(self.copy_src, non_blocking=True)
+        dst, src = {"d2d": (self.copy_dst, self.copy_src), "h2d": (self.copy_dst, self.host),
+                    "d2h": (self.host, self.copy_src)}[path]
+        dst.copy_(src, non_blocking=True)
 
     def _elapsed(self, stream: Any, fn: Any, sync: bool = True) -> float:
         """GPU milliseconds of ``fn`` on ``stream``, after a synchronize unless ``sync`` is false."""
@@ -269,8 +253,7 @@ class _Bench:
         return s.elapsed_time(e)
 
     def calibrate(self) -> None:
-        """Copy times alone and beside every SM held by spinning CTAs (a copy engine does not wait for SMs;
-        a kernel-based copy would), and the SMs each green context really runs on."""
+        """Copy times alone and with every SM held by spinning CTAs; the SMs each green context really runs on."""
         for path in self.cfg.copies:
             alone = statistics.median(self._elapsed(self.side, lambda: self._copy_once(path)) for _ in range(3))
             self.copy_ms[path] = alone
@@ -319,8 +302,7 @@ class _Bench:
 
     # -- one block
     def block(self, cond: Condition, x: Any, w: Any, out: Any, duration_ns: int) -> Block:
-        """``warmup + reps`` repetitions of the GEMM under ``cond``, host-synchronised between repetitions
-        (so each starts on an idle GPU, the side work first)."""
+        """``warmup + reps`` repetitions of the GEMM under ``cond``, each on an idle GPU, the side work first."""
         cfg = self.cfg
         n = cfg.warmup + cfg.reps
         evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
@@ -329,9 +311,7 @@ class _Bench:
         k = cond.value if cond.kind == "ctas" else 0
         c_st = torch.zeros(n, max(k, 1), comm_like.STAMP_FIELDS, dtype=torch.int64, device=self.dev)
         stream = greenctx.green_stream(cond.value) if cond.kind == "green" else self.gemm_stream
-        n_copies = 0
-        if cond.kind == "copy":
-            n_copies = max(1, math.ceil(duration_ns / 1e6 / self.copy_ms[cond.value]))
+        n_copies = max(1, math.ceil(duration_ns / 1e6 / self.copy_ms[cond.value])) if cond.kind == "copy" else 0
         period_s, last = rep_period_s(duration_ns, cfg.pace), None
         for i in range(n):
             torch.cuda.synchronize(self.dev)
@@ -390,8 +370,7 @@ def _repro(shape: Shape, m: int, cfg: InterferenceConfig, cond: Condition) -> st
 
 
 def measure(cfg: InterferenceConfig, out_dir: Path, *, progress: bool = True) -> list[Record]:
-    """Measure every shape, M and condition on the current GPU; append each record to ``out_dir`` as soon as
-    its shape and M are done. Needs CUDA (and Triton)."""
+    """Measure every shape, M and condition on this GPU (CUDA, Triton); records appended per shape and M."""
     bench = _Bench(cfg)
     bench.calibrate()
     conds = cfg.conditions(bench.total_sms)
@@ -440,32 +419,32 @@ def _record(shape: Shape, m: int, cfg: InterferenceConfig, c: Condition, blocks:
     tol = TOLERANCE[cfg.dtype]
     rec = Record(shape=shape.name, K=shape.K, N=shape.N, M=m, dtype=cfg.dtype, world=1, backend="cuda", device=device,
                  strategy=STRATEGY, settings=c.settings, label=c.label, env={}, kind="interference",
-                 warmup=cfg.warmup, reps=cfg.reps,
-                 repro=_repro(shape, m, cfg, c), tol=tol, rel_err=err,
+                 warmup=cfg.warmup, reps=cfg.reps, repro=_repro(shape, m, cfg, c), tol=tol, rel_err=err,
                  time=runfolder.utc_now())
     if unavailable or not blocks:
         rec.status, rec.reason = "unavailable", f"green context of {c.value} SMs: {unavailable}"
         return rec
-    b = bracketed([x[1].median_ms for x in blocks], [x[0].median_ms for x in blocks],
-                  [x[2].median_ms for x in blocks],
-                  [y.iqr_ms / y.median_ms for x in blocks for y in (x[0], x[2])])
-    t = statistics.median(x[1].median_ms for x in blocks)
-    rec.t_ms, rec.t_iqr_ms = t, statistics.median(x[1].iqr_ms for x in blocks)
+    before, mid, after = zip(*blocks)
+    refs = before + after
+    b = bracketed([x.median_ms for x in mid], [x.median_ms for x in before], [x.median_ms for x in after],
+                  [y.iqr_ms / y.median_ms for y in refs])
+    t = statistics.median(x.median_ms for x in mid)
+    rec.t_ms, rec.t_iqr_ms = t, statistics.median(x.iqr_ms for x in mid)
     rec.t_base_ms = rec.t_gemm_ms = b.t_ref_ms
-    rec.t_base_iqr_ms = statistics.median(y.iqr_ms for x in blocks for y in (x[0], x[2]))
+    rec.t_base_iqr_ms = statistics.median(y.iqr_ms for y in refs)
     rec.speedup, rec.tflops = metrics.speedup(b.t_ref_ms, t), metrics.tflops(m, shape.K, shape.N, t)
     rec.tokens_per_s = metrics.tokens_per_s(m, t)
     extra: dict[str, Any] = {"slowdown": b.slowdown, "slowdown_lo": b.lo, "slowdown_hi": b.hi, "drift": b.drift,
                              "ref_noise": b.noise, "drift_flag": b.drift_flag, "rounds": len(blocks),
-                             "rep_period_ms": blocks[0][1].period_ms, "paced": cfg.pace,
-                             "per_round": [{"ref_before_ms": x[0].median_ms, "t_ms": x[1].median_ms,
-                                            "ref_after_ms": x[2].median_ms} for x in blocks]}
+                             "rep_period_ms": mid[0].period_ms, "paced": cfg.pace,
+                             "per_round": [{"ref_before_ms": x.median_ms, "t_ms": y.median_ms,
+                                            "ref_after_ms": z.median_ms} for x, y, z in blocks]}
     if c.kind in ("ctas", "copy"):
-        extra["covered"] = sum(x[1].covered for x in blocks) / sum(x[1].n for x in blocks)
-        for key in blocks[0][1].checks:
-            extra[key] = statistics.median(x[1].checks[key] for x in blocks)
+        extra["covered"] = sum(x.covered for x in mid) / sum(x.n for x in mid)
+        for key in mid[0].checks:
+            extra[key] = statistics.median(x.checks[key] for x in mid)
         if c.kind == "ctas":
-            extra["distinct_sms_min"] = min(x[1].checks["distinct_sms_min"] for x in blocks)
+            extra["distinct_sms_min"] = min(x.checks["distinct_sms_min"] for x in mid)
             extra["side_priority"] = bench.side.priority
         else:
             extra.update(bench.copy_checks[c.value])
@@ -544,8 +523,7 @@ def _records_of(run_dir: Path) -> list[Record]:
 def run_interference(cfg: InterferenceConfig | None, *, out: Path, from_dir: Path | None, comm_from: list[Path],
                      busbw: float | None, world: int | None, comm_ctas: float,
                      progress: bool = True) -> tuple[list[Record], list[eta_bound.Prediction]]:
-    """Measure (or load ``from_dir``'s records), predict, and write the run folder ``out`` (inputs checked
-    by :func:`check_inputs` first)."""
+    """Measure (or load ``from_dir``'s records), predict, and write the run folder ``out``."""
     check_inputs(cfg, from_dir, comm_from, busbw, world, comm_ctas)
     if from_dir is not None:
         records = _records_of(from_dir)
@@ -556,9 +534,7 @@ def run_interference(cfg: InterferenceConfig | None, *, out: Path, from_dir: Pat
             raise UserError(f"--out: {out} already has records.jsonl; give a new folder")
         RunFolder(out).write_env()
         records = measure(cfg, out, progress=progress)
-    preds: list[eta_bound.Prediction] = []
-    if comm_from:
-        preds += report.predict_from_runs(records, comm_from, comm_ctas)
+    preds = report.predict_from_runs(records, comm_from, comm_ctas)
     if busbw is not None and world is not None:
         preds += report.predict_from_busbw(records, busbw, world, comm_ctas)
     report.write_outputs(out, records, preds, ctas=comm_ctas)

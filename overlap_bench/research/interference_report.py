@@ -115,27 +115,22 @@ def slowdown_table(records: list[Record]) -> tuple[list[str], list[list[str]]]:
     for key in sorted({(r.shape, r.M) for r in recs}):
         mine = {_column(r, many): r for r in recs if (r.shape, r.M) == key}
         alone = [r.t_base_ms for r in mine.values() if r.ok]
-        row = [key[0], str(key[1]), f"{statistics.median(alone):.3f}" if alone else "-"]
-        for c in cols:
-            r = mine.get(c)
-            if r is None:
-                row.append("")
-            elif r.status == "unavailable":
-                row.append("n/a")
-            elif not r.ok:
-                row.append("failed")
-            else:
-                e = r.extra
-                text = f"{_pct(e['slowdown'])}"
-                if e.get("rounds", 1) > 1:
-                    text += f" [{100 * e['slowdown_lo']:+.0f}, {100 * e['slowdown_hi']:+.0f}]"
-                if e.get("drift_flag"):
-                    text += " !"
-                if e.get("covered", 1) < COVERED_MIN:
-                    text += " ?"
-                row.append(text)
-        rows.append(row)
+        rows.append([key[0], str(key[1]), f"{statistics.median(alone):.3f}" if alone else "-",
+                     *(_cell(mine.get(c)) for c in cols)])
     return header, rows
+
+
+def _cell(r: Record | None) -> str:
+    """One condition's slowdown cell of :func:`slowdown_table`."""
+    if r is None:
+        return ""
+    if not r.ok:
+        return "n/a" if r.status == "unavailable" else "failed"
+    e = r.extra
+    text = _pct(e["slowdown"])
+    if e.get("rounds", 1) > 1:
+        text += f" [{100 * e['slowdown_lo']:+.0f}, {100 * e['slowdown_hi']:+.0f}]"
+    return text + (" !" if e.get("drift_flag") else "") + (" ?" if e.get("covered", 1) < COVERED_MIN else "")
 
 
 PRED_HEADER = ["shape", "M", "env", "t_comm from", "t_gemm", "t_comm", "s(k)", "t_joint max", "t_joint rate",
@@ -205,8 +200,7 @@ def plot(out_dir: Path, records: list[Record]) -> list[Path]:
     ok = [r for r in records if r.strategy == STRATEGY and r.ok]
     shapes = sorted({r.shape for r in ok})
     written = []
-    for kind, name, xkey in (("ctas", plot_name("slowdown", "ctas"), "ctas"),
-                             ("green", plot_name("slowdown", "sms"), "sms")):
+    for kind, xkey in (("ctas", "ctas"), ("green", "sms")):
         sel = [r for r in ok if r.settings.get("beside") == kind]
         if not sel:
             continue
@@ -239,6 +233,6 @@ def plot(out_dir: Path, records: list[Record]) -> list[Path]:
             ax.legend(fontsize=7)
         fig.suptitle(f"{ok[0].device}, {ok[0].dtype}: slowdown vs mean of the bracketing references "
                      "(bars: range over rounds)", fontsize=9)
-        written.append(RunFolder(out_dir).save_figure(fig, name))
+        written.append(RunFolder(out_dir).save_figure(fig, plot_name("slowdown", xkey)))
         plt.close(fig)
     return written

@@ -1,11 +1,8 @@
 """``overlap-bench model``: does a row-parallel overlap strategy still pay off inside a whole decoder prefill?
 
-The stack of :mod:`.decoder` at a preset's per-rank shapes runs in every mode of :data:`MODES` on the same
-weights and inputs: ``baseline``, each peer strategy (``pr``), a policy's choice per layer (``policy``),
-nano-batches (:mod:`.nanobatch`, with or without the policy), and ``nocomm`` (no all-reduce: timing only,
-which gives the communication share ``(t_baseline - t_nocomm) / t_baseline`` and each mode's model eta).
-Every mode's output is checked against baseline's before it is timed; rank 0 appends one ``Record``
-(``kind: model``) per (M, mode) to ``model.jsonl`` after each M (a log, continued by ``--resume``).
+Every mode of :data:`MODES` runs the :mod:`.decoder` stack on the same weights and inputs, checked against
+``baseline`` before it is timed; ``nocomm`` (no all-reduce) gives the comm share and each mode's model eta.
+Rank 0 appends one ``Record`` (``kind: model``) per (M, mode) to ``model.jsonl`` after each M.
 """
 
 from __future__ import annotations
@@ -37,7 +34,7 @@ from overlap_bench.research import progress_bar
 from overlap_bench.research.decoder import (ROW_LAYERS, Dims, LayerWeights, RowFn, build_stack, hidden_states,
                                             stack_forward)
 from overlap_bench.research.nanobatch import NanoSettings, mode_plans
-from overlap_bench.timing import allreduce_max, time_region
+from overlap_bench.timing import Timing, allreduce_max, time_region
 from overlap_bench.world import in_torchrun, resolve
 
 log = logging.getLogger("overlap_bench.model")
@@ -112,8 +109,7 @@ def _policy_plan(policy, d: Dims, m: int, backend: str, notes: list[str]) -> dic
 
 def _plans(policy, d: Dims, m: int, backend: str, nano: NanoSettings, notes: list[str],
            styled: dict[str, RowFn]) -> dict[str, dict]:
-    """Per mode at ``M = m``: a ``row`` (or a whole ``forward``), the ``choices`` text, a ``note``, and a
-    ``skip`` / ``unavailable`` reason where the mode cannot run; ``styled``: the torch-TP modes' rows."""
+    """Per mode at ``M = m``: its ``row`` (or ``forward``), ``choices`` text, ``note``, ``skip``/``unavailable``."""
     plan: dict[str, dict[str, Any]] = {}
     for name in ("baseline", *strategies.peers()):
         choice = {layer: (name, strategies.make_settings(name)) for layer in ROW_LAYERS}
@@ -154,13 +150,9 @@ def _check_modes(plan: dict[str, dict], modes: tuple[str, ...], weights: list[La
             status[mode] = {"status": "failed", "reason": err}
             _free(ctx)
             continue
-        if mode == "nocomm":
-            status[mode] = {"status": "ok", "rel_err": math.nan}
-            del y
-            continue
-        e = allreduce_max([rel_err(y, y_base)], None, ctx.device)[0]
+        e = math.nan if mode == "nocomm" else allreduce_max([rel_err(y, y_base)], None, ctx.device)[0]
         del y
-        status[mode] = {"status": "ok", "rel_err": e} if within_tolerance(e, dtype) else {
+        status[mode] = {"status": "ok", "rel_err": e} if mode == "nocomm" or within_tolerance(e, dtype) else {
             "status": "failed", "rel_err": e,
             "reason": f"rel_err {e:.3g} above the {dtype} tolerance {TOLERANCE[dtype]:g}"}
     return status
@@ -168,14 +160,13 @@ def _check_modes(plan: dict[str, dict], modes: tuple[str, ...], weights: list[La
 
 def _time_modes(plan: dict[str, dict], status: dict[str, dict[str, Any]], modes: tuple[str, ...],
                 weights: list[LayerWeights], x: torch.Tensor, d: Dims, warmup: int, reps: int,
-                ctx: RankContext, step: Callable[[str], None]) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """The modes that passed, interleaved in each round: per mode its medians and IQRs, one per round."""
+                ctx: RankContext, step: Callable[[str], None]) -> dict[str, list[Timing]]:
+    """The modes that passed, interleaved in each round: per mode one ``Timing`` per round."""
     rounds = max(1, min(MAX_ROUNDS, reps))
     per_round = math.ceil(reps / rounds)
-    medians: dict[str, list[float]] = {mode: [] for mode in modes if status[mode]["status"] == "ok"}
-    iqrs: dict[str, list[float]] = {mode: [] for mode in medians}
+    times: dict[str, list[Timing]] = {mode: [] for mode in modes if status[mode]["status"] == "ok"}
     for r in range(rounds):
-        for mode in list(medians):
+        for mode in list(times):
             info = plan[mode]
             t, err = try_case(lambda: time_region(lambda: _forward(info, weights, x, d),
                                                   warmup=warmup if r == 0 else min(warmup, 1), reps=per_round,
@@ -184,12 +175,11 @@ def _time_modes(plan: dict[str, dict], status: dict[str, dict[str, Any]], modes:
             step(f"{mode}, round {r + 1}/{rounds}")
             if err:
                 status[mode] = {**status[mode], "status": "failed", "reason": f"timing: {err}"}
-                medians.pop(mode)
+                times.pop(mode)
                 _free(ctx)
-                continue
-            medians[mode].append(t.median_ms)
-            iqrs[mode].append(t.iqr_ms)
-    return medians, iqrs
+            else:
+                times[mode].append(t)
+    return times
 
 
 def run_model(ctx: RankContext, preset: str, tokens: list[int], layers: int, policy_path: str | None,
@@ -198,11 +188,7 @@ def run_model(ctx: RankContext, preset: str, tokens: list[int], layers: int, pol
               shapes_tp: int | None = None, env: dict[str, str] | None = None,
               done: frozenset[tuple[int, str]] = frozenset(), command: str = "", progress: bool = False) -> None:
     """Every rank's part of the model benchmark (``launch`` calls it); rank 0 appends to ``out_dir/model.jsonl``.
-
-    Per M: inputs, the numerics check of every mode, then the timing of those that passed. ``shapes_tp``:
-    per-rank shapes of this tensor-parallel size on fewer ranks; ``env``: the job's variant (recorded);
-    ``done``: the (M, mode) rows already recorded (not recorded again; the references still run beside the
-    others); ``command``: the job's command line (:func:`_command`)."""
+    ``shapes_tp``: per-rank shapes of this tp on fewer ranks; ``done``: (M, mode) rows recorded already."""
     nano = nano or NanoSettings()
     p = PRESETS[preset]
     tp = shapes_tp or ctx.world
@@ -260,21 +246,21 @@ def run_model(ctx: RankContext, preset: str, tokens: list[int], layers: int, pol
                 continue
             status = _check_modes(plan, run, weights, x, d, y_base, dtype, ctx)
             del y_base
-            medians, iqrs = _time_modes(plan, status, run, weights, x, d, warmup, reps, ctx,
-                                        lambda what: step(f"M={m} {what}"))
+            times = _time_modes(plan, status, run, weights, x, d, warmup, reps, ctx, lambda what: step(f"M={m} {what}"))
             del x
             _free(ctx)
-            write(_records_at(job, m, run, plan, status, medians, iqrs, ctx, policy_path))
+            write(_records_at(job, m, run, plan, status, times, ctx, policy_path))
         step("done", advance=0, completed=finished)
 
 
 def _records_at(job: "_Job", m: int, run: tuple[str, ...], plan: dict[str, dict], status: dict[str, dict[str, Any]],
-                medians: dict[str, list[float]], iqrs: dict[str, list[float]], ctx: RankContext,
-                policy_path: str | None) -> list[Record]:
+                times: dict[str, list[Timing]], ctx: RankContext, policy_path: str | None) -> list[Record]:
     """The records of the modes ``run`` at ``M = m`` from their checks and rounds' times."""
     peak_gib = None
     if ctx.device.type == "cuda":
         peak_gib = allreduce_max([torch.cuda.max_memory_allocated(ctx.device) / 2**30], None, ctx.device)[0]
+    medians = {mode: [t.median_ms for t in v] for mode, v in times.items()}
+    iqr = {mode: max(t.iqr_ms for t in v) for mode, v in times.items()}  # the widest round's
     t_ms = {mode: statistics.median(v) for mode, v in medians.items()}
     t_base, t_nocomm = t_ms.get("baseline", math.nan), t_ms.get("nocomm", math.nan)
     comm_share = None
@@ -282,7 +268,7 @@ def _records_at(job: "_Job", m: int, run: tuple[str, ...], plan: dict[str, dict]
         comm_share = (t_base - t_ms["nocomm"]) / t_base
     # The share is hideable only above the spread of the two references' times; at world 1 nothing is
     # communicated, so any difference is noise and there is no model eta.
-    noise = max(max(iqrs[k]) for k in REFERENCE_MODES) if all(t_ms.get(k) for k in REFERENCE_MODES) else 0.0
+    noise = max(iqr[k] for k in REFERENCE_MODES) if all(t_ms.get(k) for k in REFERENCE_MODES) else 0.0
     noise = math.inf if ctx.world == 1 else noise
     records = []
     for mode in run:
@@ -290,19 +276,14 @@ def _records_at(job: "_Job", m: int, run: tuple[str, ...], plan: dict[str, dict]
         t = t_ms.get(mode, math.nan)  # NaN unless it passed and was timed
         records.append(job.record(
             m, mode, st["status"], st.get("reason"), note=info.get("note"), rel_err=st.get("rel_err", math.nan),
-            t_ms=t,
-            t_iqr_ms=max(iqrs[mode]) if mode in t_ms else math.nan,
-            t_base_ms=t_base, t_base_iqr_ms=max(iqrs["baseline"]) if "baseline" in t_ms else math.nan,
-            tokens_per_s=metrics.tokens_per_s(m, t),
-            speedup=metrics.speedup(t_base, t),
+            t_ms=t, t_iqr_ms=iqr.get(mode, math.nan), t_base_ms=t_base, t_base_iqr_ms=iqr.get("baseline", math.nan),
+            tokens_per_s=metrics.tokens_per_s(m, t), speedup=metrics.speedup(t_base, t),
             eta=model_eta(t_base, t, t_nocomm, noise),
-            extra=dict(comm_share=comm_share if mode == "baseline" else None,
-                       t_nocomm_ms=t_ms.get("nocomm"), t_rounds_ms=medians.get(mode),
-                       nanobatch=info.get("nanobatch"),
-                       choices=info.get("choices"), choice_reasons=info.get("choice_reasons"),
+            extra=dict(comm_share=comm_share if mode == "baseline" else None, t_nocomm_ms=t_ms.get("nocomm"),
+                       t_rounds_ms=medians.get(mode), nanobatch=info.get("nanobatch"), choices=info.get("choices"),
+                       choice_reasons=info.get("choice_reasons"),
                        policy_path=str(policy_path) if (mode == "policy" and policy_path) else None,
-                       peak_mem_gib=peak_gib),
-        ))
+                       peak_mem_gib=peak_gib)))
     if ctx.rank == 0:
         log.info("%s tp=%s M=%d: %s", job.fields["shape"], job.extra["tp"], m,
                  ", ".join(f"{k}={v:.2f} ms" for k, v in t_ms.items()))
@@ -357,8 +338,7 @@ def _forward(info: dict[str, Any], weights: list[LayerWeights], x: torch.Tensor,
 
 def validate(preset: str, tp: int, tokens: list[int], layers: int, dtype: str, warmup: int, reps: int,
              modes: tuple[str, ...] = MODES, nano: NanoSettings | None = None, tp_flag: str = "--tp") -> ModelPreset:
-    """Check the inputs; a :class:`UserError` names the field (``tp_flag``: the flag that set ``tp``) and the
-    fix in one line."""
+    """Check the inputs: a one-line :class:`UserError` naming the field (``tp_flag``: the flag that set ``tp``)."""
     if preset not in PRESETS:
         raise UserError(f"--preset: unknown preset '{preset}' (known: {', '.join(PRESETS)})")
     p = PRESETS[preset]
@@ -418,12 +398,8 @@ def model_main(preset: str | None, tp_world: int | None, tokens: list[int] | Non
                out_dir: str | os.PathLike, backend: str | None = None, nproc: int | None = None, *, seed: int = 0,
                timeout_s: float = 600.0, modes: tuple[str, ...] = MODES, nano: NanoSettings | None = None,
                shapes_tp: int | None = None, resume: bool = False, progress: bool = False) -> list[Record]:
-    """Run the model benchmark as a job of ``tp`` ranks (None: every rank); returns rank 0's records of this
-    job as read back from ``model.jsonl`` (empty on other ranks). ``preset``, ``dtype``, ``tokens`` None:
-    the machine's default (GPUs: qwen2.5-72b in bfloat16 at 8k-32k tokens; CPU: tiny in float32, 64 and 256
-    tokens). A folder that holds records is refused unless ``resume``, which records only the (M, mode) rows
-    this job has not recorded yet. A policy's ``meta.required_env`` is set in every rank; under torchrun it
-    must already be set. ``shapes_tp``: see :func:`run_model`."""
+    """Run the model benchmark on ``tp`` ranks (None: every rank); rank 0's records of this job (others: []).
+    None ``preset``/``dtype``/``tokens``: the machine's default; ``resume``: record only the rows not yet there."""
     gpu = resolve(backend, 1)[0] == "nccl"  # the backend only: the ranks are resolved below
     preset, dtype = preset or ("qwen2.5-72b" if gpu else "tiny"), dtype or ("bfloat16" if gpu else "float32")
     tokens = list(tokens or ((8192, 16384, 32768) if gpu else (64, 256)))
@@ -445,17 +421,12 @@ def model_main(preset: str | None, tp_world: int | None, tokens: list[int] | Non
     validate(preset, tp, tokens, layers, dtype, warmup, reps, modes, nano, "--shapes-tp" if shapes_tp else "--tp")
     modes = tuple(mode for mode in MODES if mode in modes or mode in REFERENCE_MODES)
     nano = nano or NanoSettings()
-    env: dict[str, str] = {}
-    policy_path = None
-    if policy is not None:
-        policy_path = str(Path(policy))
-        env = _check_policy(policy_path, tp)
-        if in_torchrun():
-            missing = {k: v for k, v in env.items() if os.environ.get(k) != v}
-            if missing:
-                want = " ".join(f"{k}={v}" for k, v in missing.items())
-                raise UserError(f"--policy: {policy_path} needs {want} set before CUDA starts; "
-                                "set it on the torchrun command")
+    policy_path = None if policy is None else str(Path(policy))
+    env = _check_policy(policy_path, tp) if policy_path else {}
+    missing = {k: v for k, v in env.items() if os.environ.get(k) != v}
+    if in_torchrun() and missing:
+        want = " ".join(f"{k}={v}" for k, v in missing.items())
+        raise UserError(f"--policy: {policy_path} needs {want} set before CUDA starts; set it on the torchrun command")
     note = scale_note(preset, tp, tokens, layers, dtype) if not gpu else None
     if note:
         log.warning("note: %s", note)
@@ -495,8 +466,8 @@ def _spread(r: Record) -> float:
 
 
 def model_table(records: list[Record], title: str | None = None) -> Table:
-    """A rich table, one row per (M, mode): time and its spread, tokens/s, speedup (``~``: the difference from
-    the baseline is inside the larger spread of the two times), comm share, model eta, rel_err."""
+    """A rich table, one row per (M, mode): time (spread), tokens/s, speedup (``~``: within the larger spread of it
+    and baseline's), comm share, model eta, rel_err."""
     if title is None and records:
         r, x = records[0], records[0].extra
         ranks = f" shapes on {r.world} rank(s)" if r.world != x.get("tp", r.world) else ""

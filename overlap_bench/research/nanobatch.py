@@ -1,16 +1,9 @@
 """Nano-batched prefill: hide each row-parallel all-reduce of one nano-batch behind another's compute.
 
-The token rows split into ``n`` contiguous ranges; attention stays exact because range ``i`` attends to the
-keys and values ranges ``0 .. i`` wrote before it (chunked prefill). Per decoder layer::
-
-    attention phase, i = 0 .. n-1:  wait down_proj all-reduce of i (previous layer); add its residual;
-                                    attention of i; o_proj product of i; issue its all-reduce
-    MLP phase,       i = 0 .. n-1:  wait o_proj all-reduce of i; add its residual;
-                                    gate/up, SiLU; down_proj product of i; issue its all-reduce
-
-Each all-reduce is enqueued right behind its product and each wait just before the compute that needs it, so
-with ``CUDA_DEVICE_MAX_CONNECTIONS=1`` no wait blocks compute that could run. A nano-batch's row-parallel call
-runs a strategy's :class:`RowSplit` through :func:`start_bounds` (baseline: one range; with a policy, its choice).
+The token rows split into ``n`` contiguous ranges; range ``i`` attends to the keys and values ranges ``0 .. i``
+wrote (chunked prefill), so attention stays exact. Per layer and range: wait for the previous down_proj
+all-reduce, attention, o_proj, issue its all-reduce; then per range: wait for it, MLP, down_proj, issue. Each wait
+sits just before the compute that needs it (with ``CUDA_DEVICE_MAX_CONNECTIONS=1`` none blocks runnable compute).
 """
 
 from __future__ import annotations
@@ -30,17 +23,11 @@ from overlap_bench.strategies.pipeline import (PendingAllReduce, RowSplit, even_
 SplitFn = Callable[[str, int], RowSplit]
 """``split(layer_name, rows) -> RowSplit``: how one nano-batch's row-parallel call splits its rows."""
 
-Trace = list
-"""Events :func:`nanobatch_forward` appends (tests check the schedule): ``("attn", layer, i)``,
-``("issue", name, layer, i)``, ``("wait", name, layer, i)``, ``("mlp", layer, i)``."""
-
 
 @dataclass(frozen=True)
 class NanoSettings:
-    """Settings of the nano-batch schedule: ``nanobatches`` token ranges (1: the schedule's overhead alone);
-    ``comm``: the all-reduce path where the strategy has none of its own (``stream`` or ``async``); ``priority``:
-    a high-priority NCCL stream; ``attention``: ``split`` (:func:`split_attention`, the whole-sequence kernel
-    family) or ``lower-right`` (one SDPA call with a bottom-right causal mask)."""
+    """The schedule: ``nanobatches`` token ranges; ``comm``: the all-reduce path where the strategy has none;
+    ``priority``: a high-priority NCCL stream; ``attention``: ``split`` or ``lower-right`` (one masked SDPA call)."""
 
     nanobatches: int = 2
     comm: str = "stream"
@@ -97,8 +84,9 @@ def _issue(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, sp: RowSpli
 
 def nanobatch_forward(weights: list[LayerWeights], x: torch.Tensor, d: Dims, settings: NanoSettings,
                       split: SplitFn = baseline_split, group: dist.ProcessGroup | None = None,
-                      trace: Trace | None = None) -> torch.Tensor:
-    """The stack's prefill forward on nano-batches (see the module docstring): ``[M, hidden]``; ``x`` is kept."""
+                      trace: list | None = None) -> torch.Tensor:
+    """The stack's prefill forward on nano-batches (``x`` is kept); ``trace`` gets its schedule's events:
+    ``("attn", layer, i)``, ``("issue", name, layer, i)``, ``("wait", name, layer, i)``, ``("mlp", layer, i)``."""
     attend = split_attention if settings.attention == "split" else attention
     m = x.shape[0]
     bounds = nano_bounds(m, settings.nanobatches)
@@ -136,12 +124,10 @@ def nanobatch_forward(weights: list[LayerWeights], x: torch.Tensor, d: Dims, set
                 down[i] = (_issue(out_all[s:e], g, w.down, split("down_proj", e - s), settings, group), h)
                 del g
             del kv, o_pending
-        result = out_all
-        for i, item in enumerate(down):
-            pend, h = item
+        for i, (pend, h) in enumerate(down):
             log("wait", "down_proj", len(weights) - 1, i)
             pend.wait().add_(h)
-    return result
+    return out_all
 
 
 # ---------------------------------------------------------------------------------------------- model modes
@@ -149,29 +135,25 @@ def nanobatch_forward(weights: list[LayerWeights], x: torch.Tensor, d: Dims, set
 def mode_plans(settings: NanoSettings, m: int, backend: str,
                policy_choose: Callable[[str, int], Any] | None = None,
                policy_notes: list[str] | tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
-    """The ``nanobatch`` and ``nanobatch+policy`` model modes' plans at ``M = m`` (``forward``, ``choices``,
-    ``note``, ``skip`` / ``unavailable``). ``policy_choose(layer, rows)``: a policy's ``Choice`` for one
-    nano-batch's rows; without it ``nanobatch+policy`` is skipped."""
-    info: dict[str, Any] = asdict(settings)
+    """The ``nanobatch`` and ``nanobatch+policy`` model modes' plans at ``M = m``; ``policy_choose(layer, rows)``:
+    a policy's ``Choice`` for one nano-batch's rows (None: ``nanobatch+policy`` skipped)."""
     if settings.nanobatches > m:
         why_not: str | None = f"nanobatches={settings.nanobatches} is more than the {m} tokens"
     else:
         why_not = priority_reason(settings.priority, backend)
     sizes = [e - s for s, e in nano_bounds(m, settings.nanobatches)] if why_not is None else []
-    info["rows"] = sizes
+    info = {**asdict(settings), "rows": sizes}
     note = gloo_note(settings.comm, backend)
-    plans: dict[str, dict[str, Any]] = {}
-    plans["nanobatch"] = {
+    plans: dict[str, dict[str, Any]] = {"nanobatch": {
         "forward": lambda weights, x, d: nanobatch_forward(weights, x, d, settings, baseline_split),
-        "choices": {layer: "baseline" for layer in ROW_LAYERS}, "note": note, "nanobatch": info}
+        "choices": {layer: "baseline" for layer in ROW_LAYERS}, "note": note, "nanobatch": info}}
     if why_not:
         plans["nanobatch"]["unavailable"] = why_not
     if policy_choose is None:
         plans["nanobatch+policy"] = {"skip": "no policy file given (--policy): nanobatch+policy mode skipped",
                                      "choices": None, "note": None}
         return plans
-    picked = {layer: {rows: policy_choose(layer, rows) for rows in sorted(set(sizes))}
-              for layer in ROW_LAYERS}
+    picked = {layer: {rows: policy_choose(layer, rows) for rows in sorted(set(sizes))} for layer in ROW_LAYERS}
     notes = list(policy_notes) + ([note] if note else [])
     problems = []
     for layer, by_rows in picked.items():

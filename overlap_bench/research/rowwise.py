@@ -1,6 +1,5 @@
-"""The decoder's row-parallel layers laid out by torch's own tensor parallelism (``parallelize_module``), for the
-``model`` modes ``rowwise`` and ``rowwise+policy``. Its own module: ``torch.distributed.tensor`` takes 0.6 s to
-import, which no other command should pay."""
+"""The decoder's row-parallel layers under torch's ``parallelize_module`` (model modes ``rowwise``,
+``rowwise+policy``); its own module since ``torch.distributed.tensor`` takes 0.6 s to import."""
 
 from __future__ import annotations
 
@@ -15,9 +14,8 @@ from overlap_bench.tp import PolicyRowwiseParallel
 
 
 def parallel_rows(weights: list[LayerWeights], mesh: DeviceMesh, style: ParallelStyle) -> RowFn:
-    """The row-parallel layers as ``nn.Linear`` modules laid out by ``parallelize_module`` with ``style`` (torch's
-    ``RowwiseParallel`` or ``PolicyRowwiseParallel``), as a deployment builds them: on the meta device, then
-    given this rank's shards (shared, not copied)."""
+    """The row-parallel layers as ``nn.Linear`` modules laid out with ``style``, as a deployment builds them: on
+    the meta device, then given this rank's shards (shared, not copied)."""
     fields = dict(zip(ROW_LAYERS, ("o_proj", "down")))  # the LayerWeights field of each row-parallel layer
     with torch.device("meta"):
         stack = nn.ModuleList(nn.ModuleDict({

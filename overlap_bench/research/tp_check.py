@@ -1,10 +1,6 @@
 """``python -m overlap_bench.research.tp_check --out DIR``: PolicyRowwiseParallel against torch's RowwiseParallel
 (same output) and the drop-in RowParallelLinear (its overhead), on one process group (by default one rank).
-
-Per row-parallel shape of a preset and per M: the three layers on the same shard and input, each output's
-``rel_err`` against RowwiseParallel's, and their times (interleaved rounds; per layer the median of the rounds'
-medians), all under the same policy. Writes ``tp_check.json``, ``tp_check.csv``, ``env.json`` and ``COMMAND.md``.
-"""
+Per preset shape and M: each output's ``rel_err`` against RowwiseParallel's and the three layers' times."""
 
 from __future__ import annotations
 
