@@ -39,8 +39,7 @@ class _RowParallel(torch.autograd.Function):
 
 
 def _one_range(choice: Choice, m: int) -> bool:
-    """Whether ``choice`` runs one product and one all-reduce at ``m`` rows (its baseline path: a strategy below
-    its own threshold, as ``pr`` below 16384 tokens)."""
+    """Whether ``choice`` runs one product and one all-reduce at ``m`` rows (below its own threshold, as ``pr``)."""
     split = strategies.get(choice.strategy).split
     try:
         return split is not None and len(split(m, choice.settings).bounds) == 1
@@ -49,11 +48,8 @@ def _one_range(choice: Choice, m: int) -> bool:
 
 
 class PolicyRowwiseParallel(RowwiseParallel):
-    """A drop-in for ``RowwiseParallel``: torch shards the weight (``Shard(1)``, bias replicated) and lays out
-    input and output; on an ``nn.Linear`` the policy's choice for its ``(K per rank, N)`` and the call's token
-    rows (every leading dimension) runs the product and all-reduce. Where the policy answers baseline (or a
-    choice below its own threshold), for an output layout other than ``Replicate`` (torch's reduce-scatter) or
-    a K the mesh does not split evenly, the layer runs ``RowwiseParallel``'s own forward.
+    """A drop-in for ``RowwiseParallel`` whose ``nn.Linear`` runs the policy's choice for its (K per rank, N) and
+    the call's token rows; for baseline, a non-``Replicate`` output or an uneven K, torch's own forward runs.
     ``module.last_choice`` says what ran."""
 
     def __init__(self, *, policy: Policy, input_layouts: Placement | None = None,
