@@ -15,7 +15,6 @@ from overlap_bench.metrics import REFERENCE, is_reference
 from overlap_bench.policy import Choice, Policy
 
 log = logging.getLogger("overlap_bench.layer")
-_BASELINE = strategies.make_settings(REFERENCE)
 
 
 def _group_size(group: dist.ProcessGroup | None) -> int:
@@ -41,7 +40,7 @@ def run_choice(choice: Choice, m: int, backend: str, warned: set[str], where: st
         warned.add(f"{where} {choice.label}")
         log.warning("%s: %s (%s) cannot run for M=%d (%s); the baseline runs for such calls (warned once)",
                     where, choice.label, choice.reason, m, why)
-    return None, Choice(REFERENCE, _BASELINE, choice.bucket, f"{choice.label} cannot run for M={m}: {why}")
+    return None, Choice.baseline(f"{choice.label} cannot run for M={m}: {why}", choice.bucket)
 
 
 class RowParallelLinear(nn.Module):
@@ -88,7 +87,7 @@ class RowParallelLinear(nn.Module):
     def choose(self, m: int) -> Choice:
         """The strategy for ``m`` token rows."""
         if self.policy is None or m == 0:
-            return Choice(REFERENCE, _BASELINE, None, "no policy" if self.policy is None else "no rows")
+            return Choice.baseline("no policy" if self.policy is None else "no rows")
         return self.policy.choose(K=self.in_features_per_rank, N=self.out_features, M=m)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,8 +100,8 @@ class RowParallelLinear(nn.Module):
                 self.choose(x2.shape[0]), x2.shape[0], dist.get_backend(self.group), self._warned,
                 f"RowParallelLinear K={self.in_features_per_rank}, N={self.out_features}",
                 lambda c: strategies.run(c.strategy, x2, self.weight, self.bias, self.group, c.settings))
-            if y is None:
-                y = strategies.run(REFERENCE, x2, self.weight, self.bias, self.group, _BASELINE)
+            if y is None:  # the baseline, as last_choice says
+                y = strategies.run(REFERENCE, x2, self.weight, self.bias, self.group, self.last_choice.settings)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, Validat
 from overlap_bench import check, strategies
 from overlap_bench.check import Config, Dtype, FieldError
 from overlap_bench.errors import UserError, describe_os_error
+from overlap_bench.metrics import REFERENCE
 
 log = logging.getLogger("overlap_bench.policy")
 
@@ -64,6 +65,11 @@ class Choice:
     def label(self) -> str:
         """Display text (``strategies.label``)."""
         return strategies.label(self.strategy, self.settings)
+
+    @classmethod
+    def baseline(cls, reason: str, bucket: int | None = None) -> "Choice":
+        """The ring baseline (the reference), run for ``reason``."""
+        return cls(REFERENCE, strategies.make_settings(REFERENCE), bucket, reason)
 
 
 class ShapePolicy(Config):
@@ -148,17 +154,13 @@ class Policy:
             if (K, N) not in self._warned:
                 self._warned.add((K, N))
                 log.warning("no policy entry for K=%d, N=%d in %s: using baseline", K, N, self.path or "(empty policy)")
-            return _baseline(None, f"shape K={K}, N={N} not in policy")
+            return Choice.baseline(f"shape K={K}, N={N} not in policy")
         i = bisect.bisect_right(shape.ms, M) - 1
         if i < 0:
-            return _baseline(None, f"M={M} below the smallest bucket {shape.ms[0]}")
+            return Choice.baseline(f"M={M} below the smallest bucket {shape.ms[0]}")
         bucket = shape.ms[i]
         e = shape.buckets[bucket]
         return Choice(e.strategy, e.settings, bucket, f"bucket M={bucket} of {shape.name}")
-
-
-def _baseline(bucket: int | None, reason: str) -> Choice:
-    return Choice("baseline", strategies.make_settings("baseline"), bucket, reason)
 
 
 def policy_filename(device: str, world: int, dtype: str) -> str:

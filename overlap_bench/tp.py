@@ -15,7 +15,7 @@ from torch.distributed.tensor.parallel import RowwiseParallel
 
 from overlap_bench import strategies
 from overlap_bench.layer import run_choice
-from overlap_bench.metrics import REFERENCE, is_reference
+from overlap_bench.metrics import is_reference
 from overlap_bench.policy import Choice, Policy
 
 
@@ -83,7 +83,7 @@ class PolicyRowwiseParallel(RowwiseParallel):
                 return choice
             bucket = choice.bucket
             why = f"{choice.label} at M={m} is one product and all-reduce (below its own threshold)"
-        return Choice(REFERENCE, strategies.make_settings(REFERENCE), bucket, why)
+        return Choice.baseline(why, bucket)
 
     def _forward(self, module: nn.Linear, mesh: DeviceMesh, x: DTensor) -> DTensor:
         """``x``: Shard(-1) (torch's input hook made it so); a Replicate output for torch's output hook."""
