@@ -19,16 +19,17 @@ from overlap_bench.stats import MIN_EFFECT, geomean
 
 log = logging.getLogger("overlap_bench.select")
 
+# The first pass's rule, and how numbers against the best plain all-reduce are taken: each stated once where shown.
 RULE = ("t_base is the reference: the fastest baseline measurement at that M (the one taken before the "
         "strategies, or the baseline strategy's own record); speedup = t_base / t; eta = (t_base − t) / "
         f"(t_base − max(t_gemm, t_comm)), n/a where that hideable time is below {metrics.ETA_MIN_ROOM:.0%} of t_base "
         f"or {metrics.ETA_MIN_SPREADS:g}× the spread. "
         "The best setting is the fastest ok one if it beats t_base beyond the measured spread (t + iqr/2 < "
-        "t_base − iqr_base/2) and the references are consistent, else the baseline.")  # in tables.md, summary.md
+        "t_base − iqr_base/2) and the references are consistent, else the baseline.")
 PLAIN_RULE = ("vs best plain = t_plain / t, where t_plain is the fastest plain all-reduce at that M (t_base, or a "
               "faster `baseline:comm=...` record: no overlap, another all-reduce); eta vs plain = (t_plain − t) / "
               "(t_plain − max(t_gemm, t_comm)), n/a by the same rule: the hidden fraction of what the fastest plain "
-              "all-reduce still costs.")  # stated once where the numbers against the best plain all-reduce are shown
+              "all-reduce still costs.")
 
 
 def latest(records: Iterable[Record]) -> list[Record]:
