@@ -35,13 +35,10 @@ def _run(cmd: list[str], cwd: str | None = None) -> str | None:
 def git_commit() -> str | None:
     """``OVERLAP_BENCH_GIT_COMMIT`` (a commit shipped to a GPU host), else HEAD of the package's checkout
     (``-dirty`` with uncommitted changes)."""
-    shipped = os.environ.get("OVERLAP_BENCH_GIT_COMMIT")
-    if shipped:
-        return shipped
+    if os.environ.get("OVERLAP_BENCH_GIT_COMMIT"):
+        return os.environ["OVERLAP_BENCH_GIT_COMMIT"]
     here = str(Path(overlap_bench.__file__).resolve().parent)
-    head = _run(["git", "rev-parse", "HEAD"], cwd=here)
-    if head is None:
-        return None  # not a checkout, and nobody said which commit this is
+    head = _run(["git", "rev-parse", "HEAD"], cwd=here)  # None: not a checkout
     if head and _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here):
         head += "-dirty"
     return head

@@ -71,7 +71,7 @@ class PolicyRowwiseParallel(RowwiseParallel):
 
     def choose(self, module: nn.Linear, mesh: DeviceMesh, m: int) -> Choice:
         """What ``module`` runs for ``m`` token rows (the policy's choice, or why torch's own path runs)."""
-        k, n = module.weight.shape[1], module.weight.shape[0]
+        n, k = module.weight.shape
         bucket = None
         if self.output_layouts != (Replicate(),):
             why = f"output layout {self.output_layouts[0]}: RowwiseParallel's reduce-scatter"
