@@ -45,7 +45,8 @@ def run_choice(choice: Choice, m: int, backend: str, warned: set[str], where: st
 
 class RowParallelLinear(nn.Module):
     """``y = all_reduce(x_r @ W_r^T) + b``, ``W_r``: ``[out_features, in_features / ranks]``, the bias added once.
-    With no policy it runs ``baseline``; every rank must see the same M. Inference only (autograd cannot follow)."""
+    With no policy it runs ``baseline``; every rank must see the same M. Inference only: autograd cannot follow
+    the strategies' preallocated outputs and collectives."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  group: dist.ProcessGroup | None = None, policy: Policy | None = None, *,

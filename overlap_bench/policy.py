@@ -140,7 +140,8 @@ class Policy:
     _warned: set = field(default_factory=set, repr=False)
 
     def choose(self, *, K: int, N: int, M: int) -> Choice:
-        """The strategy for an ``[M, K] x [K, N]`` layer: the largest bucket <= M, else baseline."""
+        """The strategy for an ``[M, K] x [K, N]`` layer: the largest bucket <= M, else baseline; a K, N or M that
+        is not an integer is a :class:`PolicyError`."""
         for name, v, lo in (("K", K, 1), ("N", N, 1), ("M", M, 0)):
             try:
                 ok = not isinstance(v, bool) and operator.index(v) >= lo

@@ -49,8 +49,8 @@ def _one_range(choice: Choice, m: int) -> bool:
 
 class PolicyRowwiseParallel(RowwiseParallel):
     """A drop-in for ``RowwiseParallel`` whose ``nn.Linear`` runs the policy's choice for its (K per rank, N) and
-    the call's token rows; for baseline, a non-``Replicate`` output or an uneven K, torch's own forward runs.
-    ``module.last_choice`` says what ran."""
+    the call's token rows; for baseline (or a choice below its threshold), a non-``Replicate`` output or an uneven
+    K, torch's own forward runs. ``module.last_choice`` says what ran."""
 
     def __init__(self, *, policy: Policy, input_layouts: Placement | None = None,
                  output_layouts: Placement | None = None, use_local_output: bool = True) -> None:
