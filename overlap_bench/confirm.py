@@ -1,7 +1,6 @@
-"""The second stages' rules and records. The first pass's best is the best of many noisy numbers (biased
-upwards): each bucket's best few are screened (:func:`shortlist`, ``screen.jsonl``), the screen's best
-(:func:`finalists`) measured again against the baseline (``confirm.jsonl``), both interleaved, and a setting
-ships only where :func:`decide` confirms it. The rules take numbers, so they are tested with injected samples."""
+"""The second stages' rules and records. The first pass's best is biased upwards (best of many noisy numbers):
+each bucket's best few are screened (:func:`shortlist`), the screen's best (:func:`finalists`) measured again
+against the baseline, both interleaved, and a setting ships only where :func:`decide` confirms it."""
 
 from __future__ import annotations
 
@@ -16,16 +15,13 @@ from overlap_bench.metrics import REFERENCE, is_reference
 from overlap_bench.records import CONFIRM, Record
 from overlap_bench.stats import MIN_EFFECT, SCREEN_TOP, SHIP_ALPHA, judge, screen_speedups
 
-TOP = 3
-"""Candidates confirmed per bucket besides the peers."""
-Samples = Mapping[str, tuple[Sequence[float], Sequence[float]]]
-"""One bucket's A/B samples: ``label -> (baseline tokens/s, candidate tokens/s)``, in repeat order."""
+TOP = 3  # candidates confirmed per bucket besides the peers
+Samples = Mapping[str, tuple[Sequence[float], Sequence[float]]]  # label -> (baseline, candidate) tokens/s per repeat
 
 
 def leaders(scores: Mapping[str, float], peers: Iterable[str] = (), top: int = TOP) -> list[str]:
-    """The best ``top`` labels by speedup other than the reference (plain references are candidates), then every
-    label whose strategy is a peer (e.g. ``pr``), each once. Labels without a finite speedup (failed,
-    unavailable) are never candidates."""
+    """The best ``top`` labels by finite speedup other than the reference (plain references count), then every
+    label whose strategy is a peer (e.g. ``pr``), each once."""
     usable = {lab: s for lab, s in scores.items()
               if not is_reference(lab) and isinstance(s, (int, float)) and math.isfinite(s)}
     ranked = sorted(usable, key=lambda lab: (-usable[lab], lab))
@@ -34,8 +30,8 @@ def leaders(scores: Mapping[str, float], peers: Iterable[str] = (), top: int = T
 
 
 def shortlist(first_pass: Mapping[str, float], peers: Iterable[str] = (), top: int = TOP) -> list[str]:
-    """The settings the screen re-measures in one bucket: the first pass's best ``max(SCREEN_TOP, top)`` and
-    the peers; none where the confirmation takes every candidate anyway."""
+    """What the screen re-measures in one bucket: the first pass's best ``max(SCREEN_TOP, top)`` and the peers;
+    none where the confirmation takes every candidate anyway."""
     peers = list(peers)
     if len(leaders(first_pass, peers, len(first_pass))) <= len(leaders(first_pass, peers, top)):
         return []
@@ -44,8 +40,7 @@ def shortlist(first_pass: Mapping[str, float], peers: Iterable[str] = (), top: i
 
 def finalists(first_pass: Mapping[str, float], screen: Samples, peers: Iterable[str] = (),
               top: int = TOP) -> list[str]:
-    """The confirmation's candidates: the :func:`leaders` by the screen's ratios of medians where the bucket
-    was screened, else by its first pass."""
+    """The confirmation's candidates: the :func:`leaders` by the screen where there was one, else by the first pass."""
     return leaders(screen_speedups(screen) if screen else first_pass, peers, top)
 
 
@@ -53,36 +48,25 @@ def finalists(first_pass: Mapping[str, float], screen: Samples, peers: Iterable[
 class Outcome:
     """What the confirmation of one bucket decided, and the numbers behind it."""
 
-    label: str
-    """The setting to ship: a confirmed candidate, or ``baseline``."""
-    speedup: float
-    """Its confirmed speedup (ratio of medians against the interleaved baseline); 1.0 for the baseline."""
-    ci: tuple[float, float]
-    """Its bootstrap bounds at the ship rule's level (NaN for the baseline)."""
-    expected: float
-    """The speedup to expect: the CI's lower bound (``stats.Comparison.expected``); 1.0 for the baseline."""
-    repeats: int
-    """Interleaved repeats per side (the fewest of the candidates confirmed)."""
+    label: str  # the setting to ship: a confirmed candidate, or baseline
+    speedup: float  # its ratio of medians against the interleaved baseline (1.0 for the baseline)
+    ci: tuple[float, float]  # its bootstrap bounds at the ship rule's level (NaN for the baseline)
+    expected: float  # the speedup to expect: the CI's lower bound (1.0 for the baseline)
+    repeats: int  # interleaved repeats per side (the fewest of the candidates)
     confirmed: int
     min_effect: float
-    leader: str | None
-    """The first-pass best of the candidates: its first-pass against its confirmed speedup is the selection bias."""
+    leader: str | None  # the candidates' first-pass best: first pass vs confirmed shows the selection bias
     leader_first_pass_speedup: float | None
     leader_speedup: float
     leader_ci: tuple[float, float]
-    candidates: int = 0
-    """Settings the first pass timed."""
-    screened: int = 0
-    """Settings the screen re-measured before the candidates were chosen (0: no screen)."""
+    candidates: int = 0  # settings the first pass timed
+    screened: int = 0  # settings the screen re-measured (0: no screen)
 
 
 def decide(samples: Samples, first_pass: Mapping[str, float] | None = None, *, min_effect: float = MIN_EFFECT,
            alpha: float = SHIP_ALPHA, n_boot: int = 10000, seed: int = 0) -> Outcome:
-    """Decide one bucket from its confirmation ``samples``; ``first_pass`` (label -> speedup) names the leader.
-
-    A candidate passes when :func:`stats.judge`'s one-sided verdict at ``alpha / k`` (Bonferroni over the ``k``
-    candidates confirmed), the repeats resampled as pairs, is ``faster``; of those the one with the highest
-    lower bound ships (the least doubtful gain), else the baseline."""
+    """Decide one bucket from its ``samples`` (``first_pass``: label -> speedup, names the leader): of the candidates
+    :func:`stats.judge` finds ``faster`` (one-sided, paired, Bonferroni over them), the highest lower bound ships."""
     first_pass = first_pass or {}
     k = max(1, sum(1 for a, b in samples.values() if len(a) and len(b)))
     results = {lab: judge(a, b, min_effect=min_effect, alpha=alpha, one_sided=True, family=k, paired=True,
@@ -104,14 +88,13 @@ def decide(samples: Samples, first_pass: Mapping[str, float] | None = None, *, m
 # ---- the stored records ---------------------------------------------------------------------------------
 
 def candidate_key(r: Record) -> tuple[BucketKey, str]:
-    """``(bucket, candidate label)`` of a screen or confirmation record, either side (resume skips stored keys)."""
+    """``(bucket, candidate label)`` of an A/B record, either side (resume skips stored keys)."""
     return r.bucket, r.ab.pair[1]
 
 
 def load(run_dir: str | os.PathLike, name: str = CONFIRM) -> list[Record]:
-    """The records of the A/B log ``name``: per candidate of a bucket the last ``repeats`` records of each side,
-    or, where its check failed, that record. A candidate with fewer (a run killed while measuring it) is left
-    out, so a resumed sweep measures it again."""
+    """The A/B log ``name``: per candidate the last ``repeats`` records of each side, or its failed check; one cut
+    short (a run killed while measuring it) is left out, so a resumed sweep measures it again."""
     groups: dict[tuple, list[Record]] = {}
     for r in runfolder.RunFolder(run_dir).load(name).records:
         groups.setdefault(candidate_key(r), []).append(r)
@@ -127,7 +110,7 @@ def load(run_dir: str | os.PathLike, name: str = CONFIRM) -> list[Record]:
 
 
 def by_bucket(records: Iterable[Record]) -> dict[BucketKey, dict[str, tuple[list[float], list[float]]]]:
-    """``bucket -> {label: (baseline tokens/s, candidate tokens/s)}`` in repeat order (none where a check failed)."""
+    """``bucket -> {label: (baseline, candidate) tokens/s}`` in repeat order (ok records only)."""
     out: dict[BucketKey, dict[str, tuple[list[float], list[float]]]] = {}
     for r in records:
         if r.ok:

@@ -33,15 +33,12 @@ def _run(cmd: list[str], cwd: str | None = None) -> str | None:
 
 
 def git_commit() -> str | None:
-    """HEAD of the package's checkout (``-dirty`` with uncommitted changes), or ``OVERLAP_BENCH_GIT_COMMIT`` when
-    set (a commit shipped to a GPU host, possibly inside another checkout whose HEAD is not what runs)."""
-    shipped = os.environ.get("OVERLAP_BENCH_GIT_COMMIT")
-    if shipped:
-        return shipped
+    """``OVERLAP_BENCH_GIT_COMMIT`` (a commit shipped to a GPU host), else HEAD of the package's checkout
+    (``-dirty`` with uncommitted changes)."""
+    if os.environ.get("OVERLAP_BENCH_GIT_COMMIT"):
+        return os.environ["OVERLAP_BENCH_GIT_COMMIT"]
     here = str(Path(overlap_bench.__file__).resolve().parent)
-    head = _run(["git", "rev-parse", "HEAD"], cwd=here)
-    if head is None:
-        return None  # not a checkout, and nobody said which commit this is
+    head = _run(["git", "rev-parse", "HEAD"], cwd=here)  # None: not a checkout
     if head and _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here):
         head += "-dirty"
     return head
@@ -56,8 +53,7 @@ def command_line() -> str:
 
 
 def collect(command: str | None = None) -> dict[str, Any]:
-    """Everything a committed number needs beside it."""
-    # GPUs from nvidia-smi, not torch: that would start CUDA in the launcher.
+    """Everything a committed number needs beside it (GPUs from nvidia-smi: torch would start CUDA here)."""
     smi = _run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"]) or ""
     rows = [[c.strip() for c in line.split(",")] for line in smi.splitlines() if line.strip()]
     names = [r[0] for r in rows]

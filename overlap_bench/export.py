@@ -1,5 +1,5 @@
-"""``overlap-bench export``: a run's decisions (:mod:`overlap_bench.select`) written as policy YAML (the layout
-:mod:`overlap_bench.policy` loads at run time); it renders what was decided and decides nothing."""
+"""``overlap-bench export``: a run's decisions (:mod:`overlap_bench.select`) written as the policy YAML that
+:mod:`overlap_bench.policy` loads; it decides nothing."""
 
 from __future__ import annotations
 
@@ -75,11 +75,9 @@ def _shapes_doc(decisions: list[Decision]) -> dict[str, Any]:
 def export_policy(run_dir: str | os.PathLike, out: str | os.PathLike, env: dict[str, str] | None = None,
                   dtype: str | None = None, world: int | None = None, unconfirmed: bool = False,
                   decisions: list[Decision] | None = None) -> list[Path]:
-    """Write the run's decisions (:func:`select.decide`: ``env`` and ``unconfirmed`` as there; ``decisions``:
-    already made so) as policy YAML, one file per (dtype, world size); returns the paths. ``out`` ending in
-    ``.yaml``/``.yml`` is the file itself (then the run, filtered by ``dtype``/``world``, must hold one of each),
-    else a folder of :func:`policy_filename` files. ``meta.required_env`` is the env variant chosen, to be set on
-    the serving process before CUDA starts; ``meta.unconfirmed`` says how unconfirmed buckets were shipped."""
+    """Write the run's decisions (:func:`select.decide`, or ``decisions`` made so) as policy YAML, one file per
+    (dtype, world size) into the folder ``out``, or into ``out`` itself where it ends in .yaml/.yml (then the run,
+    filtered by ``dtype``/``world``, must hold one); returns the paths."""
     run_dir, out = Path(run_dir), Path(out)
     if decisions is None:
         records = load_records(run_dir).records  # lines skipped are reported there

@@ -15,7 +15,6 @@ from overlap_bench.metrics import REFERENCE, is_reference
 from overlap_bench.policy import Choice, Policy
 
 log = logging.getLogger("overlap_bench.layer")
-_BASELINE = strategies.make_settings(REFERENCE)
 
 
 def _group_size(group: dist.ProcessGroup | None) -> int:
@@ -27,9 +26,8 @@ def _group_size(group: dist.ProcessGroup | None) -> int:
 
 def run_choice(choice: Choice, m: int, backend: str, warned: set[str], where: str,
                run: Callable[[Choice], torch.Tensor]) -> tuple[torch.Tensor | None, Choice]:
-    """``(run(choice), choice)`` for a non-baseline choice at ``m`` rows, else ``(None, the baseline's Choice)``:
-    also where it cannot run on ``backend`` (unavailable, or a ``ValueError`` before its first collective),
-    then saying why, warned once per ``where`` and setting (``warned`` remembers)."""
+    """``(run(choice), choice)``, or ``(None, a baseline Choice)`` for the baseline and for a choice that cannot run
+    on ``backend`` at ``m`` rows (unavailable, or a ``ValueError`` first), warned once per ``where`` and setting."""
     if is_reference(choice.label):
         return None, choice
     why = strategies.unavailable_reason(choice.strategy, choice.settings, backend)
@@ -42,16 +40,13 @@ def run_choice(choice: Choice, m: int, backend: str, warned: set[str], where: st
         warned.add(f"{where} {choice.label}")
         log.warning("%s: %s (%s) cannot run for M=%d (%s); the baseline runs for such calls (warned once)",
                     where, choice.label, choice.reason, m, why)
-    return None, Choice(REFERENCE, _BASELINE, choice.bucket, f"{choice.label} cannot run for M={m}: {why}")
+    return None, Choice.baseline(f"{choice.label} cannot run for M={m}: {why}", choice.bucket)
 
 
 class RowParallelLinear(nn.Module):
-    """``y = all_reduce(x_r @ W_r^T) + b`` with ``W_r`` of shape ``[out_features, in_features_per_rank]``.
-
-    ``in_features`` (the full width) is split evenly over the group's ranks; the full bias is counted once.
-    With no policy it runs ``baseline``. Every rank must see the same M, so all pick the same strategy.
-    Inference only: the strategies write preallocated outputs and call collectives, which autograd cannot follow.
-    """
+    """``y = all_reduce(x_r @ W_r^T) + b``, ``W_r``: ``[out_features, in_features / ranks]``, the bias added once.
+    With no policy it runs ``baseline``; every rank must see the same M. Inference only: autograd cannot follow
+    the strategies' preallocated outputs and collectives."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  group: dist.ProcessGroup | None = None, policy: Policy | None = None, *,
@@ -63,8 +58,7 @@ class RowParallelLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.in_features_per_rank = in_features // world
         self.group, self.policy = group, policy
-        self.last_choice: Choice | None = None
-        """What ran on the latest forward."""
+        self.last_choice: Choice | None = None  # what ran on the latest forward
         self._warned: set[str] = set()
         kw = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, self.in_features_per_rank, **kw), requires_grad=False)
@@ -94,15 +88,12 @@ class RowParallelLinear(nn.Module):
     def choose(self, m: int) -> Choice:
         """The strategy for ``m`` token rows."""
         if self.policy is None or m == 0:
-            return Choice(REFERENCE, _BASELINE, None, "no policy" if self.policy is None else "no rows")
+            return Choice.baseline("no policy" if self.policy is None else "no rows")
         return self.policy.choose(K=self.in_features_per_rank, N=self.out_features, M=m)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: ``[..., in_features_per_rank]`` -> ``[..., out_features]``, all-reduced over the group.
-
-        A choice that cannot run here (unavailable, also at call time, or a ``ValueError`` before its first
-        collective) runs the baseline for this call instead, warned once per setting; every rank sees the same
-        choice, so all do. A plain reference (``baseline:comm=...``) is a choice like any other."""
+        """``x``: ``[..., in_features_per_rank]`` -> ``[..., out_features]``, all-reduced over the group; a choice
+        that cannot run here runs the baseline instead (:func:`run_choice`), on every rank alike."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features_per_rank)
         with torch.no_grad():
@@ -110,8 +101,8 @@ class RowParallelLinear(nn.Module):
                 self.choose(x2.shape[0]), x2.shape[0], dist.get_backend(self.group), self._warned,
                 f"RowParallelLinear K={self.in_features_per_rank}, N={self.out_features}",
                 lambda c: strategies.run(c.strategy, x2, self.weight, self.bias, self.group, c.settings))
-            if y is None:
-                y = strategies.run(REFERENCE, x2, self.weight, self.bias, self.group, _BASELINE)
+            if y is None:  # the baseline, as last_choice says
+                y = strategies.run(REFERENCE, x2, self.weight, self.bias, self.group, self.last_choice.settings)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

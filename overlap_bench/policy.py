@@ -1,5 +1,5 @@
-"""The policy at run time: one YAML per device, world size and dtype (:class:`PolicyFile`, written by
-:mod:`overlap_bench.export`), its loader and ``Policy.choose(K, N, M) -> Choice``. The serving path imports this."""
+"""The policy at run time: one YAML per device, world size and dtype (written by :mod:`overlap_bench.export`),
+its loader and ``Policy.choose(K, N, M) -> Choice``. The serving path imports this."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, Validat
 from overlap_bench import check, strategies
 from overlap_bench.check import Config, Dtype, FieldError
 from overlap_bench.errors import UserError, describe_os_error
+from overlap_bench.metrics import REFERENCE
 
 log = logging.getLogger("overlap_bench.policy")
 
@@ -57,14 +58,18 @@ class Choice:
 
     strategy: str
     settings: Any
-    bucket: int | None
-    """The bucket's M, or None when no bucket applied (baseline)."""
+    bucket: int | None  # the bucket's M, or None when none applied (baseline)
     reason: str
 
     @property
     def label(self) -> str:
         """Display text (``strategies.label``)."""
         return strategies.label(self.strategy, self.settings)
+
+    @classmethod
+    def baseline(cls, reason: str, bucket: int | None = None) -> "Choice":
+        """The ring baseline (the reference), run for ``reason``."""
+        return cls(REFERENCE, strategies.make_settings(REFERENCE), bucket, reason)
 
 
 class ShapePolicy(Config):
@@ -74,8 +79,7 @@ class ShapePolicy(Config):
     name: str | None = None
     """The shapes' names (``+``-joined when several share K, N)."""
     threshold: int | None = Field(None, ge=0)
-    """Token count from which every bucket overlaps; below it a plain all-reduce runs (information only: the
-    buckets say what runs)."""
+    """Token count from which every bucket overlaps (information only: the buckets say what runs)."""
     buckets: Annotated[dict[Annotated[int, Field(ge=1)], Entry], Field(min_length=1),
                        AfterValidator(lambda b: dict(sorted(b.items())))]
     """``M: entry``, sorted by M on load."""
@@ -121,7 +125,6 @@ class PolicyFile(Config):
     """A policy file as written by ``overlap-bench export``."""
 
     meta: Meta
-    """Where and how it was measured."""
     shapes: Annotated[dict[Annotated[tuple[int, int], BeforeValidator(_shape_key)], ShapePolicy],
                       BeforeValidator(_distinct_shapes)]
     """``"K,N": shape policy``; a shape given twice (``2048,8192`` and ``2048, 8192``) is refused."""
@@ -152,17 +155,13 @@ class Policy:
             if (K, N) not in self._warned:
                 self._warned.add((K, N))
                 log.warning("no policy entry for K=%d, N=%d in %s: using baseline", K, N, self.path or "(empty policy)")
-            return _baseline(None, f"shape K={K}, N={N} not in policy")
+            return Choice.baseline(f"shape K={K}, N={N} not in policy")
         i = bisect.bisect_right(shape.ms, M) - 1
         if i < 0:
-            return _baseline(None, f"M={M} below the smallest bucket {shape.ms[0]}")
+            return Choice.baseline(f"M={M} below the smallest bucket {shape.ms[0]}")
         bucket = shape.ms[i]
         e = shape.buckets[bucket]
         return Choice(e.strategy, e.settings, bucket, f"bucket M={bucket} of {shape.name}")
-
-
-def _baseline(bucket: int | None, reason: str) -> Choice:
-    return Choice("baseline", strategies.make_settings("baseline"), bucket, reason)
 
 
 def policy_filename(device: str, world: int, dtype: str) -> str:
@@ -177,9 +176,8 @@ def _same_device(a: str, b: str) -> bool:
 
 def load_policy(path: str | os.PathLike, expect_world: int | None = None, expect_device: str | None = None,
                 fallback: bool = False) -> Policy:
-    """Load and validate a policy file; every problem (a ``meta`` unlike ``expect_world``/``expect_device``
-    too) raises :class:`PolicyError` naming file and field, or with ``fallback=True`` warns and gives a
-    baseline-only policy (run untuned rather than stop)."""
+    """Load and validate a policy file (its ``meta`` as ``expect_world``/``expect_device``): a problem raises
+    :class:`PolicyError` naming file and field, or with ``fallback`` warns and gives a baseline-only policy."""
     path = Path(path)
     try:
         doc = check.validate(PolicyFile, check.read_yaml(path), "the top level")
@@ -196,8 +194,7 @@ def load_policy(path: str | os.PathLike, expect_world: int | None = None, expect
 
 
 def find_policy(device: str, world: int, dtype: str) -> Path | None:
-    """The policy file for this device, world size and dtype in ``$OVERLAP_BENCH_POLICY_DIR``, else in the
-    package's ``configs/``, else None."""
+    """The policy file for this device, world size and dtype in ``$OVERLAP_BENCH_POLICY_DIR``, else ``configs/``."""
     name = policy_filename(device, world, dtype)
     folders = [Path(os.environ[ENV_DIR])] if os.environ.get(ENV_DIR) else []
     for folder in folders + [PACKAGE_DIR]:
@@ -211,7 +208,7 @@ def find_policy(device: str, world: int, dtype: str) -> Path | None:
 
 
 def load_policy_for(device: str, world: int, dtype: str) -> Policy:
-    """The policy found by :func:`find_policy`, or a baseline-only one (with a warning) when there is none."""
+    """The policy :func:`find_policy` finds, else a baseline-only one (with a warning)."""
     path = find_policy(device, world, dtype)
     if path is None:
         where = ", ".join(filter(None, [os.environ.get(ENV_DIR), str(PACKAGE_DIR)]))

@@ -22,14 +22,10 @@ from overlap_bench.keys import BucketKey, case_key
 
 log = logging.getLogger("overlap_bench.records")
 
-RECORDS = "records.jsonl"
-"""A run folder's log of measured cases, any kind (``RunFolder.append``)."""
-CONFIRM = "confirm.jsonl"
-"""The confirmation stage's log (``kind`` confirm): one record per timed region and side."""
-MAX_FILE_BYTES = 1 << 30
-"""The largest record file read: a bigger one is not a run's log."""
-SCREEN = "screen.jsonl"
-"""The screen's log (``kind`` screen), laid out as ``confirm.jsonl``."""
+RECORDS = "records.jsonl"  # a run folder's log of measured cases, any kind
+CONFIRM = "confirm.jsonl"  # the confirmation's log (kind confirm): one record per timed region and side
+SCREEN = "screen.jsonl"  # the screen's log (kind screen), laid out as confirm.jsonl
+MAX_FILE_BYTES = 1 << 30  # the largest record file read: a bigger one is not a run's log
 
 
 @dataclass
@@ -49,9 +45,7 @@ class Record:
     settings: dict[str, Any]
     label: str  # canonical strategy:key=value,... text, usable on the command line
     env: dict[str, str]  # the process environment variant the job was started with
-    kind: str = "sweep"
-    """``sweep`` (a sweep's or ``run``'s case), ``compare`` or ``confirm`` (one timed region of one side of an
-    A/B measurement; ``extra``: :class:`ABTag`), ``model`` or ``interference``."""
+    kind: str = "sweep"  # sweep, model, interference, or compare/screen/confirm (an A/B side; extra: ABTag)
     bias: bool = False
     status: str = "ok"  # ok, failed (numerics or an error), unavailable (cannot run here) or skipped
     reason: str | None = None
@@ -83,7 +77,7 @@ class Record:
         return self.status == "ok"
 
     def key(self) -> tuple:
-        """Identity of the case for ``--resume`` (:func:`keys.case_key`)."""
+        """Identity of the case for ``--resume``."""
         return case_key(self)
 
     @property
@@ -92,12 +86,12 @@ class Record:
 
     @property
     def ab(self) -> "ABTag":
-        """This ``compare``/``confirm`` record's side of its A/B measurement."""
+        """This A/B record's side of its measurement."""
         return ABTag.of(self.extra)
 
     @property
     def base_refs(self) -> list[tuple[float, float]]:
-        """A sweep record's baseline ``(t, iqr)`` measured before its group and bracketing it."""
+        """A sweep record's baseline ``(t, iqr)`` measured before and around its group."""
         return [(math.nan if t is None else t, math.nan if i is None else i)
                 for t, i in self.extra.get("t_base_refs", [])]
 
@@ -118,10 +112,8 @@ class Record:
                                "is not a JSON object") from None
 
 
-JsonInt = Annotated[int, Field(gt=-2 ** 53, lt=2 ** 53)]
-"""An integer that JSON readers and pandas hold exactly."""
-NanFloat = Annotated[float, BeforeValidator(lambda v: math.nan if v is None else v)]
-"""A time or metric: null (how :meth:`Record.to_json` writes NaN) reads back as NaN."""
+JsonInt = Annotated[int, Field(gt=-2 ** 53, lt=2 ** 53)]  # held exactly by JSON readers and pandas
+NanFloat = Annotated[float, BeforeValidator(lambda v: math.nan if v is None else v)]  # null (NaN written) reads NaN
 
 
 @functools.cache
@@ -151,7 +143,7 @@ def json_safe(x: Any) -> Any:
 
 @dataclass(frozen=True)
 class ABTag:
-    """``extra`` of a ``compare`` or ``confirm`` record (``bench.run_ab``), read typed."""
+    """``extra`` of an A/B record (``bench.run_ab``), read typed."""
 
     side: str  # a (a confirmation's baseline) or b
     pair: tuple[str, str]  # both sides' labels
@@ -168,7 +160,7 @@ class ABTag:
 
 
 class Loaded(NamedTuple):
-    """What :func:`load_records` found: the records, and the 1-based numbers of the lines skipped (not JSON)."""
+    """What :func:`load_records` found: the records, and the 1-based numbers of lines skipped (not JSON)."""
 
     records: list[Record]
     torn_lines: list[int]
@@ -179,9 +171,8 @@ class RecordsError(UserError):
 
 
 def open_regular(path: Path) -> IO[str] | None:
-    """``path`` opened for reading, or None when it does not exist. A FIFO, a device (also behind a symlink)
-    or a file over :data:`MAX_FILE_BYTES` raises :class:`RecordsError`, checked on the descriptor before any
-    byte is read: no such file can block a command or feed it without end."""
+    """``path`` opened for reading (None: it does not exist); a FIFO, a device or a file over
+    :data:`MAX_FILE_BYTES` is refused before any byte is read, so none can block or feed a command without end."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -199,13 +190,13 @@ _reported: set[tuple[str, int]] = set()
 
 
 def report_skipped_afresh() -> None:
-    """Forget which files' skipped lines were reported: each command reports them once (the CLI calls this)."""
+    """Forget which files' skipped lines were reported (each command reports them once)."""
     _reported.clear()
 
 
 def load_records(run_dir: str | os.PathLike, name: str = RECORDS) -> Loaded:
-    """Read ``run_dir/name`` (:func:`open_regular`); torn lines (not JSON: a write cut short) are skipped,
-    listed and reported once as a warning. A line that is JSON but not a record raises :class:`RecordsError`."""
+    """Read ``run_dir/name``: lines not JSON (a write cut short) are skipped and warned of once; a line that is
+    JSON but not a record raises :class:`RecordsError`."""
     path = Path(run_dir) / name
     out = Loaded([], [])
     fh = open_regular(path)

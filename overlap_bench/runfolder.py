@@ -1,6 +1,5 @@
-"""The run folder: every file name in it, the one way files are written there (:class:`RunFolder`: fsync'd
-appends for logs, atomic replacement for the rest), one writer at a time (:func:`lock`, ``run.lock``), and
-``run.json``: the kind of run that owns the folder and, for a sweep, its identity checked on ``--resume``."""
+"""The run folder: its file names, the one way to write there (:class:`RunFolder`), one writer at a time
+(:func:`lock`), and ``run.json``: the kind of run that owns it and, for a sweep, its identity for ``--resume``."""
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ import os
 import socket
 import tempfile
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any, Iterator
 
@@ -31,8 +30,7 @@ ENV = "env.json"
 SPEC = "spec.yaml"
 SUMMARY = "summary.md"
 TABLES_MD, TABLES_CSV = "tables.md", "tables.csv"
-MODEL = "model.jsonl"
-"""The model benchmark's records (``kind: model``), one per (M, mode)."""
+MODEL = "model.jsonl"  # the model benchmark's records (kind model), one per (M, mode)
 COMPARE_JSON, COMPARE_MD = "compare.json", "compare.md"
 INTERFERENCE_MD, INTERFERENCE_CSV = "interference.md", "interference.csv"
 PREDICTION_MD, PREDICTION_JSON = "prediction.md", "prediction.json"
@@ -45,8 +43,8 @@ def plot_name(kind: str, slug: str) -> str:
 
 @contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
-    """Open a temp file beside ``path``; on success it is fsync'd, given the usual mode (mkstemp makes
-    0600) and renamed over ``path``, so readers never see half a file; on any error it is removed."""
+    """A temp file beside ``path``, fsync'd, given the usual mode (not mkstemp's 0600) and renamed over ``path``
+    on success (readers never see half a file), removed on error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -72,8 +70,7 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 class RunFolder:
-    """One run folder and every write into it: a log gets one fsync'd line per record (a torn last line is
-    ended before the next append), any other file is replaced atomically."""
+    """One run folder and every write into it: fsync'd appends to logs, atomic replacement for the rest."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -85,12 +82,12 @@ class RunFolder:
     def __fspath__(self) -> str:
         return str(self.path)
 
-    __str__ = __fspath__  # str(folder) is its path, as for a Path (it is passed where paths are expected)
+    __str__ = __fspath__
 
     @contextmanager
     def claim(self, kind: str, flag: str = "--out", command: str = "") -> Iterator[Path]:
-        """Hold the folder's lock (:func:`lock`) while a command writes a ``kind`` run there. A folder that
-        holds another kind of run is refused in one line; a new one gets a ``run.json`` naming kind and command."""
+        """Hold the folder's :func:`lock` while a ``kind`` run writes there; another kind's folder is refused,
+        a new one gets a ``run.json`` naming kind and command."""
         with lock(self.path, flag, command):
             held = self.kind()
             if held is not None and held[0] != kind:
@@ -102,8 +99,8 @@ class RunFolder:
             yield self.path
 
     def kind(self) -> tuple[str, str] | None:
-        """``(kind, the file that says so)`` of the run this folder holds (None: none): ``run.json``'s kind
-        (a sweep's, where it names none), else its records' or a file only that kind writes (before run.json)."""
+        """``(kind, the file that says so)`` of the run held here, or None: from ``run.json`` (no kind: a sweep),
+        else from its records or a file only that kind writes (folders made before run.json)."""
         doc = read_identity(self.path, strict=False)
         if doc is not None:
             return doc.get("kind", "sweep"), IDENTITY
@@ -114,7 +111,7 @@ class RunFolder:
         return next(((k, name) for name, k in only.items() if (self.path / name).exists()), None)
 
     def write_text(self, name: str, text: str) -> Path:
-        """Replace ``name`` with ``text`` atomically; returns its path."""
+        """Replace ``name`` with ``text`` atomically."""
         write_atomic(self.path / name, text)
         return self.path / name
 
@@ -133,7 +130,7 @@ class RunFolder:
         self.write_json(ENV, envinfo.collect())
 
     def append(self, record: Any, name: str = RECORDS) -> None:
-        """Append one record (anything with ``to_json()``) to the log ``name`` as one fsync'd line."""
+        """Append ``record.to_json()`` to the log ``name`` as one fsync'd line."""
         path = self.path / name
         if name not in self._ended:  # a line torn by a crash must not glue onto the next record: end it
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,8 +146,7 @@ class RunFolder:
             os.fsync(fh.fileno())
 
     def load(self, name: str = RECORDS) -> Loaded:
-        """The records of the log ``name`` (:func:`records.load_records`); a screen's or confirmation's are
-        checked to be this run's (:meth:`check_stage`)."""
+        """The records of the log ``name``; a screen's or confirmation's are checked to be this run's."""
         loaded = load_records(self.path, name)
         if name in (SCREEN, CONFIRM) and loaded.records:
             self.check_stage(name, loaded.records, read_identity(self.path, strict=False) or {},
@@ -158,10 +154,8 @@ class RunFolder:
         return loaded
 
     def check_stage(self, name: str, records: list[Any], ident: dict[str, Any], first: list[Any] | None) -> None:
-        """Refuse (:class:`RecordsError`, naming the log) screen or confirmation ``records`` of another run: one
-        stamped with another ``run_id`` than ``ident``'s, one without a stamp where the run stamps all of its own
-        (records made before stamps load where ``ident`` has no ``run_id`` or ``stamped_since``), or one that
-        re-measures a case the ``first`` pass does not hold (None: not checked, the pass may be unfinished)."""
+        """Refuse (:class:`RecordsError`) second-stage ``records`` of another run: another ``run_id`` than
+        ``ident``'s, none where the run stamps all its own, or a case the ``first`` pass lacks (None: unchecked)."""
         run, legacy = ident.get("run_id"), "run_id" not in ident or "stamped_since" in ident
         cases = {(r.bucket, r.label) for r in first or ()}
         for r in records:
@@ -181,7 +175,7 @@ class FolderBusy(UserError):
 
 
 def ensure_folder(path: Path, flag: str) -> Path:
-    """Create ``path`` (and parents) as a folder; what prevents it becomes one :class:`UserError` naming ``flag``."""
+    """Create the folder ``path``; what prevents it is one :class:`UserError` naming ``flag``."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
@@ -191,9 +185,9 @@ def ensure_folder(path: Path, flag: str) -> Path:
     return path
 
 
-def _holder(text: str) -> dict[str, Any]:
+def _holder(data: bytes) -> dict[str, Any]:
     try:
-        info = json.loads(text)
+        info = json.loads(data.decode("utf-8", errors="replace"))
     except ValueError:
         return {}
     return info if isinstance(info, dict) else {}
@@ -218,9 +212,8 @@ def _busy(fd: int) -> bool:
 
 @contextmanager
 def lock(folder: str | os.PathLike, flag: str = "--out", command: str = "") -> Iterator[Path]:
-    """Hold ``folder/run.lock`` exclusively while the block runs (the folder is created first). A second
-    writer gets :class:`FolderBusy` naming the holder; a lock whose holder died is taken over with a warning;
-    one from another host cannot be checked (``flock`` need not reach across machines): refused with its path."""
+    """Hold ``folder/run.lock`` while the block runs: a second writer gets :class:`FolderBusy`, a dead holder's
+    lock is taken over with a warning, another host's is refused (``flock`` need not reach across machines)."""
     folder = ensure_folder(Path(folder), flag)
     path = folder / LOCK
     host = socket.gethostname()
@@ -231,18 +224,15 @@ def lock(folder: str | os.PathLike, flag: str = "--out", command: str = "") -> I
             raise UserError(f"{flag}: {describe_os_error(exc)}; give a folder you can write") from None
         if _busy(fd):
             os.close(fd)
-            info = _holder(path.read_text(encoding="utf-8", errors="replace") if path.exists() else "")
+            info = _holder(path.read_bytes() if path.exists() else b"")
             raise FolderBusy(f"{flag}: {folder} is being written by {_describe(info)}; wait for it to end "
                              "or choose another folder")
-        try:  # the previous holder may have removed the file between our open and our flock: retry
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
+        with suppress(FileNotFoundError):  # else the previous holder removed the file since our open: retry
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
         os.close(fd)
     try:
-        old = _holder(os.read(fd, 1 << 16).decode("utf-8", errors="replace"))
+        old = _holder(os.read(fd, 1 << 16))
         if old:
             if old.get("host") not in (None, host):
                 raise FolderBusy(f"{flag}: {folder} has a lock from {_describe(old)}, another machine, which "
@@ -256,23 +246,20 @@ def lock(folder: str | os.PathLike, flag: str = "--out", command: str = "") -> I
         try:
             yield folder
         finally:
-            try:
+            with suppress(OSError):
                 os.unlink(path)  # still holding the flock, so no other writer is between these two steps
-            except OSError:
-                pass
     finally:
         os.close(fd)
 
 
 def writer(folder: str | os.PathLike) -> str | None:
-    """Who holds ``folder``'s lock now (None: nobody), e.g. a sweep still running, or a lock from another
-    machine, which cannot be checked from here."""
+    """Who holds ``folder``'s lock now (None: nobody); a lock from another machine counts as held."""
     try:
         fd = os.open(Path(folder) / LOCK, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
     try:
-        info = _holder(os.read(fd, 1 << 16).decode("utf-8", errors="replace"))
+        info = _holder(os.read(fd, 1 << 16))
         busy = info.get("host") not in (None, socket.gethostname()) or _busy(fd)
         return _describe(info) if busy else None
     finally:
@@ -287,19 +274,16 @@ def _text(x: Any) -> str:
 
 
 def grid_sha256(grid: dict[str, Any], listed: bool = False) -> str:
-    """SHA-256 of a sweep's case grid, its lists sorted (the same cases listed in another order are the same
-    grid); ``listed``: in the spec's order, as folders made before that were hashed."""
+    """SHA-256 of a sweep's case grid with its lists sorted (``listed``: in the spec's order, as older folders)."""
     canon = grid if listed else {k: sorted(v, key=_text) if isinstance(v, list) else v for k, v in grid.items()}
     return hashlib.sha256(_text(canon).encode()).hexdigest()
 
 
 def identity(grid: dict[str, Any], options: dict[str, Any], version: str) -> dict[str, Any]:
-    """A sweep's ``run.json`` at creation: a new ``run_id`` (its screen and confirmation records carry it), the
-    case grid's SHA-256, the options, the tool version, the time."""
+    """A new sweep's ``run.json``: a fresh ``run_id`` (its second stages' records carry it), grid hash, options."""
     return {"kind": "sweep", "run_id": uuid.uuid4().hex, "command": envinfo.command_line(),
-            "spec_sha256": grid_sha256(grid),
-            "options": dict(options), "overlap_bench": version, "created": utc_now(), "host": socket.gethostname(),
-            "resumes": []}
+            "spec_sha256": grid_sha256(grid), "options": dict(options), "overlap_bench": version,
+            "created": utc_now(), "host": socket.gethostname(), "resumes": []}
 
 
 def read_identity(folder: str | os.PathLike, strict: bool = True) -> dict[str, Any] | None:
@@ -327,10 +311,9 @@ def _diffs(old: dict[str, Any], new: dict[str, Any], known_only: bool = False) -
 
 def check_identity(folder: Path, new: dict[str, Any], *, has_records: bool, force: bool,
                    records_options: list[dict[str, Any]] | None = None, listed_sha256: str = "") -> dict[str, Any]:
-    """The identity to write for a sweep in ``folder``: ``new`` for a folder without records, else the
-    folder's own with this resume appended. Another spec or other options raise :class:`UserError` unless
-    ``force``; a folder without ``run.json`` is checked against its records' options (``records_options``);
-    ``listed_sha256`` (:func:`grid_sha256` ``listed``) is this spec's hash in a folder made before lists were sorted."""
+    """The identity to write: ``new`` without records, else the folder's own with this resume appended. Another
+    spec or options (``records_options`` where there is no run.json; ``listed_sha256``: the spec hashed as older
+    folders were) raise :class:`UserError` unless ``force``."""
     if not has_records:  # nothing measured yet (or a run that ended before its first record): start afresh
         return new
     old = read_identity(folder)

@@ -1,6 +1,5 @@
-"""What a run ships, decided once: records -> the latest per case -> scored against each bucket's reference
-(:data:`RULE`) -> the first pass's best per bucket -> confirmation -> the env variant and policy slot: one
-:class:`Decision` per bucket, which tables, summary and policy render and never decide again."""
+"""What a run ships, decided once: records -> latest per case -> scored (:data:`RULE`) -> best per bucket ->
+confirmation -> env variant and policy slot: one :class:`Decision` per bucket, which every output renders."""
 
 from __future__ import annotations
 
@@ -20,22 +19,21 @@ from overlap_bench.stats import MIN_EFFECT, geomean
 
 log = logging.getLogger("overlap_bench.select")
 
+# The first pass's rule, and how numbers against the best plain all-reduce are taken: each stated once where shown.
 RULE = ("t_base is the reference: the fastest baseline measurement at that M (the one taken before the "
         "strategies, or the baseline strategy's own record); speedup = t_base / t; eta = (t_base − t) / "
         f"(t_base − max(t_gemm, t_comm)), n/a where that hideable time is below {metrics.ETA_MIN_ROOM:.0%} of t_base "
         f"or {metrics.ETA_MIN_SPREADS:g}× the spread. "
         "The best setting is the fastest ok one if it beats t_base beyond the measured spread (t + iqr/2 < "
         "t_base − iqr_base/2) and the references are consistent, else the baseline.")
-"""The first pass's rule, stated once for tables.md and summary.md."""
 PLAIN_RULE = ("vs best plain = t_plain / t, where t_plain is the fastest plain all-reduce at that M (t_base, or a "
               "faster `baseline:comm=...` record: no overlap, another all-reduce); eta vs plain = (t_plain − t) / "
               "(t_plain − max(t_gemm, t_comm)), n/a by the same rule: the hidden fraction of what the fastest plain "
               "all-reduce still costs.")
-"""How the numbers against the best plain all-reduce are taken, stated once where they are shown."""
 
 
 def latest(records: Iterable[Record]) -> list[Record]:
-    """One record per case (bucket and label), in file order: a case measured again keeps its last line."""
+    """One record per case (bucket and label), in file order, its last line."""
     records = list(records)
     last = {(r.bucket, r.label): i for i, r in enumerate(records)}
     return [records[i] for i in sorted(last.values())]
@@ -77,8 +75,8 @@ def _scored(records: Iterable[Record]) -> tuple[list[Record], dict[BucketKey, tu
 
 
 def score(records: Iterable[Record]) -> list[Record]:
-    """The :func:`latest` records (file order) with ``t_base_ms`` their bucket's reference, and ``speedup``,
-    ``eta`` and ``ideal_ms`` derived from it."""
+    """The :func:`latest` records with ``t_base_ms`` their bucket's reference and ``speedup``, ``eta``, ``ideal_ms``
+    derived from it."""
     return _scored(records)[0]
 
 
@@ -90,8 +88,7 @@ class Best:
     strategy: str
     settings: dict[str, Any]
     label: str
-    t_ms: float
-    """The winner's time (the reference itself when the baseline wins)."""
+    t_ms: float  # the winner's time (the reference itself when the baseline wins)
     t_iqr_ms: float
     t_base_ms: float
     t_base_iqr_ms: float
@@ -100,21 +97,13 @@ class Best:
     speedup: float
     eta: float
     rel_err: float
-    candidates: int
-    """Settings with a time here (of which this is the best: more candidates, more selection bias)."""
-    peers: dict[str, float] = field(default_factory=dict)
-    """Speedup of each peer strategy (``strategies.peers()``, e.g. ``pr``)."""
-    flags: tuple[str, ...] = ()
-    """What makes the bucket's numbers doubtful."""
-    scored: tuple[Record, ...] = field(default=(), repr=False)
-    """The bucket's latest records, scored (every row of its tables)."""
-    t_plain_ms: float = math.nan
-    """The fastest plain all-reduce here (``metrics.best_plain``): ``t_base``, or a faster reference's time."""
-    plain: str = REFERENCE
-    """Its label: ``baseline``, or the faster ``baseline:comm=...``."""
-    vs_plain: dict[str, tuple[float, float]] = field(default_factory=dict)
-    """Per ok label (and the winner's), ``(speedup, eta)`` against ``t_plain_ms`` (``metrics.speedup_vs_plain``,
-    ``metrics.eta_vs_plain``)."""
+    candidates: int  # settings with a time here (more candidates, more selection bias)
+    peers: dict[str, float] = field(default_factory=dict)  # speedup of each peer strategy (e.g. pr)
+    flags: tuple[str, ...] = ()  # what makes the bucket's numbers doubtful
+    scored: tuple[Record, ...] = field(default=(), repr=False)  # the bucket's latest records, scored
+    t_plain_ms: float = math.nan  # the fastest plain all-reduce here: t_base, or a faster reference's time
+    plain: str = REFERENCE  # its label: baseline, or the faster baseline:comm=...
+    vs_plain: dict[str, tuple[float, float]] = field(default_factory=dict)  # label -> (speedup, eta) vs t_plain_ms
 
     @property
     def M(self) -> int:
@@ -137,10 +126,8 @@ class Best:
 
 
 def best(records: Iterable[Record]) -> list[Best]:
-    """The winner per bucket, in key order. Among ok records the lowest ``t_ms`` wins (a plain reference too),
-    but a winner other than the reference is kept only when it beats it beyond the measured spread (``t + iqr/2
-    < t_base - iqr_base/2``) and the references are consistent; otherwise, and when nothing passed, the winner
-    is ``baseline``. Each gets its numbers against the best plain all-reduce (:attr:`Best.vs_plain`)."""
+    """The winner per bucket, in key order: the fastest ok record where it beats the reference beyond the spread
+    and the references are consistent (:data:`RULE`), else ``baseline``; with its numbers against the best plain."""
     scored, refs = _scored(records)
     peer_names = strategies.peers()
     out = []
@@ -179,8 +166,7 @@ def _vs_plain(t_plain: float, plain_iqr: float, r: Record) -> tuple[float, float
 
 
 def threshold(winners: Iterable[tuple[int, str]]) -> int | None:
-    """Smallest M from which every larger M's ``(M, strategy)`` overlaps (is not a plain all-reduce: not the
-    baseline in any ``comm``); None if the largest M's is plain."""
+    """Smallest M from which every larger M's ``(M, strategy)`` overlaps (is not plain); None if the largest is."""
     winners = sorted(winners, reverse=True)
     if len({m for m, _ in winners}) != len(winners):
         raise ValueError("threshold() takes one winner per M")
@@ -199,22 +185,17 @@ class Decision:
     strategy: str
     settings: dict[str, Any]
     label: str
-    speedup: float
-    """Confirmed where confirmed, else the first pass's (1.0 for a baseline shipped without confirmation)."""
+    speedup: float  # confirmed where confirmed, else the first pass's (1.0: a baseline shipped unconfirmed)
     eta: float
-    why: str
-    """``confirmed``, ``baseline: not confirmed``, ``baseline: no confirmation`` or ``first pass (unconfirmed)``."""
+    why: str  # confirmed, baseline: not confirmed, baseline: no confirmation, or first pass (unconfirmed)
     confirmation: confirm.Outcome | None = None
-    in_policy: bool = False
-    """Whether the policy of its (dtype, world) holds it: its env variant is the chosen one and no bucket of
-    another shape with the same (K, N, M) ships faster."""
+    in_policy: bool = False  # in its (dtype, world) policy: the chosen env, and fastest of its (K, N, M)
 
 
 def decide(records: Iterable[Record], confirmations: Iterable[Record] = (), *, unconfirmed: bool = False,
            env: dict[str, str] | None = None, min_effect: float = MIN_EFFECT) -> list[Decision]:
-    """Every bucket's decision, in key order: what :func:`confirm.decide` ships from its confirmation records
-    (``confirm.load``), else the baseline (with ``unconfirmed``: the first pass's pick). Each (dtype, world)'s
-    policy takes the env variant ``env``, else the one whose first-pass winners are fastest (:func:`_pick_env`)."""
+    """Every bucket's decision, in key order: what its confirmation ships, else the baseline (``unconfirmed``: the
+    first pass's pick); each (dtype, world)'s policy takes the env variant ``env``, else the fastest one."""
     confirmations = list(confirmations)
     samples = confirm.by_bucket(confirmations)
     got: dict[BucketKey, dict[str, list[Record]]] = {}
@@ -247,9 +228,8 @@ def _ship(b: Best, got: dict[str, list[Record]] | None, samples: dict, unconfirm
 
 
 def _pick_env(decisions: list[Decision]) -> Env:
-    """The env variant whose first-pass winners are fastest: geometric mean of their absolute times over the
-    (shape, M) cases every variant measured. Not their speedups: a variable that slows the baseline too would
-    look better against its own slower baseline while being slower."""
+    """The env variant whose first-pass winners are fastest (geomean of absolute times over the cases all measured;
+    not speedups: a variable slowing the baseline too would look better against its own slower baseline)."""
     by_env: dict[str, list[Best]] = {}
     for d in decisions:
         by_env.setdefault(d.key.env.text, []).append(d.best)
@@ -266,8 +246,7 @@ def _pick_env(decisions: list[Decision]) -> Env:
 
 
 def _place(decisions: list[Decision], env: dict[str, str] | None) -> list[Decision]:
-    """Mark the decisions each (dtype, world)'s policy holds: the chosen env variant's, and per (K, N, M) the
-    fastest shipped of the shapes sharing it (two shape names with one (K, N) are one product)."""
+    """Mark what each (dtype, world)'s policy holds: the chosen env's decisions, per (K, N, M) the fastest."""
     slots: dict[tuple, list[int]] = {}
     by_family: dict[tuple, list[int]] = {}
     for i, d in enumerate(decisions):

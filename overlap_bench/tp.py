@@ -15,7 +15,7 @@ from torch.distributed.tensor.parallel import RowwiseParallel
 
 from overlap_bench import strategies
 from overlap_bench.layer import run_choice
-from overlap_bench.metrics import REFERENCE, is_reference
+from overlap_bench.metrics import is_reference
 from overlap_bench.policy import Choice, Policy
 
 
@@ -39,8 +39,7 @@ class _RowParallel(torch.autograd.Function):
 
 
 def _one_range(choice: Choice, m: int) -> bool:
-    """Whether ``choice`` runs one product and one all-reduce at ``m`` rows (its baseline path: a strategy below
-    its own threshold, as ``pr`` below 16384 tokens)."""
+    """Whether ``choice`` runs one product and one all-reduce at ``m`` rows (below its own threshold, as ``pr``)."""
     split = strategies.get(choice.strategy).split
     try:
         return split is not None and len(split(m, choice.settings).bounds) == 1
@@ -49,12 +48,9 @@ def _one_range(choice: Choice, m: int) -> bool:
 
 
 class PolicyRowwiseParallel(RowwiseParallel):
-    """A drop-in for ``RowwiseParallel``: torch shards the weight (``Shard(1)``, bias replicated) and lays out
-    input and output; on an ``nn.Linear`` the policy's choice for its ``(K per rank, N)`` and the call's token
-    rows (every leading dimension) runs the product and all-reduce. Where the policy answers baseline (or a
-    choice below its own threshold), for an output layout other than ``Replicate`` (torch's reduce-scatter) or
-    a K the mesh does not split evenly, the layer runs ``RowwiseParallel``'s own forward.
-    ``module.last_choice`` says what ran."""
+    """A drop-in for ``RowwiseParallel`` whose ``nn.Linear`` runs the policy's choice for its (K per rank, N) and
+    the call's token rows; for baseline (or a choice below its threshold), a non-``Replicate`` output or an uneven
+    K, torch's own forward runs. ``module.last_choice`` says what ran."""
 
     def __init__(self, *, policy: Policy, input_layouts: Placement | None = None,
                  output_layouts: Placement | None = None, use_local_output: bool = True) -> None:
@@ -75,7 +71,7 @@ class PolicyRowwiseParallel(RowwiseParallel):
 
     def choose(self, module: nn.Linear, mesh: DeviceMesh, m: int) -> Choice:
         """What ``module`` runs for ``m`` token rows (the policy's choice, or why torch's own path runs)."""
-        k, n = module.weight.shape[1], module.weight.shape[0]
+        n, k = module.weight.shape
         bucket = None
         if self.output_layouts != (Replicate(),):
             why = f"output layout {self.output_layouts[0]}: RowwiseParallel's reduce-scatter"
@@ -87,7 +83,7 @@ class PolicyRowwiseParallel(RowwiseParallel):
                 return choice
             bucket = choice.bucket
             why = f"{choice.label} at M={m} is one product and all-reduce (below its own threshold)"
-        return Choice(REFERENCE, strategies.make_settings(REFERENCE), bucket, why)
+        return Choice.baseline(why, bucket)
 
     def _forward(self, module: nn.Linear, mesh: DeviceMesh, x: DTensor) -> DTensor:
         """``x``: Shard(-1) (torch's input hook made it so); a Replicate output for torch's output hook."""
