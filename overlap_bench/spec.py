@@ -1,5 +1,5 @@
-"""Sweep specs: YAML in, a validated :class:`SweepSpec` out (pydantic), expanded into :class:`Case` lists. Every
-error is a one-line :class:`SpecError` naming the field and the fix; nothing here starts a process."""
+"""Sweep specs: YAML in, a validated :class:`SweepSpec` out, expanded into :class:`Case` lists; every error is a
+one-line :class:`SpecError` naming the field and the fix."""
 
 from __future__ import annotations
 
@@ -45,8 +45,7 @@ class Shape:
 
 @dataclass(frozen=True)
 class Case:
-    """One measurement: a shape at M tokens, a dtype, a strategy with its typed settings
-    (``strategies.make_settings``), and the process environment variant as sorted items (hashable)."""
+    """One measurement: a shape at M tokens, a dtype, a strategy with typed settings, an env variant (sorted items)."""
 
     shape: str
     K: int
@@ -71,21 +70,16 @@ class Case:
 class PresetShape(Config):
     """YAML ``{preset, tp}``: a model's o_proj and down_proj, K per rank at ``tp`` (default: the world size)."""
 
-    preset: str
-    """A model of :data:`presets.PRESETS`, e.g. ``qwen2.5-72b``."""
-    tp: int | None = Field(None, ge=1)
-    """Tensor-parallel size; it must divide the model's K."""
+    preset: str  # a model of presets.PRESETS, e.g. qwen2.5-72b
+    tp: int | None = Field(None, ge=1)  # tensor-parallel size; it must divide the model's K
 
 
 class ExplicitShape(Config):
     """YAML ``{name, K, N}``: K per rank; the name defaults to ``K<K>xN<N>``."""
 
-    name: str | None = None
-    """Shape name in tables and file names."""
-    K: Dim
-    """Inner dimension per rank."""
-    N: Dim
-    """Output features."""
+    name: str | None = None  # shape name in tables and file names
+    K: Dim  # inner dimension per rank
+    N: Dim  # output features
 
 
 _SHAPE_FORMS = TypeAdapter(list[Annotated[PresetShape | ExplicitShape, BeforeValidator(
@@ -110,14 +104,10 @@ def _shapes(raw: Any, info: ValidationInfo) -> list[Shape]:
 class TokenRange(Config):
     """YAML ``{start, stop, mul}`` (geometric) or ``{start, stop, step}`` (linear), both ends included."""
 
-    start: Dim
-    """The first M."""
-    stop: Dim
-    """The last M at most."""
-    mul: int | None = Field(None, ge=2)
-    """Each M is the previous one times this."""
-    step: int | None = Field(None, ge=1)
-    """Each M is the previous one plus this."""
+    start: Dim  # the first M
+    stop: Dim  # the last M at most
+    mul: int | None = Field(None, ge=2)  # each M is the previous one times this
+    step: int | None = Field(None, ge=1)  # each M is the previous one plus this
 
     @model_validator(mode="after")
     def _one_rule(self) -> "TokenRange":
@@ -182,38 +172,29 @@ EnvValue = Annotated[str, BeforeValidator(lambda v: str(v) if type(v) is int els
 
 
 class SweepSpec(Config):
-    """A sweep: ``SweepSpec(**yaml_mapping)`` checks every field and expands the YAML forms (presets, token
-    ranges, strategy grids) into the lists below; :func:`parse_spec` turns a failure into a :class:`SpecError`."""
+    """A sweep: every field checked and the YAML forms (presets, token ranges, strategy grids) expanded into the
+    lists below; :func:`parse_spec` turns a failure into a :class:`SpecError`."""
 
-    name: str = "sweep"
-    """Used in file names and titles."""
-    backend: str = Field("auto", validate_default=True)
-    """``auto`` (nccl with GPUs, else gloo), ``nccl`` or ``gloo``."""
-    world_size: int | None = Field(None, ge=1, validate_default=True)
-    """Ranks; default every visible GPU, or 2 on CPU."""
+    name: str = "sweep"  # used in file names and titles
+    backend: str = Field("auto", validate_default=True)  # auto (nccl with GPUs, else gloo), nccl or gloo
+    world_size: int | None = Field(None, ge=1, validate_default=True)  # ranks; default every GPU, or 2 on CPU
     dtypes: Annotated[list[Dtype], Listed] = ["bfloat16"]
-    """Element types: bfloat16, float16, float32."""
+    # Presets {preset, tp} (a model's o_proj and down_proj) or {name, K, N}, expanded.
     shapes: Annotated[list[Shape], BeforeValidator(_shapes)]
-    """Presets ``{preset, tp}`` (a model's o_proj and down_proj) or ``{name, K, N}``, expanded."""
+    # Token counts M, sorted: a list, or {start, stop, mul} / {start, stop, step}.
     tokens: Annotated[list[Dim], Listed, BeforeValidator(lambda v: TokenRange.model_validate(v).values()
                                                           if isinstance(v, dict) else v),
                       AfterValidator(lambda v: sorted(set(v)))]
-    """Token counts M, sorted: a list, or ``{start, stop, mul}`` / ``{start, stop, step}``."""
+    # (name, settings), one per grid point: names, or {name, setting: [values]} grids.
     strategies: Annotated[list[tuple[str, Any]], BeforeValidator(_strategies)]
-    """``(name, settings)``, one per grid point: names, or ``{name, setting: [values]}`` grids."""
-    bias: bool = False
-    """Give the layer a bias (counted once in the reduced output)."""
+    bias: bool = False  # give the layer a bias (counted once in the reduced output)
+    # Process environment variants; each runs as its own job (some knobs act only before CUDA starts).
     env: Annotated[list[Annotated[dict[str, EnvValue], BeforeValidator(lambda v: {} if v is None else v),
                                   AfterValidator(_env)]], Listed, AfterValidator(_distinct)] = [{}]
-    """Process environment variants; each runs as its own job (some knobs act only before CUDA starts)."""
-    warmup: int = Field(WARMUP, ge=0)
-    """Untimed calls before each timed region."""
-    reps: int = Field(REPS, ge=1)
-    """Timed calls per region (median and IQR over them)."""
-    timeout_s: float = Field(300.0, gt=0, le=1e7)
-    """Collective timeout in seconds: a hung rank ends the job after this long (bounded: it becomes a timedelta)."""
-    confirm_repeats: int = CONFIRM_REPEATS
-    """Interleaved repeats per side in the confirmation stage (``sweep --confirm-repeats`` overrides)."""
+    warmup: int = Field(WARMUP, ge=0)  # untimed calls before each timed region
+    reps: int = Field(REPS, ge=1)  # timed calls per region (median and IQR over them)
+    timeout_s: float = Field(300.0, gt=0, le=1e7)  # collective timeout: a hung rank ends the job after this long
+    confirm_repeats: int = CONFIRM_REPEATS  # interleaved repeats per side in the confirmation stage
 
     @field_validator("backend")
     @classmethod
@@ -262,9 +243,8 @@ class SweepSpec(Config):
 
 
 def check_memory(spec: SweepSpec) -> str | None:
-    """On gloo every rank runs on this machine: a case that cannot fit in its memory is refused (the OOM killer
-    would end it, which no rank can report), and a note is returned when the GEMM work is far from a quick run.
-    Not part of :func:`parse_spec`, so a GPU spec still validates on a CPU machine."""
+    """On gloo (all ranks on this machine) refuse a case beyond its memory (the OOM killer ends ranks silently);
+    return a note when the GEMM work is far from a quick run. Apart from :func:`parse_spec`: GPU specs validate here."""
     if spec.backend != "gloo":
         return None
     try:
@@ -291,16 +271,15 @@ def check_memory(spec: SweepSpec) -> str | None:
 
 
 def parse_spec(raw: Any, **flags: Any) -> SweepSpec:
-    """Validate a spec mapping into a :class:`SweepSpec`; ``flags`` (``world_size``, ``backend``, ``timeout_s``,
-    ``confirm_repeats``; None: not given) replace the spec's fields, and their errors name the flag."""
+    """Validate a spec mapping; ``flags`` (:data:`FLAGS`' keys; None: not given) replace its fields, and their
+    errors name the flag."""
     given = {k: v for k, v in flags.items() if v is not None and v != ""}
     raw = check.validate(dict, {} if raw is None else raw, "spec")
     return check.validate(SweepSpec, {**raw, **given}, "spec", {k: FLAGS[k] for k in given})
 
 
 def with_tp(raw: Any, tp: int) -> dict:
-    """A copy of a raw spec run at tensor parallel ``tp``: every preset shape's ``tp`` and the world size
-    become ``tp`` (e.g. a tp=8 spec measured on the 4 GPUs at hand); explicit K, N shapes are kept."""
+    """A raw spec's copy at tensor parallel ``tp`` (preset shapes' ``tp`` and the world size; explicit K, N kept)."""
     check.integer(tp, "--tp", 1)
     out = dict(check.validate(dict, raw if raw is not None else {}, "spec"))
     shapes = out.get("shapes")
@@ -312,8 +291,8 @@ def with_tp(raw: Any, tp: int) -> dict:
 
 
 def load_spec(path: str | os.PathLike | None, **overrides: Any) -> tuple[SweepSpec, dict]:
-    """Read and validate a spec file (None: :func:`default_spec_raw` for the ``backend`` override); returns it
-    with the raw mapping. ``overrides``: the flags of :func:`parse_spec`, and ``tp`` (:func:`with_tp`)."""
+    """A spec file (None: :func:`default_spec_raw`) validated, and its raw mapping; ``overrides``: the flags of
+    :func:`parse_spec`, and ``tp`` (:func:`with_tp`)."""
     if path is None:
         raw = default_spec_raw(overrides.get("backend"))
     elif not Path(path).is_file():
@@ -342,8 +321,8 @@ SMOKE: dict[str, Any] = {
 
 
 def default_spec_raw(backend: str | None = None) -> dict[str, Any]:
-    """The spec that suits this machine, also the shapes, tokens and dtype of ``run`` and ``compare`` when not
-    given: the CPU smoke spec (also with ``backend`` gloo), or Qwen2.5-72B shapes at tp = GPU count."""
+    """This machine's default spec (also ``run``'s and ``compare``'s shapes, tokens, dtype): the CPU smoke spec
+    (also with ``backend`` gloo), or Qwen2.5-72B shapes at tp = GPU count."""
     gpus = gpu_count() if (backend or "auto").lower() != "gloo" else 0
     if gpus == 0:
         return dict(SMOKE)

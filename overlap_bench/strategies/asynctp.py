@@ -1,5 +1,4 @@
-"""``asynctp``: torch's async-TP op as an off-the-shelf peer: ``fused_matmul_reduce_scatter`` (per-rank row
-blocks through symmetric memory while the next block multiplies), then an all-gather of the reduced rows."""
+"""``asynctp``: torch's async-TP op as a peer: ``fused_matmul_reduce_scatter``, then an all-gather of the rows."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""NCCL symmetric-memory windows (``chunked``'s ``comm=symm``) and the copy-engine all-reduce (``comm=ce``:
-all-to-all + local sum + all-gather with the zero-CTA policy). Both need torch's ``NCCL`` symmetric-memory
-backend, ``asynctp`` the default ``CUDA`` one: a sweep runs each in its own environment variant."""
+"""NCCL symmetric-memory windows (``comm=symm``) and the copy-engine all-reduce (``comm=ce``: all-to-all, local sum,
+all-gather, zero-CTA policy); both need torch's ``NCCL`` symmetric-memory backend (its own env variant)."""
 
 from __future__ import annotations
 
@@ -71,8 +70,8 @@ def ensure_comm(group: dist.ProcessGroup, device: torch.device) -> None:
 
 def window_empty(rows: int, cols: int, dtype: torch.dtype, device: torch.device,
                  group: dist.ProcessGroup) -> torch.Tensor:
-    """A ``[rows, cols]`` tensor in an NCCL symmetric window on ``group`` (from torch's pool, whose blocks keep
-    their registration); every rank must allocate the same sizes in the same order."""
+    """A ``[rows, cols]`` tensor in an NCCL symmetric window on ``group`` (torch's pool keeps it registered); every
+    rank must allocate the same sizes in the same order."""
     from torch.distributed import _symmetric_memory as sm
 
     ensure_comm(group, device)
@@ -99,8 +98,7 @@ def check_chunks(bounds: list[tuple[int, int]], n: int, world: int) -> None:
 
 
 def ce_all_reduce(chunk: torch.Tensor, group: dist.ProcessGroup, scratch: torch.Tensor) -> None:
-    """Sum the contiguous ``chunk`` over ``group`` in place: all-to-all into ``scratch`` (>= ``chunk.numel()``
-    elements), local sum, all-gather (plain collectives on gloo)."""
+    """Sum the contiguous ``chunk`` over ``group`` in place: all-to-all into ``scratch``, local sum, all-gather."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     flat = chunk.view(-1)
     size = slice_len(flat.numel(), world)
