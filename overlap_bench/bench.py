@@ -99,7 +99,7 @@ def _record(case: Case, ctx: RankContext, opts: BenchOptions, device_name: str, 
            f"--warmup {opts.warmup} --reps {opts.reps}" + (" --bias" if case.bias else ""))
     return Record(shape=case.shape, K=case.K, N=case.N, M=case.M, dtype=case.dtype, world=ctx.world,
                   backend=ctx.backend, device=device_name, strategy=case.strategy,
-                  settings=strategies.settings_dict(case.settings), label=case.label, env=case.env_dict,
+                  settings=strategies.settings_dict(case.settings), label=case.label, env=dict(case.env),
                   bias=case.bias, warmup=opts.warmup, reps=opts.reps, tol=TOLERANCE[case.dtype],
                   repro=f"{env} {cmd}".strip(), time=utc_now(), **values)
 

@@ -58,10 +58,6 @@ class Case:
     env: tuple[tuple[str, str], ...]
 
     @property
-    def env_dict(self) -> dict[str, str]:
-        return dict(self.env)
-
-    @property
     def label(self) -> str:
         """Canonical strategy text, for display and keys only (``strategies.label``)."""
         return strategies.label(self.strategy, self.settings)
@@ -253,8 +249,7 @@ def check_memory(spec: SweepSpec) -> str | None:
         ram = math.inf
     for shape, m, dtype in itertools.product(spec.shapes, spec.tokens, spec.dtypes):
         size = DTYPES[dtype].itemsize
-        # float32 draws of x and w, their casts, and five [M, N] outputs (reference, scratch, comm buffer, the
-        # strategy's output, a temporary), per rank.
+        # Per rank: float32 draws of x and w, their casts, five [M, N] outputs (reference, scratch, comm, output, temp).
         need = spec.world_size * ((4 + size) * (m + shape.N) * shape.K + 5 * size * m * shape.N)
         if need > ram:
             raise SpecError(f"tokens: M={m} with {shape.name} (K={shape.K}, N={shape.N}, {dtype}) needs about "
@@ -308,6 +303,7 @@ def load_spec(path: str | os.PathLike | None, **overrides: Any) -> tuple[SweepSp
     return parse_spec(raw, **overrides), raw
 
 
+# The embedded CPU default: seconds on gloo; mirrors sweeps/smoke.yaml.
 SMOKE: dict[str, Any] = {
     "name": "smoke", "backend": "gloo", "world_size": 2, "dtypes": ["float32"],
     "shapes": [{"name": "tiny/o_proj", "K": 128, "N": 256}, {"name": "tiny/down_proj", "K": 256, "N": 256}],
@@ -317,7 +313,6 @@ SMOKE: dict[str, Any] = {
     "warmup": 2, "reps": 5, "timeout_s": 60,
     "confirm_repeats": 7,  # the smoke shows the stage works; gloo on a laptop confirms nothing anyway
 }
-"""The embedded CPU default: seconds on gloo; mirrors sweeps/smoke.yaml."""
 
 
 def default_spec_raw(backend: str | None = None) -> dict[str, Any]:
@@ -326,11 +321,7 @@ def default_spec_raw(backend: str | None = None) -> dict[str, Any]:
     gpus = gpu_count() if (backend or "auto").lower() != "gloo" else 0
     if gpus == 0:
         return dict(SMOKE)
-    return {
-        "name": f"qwen2.5-72b-tp{gpus}",
-        "dtypes": ["bfloat16"],
-        "shapes": [{"preset": "qwen2.5-72b", "tp": gpus}],
-        "tokens": [4096, 8192, 16384, 32768],
-        "strategies": [{"name": "baseline"}, {"name": "pr"},
-                       {"name": "chunked", "chunks": [2, 3, 4, 8], "comm": ["stream", "async"]}],
-    }
+    return {"name": f"qwen2.5-72b-tp{gpus}", "dtypes": ["bfloat16"], "shapes": [{"preset": "qwen2.5-72b", "tp": gpus}],
+            "tokens": [4096, 8192, 16384, 32768],
+            "strategies": [{"name": "baseline"}, {"name": "pr"},
+                           {"name": "chunked", "chunks": [2, 3, 4, 8], "comm": ["stream", "async"]}]}

@@ -44,18 +44,7 @@ def _check(backend: str, s: BaselineSettings) -> str | None:
         return symm.window_reason("symm", backend)
     if backend != "nccl":
         return f"comm={s.comm} needs torch's CUDA symmetric memory (GPUs, backend nccl); {backend} has none"
-    try:  # importing it registers the ops
-        from torch.distributed import _symmetric_memory as sm
-    except ImportError:
-        return f"comm={s.comm} needs torch.distributed._symmetric_memory, which this torch lacks"
-    lacks = [f"{sm.__name__}.{f}" for f in ("empty", "rendezvous") if not hasattr(sm, f)]
-    lacks += [f"torch.ops.symm_mem.{op}" for op in [SYMM_MEM_OPS[s.comm]] if not hasattr(torch.ops.symm_mem, op)]
-    if lacks:
-        return f"comm={s.comm} needs {', '.join(lacks)}, which this torch lacks"
-    if symm.symm_backend() == "NCCL":
-        return (f"comm={s.comm} needs torch's CUDA symmetric-memory backend, and this job's is NCCL "
-                f"({symm.BACKEND_ENV}=NCCL, for comm=symm); it runs in the jobs without that variable")
-    return None
+    return symm.torch_symm_mem_reason(f"comm={s.comm}", (SYMM_MEM_OPS[s.comm],), "comm=symm")
 
 
 def _note(backend: str, s: BaselineSettings) -> str | None:

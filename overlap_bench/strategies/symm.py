@@ -31,6 +31,23 @@ def symm_backend() -> str | None:
         return None
 
 
+def torch_symm_mem_reason(who: str, ops: tuple[str, ...], nccl_for: str) -> str | None:
+    """Why torch's CUDA symmetric memory (with ``torch.ops.symm_mem`` ``ops``) cannot serve ``who`` here, or None;
+    ``nccl_for``: what a job with the ``NCCL`` backend is for."""
+    try:  # importing it registers the ops
+        from torch.distributed import _symmetric_memory as sm
+    except ImportError:
+        return f"{who} needs torch.distributed._symmetric_memory, which this torch lacks"
+    lacks = [f"{sm.__name__}.{f}" for f in ("empty", "rendezvous") if not hasattr(sm, f)]
+    lacks += [f"torch.ops.symm_mem.{op}" for op in ops if not hasattr(torch.ops.symm_mem, op)]
+    if lacks:
+        return f"{who} needs {', '.join(lacks)}, which this torch lacks"
+    if symm_backend() == "NCCL":
+        return (f"{who} needs torch's CUDA symmetric-memory backend, and this job's is NCCL "
+                f"({BACKEND_ENV}=NCCL, for {nccl_for}); it runs in the jobs without that variable")
+    return None
+
+
 def window_reason(comm: str, backend: str) -> str | None:
     """Why ``comm`` (``symm`` or ``ce``) cannot run in this process, or None."""
     if backend != "nccl":
