@@ -76,7 +76,7 @@ ETA_MIN_SPREADS = 3.0
 
 def eta(t_base: float, t: float, t_gemm: float, t_comm: float, spread: float = 0.0) -> float:
     """Hidden fraction of the hideable time, ``(t_base - t) / (t_base - ideal)`` (1 = at the floor, < 0 = slower);
-    NaN when a time is missing or the hideable time is within ETA_MIN_ROOM of ``t_base`` or ETA_MIN_SPREADS spreads."""
+    NaN when a time is missing or the hideable time is below ETA_MIN_ROOM * t_base or ETA_MIN_SPREADS * spread."""
     room = t_base - ideal_ms(t_gemm, t_comm)
     spread = spread if math.isfinite(spread) else 0.0
     if not room > max(ETA_MIN_ROOM * t_base, ETA_MIN_SPREADS * spread, 0.0):
