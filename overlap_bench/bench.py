@@ -79,8 +79,7 @@ def agree_failure(local: str | None, ctx: RankContext) -> str | None:
 
 
 def try_case(fn: Callable[[], Any]) -> tuple[Any, str | None]:
-    """``(fn(), None)``, or ``(None, "Type: first line")`` when ``fn`` raises one of :data:`CASE_ERRORS` or runs
-    out of memory (a plain RuntimeError on CPU)."""
+    """``(fn(), None)``, or ``(None, "Type: first line")`` on one of :data:`CASE_ERRORS` or out of memory."""
     try:
         return fn(), None
     except (*CASE_ERRORS, RuntimeError) as exc:

@@ -1,5 +1,4 @@
-"""Config validation: pydantic models in, one :class:`FieldError` line ``<field>: <problem>; <fix>`` out; YAML read
-with a loader that refuses a key given twice."""
+"""Config validation: pydantic models in, one ``<field>: <problem>; <fix>`` line out; YAML with no key twice."""
 
 from __future__ import annotations
 

@@ -161,8 +161,7 @@ def _start_failure(env: dict[str, str]) -> str | None:
 
 
 def _first_failure(procs: list) -> int | None:
-    """Wait until every rank exited (None) or one failed (its index); ProcessContext.join would blame the first
-    exit it notices."""
+    """Wait until all ranks exited (None) or one failed (its index; ProcessContext.join blames the first exit)."""
     left = {p.sentinel: i for i, p in enumerate(procs)}
     while left:
         for s in wait(list(left)):

@@ -1,5 +1,4 @@
-"""Sweep specs: YAML in, a validated :class:`SweepSpec` out, expanded into :class:`Case` lists; every error is a
-one-line :class:`SpecError` naming the field and the fix."""
+"""Sweep specs: YAML in, a validated :class:`SweepSpec` out, expanded into cases; errors are one-line SpecErrors."""
 
 from __future__ import annotations
 
@@ -266,8 +265,7 @@ def check_memory(spec: SweepSpec) -> str | None:
 
 
 def parse_spec(raw: Any, **flags: Any) -> SweepSpec:
-    """Validate a spec mapping; ``flags`` (:data:`FLAGS`' keys; None: not given) replace its fields, and their
-    errors name the flag."""
+    """Validate a spec mapping; ``flags`` (None: not given) replace its fields, their errors naming the flag."""
     given = {k: v for k, v in flags.items() if v is not None and v != ""}
     raw = check.validate(dict, {} if raw is None else raw, "spec")
     return check.validate(SweepSpec, {**raw, **given}, "spec", {k: FLAGS[k] for k in given})
@@ -286,8 +284,7 @@ def with_tp(raw: Any, tp: int) -> dict:
 
 
 def load_spec(path: str | os.PathLike | None, **overrides: Any) -> tuple[SweepSpec, dict]:
-    """A spec file (None: :func:`default_spec_raw`) validated, and its raw mapping; ``overrides``: the flags of
-    :func:`parse_spec`, and ``tp`` (:func:`with_tp`)."""
+    """A spec file (None: the default spec) validated, and its raw mapping; ``overrides``: flags and ``tp``."""
     if path is None:
         raw = default_spec_raw(overrides.get("backend"))
     elif not Path(path).is_file():
@@ -316,8 +313,7 @@ SMOKE: dict[str, Any] = {
 
 
 def default_spec_raw(backend: str | None = None) -> dict[str, Any]:
-    """This machine's default spec (also ``run``'s and ``compare``'s shapes, tokens, dtype): the CPU smoke spec
-    (also with ``backend`` gloo), or Qwen2.5-72B shapes at tp = GPU count."""
+    """This machine's default spec: the CPU smoke spec (also for ``backend`` gloo), or Qwen2.5-72B at tp = GPUs."""
     gpus = gpu_count() if (backend or "auto").lower() != "gloo" else 0
     if gpus == 0:
         return dict(SMOKE)

@@ -1,5 +1,4 @@
-"""The timing harness: CUDA events on GPU, ``perf_counter`` on CPU; per-rank median and IQR, then the max over
-ranks (a TP layer is as slow as its slowest rank)."""
+"""The timing harness: CUDA events or ``perf_counter``; per-rank median and IQR, the max over ranks (the slowest)."""
 
 from __future__ import annotations
 

@@ -67,8 +67,7 @@ def _schema(settings_cls: type) -> type[BaseModel]:
 
 
 def make_settings(name: str, values: dict[str, Any] | None = None, *, text: bool = False) -> Any:
-    """``name``'s settings from a dict (strict types; ``text=True``: parsed from text, the CLI); a ``ValueError``
-    names an unknown or invalid field."""
+    """``name``'s settings from a dict (``text=True``: values as text); a ``ValueError`` names a bad field."""
     strat = get(name)
     try:
         typed = _schema(strat.settings_cls).model_validate(dict(values or {}), strict=not text)
@@ -162,8 +161,7 @@ _DIAGNOSE = [False]
 
 @contextmanager
 def diagnose() -> Iterator[None]:
-    """Within it, strategies may find out how their call ran (e.g. NCCL's log) and :func:`report` it (benchmarks'
-    checked first call; never the drop-in layer)."""
+    """Within it (a benchmark's checked call), strategies may find out how their call ran and :func:`report` it."""
     before, _DIAGNOSE[0] = _DIAGNOSE[0], True
     try:
         yield

@@ -44,8 +44,7 @@ def _note(backend: str, s: ChunkedSettings) -> str | None:
 
 
 def chunked_split(m: int, s: ChunkedSettings) -> RowSplit:
-    """One range below the threshold (the baseline path), else the chunk ranges on the chosen path (none for the
-    SM-light settings, which own their buffers and streams)."""
+    """One range below the threshold, else the chunk ranges on the chosen path (SM-light settings have none)."""
     bounds = _bounds(m, s)
     if bounds is None:
         return RowSplit(((0, m),))

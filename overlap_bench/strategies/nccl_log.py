@@ -1,5 +1,4 @@
-"""Which path NCCL took for one call (symmetric kernel, copy engine, SM kernel), from its INFO log switched on for
-that call only (under ``strategies.diagnose``)."""
+"""Which path NCCL took for one call, from its INFO log switched on for that call only (under ``diagnose``)."""
 
 from __future__ import annotations
 
@@ -47,8 +46,7 @@ class Captured:
 
 
 def capture(fn: Callable[[], object], sync: Callable[[], None]) -> Captured:
-    """Run ``fn`` once with NCCL's INFO log on (re-read after ``ncclResetDebugInit``) and return the lines about
-    its path; ``sync`` waits for the GPU."""
+    """Run ``fn`` once with NCCL's INFO log on and return the lines about its path; ``sync`` waits for the GPU."""
     lib = _libnccl()
     if lib is None:
         fn()

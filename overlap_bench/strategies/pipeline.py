@@ -1,5 +1,4 @@
-"""The chunk pipeline of ``pr`` and ``chunked``: row bounds, products into one output, and each chunk's all-reduce
-on a side stream (CUDA events) or through async work handles."""
+"""The chunk pipeline of ``pr`` and ``chunked``: row bounds, products into one output, each chunk's all-reduce."""
 
 from __future__ import annotations
 
@@ -153,8 +152,7 @@ _NCCL_GROUPS: dict[tuple[int, bool, bool], dist.ProcessGroup] = {}
 
 def nccl_group(group: dist.ProcessGroup | None, high_priority: bool = True,
                zero_cta: bool = False) -> dist.ProcessGroup:
-    """The same ranks' process group with a high-priority NCCL stream and/or the zero-CTA policy (copy engines);
-    created once per (group, options), collectively."""
+    """The ranks' group with a high-priority NCCL stream and/or zero-CTA policy; created once, collectively."""
     key = (id(group), high_priority, zero_cta)
     if key not in _NCCL_GROUPS:
         opts = dist.ProcessGroupNCCL.Options()

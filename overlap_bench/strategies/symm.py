@@ -87,8 +87,7 @@ def ensure_comm(group: dist.ProcessGroup, device: torch.device) -> None:
 
 def window_empty(rows: int, cols: int, dtype: torch.dtype, device: torch.device,
                  group: dist.ProcessGroup) -> torch.Tensor:
-    """A ``[rows, cols]`` tensor in an NCCL symmetric window on ``group`` (torch's pool keeps it registered); every
-    rank must allocate the same sizes in the same order."""
+    """A ``[rows, cols]`` tensor in an NCCL symmetric window on ``group``; all ranks allocate alike, in order."""
     from torch.distributed import _symmetric_memory as sm
 
     ensure_comm(group, device)
