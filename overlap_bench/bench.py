@@ -1,5 +1,5 @@
-"""What each rank does in a sweep: build inputs, check numerics against the baseline, time, record. Cases of one
-bucket share their inputs and reference times, measured in the same job. Only rank 0 writes."""
+"""What each rank does in a sweep: build inputs, check numerics against the baseline, time, record (rank 0 writes).
+Cases of one bucket share their inputs and reference times."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from overlap_bench import metrics, strategies
 from overlap_bench.envinfo import utc_now
 from overlap_bench.keys import BucketKey
 from overlap_bench.launch import RankContext
-from overlap_bench.numerics import TOLERANCE, rel_err, within_tolerance
+from overlap_bench.metrics import TOLERANCE, rel_err, within_tolerance
 from overlap_bench.records import RECORDS, Record
 from overlap_bench.runfolder import RunFolder
 from overlap_bench.spec import Case
@@ -28,10 +28,8 @@ from overlap_bench.timing import REPS, WARMUP, Timing, allreduce_max, time_regio
 
 # Failures that stay inside one case (recorded, the sweep goes on): raised before the call's first collective.
 CASE_ERRORS = (ValueError, strategies.StrategyUnavailable, torch.cuda.OutOfMemoryError, MemoryError)
-UNAVAILABLE = f"{strategies.StrategyUnavailable.__name__}: "
-"""How :func:`try_case` begins the reason of a case that raised :class:`strategies.StrategyUnavailable`."""
-BRACKET_EVERY = 4
-"""The reference ``t_base`` is measured again after every this many timed candidates and after the last."""
+UNAVAILABLE = f"{strategies.StrategyUnavailable.__name__}: "  # how try_case's reason for one begins
+BRACKET_EVERY = 4  # t_base is measured again after every this many timed candidates and after the last
 
 
 @dataclass
@@ -81,8 +79,7 @@ def agree_failure(local: str | None, ctx: RankContext) -> str | None:
 
 
 def try_case(fn: Callable[[], Any]) -> tuple[Any, str | None]:
-    """``(fn(), None)``, or ``(None, "Type: first line")`` when ``fn`` raises one of :data:`CASE_ERRORS` or
-    fails to allocate memory (on CPU torch says so with a plain RuntimeError)."""
+    """``(fn(), None)``, or ``(None, "Type: first line")`` on one of :data:`CASE_ERRORS` or out of memory."""
     try:
         return fn(), None
     except (*CASE_ERRORS, RuntimeError) as exc:
@@ -101,15 +98,14 @@ def _record(case: Case, ctx: RankContext, opts: BenchOptions, device_name: str, 
            f"--warmup {opts.warmup} --reps {opts.reps}" + (" --bias" if case.bias else ""))
     return Record(shape=case.shape, K=case.K, N=case.N, M=case.M, dtype=case.dtype, world=ctx.world,
                   backend=ctx.backend, device=device_name, strategy=case.strategy,
-                  settings=strategies.settings_dict(case.settings), label=case.label, env=case.env_dict,
+                  settings=strategies.settings_dict(case.settings), label=case.label, env=dict(case.env),
                   bias=case.bias, warmup=opts.warmup, reps=opts.reps, tol=TOLERANCE[case.dtype],
                   repro=f"{env} {cmd}".strip(), time=utc_now(), **values)
 
 
 @contextmanager
 def progress(label: str, total: int, *, show: bool, done: int = 0) -> Iterator[Callable[[str], None]]:
-    """A rich bar ``label`` over ``total`` steps, ``done`` of them before; yields ``step(description)``, which
-    advances it by one. Draws nothing unless ``show``."""
+    """A rich bar over ``total`` steps (``done`` before); yields ``step(description)``; drawn only if ``show``."""
     with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   TextColumn("{task.description}"), disable=not show) as bar:
         task = bar.add_task("", total=total or None, completed=done)
@@ -133,8 +129,7 @@ def run_cases(ctx: RankContext, cases: list[Case], opts: BenchOptions) -> None:
 
 def measure_group(ctx: RankContext, group: list[Case], opts: BenchOptions, device_name: str,
                   advance: Callable[[str], None] | None) -> None:
-    """Measure every case of one bucket, references first; an error is re-raised as :class:`CaseFailed`
-    naming the case ("rank 2 failed: ... qwen/o_proj M=4096 ... chunked:...")."""
+    """Measure every case of one bucket, references first; an error is re-raised as :class:`CaseFailed` naming it."""
     head = group[0]
     writer = RunFolder(opts.out_dir) if ctx.rank == 0 else None
     where = "(inputs and reference times)"
@@ -163,8 +158,7 @@ def measure_group(ctx: RankContext, group: list[Case], opts: BenchOptions, devic
         t_base = _time(base, ctx, opts)
         extra: dict[str, Any] = {}
         if ctx.device.type == "cuda":
-            # The floor any schedule of these two kernels can reach here: both launched together, independent
-            # of each other (t_joint / ideal = mutual slowdown).
+            # The floor of any schedule here: both kernels launched together (t_joint / ideal = mutual slowdown).
             extra["t_joint_ms"] = _time(lambda: _joint(scratch, comm_buf, x, w), ctx, opts).median_ms
         del scratch, comm_buf
         refs = {"t_base_ms": t_base.median_ms, "t_base_iqr_ms": t_base.iqr_ms, "t_gemm_ms": t_gemm.median_ms,
@@ -181,8 +175,7 @@ def measure_group(ctx: RankContext, group: list[Case], opts: BenchOptions, devic
                 t = _time(lambda: strategies.run(name, x, w, b, None, settings), ctx, opts)
                 timed += 1
                 if timed % BRACKET_EVERY == 0 or i == len(group) - 1:
-                    # The baseline again between and after the candidates (the group's last record holds them
-                    # all), so drift within the group shows.
+                    # The baseline again between and after the candidates, so drift within the group shows.
                     again = _time(base, ctx, opts)
                     extra["t_base_refs"] = extra["t_base_refs"] + [[again.median_ms, again.iqr_ms]]
                 timing = {"t_ms": t.median_ms, "t_iqr_ms": t.iqr_ms, **metrics.derive(
@@ -196,8 +189,7 @@ def measure_group(ctx: RankContext, group: list[Case], opts: BenchOptions, devic
 
 def check_against_baseline(name: str, settings: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
                            y_base: torch.Tensor, dtype: str, ctx: RankContext) -> Checked:
-    """Run strategy ``name`` once on the baseline's inputs and compare (max ``rel_err`` over ranks). Every rank
-    reaches the same verdict: availability depends on the backend alone, and case errors are agreed on."""
+    """Run ``name`` once on the baseline's inputs and compare (max ``rel_err`` over ranks); all ranks agree."""
     strategies.take_report()  # keep only what the checked call says
     reason = strategies.unavailable_reason(name, settings, ctx.backend)
     if reason:
@@ -216,8 +208,7 @@ def check_against_baseline(name: str, settings: Any, x: torch.Tensor, w: torch.T
 
 
 def same_cases(cases: list[Case], ctx: RankContext) -> list[Case]:
-    """Rank 0's case list on every rank (it owns the records and knows what --resume skips, also on nodes
-    that cannot see the run directory); every rank must run the same cases in the same order."""
+    """Rank 0's case list on every rank (it knows what --resume skips), so all run the same cases in order."""
     if ctx.world == 1:
         return cases
     box = [cases]
@@ -245,10 +236,9 @@ Side = tuple[str, Any]  # one side of an A/B measurement: a strategy's name and 
 
 def run_ab(ctx: RankContext, cases: list[Case], sides: tuple[Side, Side], repeats: int, opts: BenchOptions,
            name: str = RECORDS, kind: str = "compare", extra: dict[str, Any] | None = None) -> None:
-    """``compare``'s rank function: per case both sides checked, then timed in ``repeats`` interleaved pairs,
-    the order alternating (A B, B A, ...). A side failing its check is one record and nothing of that case is
-    timed. Rank 0 appends a ``kind`` record per timed region and side to log ``name``; ``extra`` gains ``side``,
-    ``pair``, ``repeats``, ``repeat`` and ``first`` (the side run first in that repeat)."""
+    """``compare``'s rank function: per case both sides checked, then timed in ``repeats`` pairs alternating
+    A B, B A (a failed check: one record, nothing timed). Rank 0 appends a ``kind`` record per region and side to
+    log ``name``, ``extra`` gaining ``side``, ``pair``, ``repeats``, ``repeat`` and ``first``."""
     cases = same_cases(cases, ctx)
     device_name = ctx.device_name
     folder = RunFolder(opts.out_dir) if ctx.rank == 0 else None

@@ -1,6 +1,4 @@
-"""Config validation: pydantic models in, one line out. A :class:`pydantic.ValidationError` becomes a
-:class:`FieldError` ``<dotted field>: <problem>; <fix>`` (its first error, an unknown key first), and YAML is read
-with a loader that refuses a key given twice."""
+"""Config validation: pydantic models in, one ``<field>: <problem>; <fix>`` line out; YAML with no key twice."""
 
 from __future__ import annotations
 
@@ -19,8 +17,7 @@ class FieldError(UserError):
 
 
 class Config(BaseModel):
-    """Base of the config models: strict types (``"5"`` is not 5, ``true`` is not 1), unknown keys refused,
-    finite numbers only; each field's docstring is its description."""
+    """Base of the config models: strict types (``"5"`` is not 5), unknown keys refused, finite numbers only."""
 
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True)
 
@@ -79,9 +76,8 @@ def dotted(loc: tuple, root: str = "") -> str:
 
 def validate(kind: Any, raw: Any, where: str = "", rename: dict[str, str] | None = None,
              strict: bool | None = None) -> Any:
-    """``raw`` as ``kind``, a :class:`Config` model (its fields named alone, ``where`` naming the whole value) or
-    any type (named below ``where``: ``--tokens[1]``); else a :class:`FieldError` naming the first bad field (an
-    unknown key first), ``rename`` giving a top-level field another name (the flag that set it)."""
+    """``raw`` as ``kind`` (a :class:`Config` model, or any type named below ``where``: ``--tokens[1]``), else a
+    :class:`FieldError` naming the first bad field (an unknown key first); ``rename``: top-level field -> flag."""
     model = isinstance(kind, type) and issubclass(kind, BaseModel)
     try:
         return (kind.model_validate if model else TypeAdapter(kind).validate_python)(raw, strict=strict)

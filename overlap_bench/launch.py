@@ -1,12 +1,6 @@
-"""Start a torch.distributed job: one process per rank on this machine, or join a running ``torchrun`` job.
-
-Local ranks are spawned by ``torch.multiprocessing.start_processes`` and meet at a TCPStore the launcher
-holds on a free localhost port. The first rank to fail ends the job: its peers get ``grace_s`` to fail on
-their own and report why, then every rank left is stopped, and :class:`RankFailed` names the rank that
-caused it and the cause in one line. A job environment in which Python itself cannot start (``PYTHONHOME``)
-is found before any rank starts, with the interpreter's own error. A rank dies with the launcher, however the
-launcher ends.
-"""
+"""Start a torch.distributed job: ranks spawned here (meeting at the launcher's TCPStore), or join ``torchrun``.
+What torch's multiprocessing lacks: the first failure ends the job and :class:`RankFailed` names the rank that
+caused it in one line; a job environment Python cannot start in is found first; ranks die with the launcher."""
 
 from __future__ import annotations
 
@@ -34,7 +28,7 @@ _TORCHRUN_JOBS = itertools.count()  # jobs this process joined under torchrun (e
 
 
 class RankFailed(RuntimeError):
-    """A rank of the job failed; ``str()`` is a one-line message with the rank and the cause."""
+    """A rank of the job failed; ``str()`` is one line with the rank and the cause."""
 
     def __init__(self, rank: int, cause: str):
         super().__init__(f"rank {rank} failed: {cause}")
@@ -83,13 +77,12 @@ def _init(rank: int, world: int, local_rank: int, cfg: JobConfig, store: dist.St
 
 
 def _rank(rank: int, launcher: int, port: int, fn: Callable[..., Any], args: tuple, cfg: JobConfig) -> None:
-    """One local rank, as ``start_processes`` calls it: run ``fn``; on any failure report it and exit 1, else
-    exit 0 (both at once, without the interpreter's teardown)."""
+    """One local rank: run ``fn``, then exit 0, or report the failure and exit 1 (no interpreter teardown)."""
     # start_processes asks for SIGINT when the launcher dies, which a rank inside a collective never acts on.
     mp._prctl_pr_set_pdeathsig(signal.SIGKILL)
     if os.getppid() != launcher:  # the launcher died before that took effect: run nothing
         os._exit(70)
-    store = None
+    store, code = None, 0
     try:
         store = dist.TCPStore("127.0.0.1", port, is_master=False)  # its own timeout: 300 s
         # All ranks up before the collective timeout counts: one slower to import torch is not a hang.
@@ -102,20 +95,15 @@ def _rank(rank: int, launcher: int, port: int, fn: Callable[..., Any], args: tup
         cause = f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
         if store is not None:  # with its place in the order of failures
             store.set(f"failure/{rank}", f"{store.add('failures', 1)} {cause}")
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)  # no interpreter teardown: a broken process group can hang in it
+        code = 1
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)  # nor after success: tearing torch down takes a second or more and does nothing a rank needs
+    os._exit(code)  # no teardown: a broken process group can hang in it, and torch's takes a second or more
 
 
 def launch(fn: Callable[..., Any], args: tuple, cfg: JobConfig, grace_s: float = 5.0) -> None:
-    """Run ``fn(ctx, *args)`` on every rank; returns when all ranks finished, raises :class:`RankFailed`.
-
-    Under torchrun the current process is one rank and runs ``fn`` in-process (``env://`` rendezvous);
-    ``cfg.env`` must then already be in the environment, since CUDA may have started.
-    """
+    """Run ``fn(ctx, *args)`` on every rank, or raise :class:`RankFailed`. Under torchrun this process is one rank
+    and runs ``fn`` itself (``cfg.env`` must then already be set: CUDA may have started)."""
     for k, v in SAFE_ENV.items():
         os.environ.setdefault(k, v)
     if in_torchrun():
@@ -158,8 +146,7 @@ def launch(fn: Callable[..., Any], args: tuple, cfg: JobConfig, grace_s: float =
 
 
 def _start_failure(env: dict[str, str]) -> str | None:
-    """How Python fails to start as a rank's does (with the job's ``env``), in one line with its last error
-    line; None when it starts."""
+    """How Python fails to start with the job's ``env``, in one line (its last error line); None when it starts."""
     try:
         res = subprocess.run([sys.executable, "-c", "import multiprocessing.spawn"], env={**os.environ, **env},
                              capture_output=True, text=True, timeout=60)
@@ -174,8 +161,7 @@ def _start_failure(env: dict[str, str]) -> str | None:
 
 
 def _first_failure(procs: list) -> int | None:
-    """Wait until every rank has exited (None) or one has exited with a non-zero code (its index).
-    (ProcessContext.join would stop the others at once and blame the first exit it notices.)"""
+    """Wait until all ranks exited (None) or one failed (its index; ProcessContext.join blames the first exit)."""
     left = {p.sentinel: i for i, p in enumerate(procs)}
     while left:
         for s in wait(list(left)):
@@ -212,10 +198,8 @@ def _how(code: int) -> str:
 
 def _cause(failures: dict[int, list[str]], first: int, ended: dict[int, int], nproc: int,
            up: set[int]) -> RankFailed:
-    """The failure that ended the job, from what had ``ended`` (rank -> exit code) before any rank was signalled:
-    a rank that died without reporting why (a signal, a crash in C++; before it was ``up`` at the rendezvous)
-    caused its peers' errors, which follow as context; else the first reported failure, naming the ranks still
-    running then (hung elsewhere)."""
+    """The failure that ended the job, from the exit codes ``ended`` before any rank was signalled: a rank that
+    died silently (signal, C++ crash) caused its peers' errors, which follow; else the first reported failure."""
     earliest = min(failures, key=lambda i: int(failures[i][0]), default=None)  # rank -> [order, cause]
     silent = sorted((i for i, code in ended.items() if code != 0 and i not in failures), key=lambda i: i != first)
     if silent:

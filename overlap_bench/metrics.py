@@ -1,5 +1,5 @@
-"""Every derived number of a record, defined once: the reference, ideal, speedup, eta, TFLOP/s, busbw (README,
-*What a record holds*)."""
+"""Every derived number of a record, defined once: the reference, ideal, speedup, eta, TFLOP/s, busbw; and the
+numerics gate (``rel_err`` against the baseline within a dtype's tolerance)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any, Iterable
 
 import torch
 
+# Dtype names accepted in specs and on the command line.
 DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-"""Dtype names accepted in specs and on the command line."""
 
 
 def finite(x: Any) -> bool:
@@ -28,15 +28,14 @@ def ideal_ms(t_gemm: float, t_comm: float) -> float:
 
 
 def reference(baselines: Iterable[tuple[float, float]]) -> tuple[float, float]:
-    """THE reference of every speedup and eta: ``(t_base, iqr)`` of a bucket's fastest baseline measurement
-    (transients only slow a measurement, and a slow reference would turn a tie into a win). ``(nan, 0)`` if none."""
+    """THE reference of every speedup and eta: ``(t_base, iqr)`` of a bucket's fastest baseline measurement (a slow
+    one would turn a tie into a win); ``(nan, 0)`` if none."""
     usable = [(t, iqr if math.isfinite(iqr) else 0.0) for t, iqr in baselines if math.isfinite(t) and t > 0]
     return min(usable) if usable else (math.nan, 0.0)
 
 
 def beyond_spread(t: float, iqr: float, t_base: float, iqr_base: float) -> bool:
-    """Whether ``t`` differs from ``t_base`` by more than the measured spread: the bands of half an IQR around
-    each do not overlap (how a first-pass winner must beat the reference; a missing IQR counts as 0)."""
+    """Whether ``t`` and ``t_base`` differ beyond the spread: their half-IQR bands (a missing IQR: 0) do not overlap."""
     h, hb = ((x if finite(x) else 0.0) / 2 for x in (iqr, iqr_base))
     return t + h < t_base - hb or t - h > t_base + hb
 
@@ -46,8 +45,7 @@ def speedup(t_base: float, t: float) -> float:
     return t_base / t if t > 0 else math.nan
 
 
-REFERENCE = "baseline"
-"""The label of THE reference: the product, then NCCL's default all-reduce (the ring baseline)."""
+REFERENCE = "baseline"  # the label of THE reference: the product, then NCCL's default (ring) all-reduce
 
 
 def is_reference(label: str) -> bool:
@@ -56,8 +54,7 @@ def is_reference(label: str) -> bool:
 
 
 def is_plain(strategy: str) -> bool:
-    """Whether ``strategy`` is a plain all-reduce after the product (no overlap): the ring baseline or another
-    all-reduce (``baseline:comm=...``)."""
+    """Whether ``strategy`` is a plain all-reduce after the product (no overlap): ``baseline``, any ``comm``."""
     return strategy == REFERENCE
 
 
@@ -72,16 +69,14 @@ def speedup_vs_plain(t_plain: float, t: float) -> float:
     return speedup(t_plain, t)
 
 
+# eta is n/a when the hideable time t_base - ideal is below this fraction of t_base or this many spreads.
 ETA_MIN_ROOM = 0.05
-"""eta is n/a when the hideable time ``t_base - ideal`` is below this fraction of ``t_base`` ..."""
 ETA_MIN_SPREADS = 3.0
-"""... or below this many times the measured spread: a ratio of two differences within noise means nothing."""
 
 
 def eta(t_base: float, t: float, t_gemm: float, t_comm: float, spread: float = 0.0) -> float:
-    """Hidden fraction of the hideable time, ``(t_base - t) / (t_base - ideal)``: 0 = nothing hidden, 1 = at the
-    floor, < 0 = slower than baseline. NaN (``n/a``) when a time is missing or the hideable time is below
-    ``max(ETA_MIN_ROOM * t_base, ETA_MIN_SPREADS * spread)`` (nothing to hide, or within the noise)."""
+    """Hidden fraction of the hideable time, ``(t_base - t) / (t_base - ideal)`` (1 = at the floor, < 0 = slower);
+    NaN when a time is missing or the hideable time is below ETA_MIN_ROOM * t_base or ETA_MIN_SPREADS * spread."""
     room = t_base - ideal_ms(t_gemm, t_comm)
     spread = spread if math.isfinite(spread) else 0.0
     if not room > max(ETA_MIN_ROOM * t_base, ETA_MIN_SPREADS * spread, 0.0):
@@ -90,15 +85,13 @@ def eta(t_base: float, t: float, t_gemm: float, t_comm: float, spread: float = 0
 
 
 def eta_vs_plain(t_plain: float, t: float, t_gemm: float, t_comm: float, spread: float = 0.0) -> float:
-    """:func:`eta` against ``t_plain`` (:func:`best_plain`): the hidden fraction of what the fastest plain
-    all-reduce still costs, ``(t_plain - t) / (t_plain - ideal)``; n/a by the same rule."""
+    """:func:`eta` against ``t_plain`` (:func:`best_plain`): ``(t_plain - t) / (t_plain - ideal)``."""
     return eta(t_plain, t, t_gemm, t_comm, spread)
 
 
 def model_eta(t_base: float, t: float, t_nocomm: float, noise: float = 0.0) -> float:
-    """Model level: the share of the forward's row-parallel communication a mode hid, ``(t_base - t) / (t_base -
-    t_nocomm)`` (``t_nocomm``: the forward without those all-reduces). NaN unless ``t_base - t_nocomm`` is above
-    ``noise`` (e.g. the measured spread; at world 1 the ratio would be noise over noise)."""
+    """The share of a forward's row-parallel communication a mode hid, ``(t_base - t) / (t_base - t_nocomm)``;
+    NaN unless ``t_base - t_nocomm`` is above ``noise`` (the measured spread)."""
     room = t_base - t_nocomm
     if not room > max(noise, 0.0):
         return math.nan
@@ -106,8 +99,7 @@ def model_eta(t_base: float, t: float, t_nocomm: float, noise: float = 0.0) -> f
 
 
 def inconsistent(t_base: float, t_gemm: float, t_comm: float, spread: float = 0.0) -> str | None:
-    """Why a group's references contradict each other (a part slower than the whole beyond the spread: the
-    machine changed between the measurements), else None. Such a group ranks no setting above baseline."""
+    """Why a group's references contradict each other (a part slower than the whole beyond the spread), else None."""
     spread = spread if math.isfinite(spread) else 0.0
     for name, part in (("t_gemm", t_gemm), ("t_comm", t_comm)):
         if math.isfinite(part) and part > t_base + spread:
@@ -146,3 +138,21 @@ def derive(*, m: int, k: int, n: int, dtype: str, world: int, t_ms: float, t_bas
     return {"ideal_ms": ideal_ms(t_gemm_ms, t_comm_ms), "speedup": speedup(t_base_ms, t_ms),
             "eta": eta(t_base_ms, t_ms, t_gemm_ms, t_comm_ms), "tokens_per_s": tokens_per_s(m, t_ms),
             "tflops": tflops(m, k, n, t_ms), "busbw_gbps": busbw_gbps(m, n, dtype, world, t_comm_ms)}
+
+
+# Largest accepted ||y - y_base|| / ||y_base|| per dtype: a few units of rounding above the noise of other GEMM
+# kernels (a chunked product) and other NCCL algorithms (smaller messages) summing differently.
+TOLERANCE: dict[str, float] = {"float32": 1e-5, "float16": 5e-3, "bfloat16": 2e-2}
+
+
+def rel_err(y: torch.Tensor, y_base: torch.Tensor) -> float:
+    """``||y - y_base|| / ||y_base||`` computed in float64."""
+    ref = y_base.double()
+    denom = ref.norm().item()
+    diff = (y.double() - ref).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def within_tolerance(err: float, dtype: str) -> bool:
+    """Whether ``err`` passes for ``dtype`` (NaN never passes)."""
+    return err <= TOLERANCE[dtype]

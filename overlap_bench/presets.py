@@ -27,8 +27,7 @@ PRESETS: dict[str, ModelPreset] = {
 
 
 def row_parallel_shapes(preset: str, tp: int) -> dict[str, tuple[int, int]]:
-    """``{"<preset>/o_proj": (K, N), "<preset>/down_proj": (K, N)}`` with K per rank at ``tp``; ``ValueError``
-    naming the preset when a dimension does not divide by ``tp``."""
+    """``{"<preset>/o_proj": (K, N), "<preset>/down_proj": (K, N)}``, K per rank at ``tp`` (it must divide K)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset '{preset}' (known: {', '.join(PRESETS)})")
     p = PRESETS[preset]

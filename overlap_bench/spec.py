@@ -1,5 +1,4 @@
-"""Sweep specs: YAML in, a validated :class:`SweepSpec` out (pydantic), expanded into :class:`Case` lists. Every
-error is a one-line :class:`SpecError` naming the field and the fix; nothing here starts a process."""
+"""Sweep specs: YAML in, a validated :class:`SweepSpec` out, expanded into cases; errors are one-line SpecErrors."""
 
 from __future__ import annotations
 
@@ -45,8 +44,7 @@ class Shape:
 
 @dataclass(frozen=True)
 class Case:
-    """One measurement: a shape at M tokens, a dtype, a strategy with its typed settings
-    (``strategies.make_settings``), and the process environment variant as sorted items (hashable)."""
+    """One measurement: a shape at M tokens, a dtype, a strategy with typed settings, an env variant (sorted items)."""
 
     shape: str
     K: int
@@ -59,10 +57,6 @@ class Case:
     env: tuple[tuple[str, str], ...]
 
     @property
-    def env_dict(self) -> dict[str, str]:
-        return dict(self.env)
-
-    @property
     def label(self) -> str:
         """Canonical strategy text, for display and keys only (``strategies.label``)."""
         return strategies.label(self.strategy, self.settings)
@@ -71,21 +65,16 @@ class Case:
 class PresetShape(Config):
     """YAML ``{preset, tp}``: a model's o_proj and down_proj, K per rank at ``tp`` (default: the world size)."""
 
-    preset: str
-    """A model of :data:`presets.PRESETS`, e.g. ``qwen2.5-72b``."""
-    tp: int | None = Field(None, ge=1)
-    """Tensor-parallel size; it must divide the model's K."""
+    preset: str  # a model of presets.PRESETS, e.g. qwen2.5-72b
+    tp: int | None = Field(None, ge=1)  # tensor-parallel size; it must divide the model's K
 
 
 class ExplicitShape(Config):
     """YAML ``{name, K, N}``: K per rank; the name defaults to ``K<K>xN<N>``."""
 
-    name: str | None = None
-    """Shape name in tables and file names."""
-    K: Dim
-    """Inner dimension per rank."""
-    N: Dim
-    """Output features."""
+    name: str | None = None  # shape name in tables and file names
+    K: Dim  # inner dimension per rank
+    N: Dim  # output features
 
 
 _SHAPE_FORMS = TypeAdapter(list[Annotated[PresetShape | ExplicitShape, BeforeValidator(
@@ -110,14 +99,10 @@ def _shapes(raw: Any, info: ValidationInfo) -> list[Shape]:
 class TokenRange(Config):
     """YAML ``{start, stop, mul}`` (geometric) or ``{start, stop, step}`` (linear), both ends included."""
 
-    start: Dim
-    """The first M."""
-    stop: Dim
-    """The last M at most."""
-    mul: int | None = Field(None, ge=2)
-    """Each M is the previous one times this."""
-    step: int | None = Field(None, ge=1)
-    """Each M is the previous one plus this."""
+    start: Dim  # the first M
+    stop: Dim  # the last M at most
+    mul: int | None = Field(None, ge=2)  # each M is the previous one times this
+    step: int | None = Field(None, ge=1)  # each M is the previous one plus this
 
     @model_validator(mode="after")
     def _one_rule(self) -> "TokenRange":
@@ -182,38 +167,29 @@ EnvValue = Annotated[str, BeforeValidator(lambda v: str(v) if type(v) is int els
 
 
 class SweepSpec(Config):
-    """A sweep: ``SweepSpec(**yaml_mapping)`` checks every field and expands the YAML forms (presets, token
-    ranges, strategy grids) into the lists below; :func:`parse_spec` turns a failure into a :class:`SpecError`."""
+    """A sweep: every field checked and the YAML forms (presets, token ranges, strategy grids) expanded into the
+    lists below; :func:`parse_spec` turns a failure into a :class:`SpecError`."""
 
-    name: str = "sweep"
-    """Used in file names and titles."""
-    backend: str = Field("auto", validate_default=True)
-    """``auto`` (nccl with GPUs, else gloo), ``nccl`` or ``gloo``."""
-    world_size: int | None = Field(None, ge=1, validate_default=True)
-    """Ranks; default every visible GPU, or 2 on CPU."""
+    name: str = "sweep"  # used in file names and titles
+    backend: str = Field("auto", validate_default=True)  # auto (nccl with GPUs, else gloo), nccl or gloo
+    world_size: int | None = Field(None, ge=1, validate_default=True)  # ranks; default every GPU, or 2 on CPU
     dtypes: Annotated[list[Dtype], Listed] = ["bfloat16"]
-    """Element types: bfloat16, float16, float32."""
+    # Presets {preset, tp} (a model's o_proj and down_proj) or {name, K, N}, expanded.
     shapes: Annotated[list[Shape], BeforeValidator(_shapes)]
-    """Presets ``{preset, tp}`` (a model's o_proj and down_proj) or ``{name, K, N}``, expanded."""
+    # Token counts M, sorted: a list, or {start, stop, mul} / {start, stop, step}.
     tokens: Annotated[list[Dim], Listed, BeforeValidator(lambda v: TokenRange.model_validate(v).values()
                                                           if isinstance(v, dict) else v),
                       AfterValidator(lambda v: sorted(set(v)))]
-    """Token counts M, sorted: a list, or ``{start, stop, mul}`` / ``{start, stop, step}``."""
+    # (name, settings), one per grid point: names, or {name, setting: [values]} grids.
     strategies: Annotated[list[tuple[str, Any]], BeforeValidator(_strategies)]
-    """``(name, settings)``, one per grid point: names, or ``{name, setting: [values]}`` grids."""
-    bias: bool = False
-    """Give the layer a bias (counted once in the reduced output)."""
+    bias: bool = False  # give the layer a bias (counted once in the reduced output)
+    # Process environment variants; each runs as its own job (some knobs act only before CUDA starts).
     env: Annotated[list[Annotated[dict[str, EnvValue], BeforeValidator(lambda v: {} if v is None else v),
                                   AfterValidator(_env)]], Listed, AfterValidator(_distinct)] = [{}]
-    """Process environment variants; each runs as its own job (some knobs act only before CUDA starts)."""
-    warmup: int = Field(WARMUP, ge=0)
-    """Untimed calls before each timed region."""
-    reps: int = Field(REPS, ge=1)
-    """Timed calls per region (median and IQR over them)."""
-    timeout_s: float = Field(300.0, gt=0, le=1e7)
-    """Collective timeout in seconds: a hung rank ends the job after this long (bounded: it becomes a timedelta)."""
-    confirm_repeats: int = CONFIRM_REPEATS
-    """Interleaved repeats per side in the confirmation stage (``sweep --confirm-repeats`` overrides)."""
+    warmup: int = Field(WARMUP, ge=0)  # untimed calls before each timed region
+    reps: int = Field(REPS, ge=1)  # timed calls per region (median and IQR over them)
+    timeout_s: float = Field(300.0, gt=0, le=1e7)  # collective timeout: a hung rank ends the job after this long
+    confirm_repeats: int = CONFIRM_REPEATS  # interleaved repeats per side in the confirmation stage
 
     @field_validator("backend")
     @classmethod
@@ -262,9 +238,8 @@ class SweepSpec(Config):
 
 
 def check_memory(spec: SweepSpec) -> str | None:
-    """On gloo every rank runs on this machine: a case that cannot fit in its memory is refused (the OOM killer
-    would end it, which no rank can report), and a note is returned when the GEMM work is far from a quick run.
-    Not part of :func:`parse_spec`, so a GPU spec still validates on a CPU machine."""
+    """On gloo (all ranks on this machine) refuse a case beyond its memory (the OOM killer ends ranks silently);
+    return a note when the GEMM work is far from a quick run. Apart from :func:`parse_spec`: GPU specs validate here."""
     if spec.backend != "gloo":
         return None
     try:
@@ -273,8 +248,7 @@ def check_memory(spec: SweepSpec) -> str | None:
         ram = math.inf
     for shape, m, dtype in itertools.product(spec.shapes, spec.tokens, spec.dtypes):
         size = DTYPES[dtype].itemsize
-        # float32 draws of x and w, their casts, and five [M, N] outputs (reference, scratch, comm buffer, the
-        # strategy's output, a temporary), per rank.
+        # Per rank: float32 draws of x and w, their casts, five [M, N] outputs (reference, scratch, comm, output, temp).
         need = spec.world_size * ((4 + size) * (m + shape.N) * shape.K + 5 * size * m * shape.N)
         if need > ram:
             raise SpecError(f"tokens: M={m} with {shape.name} (K={shape.K}, N={shape.N}, {dtype}) needs about "
@@ -291,16 +265,14 @@ def check_memory(spec: SweepSpec) -> str | None:
 
 
 def parse_spec(raw: Any, **flags: Any) -> SweepSpec:
-    """Validate a spec mapping into a :class:`SweepSpec`; ``flags`` (``world_size``, ``backend``, ``timeout_s``,
-    ``confirm_repeats``; None: not given) replace the spec's fields, and their errors name the flag."""
+    """Validate a spec mapping; ``flags`` (None: not given) replace its fields, their errors naming the flag."""
     given = {k: v for k, v in flags.items() if v is not None and v != ""}
     raw = check.validate(dict, {} if raw is None else raw, "spec")
     return check.validate(SweepSpec, {**raw, **given}, "spec", {k: FLAGS[k] for k in given})
 
 
 def with_tp(raw: Any, tp: int) -> dict:
-    """A copy of a raw spec run at tensor parallel ``tp``: every preset shape's ``tp`` and the world size
-    become ``tp`` (e.g. a tp=8 spec measured on the 4 GPUs at hand); explicit K, N shapes are kept."""
+    """A raw spec's copy at tensor parallel ``tp`` (preset shapes' ``tp`` and the world size; explicit K, N kept)."""
     check.integer(tp, "--tp", 1)
     out = dict(check.validate(dict, raw if raw is not None else {}, "spec"))
     shapes = out.get("shapes")
@@ -312,8 +284,7 @@ def with_tp(raw: Any, tp: int) -> dict:
 
 
 def load_spec(path: str | os.PathLike | None, **overrides: Any) -> tuple[SweepSpec, dict]:
-    """Read and validate a spec file (None: :func:`default_spec_raw` for the ``backend`` override); returns it
-    with the raw mapping. ``overrides``: the flags of :func:`parse_spec`, and ``tp`` (:func:`with_tp`)."""
+    """A spec file (None: the default spec) validated, and its raw mapping; ``overrides``: flags and ``tp``."""
     if path is None:
         raw = default_spec_raw(overrides.get("backend"))
     elif not Path(path).is_file():
@@ -329,6 +300,7 @@ def load_spec(path: str | os.PathLike | None, **overrides: Any) -> tuple[SweepSp
     return parse_spec(raw, **overrides), raw
 
 
+# The embedded CPU default: seconds on gloo; mirrors sweeps/smoke.yaml.
 SMOKE: dict[str, Any] = {
     "name": "smoke", "backend": "gloo", "world_size": 2, "dtypes": ["float32"],
     "shapes": [{"name": "tiny/o_proj", "K": 128, "N": 256}, {"name": "tiny/down_proj", "K": 256, "N": 256}],
@@ -338,20 +310,14 @@ SMOKE: dict[str, Any] = {
     "warmup": 2, "reps": 5, "timeout_s": 60,
     "confirm_repeats": 7,  # the smoke shows the stage works; gloo on a laptop confirms nothing anyway
 }
-"""The embedded CPU default: seconds on gloo; mirrors sweeps/smoke.yaml."""
 
 
 def default_spec_raw(backend: str | None = None) -> dict[str, Any]:
-    """The spec that suits this machine, also the shapes, tokens and dtype of ``run`` and ``compare`` when not
-    given: the CPU smoke spec (also with ``backend`` gloo), or Qwen2.5-72B shapes at tp = GPU count."""
+    """This machine's default spec: the CPU smoke spec (also for ``backend`` gloo), or Qwen2.5-72B at tp = GPUs."""
     gpus = gpu_count() if (backend or "auto").lower() != "gloo" else 0
     if gpus == 0:
         return dict(SMOKE)
-    return {
-        "name": f"qwen2.5-72b-tp{gpus}",
-        "dtypes": ["bfloat16"],
-        "shapes": [{"preset": "qwen2.5-72b", "tp": gpus}],
-        "tokens": [4096, 8192, 16384, 32768],
-        "strategies": [{"name": "baseline"}, {"name": "pr"},
-                       {"name": "chunked", "chunks": [2, 3, 4, 8], "comm": ["stream", "async"]}],
-    }
+    return {"name": f"qwen2.5-72b-tp{gpus}", "dtypes": ["bfloat16"], "shapes": [{"preset": "qwen2.5-72b", "tp": gpus}],
+            "tokens": [4096, 8192, 16384, 32768],
+            "strategies": [{"name": "baseline"}, {"name": "pr"},
+                           {"name": "chunked", "chunks": [2, 3, 4, 8], "comm": ["stream", "async"]}]}

@@ -1,5 +1,5 @@
-"""Statistics for comparing two samples of throughput (tokens/s: higher is better): the ratio of medians, its
-bootstrap distribution, and the one decision rule (:func:`judge`) that ``compare`` and the confirmation use."""
+"""Comparing two throughput samples (higher is better): the ratio of medians, its bootstrap, and the one decision
+rule (:func:`judge`) of ``compare`` and the confirmation."""
 
 from __future__ import annotations
 
@@ -9,18 +9,11 @@ from typing import ClassVar, Iterable, Mapping, Sequence
 
 import numpy as np
 
-MIN_EFFECT = 0.01
-"""Smallest relative change called faster or slower (a noise floor): ``compare --min-effect``, and the
-confirmation's margin (a setting ships where its lower bound exceeds ``1 + MIN_EFFECT``)."""
-SHIP_ALPHA = 0.01
-"""The ship rule's one-sided family-wise error (Bonferroni over the candidates confirmed): where nothing beats
-the baseline, at most this share of buckets ships a setting."""
-MIN_SAMPLES = 5
-"""Fewer samples than this on a side: no CI, no verdict, no headline (``fewest`` at compare's two-sided 95%)."""
-SCREEN_TOP = 10
-"""The screen re-measures the best this many first-pass settings (and the peers) of a bucket."""
-SCREEN_REPEATS = 3
-"""Interleaved pairs per screened setting; the screen's ratios of medians pick the confirmation's leaders."""
+MIN_EFFECT = 0.01  # smallest relative change called faster or slower (compare --min-effect; the ship margin)
+SHIP_ALPHA = 0.01  # the ship rule's one-sided family-wise error (Bonferroni over the candidates confirmed)
+MIN_SAMPLES = 5  # fewer on a side: no CI, no verdict, no headline (fewest at compare's two-sided 95%)
+SCREEN_TOP = 10  # the screen re-measures the best this many first-pass settings (and the peers) of a bucket
+SCREEN_REPEATS = 3  # interleaved pairs per screened setting; their ratios of medians pick the leaders
 VERDICTS = ("faster", "slower", "no significant difference", "below min_effect", "too few samples")
 
 
@@ -40,9 +33,8 @@ def _median(x: np.ndarray) -> np.ndarray:
 
 
 def resolvable(n_a: int, n_b: int, tail: float, *, paired: bool = False) -> bool:
-    """Whether the samples can show a one-sided ``tail``: the orders where B beats A everywhere or all but once
-    (``n + 1`` of ``2 ** n`` sign patterns of pairs, 2 of ``C(n_a + n_b, n_a)`` rankings) must be rarer than it,
-    for a median's bootstrap cannot tell them apart and would claim a smaller tail (under-covering)."""
+    """Whether the samples can show a one-sided ``tail``: the most extreme orders (``n + 1`` of ``2 ** n`` pair
+    signs, 2 of ``C(n_a + n_b, n_a)`` rankings), which a median's bootstrap cannot tell apart, must be rarer."""
     return (n_a + 1) * 0.5 ** n_a <= tail if paired else 2 / math.comb(n_a + n_b, n_a) <= tail
 
 
@@ -53,8 +45,8 @@ def fewest(tail: float) -> int:
 
 def _distribution(a: np.ndarray, b: np.ndarray, n_boot: int, seed: int, paired: bool,
                   tail: float) -> tuple[np.ndarray, bool]:
-    """The sorted bootstrap distribution of ``median(b) / median(a)``, and whether it was paired (resampled by
-    pair index, so drift a repeat's pair shares cancels): only for equal lengths whose pairs resolve ``tail``."""
+    """The sorted bootstrap of ``median(b) / median(a)``, and whether it was paired (by pair index, so a pair's
+    shared drift cancels): only for equal lengths whose pairs resolve ``tail``."""
     rng = np.random.default_rng(seed)
     paired = paired and a.size == b.size and resolvable(a.size, b.size, tail, paired=True)
     ia = rng.integers(0, a.size, size=(n_boot, a.size))
@@ -63,8 +55,8 @@ def _distribution(a: np.ndarray, b: np.ndarray, n_boot: int, seed: int, paired: 
 
 
 def _bounds(dist: np.ndarray, tail: float) -> tuple[float, float]:
-    """The ``ceil(tail * n)``-th smallest and largest of ``n`` sorted ratios: the lower one is above 1 exactly
-    when fewer than ``tail * n`` resamples are at or below 1 (the p-value's count)."""
+    """The ``ceil(tail * n)``-th smallest and largest of ``n`` sorted ratios (the lower above 1 exactly when the
+    p-value's count is below ``tail * n``)."""
     k = max(1, math.ceil(round(tail * dist.size, 9)))
     return float(dist[k - 1]), float(dist[-k])
 
@@ -77,8 +69,7 @@ def bootstrap_ratio_ci(a: Iterable[float], b: Iterable[float], *, n_boot: int = 
 
 @dataclass(frozen=True)
 class Comparison:
-    """B against A by :func:`judge`: ``speedup = median_b / median_a``, its bootstrap CI and p-value, and the
-    verdict the CI gives."""
+    """B against A by :func:`judge`: ``speedup = median_b / median_a``, its bootstrap CI, p-value and verdict."""
 
     n_a: int
     n_b: int
@@ -93,10 +84,8 @@ class Comparison:
     ci_high: float
     p_value: float
     verdict: str
-    confidence: float
-    """``1 - alpha / family``: the level of the interval (two-sided) or of its lower bound (one-sided)."""
-    paired: bool
-    """Resampled by pair index (asked for, equal lengths, enough pairs), else each side on its own."""
+    confidence: float  # 1 - alpha / family: the level of the interval (or of its lower bound, one-sided)
+    paired: bool  # resampled by pair index (asked for, equal lengths, enough pairs), else each side alone
 
     expected_from: ClassVar[str] = "ci_low"
 
@@ -109,14 +98,9 @@ class Comparison:
 def judge(a: Iterable[float], b: Iterable[float], *, min_effect: float = MIN_EFFECT, alpha: float = 0.05,
           one_sided: bool = False, family: int = 1, paired: bool = False, n_boot: int = 10000,
           seed: int = 0) -> Comparison:
-    """THE decision rule: throughput ``b`` against ``a`` by the ratio of medians and its bootstrap.
-
-    The tail ``alpha / family`` (Bonferroni), halved when two-sided, sets the CI ``[lo, hi]`` and the p-value
-    (resamples at or beyond 1), so ``p < alpha / family`` exactly when the CI leaves 1 out. ``faster`` iff
-    ``lo > 1 + min_effect``; two-sided only, ``slower`` iff ``hi < 1 - min_effect``; ``below min_effect`` iff
-    the CI leaves 1 out on a side it may report but not the threshold. ``compare`` asks two-sided; the
-    confirmation ships iff the one-sided verdict (``family`` = candidates confirmed) is ``faster``.
-    """
+    """THE decision rule: throughput ``b`` against ``a`` by the ratio of medians. The tail ``alpha / family``
+    (halved two-sided) sets the CI ``[lo, hi]`` and p-value; ``faster`` iff ``lo > 1 + min_effect``, two-sided
+    ``slower`` iff ``hi < 1 - min_effect``, ``below min_effect`` where the CI leaves 1 out but not the threshold."""
     a, b = _sample(a, "a"), _sample(b, "b")
     speedup = float(_median(b) / _median(a))
     tail = alpha / family / (1 if one_sided else 2)
@@ -151,8 +135,8 @@ def screen_speedups(samples: Mapping[str, tuple[Sequence[float], Sequence[float]
 
 
 def format_ci(lo: float, hi: float, thresholds: Iterable[float] = (1.0,), digits: int = 3) -> str:
-    """``"lo, hi"`` with ``digits`` decimals, more where fewer would round a bound onto or across one of the
-    ``thresholds`` a verdict reads (a bound above 1 never prints as 1.000); ``n/a`` without a CI."""
+    """``"lo, hi"`` with ``digits`` decimals, more where fewer would round a bound onto or across a threshold
+    (a bound above 1 never prints as 1.000); ``n/a`` without a CI."""
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return "n/a"
     marks = list(thresholds)

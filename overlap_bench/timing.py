@@ -1,5 +1,4 @@
-"""The timing harness: CUDA events on GPU, ``perf_counter`` on CPU; warm-up, repetitions, per-rank median
-and IQR, and the case's time as the max over ranks (a TP layer is as slow as its slowest rank)."""
+"""The timing harness: CUDA events or ``perf_counter``; per-rank median and IQR, the max over ranks (the slowest)."""
 
 from __future__ import annotations
 
@@ -12,10 +11,9 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+# The one default for specs, run, compare and the ranks: untimed calls, then timed calls per region.
 WARMUP = 5
-"""Untimed calls before each timed region: the one default for specs, ``run``, ``compare`` and the ranks."""
 REPS = 20
-"""Timed calls per region (median and IQR over them): the one default, as :data:`WARMUP`."""
 
 
 @dataclass(frozen=True)
@@ -28,8 +26,7 @@ class Timing:
 
 
 def allreduce_max(values: list[float], group: dist.ProcessGroup | None, device: torch.device) -> list[float]:
-    """Element-wise max over ranks (agreed counts, the slowest rank's time, the largest ``rel_err``); NaN when
-    any rank's value is NaN."""
+    """Element-wise max over ranks (agreed counts, slowest time, largest ``rel_err``); NaN if any rank's is NaN."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
     # A MAX all-reduce drops NaN (gloo keeps max(0, nan) = 0), so NaN flags travel beside the values.
     both = torch.cat([t, torch.isnan(t).to(torch.float64)])
@@ -54,9 +51,8 @@ def iqr(samples: list[float]) -> float:
 
 def time_region(fn: Callable[[], object], *, warmup: int, reps: int, group: dist.ProcessGroup | None,
                 device: torch.device, clock: Callable[[], float] = time.perf_counter) -> Timing:
-    """Time ``fn`` ``reps`` times after ``warmup`` calls, on every rank at the same point (counts agreed first,
-    one barrier before the loop). On GPU, CUDA events bracket each repetition of a back-to-back loop, so waits
-    for the slowest rank count, as in a real layer. ``clock`` (seconds) times CPU runs; tests script it."""
+    """Time ``fn`` ``reps`` times after ``warmup`` calls on every rank (counts agreed, one barrier first); on GPU,
+    events bracket each call of a back-to-back loop, so waits for the slowest rank count. ``clock``: CPU seconds."""
     warmup, reps = (int(v) for v in allreduce_max([warmup, reps], group, device))
     for _ in range(warmup):
         fn()

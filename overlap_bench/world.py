@@ -1,5 +1,4 @@
-"""The job's shape before anything starts: which backend and how many ranks this machine can run, and whether
-torchrun started this process. Kept apart from the launcher so that validating a spec starts nothing."""
+"""The job's shape before anything starts (backend, rank count, torchrun or not): validating a spec starts nothing."""
 
 from __future__ import annotations
 
@@ -10,11 +9,10 @@ import torch
 from overlap_bench.errors import UserError
 
 
-OVERSUBSCRIBE_ENV = "OVERLAP_BENCH_OVERSUBSCRIBE"
-"""Set to ``1`` to start more gloo ranks than :data:`CPU_RANKS_PER_CORE` per CPU core (each then crawls)."""
+OVERSUBSCRIBE_ENV = "OVERLAP_BENCH_OVERSUBSCRIBE"  # set to 1 to start more gloo ranks than the limit (each crawls)
+# gloo ranks are refused beyond max(CPU_RANKS_MIN, CPU_RANKS_PER_CORE * cores) without the override.
 CPU_RANKS_PER_CORE = 4
 CPU_RANKS_MIN = 8
-"""gloo ranks are refused beyond ``max(CPU_RANKS_MIN, CPU_RANKS_PER_CORE * cores)`` without the override."""
 
 
 class LaunchError(UserError):
@@ -43,7 +41,8 @@ def resolve(backend: str | None, nproc: int | None) -> tuple[str, int]:
     if nproc < 1:
         raise LaunchError(f"--nproc must be >= 1, got {nproc}")
     if backend == "nccl" and nproc > gpus:
-        raise LaunchError(f"--nproc {nproc} is more than the {gpus} visible GPUs; use --nproc <= {gpus} or --backend gloo")
+        raise LaunchError(f"--nproc {nproc} is more than the {gpus} visible GPUs; use --nproc <= {gpus} "
+                          "or --backend gloo")
     cores = os.cpu_count() or 1
     limit = max(CPU_RANKS_MIN, CPU_RANKS_PER_CORE * cores)
     if backend == "gloo" and nproc > limit and os.environ.get(OVERSUBSCRIBE_ENV) != "1":
@@ -58,8 +57,7 @@ def in_torchrun() -> bool:
 
 
 def refuse_world_one(world: int, what: str) -> None:
-    """One rank has nothing to overlap (the all-reduce is a copy): tuning there selects noise, so ``what``
-    (a sweep, a comparison, a policy) is refused with a :class:`LaunchError` (exit 2)."""
+    """Refuse ``what`` (a sweep, a comparison, a policy) on one rank, where there is nothing to overlap."""
     if world == 1:
         raise LaunchError(f"world_size: 1 rank has nothing to overlap, so {what} would only rank noise; run on 2 "
                           "or more ranks (--nproc), or use `overlap-bench interference` on one GPU")

@@ -11,7 +11,7 @@ import torch
 
 from overlap_bench import metrics, strategies
 from overlap_bench.bench import check_against_baseline, inputs
-from overlap_bench.numerics import TOLERANCE, rel_err, within_tolerance
+from overlap_bench.metrics import TOLERANCE, rel_err, within_tolerance
 from overlap_bench.spec import Case
 from ranks import every_rank
 

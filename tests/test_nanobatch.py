@@ -13,7 +13,7 @@ import torch.distributed as dist
 from overlap_bench import metrics, strategies
 from overlap_bench.errors import UserError
 from overlap_bench.launch import JobConfig, launch
-from overlap_bench.numerics import rel_err
+from overlap_bench.metrics import rel_err
 from overlap_bench.policy import Choice
 from overlap_bench.presets import PRESETS
 from overlap_bench.research import decoder, model, nanobatch

@@ -19,7 +19,7 @@ from overlap_bench import strategies
 from overlap_bench.bench import BenchOptions, measure_group
 from overlap_bench.launch import JobConfig, RankContext, launch
 from overlap_bench.layer import RowParallelLinear
-from overlap_bench.numerics import TOLERANCE
+from overlap_bench.metrics import TOLERANCE
 from overlap_bench.policy import PolicyError, load_policy
 from overlap_bench.records import load_records
 from overlap_bench.spec import SpecError, parse_spec

@@ -19,7 +19,7 @@ import torch
 
 from overlap_bench import metrics, runfolder, timing
 from overlap_bench.errors import UserError
-from overlap_bench.numerics import TOLERANCE, rel_err, within_tolerance
+from overlap_bench.metrics import TOLERANCE, rel_err, within_tolerance
 from overlap_bench.presets import row_parallel_shapes
 from overlap_bench.records import Record, load_records
 from overlap_bench.research import comm_like, eta_bound, progress_bar

@@ -26,7 +26,7 @@ from overlap_bench.bench import agree_failure, try_case
 from overlap_bench.errors import UserError
 from overlap_bench.launch import JobConfig, RankContext, launch
 from overlap_bench.metrics import DTYPES, is_reference, model_eta
-from overlap_bench.numerics import TOLERANCE, rel_err, within_tolerance
+from overlap_bench.metrics import TOLERANCE, rel_err, within_tolerance
 from overlap_bench.policy import PolicyError, load_policy
 from overlap_bench.presets import PRESETS, ModelPreset
 from overlap_bench.records import Record

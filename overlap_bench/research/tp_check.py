@@ -24,7 +24,7 @@ from overlap_bench import envinfo, runfolder
 from overlap_bench.errors import UserError
 from overlap_bench.layer import RowParallelLinear
 from overlap_bench.metrics import DTYPES
-from overlap_bench.numerics import TOLERANCE, rel_err, within_tolerance
+from overlap_bench.metrics import TOLERANCE, rel_err, within_tolerance
 from overlap_bench.policy import PACKAGE_DIR, PolicyError, load_policy, policy_filename
 from overlap_bench.presets import row_parallel_shapes
 from overlap_bench.timing import time_region

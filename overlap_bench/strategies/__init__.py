@@ -1,7 +1,6 @@
-"""The strategy registry: one stable name per implementation of a row-parallel linear + all-reduce, called as
-``fn(x [M, K/tp], weight [N, K/tp], bias [N] | None, group, settings) -> y [M, N]`` (all-reduced). ``settings`` is
-a frozen dataclass whose field types bound its values (``Annotated[int, Field(ge=1)]``, ``Literal``), checked by
-:func:`make_settings` with a ``ValueError`` naming the field."""
+"""The strategy registry: one stable name per row-parallel linear + all-reduce, called as ``fn(x [M, K/tp],
+weight [N, K/tp], bias [N] | None, group, settings) -> y [M, N]``; ``settings``: a frozen dataclass whose field
+types bound its values (checked by :func:`make_settings`)."""
 
 from __future__ import annotations
 
@@ -32,19 +31,16 @@ class NoSettings:
 
 @dataclass(frozen=True)
 class Strategy:
-    """One registered implementation: ``fn`` under a stable ``name``, its frozen ``settings_cls`` and a one-line
-    ``doc``. ``check(backend, settings)`` says why it cannot run there, ``note(backend, settings)`` how the backend
-    changes it, ``split(M, settings) -> RowSplit`` gives its row ranges (for schedules that wait for the
-    all-reduces later); a ``peer`` is a published scheme to beat, shown beside every best setting."""
+    """One registered implementation: ``fn`` under a stable ``name``, its ``settings_cls`` and a one-line ``doc``."""
 
     name: str
     fn: Callable[..., torch.Tensor]
     settings_cls: type
     doc: str
-    check: Callable[[str, Any], str | None] | None = None
-    note: Callable[[str, Any], str | None] | None = None
-    split: Callable[[int, Any], Any] | None = None
-    peer: bool = False
+    check: Callable[[str, Any], str | None] | None = None  # (backend, settings) -> why it cannot run there
+    note: Callable[[str, Any], str | None] | None = None  # (backend, settings) -> how the backend changes it
+    split: Callable[[int, Any], Any] | None = None  # (M, settings) -> RowSplit, for schedules that wait later
+    peer: bool = False  # a published scheme to beat, shown beside every best setting
 
 
 REGISTRY: dict[str, Strategy] = {}
@@ -71,8 +67,7 @@ def _schema(settings_cls: type) -> type[BaseModel]:
 
 
 def make_settings(name: str, values: dict[str, Any] | None = None, *, text: bool = False) -> Any:
-    """Build ``name``'s settings from a dict; unknown or invalid fields raise ``ValueError`` naming them.
-    Values are taken as their type says (a bool is not an int); ``text=True`` parses them from text (the CLI)."""
+    """``name``'s settings from a dict (``text=True``: values as text); a ``ValueError`` names a bad field."""
     strat = get(name)
     try:
         typed = _schema(strat.settings_cls).model_validate(dict(values or {}), strict=not text)
@@ -166,8 +161,7 @@ _DIAGNOSE = [False]
 
 @contextmanager
 def diagnose() -> Iterator[None]:
-    """Within it, strategies may find out how their call ran (e.g. NCCL's log) and :func:`report` it.
-    Benchmarks turn it on for a case's checked first call; the drop-in layer never does."""
+    """Within it (a benchmark's checked call), strategies may find out how their call ran and :func:`report` it."""
     before, _DIAGNOSE[0] = _DIAGNOSE[0], True
     try:
         yield

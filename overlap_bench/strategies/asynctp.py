@@ -1,5 +1,4 @@
-"""``asynctp``: torch's async-TP op as an off-the-shelf peer: ``fused_matmul_reduce_scatter`` (per-rank row
-blocks through symmetric memory while the next block multiplies), then an all-gather of the reduced rows."""
+"""``asynctp``: torch's async-TP op as a peer: ``fused_matmul_reduce_scatter``, then an all-gather of the rows."""
 
 from __future__ import annotations
 
@@ -12,17 +11,8 @@ from overlap_bench.strategies import NoSettings, register, symm
 def _check(backend: str, s: NoSettings) -> str | None:
     if backend != "nccl":
         return f"asynctp needs NCCL and torch's CUDA symmetric memory (torch.ops.symm_mem); {backend} has neither"
-    try:  # importing it registers the op
-        import torch.distributed._symmetric_memory  # noqa: F401
-    except ImportError:
-        return "asynctp needs torch.distributed._symmetric_memory, which this torch lacks"
-    if not hasattr(torch.ops.symm_mem, "fused_matmul_reduce_scatter"):
-        return "asynctp needs torch.ops.symm_mem.fused_matmul_reduce_scatter, which this torch lacks"
-    if symm.symm_backend() == "NCCL":
-        # torch's NCCL symmetric-memory allocator refuses the op's workspace.
-        return (f"asynctp needs torch's CUDA symmetric-memory backend, and this job's is NCCL "
-                f"({symm.BACKEND_ENV}=NCCL, for comm=symm/ce); it runs in the jobs without that variable")
-    return None
+    # torch's NCCL symmetric-memory allocator refuses the op's workspace: the CUDA backend is needed.
+    return symm.torch_symm_mem_reason("asynctp", ("fused_matmul_reduce_scatter",), "comm=symm/ce")
 
 
 def rows_per_rank(m: int, world: int) -> int:

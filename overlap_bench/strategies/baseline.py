@@ -1,6 +1,5 @@
-"""``baseline``: the product, then one all-reduce of the whole output. ``comm=nccl`` (the default) is THE
-reference (NCCL's default all-reduce, a ring on the SMs); the other ``comm`` values are faster plain all-reduces
-that engines pick by message size, measured as references: no overlap, the same product."""
+"""``baseline``: the product, then one all-reduce of the whole output. ``comm=nccl`` (NCCL's default) is THE
+reference; the other ``comm`` values are faster plain all-reduces that engines pick by size, also references."""
 
 from __future__ import annotations
 
@@ -14,21 +13,19 @@ from overlap_bench import strategies
 from overlap_bench.strategies import StrategyUnavailable, nccl_log, register, symm
 from overlap_bench.strategies.pipeline import PATHS, RowSplit, matmul_into, rank_bias
 
+# torch's symmetric-memory all-reduce per comm (no multicast: never the multimem ops).
 SYMM_MEM_OPS = {"oneshot": "one_shot_all_reduce", "twoshot": "two_shot_all_reduce_"}
-"""torch's symmetric-memory all-reduce per ``comm`` (no multicast: never the ``multimem`` ops)."""
-TWO_SHOT_OUT_WORLDS = (2, 4, 8)
-"""World sizes torch's out-of-place two-shot kernel is built for; elsewhere the in-place one runs, then a copy."""
-SYMM_MEM_DTYPES = (torch.bfloat16, torch.float32)
-"""Element types torch's one-shot and two-shot kernels are built for."""
+TWO_SHOT_OUT_WORLDS = (2, 4, 8)  # where torch's out-of-place two-shot kernel runs (else in-place, then a copy)
+SYMM_MEM_DTYPES = (torch.bfloat16, torch.float32)  # what torch's one-shot and two-shot kernels are built for
 
 
 @dataclass(frozen=True)
 class BaselineSettings:
     """Which plain all-reduce follows the product (no overlap)."""
 
+    # nccl (NCCL's default: the reference), symm (NCCL's symmetric kernel on a registered window), oneshot /
+    # twoshot (torch's symmetric-memory all-reduces, without multicast).
     comm: Literal["nccl", "symm", "oneshot", "twoshot"] = "nccl"
-    """``nccl`` (NCCL's default: the reference), ``symm`` (NCCL's symmetric kernel on a registered window),
-    ``oneshot`` / ``twoshot`` (torch's symmetric-memory all-reduces, without multicast)."""
 
 
 def baseline_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -47,18 +44,7 @@ def _check(backend: str, s: BaselineSettings) -> str | None:
         return symm.window_reason("symm", backend)
     if backend != "nccl":
         return f"comm={s.comm} needs torch's CUDA symmetric memory (GPUs, backend nccl); {backend} has none"
-    try:  # importing it registers the ops
-        from torch.distributed import _symmetric_memory as sm
-    except ImportError:
-        return f"comm={s.comm} needs torch.distributed._symmetric_memory, which this torch lacks"
-    lacks = [f"{sm.__name__}.{f}" for f in ("empty", "rendezvous") if not hasattr(sm, f)]
-    lacks += [f"torch.ops.symm_mem.{op}" for op in [SYMM_MEM_OPS[s.comm]] if not hasattr(torch.ops.symm_mem, op)]
-    if lacks:
-        return f"comm={s.comm} needs {', '.join(lacks)}, which this torch lacks"
-    if symm.symm_backend() == "NCCL":
-        return (f"comm={s.comm} needs torch's CUDA symmetric-memory backend, and this job's is NCCL "
-                f"({symm.BACKEND_ENV}=NCCL, for comm=symm); it runs in the jobs without that variable")
-    return None
+    return symm.torch_symm_mem_reason(f"comm={s.comm}", (SYMM_MEM_OPS[s.comm],), "comm=symm")
 
 
 def _note(backend: str, s: BaselineSettings) -> str | None:
@@ -101,8 +87,7 @@ def baseline(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 
 def _symm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, g: dist.ProcessGroup) -> torch.Tensor:
-    """The product into an NCCL symmetric window, all-reduced there (NCCL may take its symmetric kernel); under
-    :func:`strategies.diagnose` the path NCCL's log shows is reported."""
+    """The product into an NCCL symmetric window, all-reduced there; under ``diagnose`` NCCL's path is reported."""
     symm.ensure_comm(g, x.device)  # outside the logged call: only the path's own collective is logged
 
     def call() -> torch.Tensor:
@@ -121,8 +106,7 @@ def _symm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, g: d
 
 
 def symm_mem_reason(comm: str, m: int, n: int, dtype: torch.dtype) -> str | None:
-    """Why torch's ``comm`` kernel cannot reduce an ``[m, n]`` output of ``dtype`` (None when it can): it is built
-    for bfloat16 and float32, and needs the buffer's size a multiple of 4 bytes."""
+    """Why torch's ``comm`` kernel cannot reduce an ``[m, n]`` output of ``dtype`` (None when it can)."""
     if dtype not in SYMM_MEM_DTYPES:
         return f"comm={comm}: torch's {SYMM_MEM_OPS[comm]} takes bfloat16 or float32, not {str(dtype)[6:]}"
     if m * n * dtype.itemsize % 4:
@@ -135,9 +119,8 @@ _RETIRED: list[torch.Tensor] = []
 
 
 def symm_mem_buffer(numel: int, dtype: torch.dtype, device: torch.device, g: dist.ProcessGroup) -> torch.Tensor:
-    """A flat buffer of at least ``numel`` elements in torch's symmetric memory, rendezvoused on ``g``: one per
-    (group, dtype, device), grown to twice its size or ``numel`` when too small (every rank at the same call, as
-    all see the same M). A grown-out buffer stays allocated: peers map it, and freeing it is not ordered with them."""
+    """A flat buffer of at least ``numel`` elements in torch's symmetric memory on ``g``, one per (group, dtype,
+    device), grown (on every rank alike) when too small; an outgrown one stays allocated: peers map it."""
     from torch.distributed import _symmetric_memory as sm
 
     key = (g.group_name, dtype, device)
@@ -153,8 +136,7 @@ def symm_mem_buffer(numel: int, dtype: torch.dtype, device: torch.device, g: dis
 
 def _symm_mem(comm: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
               g: dist.ProcessGroup) -> torch.Tensor:
-    """The product into a symmetric-memory buffer, reduced by torch's one-shot (each rank reads every peer's
-    buffer) or two-shot (reduce-scatter, then all-gather through peers' buffers) kernel into a fresh output."""
+    """The product into a symmetric-memory buffer, reduced by torch's one-shot or two-shot kernel into a new output."""
     m, n = x.shape[0], weight.shape[0]
     why = symm_mem_reason(comm, m, n, x.dtype)
     if why:

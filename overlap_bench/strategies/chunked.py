@@ -19,24 +19,18 @@ from overlap_bench.strategies.pipeline import (COMM_PATHS, SPLITS, RowSplit, all
 
 @dataclass(frozen=True)
 class ChunkedSettings:
-    """Settings of the chunked overlap; the types bound the values (``strategies.make_settings`` checks them)."""
+    """Settings of the chunked overlap; the types bound the values."""
 
+    # Row chunks; chunk i's all-reduce runs while chunk i+1 multiplies.
     chunks: Annotated[int, Field(ge=1)] = field(default=4, metadata={"show": True})
-    """Row chunks; chunk ``i``'s all-reduce runs while chunk ``i+1`` multiplies."""
-    threshold: Annotated[int, Field(ge=0)] = 0
-    """Token count below which the baseline path runs instead."""
+    threshold: Annotated[int, Field(ge=0)] = 0  # token count below which the baseline path runs instead
+    # stream (side stream), async (work handles), symm (NCCL symmetric window) or ce (copy engines).
     comm: Literal[COMM_PATHS] = field(default="stream", metadata={"show": True})
-    """``stream`` (side stream), ``async`` (work handles), ``symm`` (NCCL symmetric window) or ``ce`` (copy engines)."""
-    priority: bool = False
-    """All-reduce on a high-priority NCCL stream (a process group created for it)."""
-    align: Annotated[int, Field(ge=1)] = 1
-    """Chunk edges round to multiples of this many rows (GEMM tile alignment)."""
-    split: Literal[SPLITS] = "even"
-    """``even``, ``edges`` (first and last half size) or ``geo`` (each ``ratio`` times the one before)."""
-    ratio: Annotated[float, Field(gt=0)] = 1.0
-    """Size ratio of consecutive chunks for ``split=geo`` (about t_comm / t_gemm is the aim)."""
-    gemm_sms: Annotated[int, Field(ge=0)] = 0
-    """Chunk products in a CUDA green context of this many SMs (0: the whole GPU), the rest left to comm."""
+    priority: bool = False  # all-reduce on a high-priority NCCL stream (a process group created for it)
+    align: Annotated[int, Field(ge=1)] = 1  # chunk edges round to multiples of this many rows (GEMM tiles)
+    split: Literal[SPLITS] = "even"  # even, edges (first and last half size) or geo (each ratio times the last)
+    ratio: Annotated[float, Field(gt=0)] = 1.0  # size ratio of consecutive chunks for split=geo (~t_comm / t_gemm)
+    gemm_sms: Annotated[int, Field(ge=0)] = 0  # chunk products on this many SMs (green context; 0: all)
 
 
 def _check(backend: str, s: ChunkedSettings) -> str | None:
@@ -50,8 +44,7 @@ def _note(backend: str, s: ChunkedSettings) -> str | None:
 
 
 def chunked_split(m: int, s: ChunkedSettings) -> RowSplit:
-    """One range below the threshold (the baseline path), else the chunk ranges on the chosen path; the
-    SM-light settings (``comm=symm``/``ce``, ``gemm_sms``) own their buffers and streams, so have none."""
+    """One range below the threshold, else the chunk ranges on the chosen path (SM-light settings have none)."""
     bounds = _bounds(m, s)
     if bounds is None:
         return RowSplit(((0, m),))
@@ -93,8 +86,8 @@ _FIRST_ON_COMM: dict[int, str] = {}
 def window_chunks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: dist.ProcessGroup | None,
                   settings: ChunkedSettings, bounds: list[tuple[int, int]],
                   gemm_stream: torch.cuda.Stream | None) -> torch.Tensor:
-    """``comm=symm`` / ``ce``: the chunk pipeline on buffers in NCCL symmetric windows. Under
-    :func:`strategies.diagnose` the first call per (settings, shape) reports the path NCCL's log shows."""
+    """``comm=symm`` / ``ce``: the chunk pipeline on buffers in NCCL symmetric windows; under ``diagnose`` the
+    first call per (settings, shape) reports the path NCCL's log shows."""
     m, n = x.shape[0], weight.shape[0]
     if settings.comm == "ce":
         symm.check_chunks(bounds, n, dist.get_world_size(group))  # before any collective, alike on every rank

@@ -1,5 +1,4 @@
-"""Which path NCCL took for one call (symmetric kernel, copy engine, SM kernel), from its own INFO log, switched
-on for that call only; used under :func:`overlap_bench.strategies.diagnose`, never in production calls."""
+"""Which path NCCL took for one call, from its INFO log switched on for that call only (under ``diagnose``)."""
 
 from __future__ import annotations
 
@@ -47,8 +46,7 @@ class Captured:
 
 
 def capture(fn: Callable[[], object], sync: Callable[[], None]) -> Captured:
-    """Run ``fn`` once with NCCL's INFO log on and return the lines about its path; ``sync`` waits for the GPU.
-    NCCL re-reads ``NCCL_DEBUG*`` after ``ncclResetDebugInit``; they are restored after."""
+    """Run ``fn`` once with NCCL's INFO log on and return the lines about its path; ``sync`` waits for the GPU."""
     lib = _libnccl()
     if lib is None:
         fn()
@@ -72,8 +70,8 @@ def capture(fn: Callable[[], object], sync: Callable[[], None]) -> Captured:
 
 
 def classify(lines: tuple[str, ...] | list[str]) -> list[str]:
-    """One verdict per collective (its lines run from its ``opCount`` line to the next), in order, e.g.
-    ``"AllReduce count=3145728: symmetric kernel AllReduce_RSxLD_AGxST on 16 CTAs"`` or ``"...: copy engine"``."""
+    """One verdict per collective (from its ``opCount`` line to the next), e.g. ``"AllReduce count=3145728:
+    symmetric kernel AllReduce_RSxLD_AGxST on 16 CTAs"``."""
     calls: list[tuple[str, int, int, list[str]]] = []
     for ln in lines:
         m = _COLL.search(ln)

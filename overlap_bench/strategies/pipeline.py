@@ -1,5 +1,4 @@
-"""The chunk pipeline of ``pr`` and ``chunked``: row bounds, products into one preallocated output, and each
-chunk's all-reduce on a side stream (CUDA events) or through async work handles."""
+"""The chunk pipeline of ``pr`` and ``chunked``: row bounds, products into one output, each chunk's all-reduce."""
 
 from __future__ import annotations
 
@@ -13,8 +12,7 @@ import torch.distributed as dist
 
 COMM_PATHS = ("stream", "async", "symm", "ce")
 
-PATHS: Counter = Counter()
-"""Calls per path in this process (``baseline`` or ``chunks=N``): tests see which path ran at a threshold."""
+PATHS: Counter = Counter()  # calls per path (baseline or chunks=N): tests see which path ran at a threshold
 
 
 def rank_bias(bias: torch.Tensor | None, group: dist.ProcessGroup | None) -> torch.Tensor | None:
@@ -36,10 +34,9 @@ SPLITS = ("even", "edges", "geo")
 
 
 def even_bounds(m: int, chunks: int, align: int = 1, split: str = "even", ratio: float = 1.0) -> list[tuple[int, int]]:
-    """Split ``m`` rows into ``chunks`` ``(start, end)`` ranges with inner edges on multiples of ``align``;
-    empty ranges are dropped. ``even``: near-equal; ``edges``: first and last half size (shorter pipeline fill
-    and drain); ``geo``: each ``ratio`` times the one before (``ratio ~ t_comm / t_gemm`` balances the stages).
-    """
+    """``m`` rows in ``chunks`` non-empty ``(start, end)`` ranges, inner edges on multiples of ``align``. ``even``:
+    near-equal; ``edges``: first and last half size (shorter fill and drain); ``geo``: each ``ratio`` times the
+    one before (``ratio ~ t_comm / t_gemm`` balances the stages)."""
     if chunks < 1:
         raise ValueError(f"chunks must be >= 1, got {chunks}")
     if chunks > m:
@@ -68,15 +65,11 @@ def even_bounds(m: int, chunks: int, align: int = 1, split: str = "even", ratio:
 
 @dataclass(frozen=True)
 class RowSplit:
-    """How a strategy splits ``M`` rows: the ranges, each all-reduced on its own, and the path (for schedules
-    that wait for a layer's all-reduces later, such as nano-batches)."""
+    """How a strategy splits ``M`` rows, each range all-reduced on its own (for schedules that wait later)."""
 
-    bounds: tuple[tuple[int, int], ...]
-    """``(start, end)`` row ranges covering ``[0, M)`` once, in order."""
-    comm: str | None = None
-    """``stream`` or ``async``; None for the baseline path (one range): the caller's path is used."""
-    priority: bool = False
-    """All-reduce on the high-priority process group (:func:`nccl_group`)."""
+    bounds: tuple[tuple[int, int], ...]  # (start, end) row ranges covering [0, M) once, in order
+    comm: str | None = None  # stream or async; None for the baseline path (one range): the caller's path
+    priority: bool = False  # all-reduce on the high-priority process group (nccl_group)
 
 
 @dataclass
@@ -102,10 +95,9 @@ def start_bounds(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias:
                  comm_group: dist.ProcessGroup | None = None, *,
                  reduce_chunk: Callable[[torch.Tensor, dist.ProcessGroup | None], None] | None = None,
                  gemm_stream: torch.cuda.Stream | None = None) -> PendingAllReduce:
-    """Multiply each row range into ``out`` and issue its all-reduce at once, so it runs while the next range
-    computes. ``comm="stream"`` (and ``symm``/``ce``): on a side stream after a CUDA event behind the product;
-    ``async``: ``async_op=True``. On gloo, async work handles (a custom ``reduce_chunk(chunk, group)`` runs
-    blocking). ``gemm_stream``: where the products run (a green context's stream) instead of the caller's."""
+    """Multiply each row range into ``out`` and issue its all-reduce at once, to run while the next computes:
+    ``stream`` (``symm``/``ce``) on a side stream after a CUDA event, ``async`` (and gloo) by work handles (a
+    ``reduce_chunk(chunk, group)`` blocks on gloo). ``gemm_stream``: where the products run instead."""
     PATHS[f"chunks={len(bounds)}"] += 1
     b = rank_bias(bias, group)
     comm_group = comm_group if comm_group is not None else group
@@ -160,8 +152,7 @@ _NCCL_GROUPS: dict[tuple[int, bool, bool], dist.ProcessGroup] = {}
 
 def nccl_group(group: dist.ProcessGroup | None, high_priority: bool = True,
                zero_cta: bool = False) -> dist.ProcessGroup:
-    """A process group over the same ranks whose (internal) NCCL stream has high priority and/or the zero-CTA
-    policy (copy engines); created once per (group, options), collectively."""
+    """The ranks' group with a high-priority NCCL stream and/or zero-CTA policy; created once, collectively."""
     key = (id(group), high_priority, zero_cta)
     if key not in _NCCL_GROUPS:
         opts = dist.ProcessGroupNCCL.Options()

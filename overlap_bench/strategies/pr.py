@@ -1,5 +1,4 @@
-"""``pr``: the seed pull request with its fixed numbers: the baseline below 16384 tokens, else chunks of
-``M // 3`` rows (plus a remainder), each all-reduced on a side stream ordered by CUDA events."""
+"""``pr``: the seed PR's fixed numbers: baseline below 16384 tokens, else ``M // 3``-row chunks on a side stream."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""NCCL symmetric-memory windows (``chunked``'s ``comm=symm``) and the copy-engine all-reduce (``comm=ce``:
-all-to-all + local sum + all-gather with the zero-CTA policy). Both need torch's ``NCCL`` symmetric-memory
-backend, ``asynctp`` the default ``CUDA`` one: a sweep runs each in its own environment variant."""
+"""NCCL symmetric-memory windows (``comm=symm``) and the copy-engine all-reduce (``comm=ce``: all-to-all, local sum,
+all-gather, zero-CTA policy); both need torch's ``NCCL`` symmetric-memory backend (its own env variant)."""
 
 from __future__ import annotations
 
@@ -30,6 +29,23 @@ def symm_backend() -> str | None:
         return sm.get_backend(torch.device("cuda", torch.cuda.current_device()))
     except (ImportError, AttributeError, RuntimeError):
         return None
+
+
+def torch_symm_mem_reason(who: str, ops: tuple[str, ...], nccl_for: str) -> str | None:
+    """Why torch's CUDA symmetric memory (with ``torch.ops.symm_mem`` ``ops``) cannot serve ``who`` here, or None;
+    ``nccl_for``: what a job with the ``NCCL`` backend is for."""
+    try:  # importing it registers the ops
+        from torch.distributed import _symmetric_memory as sm
+    except ImportError:
+        return f"{who} needs torch.distributed._symmetric_memory, which this torch lacks"
+    lacks = [f"{sm.__name__}.{f}" for f in ("empty", "rendezvous") if not hasattr(sm, f)]
+    lacks += [f"torch.ops.symm_mem.{op}" for op in ops if not hasattr(torch.ops.symm_mem, op)]
+    if lacks:
+        return f"{who} needs {', '.join(lacks)}, which this torch lacks"
+    if symm_backend() == "NCCL":
+        return (f"{who} needs torch's CUDA symmetric-memory backend, and this job's is NCCL "
+                f"({BACKEND_ENV}=NCCL, for {nccl_for}); it runs in the jobs without that variable")
+    return None
 
 
 def window_reason(comm: str, backend: str) -> str | None:
@@ -71,8 +87,7 @@ def ensure_comm(group: dist.ProcessGroup, device: torch.device) -> None:
 
 def window_empty(rows: int, cols: int, dtype: torch.dtype, device: torch.device,
                  group: dist.ProcessGroup) -> torch.Tensor:
-    """A ``[rows, cols]`` tensor in an NCCL symmetric window on ``group`` (from torch's pool, whose blocks keep
-    their registration); every rank must allocate the same sizes in the same order."""
+    """A ``[rows, cols]`` tensor in an NCCL symmetric window on ``group``; all ranks allocate alike, in order."""
     from torch.distributed import _symmetric_memory as sm
 
     ensure_comm(group, device)
@@ -99,8 +114,7 @@ def check_chunks(bounds: list[tuple[int, int]], n: int, world: int) -> None:
 
 
 def ce_all_reduce(chunk: torch.Tensor, group: dist.ProcessGroup, scratch: torch.Tensor) -> None:
-    """Sum the contiguous ``chunk`` over ``group`` in place: all-to-all into ``scratch`` (>= ``chunk.numel()``
-    elements), local sum, all-gather (plain collectives on gloo)."""
+    """Sum the contiguous ``chunk`` over ``group`` in place: all-to-all into ``scratch``, local sum, all-gather."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     flat = chunk.view(-1)
     size = slice_len(flat.numel(), world)
