@@ -51,7 +51,7 @@ class Record:
     reason: str | None = None
     note: str | None = None
     rel_err: float = math.nan  # of the output against the baseline's on the same inputs
-    tol: float = math.nan  # what rel_err was held to (numerics.TOLERANCE)
+    tol: float = math.nan  # what rel_err was held to (metrics.TOLERANCE)
     t_ms: float = math.nan  # the strategy's time (NaN: not measured)
     t_iqr_ms: float = math.nan  # its spread: the interquartile range over the timed calls
     warmup: int = 0  # untimed calls before each timed region
