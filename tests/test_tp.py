@@ -139,10 +139,14 @@ def test_the_readme_tp_example_runs_as_written(tmp_path):
     assert promised and all(line.endswith(": True") for line in promised)
     (tmp_path / "tp_example.py").write_text(code)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "tp_example.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "tp_example.py"]
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    if res.returncode != 0 and "terminate called without an active exception" in res.stderr:
+        # A rare abort of a gloo rank's C++ threads (seen under load, not reproduced alone): run once more; that
+        # run must pass whole. A bug of ours fails both runs alike (the example is deterministic).
+        res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     cause = [line for line in res.stderr.splitlines() if not line.startswith("W")]  # not torchrun's warnings
-    assert res.returncode == 0, "\n".join(cause[:60])
+    assert res.returncode == 0, "\n".join([f"stdout: {res.stdout!r}", *cause[:60]])
     assert res.stdout.splitlines() == promised
 
 
