@@ -168,7 +168,6 @@ def measure_group(ctx: RankContext, group: list[Case], opts: BenchOptions, devic
         timed = 0
         for i, case in enumerate(group):
             where, name, settings = case.label, case.strategy, case.settings
-            note = strategies.backend_note(name, settings, ctx.backend)
             checked = check_against_baseline(name, settings, x, w, b, y_base, case.dtype, ctx)
             timing: dict[str, float] = {}
             if checked.status == "ok":
@@ -181,10 +180,18 @@ def measure_group(ctx: RankContext, group: list[Case], opts: BenchOptions, devic
                 timing = {"t_ms": t.median_ms, "t_iqr_ms": t.iqr_ms, **metrics.derive(
                     m=case.M, k=case.K, n=case.N, dtype=case.dtype, world=ctx.world, t_ms=t.median_ms,
                     t_base_ms=t_base.median_ms, t_gemm_ms=t_gemm.median_ms, t_comm_ms=t_comm.median_ms)}
-            emit(case, status=checked.status, reason=checked.reason, rel_err=checked.rel_err, note=note,
+            emit(case, status=checked.status, reason=checked.reason, rel_err=checked.rel_err,
+                 note=_note(case, checked, ctx),
                  extra={**extra, **checked.said}, **refs, **timing)
     except Exception as exc:
         raise CaseFailed(f"{head.shape} M={head.M} {head.dtype} {where}: {type(exc).__name__}: {exc}") from exc
+
+
+def _note(case: Case, checked: Checked, ctx: RankContext) -> str | None:
+    """How the backend changed the way the strategy ran; none where it could not run."""
+    if checked.status == "unavailable":
+        return None
+    return strategies.backend_note(case.strategy, case.settings, ctx.backend)
 
 
 def check_against_baseline(name: str, settings: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
@@ -256,8 +263,7 @@ def run_ab(ctx: RankContext, cases: list[Case], sides: tuple[Side, Side], repeat
                 if repeat is not None:
                     tags["repeat"], tags["first"] = repeat, "ab"[repeat % 2]
                 folder.append(_record(c, ctx, opts, device_name, kind=kind, rel_err=checks[i].rel_err,
-                                      note=strategies.backend_note(c.strategy, c.settings, ctx.backend),
-                                      extra=tags, **values), name)
+                                      note=_note(c, checks[i], ctx), extra=tags, **values), name)
 
         if any(ch.status != "ok" for ch in checks):
             for i, ch in enumerate(checks):

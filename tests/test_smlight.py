@@ -60,7 +60,7 @@ def test_sweep_records_unavailable_and_goes_on(tmp_path):
             "shapes": [{"name": "tiny", "K": 16, "N": 24}], "tokens": [12],
             "strategies": ["baseline", "asynctp", {"name": "chunked", "comm": ["symm", "ce"], "gemm_sms": [0, 8]},
                            {"name": "baseline", "comm": ["symm", "oneshot", "twoshot"]},
-                           {"name": "chunked", "chunks": 3}],
+                           {"name": "chunked", "chunks": 3}, {"name": "chunked", "gemm_sms": 8}],
             "warmup": 1, "reps": 2, "timeout_s": 60}
     path = tmp_path / "s.yaml"
     path.write_text(json.dumps(spec))
@@ -72,9 +72,10 @@ def test_sweep_records_unavailable_and_goes_on(tmp_path):
     new = [r for r in recs if r["strategy"] == "asynctp" or r["settings"].get("comm") in ("symm", "ce", "oneshot",
                                                                                          "twoshot")
            or r["settings"].get("gemm_sms")]
-    assert len(new) == 8  # the plain references (baseline:comm=...) as well: unavailable, and the sweep went on
+    assert len(new) == 9  # the plain references (baseline:comm=...) as well: unavailable, and the sweep went on
     for r in new:
         assert r["status"] == "unavailable" and "gloo" in r["reason"], r
+        assert r["note"] is None, r  # a note says how a strategy ran; gemm_sms=8 over comm=stream has one on gloo
     summary = (tmp_path / "run" / "summary.md").read_text()
     assert "**unavailable** `baseline:comm=oneshot`" in summary and "vs best plain equals vs baseline" in summary
 
