@@ -8,7 +8,7 @@ import logging
 import operator
 import os
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -52,6 +52,12 @@ class Entry(Config):
         return strategies.make_settings(info.data["strategy"], values)
 
 
+@cache
+def _baseline_settings() -> Any:
+    """The baseline's default settings, validated once (frozen): the layers ask for them on every forward."""
+    return strategies.make_settings(REFERENCE)
+
+
 @dataclass(frozen=True)
 class Choice:
     """What :meth:`Policy.choose` answers."""
@@ -69,7 +75,7 @@ class Choice:
     @classmethod
     def baseline(cls, reason: str, bucket: int | None = None) -> "Choice":
         """The ring baseline (the reference), run for ``reason``."""
-        return cls(REFERENCE, strategies.make_settings(REFERENCE), bucket, reason)
+        return cls(REFERENCE, _baseline_settings(), bucket, reason)
 
 
 class ShapePolicy(Config):
